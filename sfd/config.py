@@ -1,0 +1,120 @@
+"""SFDConfig: the one place where SFD's defaults live (CLI, sweep and tests all read it).
+
+Defaults are tuned for the embedded digits preset on a CPU (SFD.md section 10: the paper's
+learning rate 1e-5 is far too slow for small models; a small forget weight collapses the
+overridden class onto one template). Real-model presets override them from their YAML
+search space's ``defaults`` block (e.g. ``search_spaces/cifar10.yaml`` holds the paper's).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+OVERRIDE_POLICIES = ("random", "classifier")
+SIGMA_DISTS = ("loguniform", "vp-t", "edm")
+
+
+@dataclass
+class SFDConfig:
+    # what to forget -------------------------------------------------------------------
+    preset: str = "digits"
+    forget: list[int] = field(default_factory=lambda: [0])
+    # a class id per forget class ("1" or "1,2"), or "random" / "classifier" (SFD.md section 5)
+    override: str = "1"
+    teacher: str | None = None          # None: the preset's bundled teacher
+    classifier: str | None = None       # None: the preset's bundled classifier (the judge)
+    init_from: str | None = None        # an SFD checkpoint (generator + fake score) to start from
+    # loss (SFD.md section 4) ----------------------------------------------------------------
+    alpha: float = 1.2
+    lambda_fake_remain: float = 1.0
+    lambda_fake_forget: float = 1.0
+    lambda_gen_remain: float = 1.0
+    lambda_gen_forget: float = 1.0
+    guidance: float = 0.0               # CFG scale of teacher and fake score inside the losses
+    # noise levels ------------------------------------------------------------------------
+    sigma_init: float = 2.5
+    sigma_dist: str = "loguniform"      # 'loguniform', 'vp-t' (reference) or 'edm' (SiD)
+    sigma_min: float = 0.137
+    sigma_max: float = 13.1
+    # optimisation ------------------------------------------------------------------------
+    lr_fake: float = 1e-4
+    lr_gen: float = 1e-4
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0              # clip gradients by value (reference); 0 disables
+    batch_remain: int = 64
+    batch_forget: int = 64
+    ema_halflife_kimg: float = 5.0      # 0 disables the generator EMA
+    # schedule ----------------------------------------------------------------------------
+    budget_kimg: float = 40.0           # generator images (both branches) to train for
+    max_seconds: float = 0.0            # wall-clock cap; 0 means none
+    stage1_kimg: float = 0.0            # two-stage: distil with lambda_*_forget = 0 first
+    eval_every_kimg: float = 5.0
+    checkpoint_every_kimg: float = 10.0
+    eval_forget_samples: int = 1000     # UA is measured on this many forget-class samples
+    eval_remain_per_class: int = 200    # FD over the remaining classes at this count per class
+    # run ---------------------------------------------------------------------------------
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self, preset=None) -> "SFDConfig":
+        from .presets import get_preset
+        preset = preset or get_preset(self.preset)
+        if not self.forget:
+            raise ValueError("forget: give at least one class to forget")
+        self.forget = [preset.check_class(int(c), "forget class") for c in self.forget]
+        if len(set(self.forget)) == preset.num_classes:
+            raise ValueError(f"forget: all {preset.num_classes} classes of '{preset.name}' are forgotten; "
+                             f"nothing would remain to override them with")
+        if self.override not in OVERRIDE_POLICIES:
+            targets = self.override_classes()
+            if len(targets) not in (1, len(self.forget)):
+                raise ValueError(f"override {self.override!r}: give one class, one per forget class "
+                                 f"({len(self.forget)}), or one of {OVERRIDE_POLICIES}")
+            for c in targets:
+                preset.check_class(c, "override class")
+                if c in self.forget:
+                    raise ValueError(f"override class {c} is itself forgotten ({self.forget}); choose a "
+                                     f"remaining class, 'random' or 'classifier'")
+        if self.sigma_dist not in SIGMA_DISTS:
+            raise ValueError(f"sigma_dist {self.sigma_dist!r} must be one of {SIGMA_DISTS}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        for name in ("lr_fake", "lr_gen", "sigma_init", "budget_kimg"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("batch_remain", "batch_forget"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+    def override_classes(self) -> list[int]:
+        """Fixed override classes, one per forget class (empty for a per-sample policy)."""
+        if self.override in OVERRIDE_POLICIES:
+            return []
+        try:
+            targets = [int(s) for s in str(self.override).split(",")]
+        except ValueError:
+            raise ValueError(f"override {self.override!r} must be class ids like '1' or '1,2', or one of "
+                             f"{OVERRIDE_POLICIES}") from None
+        return targets * len(self.forget) if len(targets) == 1 else targets
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SFDConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown SFD setting(s) {unknown}; known settings: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "SFDConfig":
+        return SFDConfig.from_dict({**self.to_dict(), **changes})
+
+
+TUNABLE = ("alpha", "lambda_fake_remain", "lambda_fake_forget", "lambda_gen_remain", "lambda_gen_forget",
+           "sigma_init", "sigma_min", "sigma_max", "sigma_dist", "lr_fake", "lr_gen", "ema_halflife_kimg",
+           "guidance", "batch_remain", "batch_forget")

@@ -1,0 +1,101 @@
+"""Denoisers: one interface D(x, sigma, cond) -> x0 and an adapter per backbone.
+
+Our own files are safetensors with a JSON ``arch``/``config`` in the metadata, so a model
+is rebuilt from data and its weights copied strictly; no code is ever loaded from a file.
+Foreign formats (official DDPM state dicts, NVIDIA EDM pickles, diffusers folders) register
+a loader in ``TEACHER_LOADERS``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ..io import CheckpointError, load_state_strict, load_tensors, save_tensors
+from .base import Denoiser, Guided, as_sigma
+from .edm import EDMPrecond, edm_coefficients
+from .tiny_unet import TinyUNet
+
+__all__ = ["Denoiser", "Guided", "as_sigma", "EDMPrecond", "edm_coefficients", "TinyUNet",
+           "build_denoiser", "save_denoiser", "load_denoiser", "load_teacher", "TEACHER_LOADERS"]
+
+
+def _build_edm_tiny_unet(spec: dict) -> Denoiser:
+    cfg = spec["config"]
+    net = TinyUNet(**cfg)
+    return EDMPrecond(net, num_classes=cfg["num_classes"], img_shape=spec["img_shape"],
+                      sigma_data=spec.get("sigma_data", 0.5))
+
+
+ARCHS: dict[str, Callable[[dict], Denoiser]] = {"edm-tiny-unet": _build_edm_tiny_unet}
+
+
+def denoiser_spec(denoiser: Denoiser) -> dict:
+    """The JSON description that rebuilds ``denoiser``'s architecture (weights aside)."""
+    spec = getattr(denoiser, "spec", None)
+    if spec is not None:
+        return dict(spec)
+    if isinstance(denoiser, EDMPrecond) and isinstance(denoiser.model, TinyUNet):
+        return {"arch": "edm-tiny-unet", "config": dict(denoiser.model.config),
+                "img_shape": list(denoiser.img_shape), "sigma_data": denoiser.sigma_data}
+    raise CheckpointError(f"no saved-architecture description for {type(denoiser).__name__}")
+
+
+def build_denoiser(spec: dict) -> Denoiser:
+    arch = spec.get("arch")
+    if arch not in ARCHS:
+        raise CheckpointError(f"unknown denoiser architecture {arch!r}; known: {sorted(ARCHS)}")
+    d = ARCHS[arch](spec)
+    d.spec = dict(spec)
+    return d
+
+
+def save_denoiser(path, denoiser: Denoiser, extra: dict | None = None) -> None:
+    meta = {"denoiser": denoiser_spec(denoiser), **(extra or {})}
+    save_tensors(path, denoiser.state_dict(), meta)
+
+
+def load_denoiser(path, device="cpu") -> Denoiser:
+    tensors, meta = load_tensors(path, device)
+    if "denoiser" not in meta:
+        raise CheckpointError(f"{path} has no 'denoiser' metadata; it was not written by sfd")
+    d = build_denoiser(meta["denoiser"])
+    load_state_strict(d, tensors, path)
+    return d.to(device)
+
+
+def _load_sfd_safetensors(path, preset, device, **_):
+    return load_denoiser(path, device)
+
+
+# Format name -> (recognise(path) -> bool, load(path, preset, device, **options) -> Denoiser)
+TEACHER_LOADERS: dict[str, tuple[Callable, Callable]] = {
+    "sfd-safetensors": (lambda p: Path(p).suffix == ".safetensors", _load_sfd_safetensors),
+}
+
+
+def load_teacher(preset, path=None, device="cpu", **options) -> Denoiser:
+    """The frozen teacher for ``preset``: the bundled one, or the file/folder at ``path``."""
+    if path is None:
+        if not preset.embedded:
+            raise CheckpointError(
+                f"preset '{preset.name}' has no bundled teacher; pass --teacher PATH. Accepted: "
+                + "; ".join(sorted(TEACHER_LOADERS)) + f". ({preset.notes})")
+        path = preset.weights_dir / "teacher.safetensors"
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"missing teacher file: {path}")
+    for name, (recognise, loader) in TEACHER_LOADERS.items():
+        if recognise(path):
+            teacher = loader(path, preset, device, **options)
+            break
+    else:
+        raise CheckpointError(f"cannot tell the format of teacher {path}; accepted formats: "
+                              f"{', '.join(sorted(TEACHER_LOADERS))}")
+    if teacher.num_classes and teacher.num_classes != preset.num_classes:
+        raise CheckpointError(f"teacher {path} has {teacher.num_classes} classes but preset "
+                              f"'{preset.name}' has {preset.num_classes}")
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+from . import formats  # noqa: E402,F401  (registers the foreign teacher formats)

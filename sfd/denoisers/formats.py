@@ -1,0 +1,1 @@
+"""Loaders for foreign teacher formats, registered into ``TEACHER_LOADERS``."""

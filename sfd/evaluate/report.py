@@ -1,0 +1,74 @@
+"""Sample-quality reports shared by teacher evaluation, SFD evaluation and the sweep."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .metrics import accuracy, frechet_distance, judge_outputs
+
+
+@dataclass
+class RealReference:
+    """Judge features of the real images of an embedded preset (all splits)."""
+    labels: torch.Tensor
+    feats: np.ndarray
+
+    @classmethod
+    def from_preset(cls, preset, judge) -> "RealReference":
+        x, y = preset.real_data("all")
+        _, _, feats = judge_outputs(judge, x)
+        return cls(y, feats)
+
+    def of(self, classes) -> np.ndarray:
+        return self.feats[torch.isin(self.labels, torch.as_tensor(list(classes))).numpy()]
+
+    def floor(self, classes, seed: int = 0) -> float:
+        """FD between two random halves of the real images of ``classes``: the noise floor."""
+        f = self.of(classes)
+        perm = np.random.default_rng(seed).permutation(len(f))
+        half = len(f) // 2
+        return frechet_distance(f[perm[:half]], f[perm[half:2 * half]])
+
+
+def sample_quality(judge, x: torch.Tensor, labels: torch.Tensor, ref: RealReference, classes) -> dict:
+    """Accuracy of the judge on samples ``x`` (meant as ``labels``) and FD to the real images,
+    over the class set and per class; restricted to samples whose label is in ``classes``."""
+    classes = [int(c) for c in classes]
+    pred, _, feats = judge_outputs(judge, x)
+    mask = torch.isin(labels, torch.as_tensor(classes))
+    out = {"n_samples": int(mask.sum()),
+           "accuracy": accuracy(pred[mask], labels[mask]),
+           "fd": frechet_distance(feats[mask.numpy()], ref.of(classes)),
+           "per_class": {}}
+    for c in classes:
+        m = (labels == c)
+        if int(m.sum()) >= 2:
+            out["per_class"][c] = {"accuracy": accuracy(pred[m], labels[m]),
+                                   "fd": frechet_distance(feats[m.numpy()], ref.of([c])),
+                                   "n": int(m.sum())}
+    return out
+
+
+def save_grid(path, x: torch.Tensor, nrow: int, scale: int = 4, labels=None) -> None:
+    """A PNG grid of images in [-1, 1]; ``nrow`` images per row (one row per class by convention)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from PIL import Image
+
+    from ..io import atomic_path
+
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    rows = (n + nrow - 1) // nrow
+    pad = 1
+    canvas = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = x[i]
+    arr = canvas.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+# Tests never touch the network: block hub downloads and keep runs small and repeatable.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from sfd.presets import get_preset
+    return get_preset("digits")
+
+
+@pytest.fixture(scope="session")
+def teacher(digits):
+    from sfd.denoisers import load_teacher
+    return load_teacher(digits)
+
+
+@pytest.fixture(scope="session")
+def judge(digits):
+    from sfd.evaluate import load_judge
+    return load_judge(digits)
