@@ -40,6 +40,130 @@ def cmd_pretrain(a) -> int:
     return 0
 
 
+def add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
+    """One flag per SFDConfig setting, with its default and help from sfd.config."""
+    from dataclasses import MISSING, fields
+
+    from .config import HELP, SFDConfig
+
+    g = p.add_argument_group("SFD settings (defaults from sfd.config.SFDConfig)")
+    for f in fields(SFDConfig):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "forget":
+            g.add_argument(flag, action="append", default=None, help=f"{HELP[f.name]} (default: 0)")
+        elif f.name == "preset":
+            g.add_argument(flag, default=default, choices=sorted(PRESETS), help=f"{HELP[f.name]} (default: {default})")
+        else:
+            kind = type(default) if default is not None else str
+            g.add_argument(flag, type=kind, default=default, help=f"{HELP[f.name]} (default: {default})")
+
+
+def config_from_args(a):
+    from dataclasses import fields
+
+    from .config import SFDConfig
+
+    values = {f.name: getattr(a, f.name) for f in fields(SFDConfig) if hasattr(a, f.name)}
+    if values.get("forget") is None:
+        values.pop("forget", None)
+    else:
+        values["forget"] = [int(c) for item in values["forget"] for c in str(item).split(",") if c.strip()]
+    return SFDConfig.from_dict(values)
+
+
+def _fmt(m: dict, keys) -> str:
+    return ", ".join(f"{k} {m[k]:.4g}" if isinstance(m[k], float) else f"{k} {m[k]}" for k in keys if k in m)
+
+
+SUMMARY_KEYS = ("ua", "override_rate", "remaining_accuracy", "remaining_accuracy_teacher", "fd_remaining",
+                "fd_remaining_teacher", "fd_ratio", "fd_forget_vs_override", "fd_override_teacher", "kimg",
+                "train_seconds", "images_per_second_generator", "images_per_second_teacher")
+
+
+def cmd_forget(a) -> int:
+    from .loop import train_sfd
+    cfg = config_from_args(a)
+    final = train_sfd(cfg, a.out, resume=a.resume, progress=not a.no_progress)
+    print(f"done -> {a.out}/metrics.json, generator.safetensors, curves.png, samples_*.png")
+    print(_fmt(final, SUMMARY_KEYS))
+    return 0
+
+
+def cmd_sample(a) -> int:
+    import torch
+
+    from .denoisers import load_denoiser
+    from .evaluate.report import save_grid
+    from .io import load_tensors, save_tensors
+    from .loop import one_step
+    from .utils import pick_device
+
+    device = pick_device(a.device)
+    _, meta = load_tensors(a.generator)
+    info = meta.get("generator")
+    if not info:
+        raise SystemExit(f"error: {a.generator} is not an sfd one-step generator (no 'generator' metadata); "
+                         f"use the generator.safetensors of an `sfd forget` run")
+    gen = load_denoiser(a.generator, device).eval()
+    classes = [int(c) for c in a.classes.split(",")] if a.classes else list(range(gen.num_classes))
+    for c in classes:
+        if not 0 <= c < gen.num_classes:
+            raise SystemExit(f"error: class {c} is not in 0..{gen.num_classes - 1}")
+    labels = torch.tensor(classes).repeat_interleave(a.n)
+    z = torch.randn((len(labels), *gen.img_shape), generator=torch.Generator().manual_seed(a.seed))
+    with torch.no_grad():
+        x = one_step(gen, z.to(device), labels.to(device), info["sigma_init"]).cpu()
+    out = a.out
+    if out.endswith(".safetensors"):
+        save_tensors(out, {"images": x, "labels": labels})
+    else:
+        save_grid(out, x, nrow=a.n)
+    print(f"{len(labels)} samples ({a.n} per class for classes {classes}; forgotten: {info.get('forget')} -> "
+          f"{info.get('override')}) -> {out}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from pathlib import Path
+
+    from .config import SFDConfig
+    from .denoisers import load_denoiser, load_teacher
+    from .evaluate import load_judge
+    from .evaluate.forgetting import ForgetEvaluator
+    from .io import read_json, write_json
+    from .loop import one_step
+    from .presets import get_preset
+    from .targets import ClassTargets
+    from .utils import pick_device
+
+    run = Path(a.run)
+    cfg = SFDConfig.from_dict(read_json(run / "metrics.json")["config"])
+    if a.forget_samples:
+        cfg.eval_forget_samples = a.forget_samples
+    if a.remain_per_class:
+        cfg.eval_remain_per_class = a.remain_per_class
+    device = pick_device(a.device)
+    preset = get_preset(cfg.preset)
+    teacher = load_teacher(preset, cfg.teacher, device)
+    judge = load_judge(preset, cfg.classifier, device)
+    gen = load_denoiser(run / "generator.safetensors", device).eval()
+    ev = ForgetEvaluator(preset, judge, teacher, ClassTargets(cfg.validate(preset), preset.num_classes),
+                         cfg.eval_forget_samples, cfg.eval_remain_per_class, seed=a.seed, progress=not a.no_progress)
+    m = ev(lambda z, c: one_step(gen, z.to(device), c.to(device), cfg.sigma_init))
+    write_json(run / "evaluation.json", m)
+    print(_fmt(m, SUMMARY_KEYS + ("n_forget_samples", "n_remaining_samples")))
+    print(f"-> {run / 'evaluation.json'}")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .bench import run_bench
+    return run_bench(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfd",
@@ -72,13 +196,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=32, help="UNet base width (default: 32)")
     p.add_argument("--eval-per-class", type=int, default=500, help="teacher samples per class for the manifest")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("forget", help="one SFD run: forget classes, distil a one-step generator",
+                       description="Forget --forget (overridden by --override) and distil the teacher into a one-step "
+                                   "generator, data-free. Writes DIR/metrics.json (UA, FD vs the teacher, ...), "
+                                   "history.json, curves.png, samples_teacher.png, samples_generator.png, "
+                                   "generator.safetensors and checkpoints/ (resumable with --resume).",
+                       epilog="example: sfd forget --preset digits --forget 0 --override 1 --out runs/forget0")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("sample", help="sample a one-step generator into a PNG grid or safetensors",
+                       description="Draw --n samples per class from an exported one-step generator "
+                                   "(generator.safetensors of an `sfd forget` run): one row per class in a PNG, "
+                                   "or images + labels in a .safetensors file.")
+    p.add_argument("--generator", required=True, help="generator.safetensors")
+    p.add_argument("--classes", help="comma-separated class ids (default: all)")
+    p.add_argument("--n", type=int, default=10, help="samples per class (default: 10)")
+    p.add_argument("--out", required=True, help="output .png (grid) or .safetensors (tensors)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="re-evaluate a finished run (UA, FD vs the teacher at equal counts)",
+                       description="Evaluate the generator of an `sfd forget` run folder with the run's classifier "
+                                   "and teacher, at fixed sample counts; writes RUN/evaluation.json.")
+    p.add_argument("--run", required=True, help="run folder of `sfd forget`")
+    p.add_argument("--forget-samples", type=int, default=0, help="forget-class samples for UA (default: the run's)")
+    p.add_argument("--remain-per-class", type=int, default=0, help="samples per remaining class (default: the run's)")
+    p.add_argument("--seed", type=int, default=777, help="evaluation noise seed (default: 777)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="benchmark SFD on the embedded default: time to forget, FD ratios, speed",
+                       description="For each target class: time and kimg until UA >= 0.99, and until UA >= 0.99 and "
+                                   "remaining FD <= 2x the teacher's hold together; FD ratio and remaining accuracy "
+                                   "after the budget; one-step vs teacher images/s; one SFD iteration vs one teacher "
+                                   "training step; peak memory. Prints a table and writes OUT/bench.json.")
+    p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="classes to forget in turn (default: 0-9)")
+    p.add_argument("--override", default="next", help="'next' (class c -> c+1 mod 10), a class id, 'random' or "
+                                                       "'classifier' (default: next)")
+    p.add_argument("--seconds", type=float, default=300.0, help="training time budget per class (default: 300)")
+    p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
+    p.add_argument("--eval-every-kimg", type=float, default=2.5, help="evaluation interval (default: 2.5)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    return a.func(a)
+    from .io import CheckpointError
+    try:
+        return a.func(a)
+    except (ValueError, CheckpointError, FloatingPointError) as e:
+        # Errors meant for people: the message names the bad value and the fix.
+        print(f"sfd {a.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -118,3 +118,42 @@ class SFDConfig:
 TUNABLE = ("alpha", "lambda_fake_remain", "lambda_fake_forget", "lambda_gen_remain", "lambda_gen_forget",
            "sigma_init", "sigma_min", "sigma_max", "sigma_dist", "lr_fake", "lr_gen", "ema_halflife_kimg",
            "guidance", "batch_remain", "batch_forget")
+
+
+# One line of help per setting, shown by `sfd forget --help` (flags are generated from the
+# dataclass, so the CLI never restates a default).
+HELP = {
+    "preset": "dataset preset",
+    "forget": "class id(s) to forget (repeat the flag or give '0,3')",
+    "override": "override per forget class: a class id ('1', or '1,2' aligned with --forget), "
+                "'random' (a uniform remaining class per sample) or 'classifier' (pseudo-label)",
+    "teacher": "teacher checkpoint (default: the preset's bundled teacher)",
+    "classifier": "classifier / feature network for UA and FD (default: the preset's bundled one)",
+    "init_from": "start generator and fake score from an earlier SFD run folder or checkpoint (two-stage)",
+    "alpha": "alpha of the SiD/SFD generator loss",
+    "lambda_fake_remain": "weight of the remain branch in the fake-score loss",
+    "lambda_fake_forget": "weight of the forget branch in the fake-score loss",
+    "lambda_gen_remain": "weight of the remain branch in the generator loss",
+    "lambda_gen_forget": "weight of the forget branch in the generator loss",
+    "guidance": "classifier-free guidance scale of teacher and fake score inside the losses",
+    "sigma_init": "noise level of the one-step generator, G(z) = D(sigma_init z, sigma_init)",
+    "sigma_dist": "noise-level distribution of both steps: loguniform, vp-t (reference) or edm (SiD)",
+    "sigma_min": "smallest noise level of both steps",
+    "sigma_max": "largest noise level of both steps",
+    "lr_fake": "Adam learning rate of the fake score",
+    "lr_gen": "Adam learning rate of the generator",
+    "adam_beta1": "Adam beta1", "adam_beta2": "Adam beta2", "adam_eps": "Adam epsilon",
+    "grad_clip": "clip gradients by value (0 disables)",
+    "batch_remain": "global batch of the remain branch",
+    "batch_forget": "global batch of the forget branch",
+    "ema_halflife_kimg": "generator EMA half-life in kimg (0 disables)",
+    "budget_kimg": "training length in thousands of generator images",
+    "max_seconds": "stop after this much training time (0: no limit)",
+    "stage1_kimg": "two-stage: distil all classes with the forget weights at 0 for this many kimg first",
+    "eval_every_kimg": "evaluate UA / FD every this many kimg",
+    "checkpoint_every_kimg": "write a checkpoint every this many kimg",
+    "eval_forget_samples": "forget-class samples for UA",
+    "eval_remain_per_class": "samples per remaining class for FD (the teacher is measured at the same count)",
+    "seed": "random seed",
+    "device": "'auto' (CUDA if present), 'cpu', 'cuda:0', ...",
+}
