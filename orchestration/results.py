@@ -1,0 +1,153 @@
+"""Sweep outputs: the trial table, Pareto fronts, the best trial per target, exports.
+
+Best-trial rule (documented in the README): among a target's finished trials with
+UA >= --ua-threshold, prefer those whose overridden outputs stay diverse
+(override_fd_ratio <= --max-override-fd-ratio); among those, the lowest FD over the remaining
+classes wins. A target with no trial reaching the UA threshold has no best trial.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from sfd.io import atomic_path, write_json
+
+from .search import METRICS, MODES
+
+
+def trial_rows(result_grid, targets: dict, out_dir: Path, stopped: set[str]) -> list[dict]:
+    rows = []
+    for r in result_grid:
+        cfg = r.config or {}
+        if "target" not in cfg:
+            continue
+        m = dict(r.metrics or {})
+        trial_id = m.get("trial_id") or Path(r.path).name
+        run_dir = Path(out_dir) / "trials" / cfg["target_slug"] / trial_id
+        final = {}
+        if (run_dir / "metrics.json").is_file():
+            final = json.loads((run_dir / "metrics.json").read_text())
+        status = "failed" if r.error else ("stopped" if trial_id in stopped else "finished")
+        row = {"target": cfg["target"], "trial_id": trial_id, "baseline": bool(cfg["baseline"]), "status": status,
+               "error": str(r.error).splitlines()[0][:300] if r.error else ""}
+        for k, v in cfg["params"].items():
+            row[f"param_{k}"] = v
+        for k in ("ua", "fd_remaining", "fd_remaining_teacher", "fd_ratio", "fd_forget_vs_override",
+                  "fd_override_teacher", "override_fd_ratio", "override_rate", "remaining_accuracy",
+                  "remaining_accuracy_teacher", "kimg", "train_seconds", "wall_seconds",
+                  "images_per_second_generator", "images_per_second_teacher"):
+            v = final.get(k, m.get(k))
+            row[k] = float(v) if isinstance(v, (int, float)) and v is not None else math.nan
+        row["run_dir"] = str(run_dir)
+        rows.append(row)
+    return rows
+
+
+def pareto_front(rows: list[dict]) -> set[str]:
+    """Trials no other trial of the same target beats on every objective (UA, FD ratio, override FD)."""
+    ok = [r for r in rows if r["status"] != "failed" and all(math.isfinite(r[k]) for k in METRICS)]
+    sign = {k: (1 if m == "max" else -1) for k, m in zip(METRICS, MODES)}
+    front = set()
+    for a in ok:
+        dominated = any(
+            all(sign[k] * b[k] >= sign[k] * a[k] for k in METRICS) and any(sign[k] * b[k] > sign[k] * a[k] for k in METRICS)
+            for b in ok if b is not a)
+        if not dominated:
+            front.add(a["trial_id"])
+    return front
+
+
+def choose_best(rows: list[dict], ua_threshold: float, max_override_fd_ratio: float) -> dict | None:
+    eligible = [r for r in rows if r["status"] != "failed" and r["ua"] >= ua_threshold
+                and math.isfinite(r["fd_remaining"])]
+    diverse = [r for r in eligible if r["override_fd_ratio"] <= max_override_fd_ratio]
+    pool = diverse or eligible
+    return min(pool, key=lambda r: r["fd_remaining"]) if pool else None
+
+
+def write_table(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max_override_fd_ratio: float,
+              tracker=None) -> pd.DataFrame:
+    """Per-target summary (Markdown + Parquet), Pareto plots, best-generator exports, table."""
+    from sfd.evaluate.plots import plot_pareto
+
+    out_dir = Path(out_dir)
+    summary = []
+    for t in targets:
+        tr = [r for r in rows if r["target"] == t.name]
+        front = pareto_front(tr)
+        best = choose_best(tr, ua_threshold, max_override_fd_ratio)
+        base = next((r for r in tr if r["baseline"]), None)
+        for r in tr:
+            r["pareto"] = r["trial_id"] in front
+            r["best"] = best is not None and r["trial_id"] == best["trial_id"]
+        pts = [{**r, "trial_id": r["trial_id"]} for r in tr if math.isfinite(r["fd_ratio"]) and math.isfinite(r["ua"])]
+        png = out_dir / "pareto" / f"{t.slug}.png"
+        if pts:
+            png.parent.mkdir(parents=True, exist_ok=True)
+            plot_pareto(pts, png, title=f"{t.name}: {len(tr)} trials", front_ids=front,
+                        best_id=best["trial_id"] if best else None)
+        export = ""
+        if best is not None and (Path(best["run_dir"]) / "generator.safetensors").is_file():
+            dst = out_dir / "best" / t.slug
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in ("generator.safetensors", "metrics.json", "samples_generator.png", "curves.png"):
+                if (Path(best["run_dir"]) / f).is_file():
+                    shutil.copy2(Path(best["run_dir"]) / f, dst / f)
+            export = str(dst / "generator.safetensors")
+        row = {"target": t.name, "trials": len(tr), "finished": sum(r["status"] != "failed" for r in tr),
+               "best_trial": best["trial_id"] if best else "", "best_is_baseline": bool(best and best["baseline"]),
+               "ua": best["ua"] if best else math.nan, "fd_remaining": best["fd_remaining"] if best else math.nan,
+               "fd_remaining_teacher": best["fd_remaining_teacher"] if best else math.nan,
+               "fd_ratio": best["fd_ratio"] if best else math.nan,
+               "override_fd_ratio": best["override_fd_ratio"] if best else math.nan,
+               "remaining_accuracy": best["remaining_accuracy"] if best else math.nan,
+               "train_seconds": best["train_seconds"] if best else math.nan,
+               "baseline_ua": base["ua"] if base else math.nan,
+               "baseline_fd_remaining": base["fd_remaining"] if base else math.nan,
+               "baseline_fd_ratio": base["fd_ratio"] if base else math.nan,
+               "pareto_size": len(front), "generator": export,
+               "best_config": json.dumps({k[6:]: v for k, v in best.items() if k.startswith("param_")}) if best else ""}
+        summary.append(row)
+        if tracker is not None and t.name in tracker.target_runs:
+            run_id = tracker.target_runs[t.name]
+            tracker.log_metrics(run_id, {k: row[k] for k in ("ua", "fd_remaining", "fd_remaining_teacher", "fd_ratio",
+                                                              "override_fd_ratio", "baseline_fd_remaining")})
+            tracker.client.set_tag(run_id, "best_trial", row["best_trial"])
+            tracker.log_artifacts(run_id, [png] + ([export] if export else []))
+            tracker.finish(run_id, "finished" if best else "no_trial_at_ua_threshold")
+    df_trials = pd.DataFrame(rows)
+    write_table(df_trials, out_dir / "trials.parquet")
+    df = pd.DataFrame(summary)
+    write_table(df, out_dir / "summary.parquet")
+    with atomic_path(out_dir / "summary.md") as tmp:
+        tmp.write_text(summary_markdown(df, ua_threshold, max_override_fd_ratio))
+    write_json(out_dir / "summary.json", summary)
+    return df
+
+
+def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_ratio: float) -> str:
+    lines = [
+        "# SFD sweep summary", "",
+        f"Best trial per target: lowest FD over the remaining classes among trials with UA >= {ua_threshold} "
+        f"(preferring override FD ratio <= {max_override_fd_ratio}). FD ratio = FD / teacher's FD at equal sample "
+        f"count (18-step Heun).", "",
+        "| target | trials | best | UA | FD | teacher FD | FD ratio | override FD ratio | remaining acc | "
+        "baseline FD | train s | config |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for _, r in df.iterrows():
+        best = r["best_trial"] + (" (baseline)" if r["best_is_baseline"] else "") if r["best_trial"] else "none"
+        lines.append(f"| {r['target']} | {r['trials']} | {best} | {r['ua']:.4f} | {r['fd_remaining']:.4f} | "
+                     f"{r['fd_remaining_teacher']:.4f} | {r['fd_ratio']:.2f} | {r['override_fd_ratio']:.2f} | "
+                     f"{r['remaining_accuracy']:.4f} | {r['baseline_fd_remaining']:.4f} | {r['train_seconds']:.0f} | "
+                     f"`{r['best_config']}` |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,103 @@
+"""Search spaces as data: `search_spaces/<preset>.yaml`, validated before anything starts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sfd.config import TUNABLE, SFDConfig
+
+SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+TYPES = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "int": ("low", "high"), "choice": ("values",)}
+
+
+@dataclass
+class SearchSpace:
+    preset: str
+    defaults: dict
+    params: dict
+    override: str = "next"
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def baseline(self) -> SFDConfig:
+        return SFDConfig.from_dict({**self.defaults, "preset": self.preset})
+
+    def optuna_space(self) -> dict:
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+        out = {}
+        for k, p in self.params.items():
+            t = p["type"]
+            if t in ("loguniform", "uniform"):
+                out[k] = FloatDistribution(float(p["low"]), float(p["high"]), log=t == "loguniform")
+            elif t == "int":
+                out[k] = IntDistribution(int(p["low"]), int(p["high"]))
+            else:
+                out[k] = CategoricalDistribution(list(p["values"]))
+        return out
+
+    def baseline_point(self) -> dict:
+        """The default configuration expressed in the searched parameters (Optuna's first point)."""
+        base = self.baseline().to_dict()
+        return {k: base[k] for k in self.params}
+
+
+def space_path(preset: str) -> Path:
+    return SPACE_DIR / f"{preset}.yaml"
+
+
+def load_space(path) -> SearchSpace:
+    """Read and validate a search-space YAML; errors name the file and the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"search space {path} does not exist; available: "
+                         f"{', '.join(sorted(p.name for p in SPACE_DIR.glob('*.yaml')))}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"search space {path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"search space {path}: expected a mapping with 'preset', 'defaults', 'search'")
+    unknown = sorted(set(doc) - {"preset", "defaults", "search", "override"})
+    if unknown:
+        raise ValueError(f"search space {path}: unknown top-level key(s) {unknown}; allowed: preset, defaults, "
+                         f"search, override")
+    preset = doc.get("preset")
+    if not isinstance(preset, str):
+        raise ValueError(f"search space {path}: 'preset' must name a preset")
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ValueError(f"search space {path}: 'defaults' must be a mapping of SFD settings")
+    try:
+        SFDConfig.from_dict({**defaults, "preset": preset})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"search space {path}: defaults: {e}") from None
+    params = doc.get("search") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"search space {path}: 'search' must be a mapping")
+    base = SFDConfig.from_dict({**defaults, "preset": preset}).to_dict()
+    for key, p in params.items():
+        where = f"search space {path}: search.{key}"
+        if key not in TUNABLE:
+            raise ValueError(f"{where}: not a tunable SFD setting; tunable: {', '.join(TUNABLE)}")
+        if not isinstance(p, dict) or p.get("type") not in TYPES:
+            raise ValueError(f"{where}: needs 'type' among {sorted(TYPES)}")
+        missing = [f for f in TYPES[p["type"]] if f not in p]
+        extra = sorted(set(p) - {"type", *TYPES[p["type"]]})
+        if missing or extra:
+            raise ValueError(f"{where}: type {p['type']} needs exactly {TYPES[p['type']]} (missing {missing}, "
+                             f"unexpected {extra})")
+        if p["type"] == "choice":
+            if not isinstance(p["values"], list) or not p["values"]:
+                raise ValueError(f"{where}: 'values' must be a non-empty list")
+        else:
+            lo, hi = p["low"], p["high"]
+            if not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)) or not lo < hi:
+                raise ValueError(f"{where}: need numbers low < high, got low={lo!r} high={hi!r}")
+            if p["type"] == "loguniform" and lo <= 0:
+                raise ValueError(f"{where}: loguniform needs low > 0, got {lo}")
+            if not lo <= base[key] <= hi:
+                raise ValueError(f"{where}: the default {key}={base[key]} lies outside [{lo}, {hi}]; the baseline "
+                                 f"trial must be a point of the space")
+    return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), str(path))

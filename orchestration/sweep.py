@@ -1,0 +1,279 @@
+#!/usr/bin/env python
+"""Sweep SFD over forget targets: Ray Tune + Optuna per target, Ray Train trials, MLflow.
+
+    python orchestration/sweep.py --targets all_digits_classes
+    python orchestration/sweep.py --targets cifar10:0->1 --teacher ckpt.pt --address auto
+
+Every target gets its own Optuna study whose first trial is the preset's default
+configuration (the baseline); trials run in parallel within the cluster's resources, each
+as a Ray Train job; everything is logged to MLflow (SQLite in --out unless --mlflow-uri).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):           # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="orchestration/sweep.py",
+        description="Search SFD's hyperparameters for every forget target with Ray Tune + Optuna (one "
+                    "independent multi-objective study per target: maximise UA, minimise remaining-class FD and "
+                    "the overridden class's FD to its real images), run each trial with Ray Train, track all "
+                    "of it in MLflow, and write a trial table, per-target summary, Pareto plots and the best "
+                    "generator per target under --out.",
+        epilog="targets: all_<preset>_classes (each class in turn), <preset>:3,7 (each listed class), "
+               "<preset>:3->5 (explicit override), <preset>:0+3->1,2 (several classes in one target), "
+               "override policies 'random' / 'classifier' as in <preset>:3->random. "
+               "Best trial per target: lowest remaining FD among trials with UA >= --ua-threshold, "
+               "preferring override FD ratio <= --max-override-fd-ratio.")
+    p.add_argument("--targets", nargs="+", required=True, help="forget targets (see below)")
+    p.add_argument("--override", default=None,
+                   help="override for targets that name none: 'next' (c -> c+1), a class id, 'random' or "
+                        "'classifier' (default: the search space's 'override')")
+    p.add_argument("--space", help="search-space YAML (default: search_spaces/<preset>.yaml)")
+    p.add_argument("--out", default="runs/sweep", help="output folder (default: runs/sweep)")
+    p.add_argument("--trials-per-target", type=int, default=3,
+                   help="trials per target, the baseline included (default: 3)")
+    p.add_argument("--budget-kimg", type=float, default=None,
+                   help="training length of every trial in kimg (default: the space's defaults)")
+    p.add_argument("--budget", choices=["quick", "long"], default="quick",
+                   help="'quick' (the space's defaults, minutes on a laptop) or 'long' (4x the kimg, 3x the "
+                        "trials: better quality); explicit --budget-kimg/--trials-per-target win")
+    p.add_argument("--max-concurrent", type=int, default=0,
+                   help="trials running at once (default: as many as the cluster's CPUs/GPUs allow)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray Train worker (default: 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per Ray Train worker; > 0 uses CUDA and NCCL (default: 0, CPU with gloo)")
+    p.add_argument("--ua-threshold", type=float, default=0.99, help="UA a trial needs to be 'best' (default: 0.99)")
+    p.add_argument("--max-override-fd-ratio", type=float, default=3.0,
+                   help="diversity limit on the overridden class's FD ratio for the best trial (default: 3)")
+    p.add_argument("--stop-ua-kimg", type=float, default=10.0,
+                   help="stop a trial whose UA is still below --stop-ua-min after this many kimg (default: 10)")
+    p.add_argument("--stop-ua-min", type=float, default=0.5, help="see --stop-ua-kimg (default: 0.5)")
+    p.add_argument("--teacher", help="teacher checkpoint for presets without a bundled one")
+    p.add_argument("--classifier", help="classifier for UA/FD for presets without a bundled one")
+    p.add_argument("--address", help="join an existing Ray cluster ('auto' or host:port); default: start a local one")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--storage", help="Ray storage path for checkpoints, local or s3:// (default: OUT/ray)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+    p.add_argument("--experiment", default="sfd-sweep", help="MLflow experiment name (default: sfd-sweep)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every trial and of the Optuna samplers")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and the trial workers' own logs")
+    return p
+
+
+def resolve(a):
+    """Validate everything a sweep needs before any trial starts; return (targets, spaces, overrides)."""
+    from orchestration.space import load_space, space_path
+    from orchestration.targets import parse_targets, preset_of
+
+    from sfd.presets import get_preset
+
+    names = []
+    for spec in a.targets:
+        for part in spec.split():
+            name = preset_of(part)
+            get_preset(name)                       # unknown preset: error listing the valid ones
+            if name not in names:
+                names.append(name)
+    given = load_space(a.space) if a.space else None
+    spaces = {n: given if given is not None and given.preset == n else load_space(space_path(n)) for n in names}
+    targets = parse_targets(a.targets, a.override or spaces[names[0]].override)
+    overrides = {"seed": a.seed}
+    if a.budget_kimg is not None:
+        overrides["budget_kimg"] = a.budget_kimg
+    elif a.budget == "long":
+        for s in spaces.values():
+            s.defaults = {**s.defaults, "budget_kimg": 4 * s.baseline().budget_kimg}
+    if a.teacher:
+        overrides["teacher"] = a.teacher
+    if a.classifier:
+        overrides["classifier"] = a.classifier
+    return targets, spaces, overrides
+
+
+def check_models(targets, spaces, overrides) -> None:
+    """Load each preset's teacher and judge once on the driver: a bad path fails now, and the
+    teacher's reference samples are cached before the trials need them."""
+    from sfd.denoisers import load_teacher
+    from sfd.evaluate import load_judge
+    from sfd.evaluate.forgetting import teacher_samples
+    from sfd.presets import get_preset
+
+    for name in sorted({t.preset for t in targets}):
+        preset = get_preset(name)
+        base = spaces[name].baseline().replace(**{k: v for k, v in overrides.items() if k in ("teacher", "classifier")})
+        teacher = load_teacher(preset, base.teacher)
+        load_judge(preset, base.classifier)
+        per_class = max(base.eval_remain_per_class, base.eval_forget_samples)
+        print(f"[sweep] teacher reference samples for {name}: {per_class} per class (cached)", flush=True)
+        teacher_samples(teacher, preset.num_classes, per_class, progress=True)
+
+
+class HopelessTrialStopper:
+    """Tune scheduler logic: stop trials whose metrics went non-finite or whose UA is not rising."""
+
+    def __init__(self, ua_kimg: float, ua_min: float):
+        self.ua_kimg, self.ua_min = ua_kimg, ua_min
+        self.stopped: dict[str, str] = {}
+
+    def verdict(self, trial_id: str, result: dict) -> str | None:
+        for k in ("fd_remaining", "loss_generator", "loss_fake_score"):
+            v = result.get(k)
+            if v is not None and not math.isfinite(v):
+                return f"{k} is {v}"
+        if result.get("kimg", 0) >= self.ua_kimg and "ua" in result and result["ua"] < self.ua_min:
+            return f"UA {result['ua']:.3f} < {self.ua_min} after {result['kimg']:.1f} kimg"
+        return None
+
+
+def make_scheduler(stopper: HopelessTrialStopper):
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    class HopelessTrialScheduler(FIFOScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            why = stopper.verdict(trial.trial_id, result)
+            if why:
+                stopper.stopped[trial.trial_id] = why
+                print(f"[sweep] stopping trial {trial.trial_id} ({trial.config.get('target')}): {why}", flush=True)
+                return TrialScheduler.STOP
+            return TrialScheduler.CONTINUE
+
+    return HopelessTrialScheduler()
+
+
+class Progress:
+    """What a person follows: trials and targets done, best so far per target."""
+
+    def __init__(self, targets, trials_per_target: int, ua_threshold: float):
+        self.total = {t.name: trials_per_target for t in targets}
+        self.done = {t.name: 0 for t in targets}
+        self.best: dict[str, tuple[float, float]] = {}
+        self.ua_threshold = ua_threshold
+        self.t0 = time.time()
+
+    def __call__(self, event: str, trial, result):
+        if event == "result":
+            return
+        name = trial.config["target"]
+        self.done[name] += 1
+        r = result or {}
+        ua, fd = r.get("ua", math.nan), r.get("fd_ratio", math.nan)
+        if ua >= self.ua_threshold and (name not in self.best or fd < self.best[name][1]):
+            self.best[name] = (ua, fd)
+        targets_done = sum(self.done[n] >= self.total[n] for n in self.total)
+        trials_done = sum(self.done.values())
+        best = self.best.get(name)
+        best_s = f"best so far UA {best[0]:.3f}, FD ratio {best[1]:.2f}" if best else "no trial at the UA threshold yet"
+        print(f"[sweep {time.time() - self.t0:6.0f}s] trial {trials_done}/{sum(self.total.values())}, "
+              f"targets {targets_done}/{len(self.total)} done | {name} {trial.trial_id} {event}: "
+              f"UA {ua:.3f}, FD ratio {fd:.2f} | {best_s}", flush=True)
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.budget == "long" and a.trials_per_target == 3:
+        a.trials_per_target = 9
+    try:
+        targets, spaces, overrides = resolve(a)
+        if a.trials_per_target < 1:
+            raise ValueError(f"--trials-per-target must be >= 1, got {a.trials_per_target}")
+        if a.workers_per_trial < 1:
+            raise ValueError(f"--workers-per-trial must be >= 1, got {a.workers_per_trial}")
+        check_models(targets, spaces, overrides)
+    except Exception as e:        # a bad target, space or model: say so before anything starts
+        from sfd.io import CheckpointError
+        if isinstance(e, (ValueError, CheckpointError)):
+            print(f"sweep.py: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return run_sweep(a, targets, spaces, overrides)
+
+
+def run_sweep(a, targets, spaces, overrides) -> int:
+    import ray
+    from ray import tune
+
+    from orchestration.results import summarise, trial_rows
+    from orchestration.search import PerTargetSearch
+    from orchestration.tracking import MLflowSweep, MLflowTuneCallback
+    from orchestration.trial import run_trial
+
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = a.storage or str(out / "ray")
+    uri = a.mlflow_uri or f"sqlite:///{out / 'mlflow.db'}"
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if a.address:
+        ray.init(address=a.address, log_to_driver=a.verbose)
+    else:
+        ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=a.verbose,
+                 logging_level="INFO" if a.verbose else "WARNING")
+    cpus = ray.cluster_resources().get("CPU", 1)
+    per_trial = a.workers_per_trial * a.cpus_per_worker
+    max_conc = a.max_concurrent or max(1, int(cpus // max(per_trial, 1e-9)))
+    n_trials = len(targets) * a.trials_per_target
+    print(f"[sweep] {len(targets)} targets x {a.trials_per_target} trials = {n_trials} trials, up to {max_conc} at once "
+          f"({a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU, {a.gpus_per_worker} GPU per trial); "
+          f"MLflow: {uri}", flush=True)
+
+    tracker = MLflowSweep(uri, a.experiment, artifact_root=None if a.mlflow_uri else (out / "mlartifacts").as_uri())
+    parent = tracker.start_parent(f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", {
+        "targets": " ".join(a.targets), "trials_per_target": a.trials_per_target,
+        "workers_per_trial": a.workers_per_trial, "ua_threshold": a.ua_threshold, **{f"override_{k}": v for k, v in overrides.items()}},
+        {"preset": ",".join(sorted({t.preset for t in targets}))})
+    searcher = PerTargetSearch(targets, spaces, a.trials_per_target, overrides, seed=a.seed)
+    stopper = HopelessTrialStopper(a.stop_ua_kimg, a.stop_ua_min)
+    progress = Progress(targets, a.trials_per_target, a.ua_threshold)
+    callback = MLflowTuneCallback(tracker, {t.name: t for t in targets}, out, on_event=progress)
+    sweep_cfg = {"out": str(out), "storage": storage, "workers_per_trial": a.workers_per_trial,
+                 "cpus_per_worker": a.cpus_per_worker, "gpus_per_worker": a.gpus_per_worker}
+    tuner = tune.Tuner(
+        # The trial function only drives its Ray Train job; the workers hold the resources.
+        tune.with_resources(run_trial, tune.PlacementGroupFactory([{"memory": 2**20}])),
+        param_space={"sweep": sweep_cfg},
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(stopper), num_samples=n_trials,
+                                    max_concurrent_trials=max_conc),
+        run_config=tune.RunConfig(name="tune", storage_path=storage, callbacks=[callback], verbose=0),
+    )
+    status = "failed"
+    try:
+        grid = tuner.fit()
+        rows = trial_rows(grid, {t.name: t for t in targets}, out, set(stopper.stopped))
+        df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio, tracker)
+        tracker.log_artifacts(parent, [out / "summary.md", out / "summary.parquet", out / "trials.parquet"])
+        n_best = int((df["best_trial"] != "").sum())
+        tracker.log_metrics(parent, {"targets_with_best": n_best, "trials": len(rows),
+                                     "median_best_fd_ratio": float(df["fd_ratio"].median())})
+        status = "finished"
+    finally:
+        tracker.finish(parent, status)
+        ray.shutdown()
+    print()
+    print((out / "summary.md").read_text())
+    print(f"[sweep] outputs in {out}: trials.parquet, summary.md/.parquet, pareto/*.png, best/*/generator.safetensors")
+    print(f"[sweep] MLflow UI: mlflow ui --backend-store-uri {uri}")
+    missing = df[df["best_trial"] == ""]["target"].tolist()
+    if missing:
+        print(f"[sweep] no trial reached UA >= {a.ua_threshold} for: {', '.join(missing)} "
+              f"(try --budget long)", file=sys.stderr)
+    failed_targets = df[df["finished"] == 0]["target"].tolist()
+    if failed_targets:
+        print(f"[sweep] every trial failed for: {', '.join(failed_targets)}; see trials.parquet 'error'", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

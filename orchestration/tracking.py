@@ -1,0 +1,128 @@
+"""MLflow tracking from the sweep's driver: one parent run per sweep, a nested run per target
+and per trial, with params, metric histories, tags and artifacts.
+
+Logging happens in a Tune callback on the driver, so trial workers need no access to the
+tracking store (a SQLite file in the output folder by default, or `--mlflow-uri`).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ray.tune import Callback
+
+from .trial import REPORT_KEYS as _METRIC_KEYS
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class MLflowSweep:
+    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        self.uri = uri
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_id: str | None = None
+        self.target_runs: dict[str, str] = {}
+        self.trial_runs: dict[str, str] = {}
+        self._mlflow = mlflow
+
+    def start_parent(self, name: str, params: dict, tags: dict) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"kind": "sweep", **tags})
+        self.parent_id = run.info.run_id
+        self.log_params(self.parent_id, params)
+        return self.parent_id
+
+    def target_run(self, target) -> str:
+        if target.name not in self.target_runs:
+            run = self.client.create_run(self.experiment_id, run_name=target.name, tags={
+                PARENT_TAG: self.parent_id, "kind": "target", "target": target.name, "preset": target.preset,
+                "status": "running"})
+            self.target_runs[target.name] = run.info.run_id
+            self.log_params(run.info.run_id, {"forget": ",".join(map(str, target.forget)),
+                                              "override": target.override, "preset": target.preset})
+        return self.target_runs[target.name]
+
+    def start_trial(self, trial_id: str, target, baseline: bool, params: dict) -> str:
+        parent = self.target_run(target)
+        run = self.client.create_run(self.experiment_id, run_name=f"{target.slug}-{trial_id}", tags={
+            PARENT_TAG: parent, "kind": "trial", "target": target.name, "preset": target.preset,
+            "trial_id": trial_id, "baseline": str(baseline).lower(), "status": "running"})
+        self.trial_runs[trial_id] = run.info.run_id
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+        items = [Param(k, str(v)[:500]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(run_id, params=items[i:i + 90])
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def log_artifacts(self, run_id: str, paths, artifact_path: str | None = None) -> None:
+        for p in paths:
+            p = Path(p)
+            if p.is_file():
+                self.client.log_artifact(run_id, str(p), artifact_path)
+
+    def finish(self, run_id: str, status: str) -> None:
+        self.client.set_tag(run_id, "status", status.lower())
+        self.client.set_terminated(run_id, "FAILED" if status.lower() == "failed" else "FINISHED")
+
+
+class MLflowTuneCallback(Callback):
+    """Mirrors Tune's trial events into nested MLflow runs."""
+
+    ARTIFACTS = ("metrics.json", "history.json", "curves.png", "samples_generator.png", "samples_teacher.png")
+
+    def __init__(self, tracker: MLflowSweep, targets: dict, out_dir: Path, on_event=None):
+        self.tracker = tracker
+        self.targets = targets
+        self.out_dir = Path(out_dir)
+        self.on_event = on_event
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        cfg = trial.config
+        self.tracker.start_trial(trial.trial_id, self.targets[cfg["target"]], cfg["baseline"],
+                                 {**cfg["sfd"], "searched": ",".join(sorted(cfg["params"]))})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.tracker.trial_runs.get(trial.trial_id)
+        if run_id:
+            self.tracker.log_metrics(run_id, {k: result[k] for k in result if k in _METRIC_KEYS},
+                                     step=int(result.get("iteration", 0)))
+        if self.on_event:
+            self.on_event("result", trial, result)
+
+    def _end(self, trial, status: str):
+        run_id = self.tracker.trial_runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        cfg = trial.config
+        run_dir = self.out_dir / "trials" / cfg["target_slug"] / trial.trial_id
+        self.tracker.log_artifacts(run_id, [run_dir / a for a in self.ARTIFACTS])
+        self.tracker.finish(run_id, status)
+        if self.on_event:
+            self.on_event(status, trial, trial.last_result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "failed")
+
