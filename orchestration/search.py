@@ -19,8 +19,11 @@ MODES = ["max", "min", "min"]
 class PerTargetSearch(Searcher):
     def __init__(self, targets, spaces: dict, trials_per_target: int, overrides: dict | None = None, seed: int = 0):
         super().__init__(metric=None, mode=None)
+        import optuna
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
         self.targets = {t.name: t for t in targets}
         self.spaces = spaces

@@ -1,0 +1,188 @@
+"""The sweep: target parsing, search-space validation, a real tiny sweep on local Ray logging to
+a real MLflow tracking server on loopback, and Ray Train DDP equivalence."""
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestration.space import load_space, space_path
+from orchestration.targets import parse_targets
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"budget_kimg": 0.5, "eval_every_kimg": 0.25, "checkpoint_every_kimg": 0.25, "eval_forget_samples": 40,
+        "eval_remain_per_class": 20, "batch_remain": 16, "batch_forget": 16}
+
+
+def test_targets_all_classes_and_pairs():
+    ts = parse_targets(["all_digits_classes"], "next")
+    assert [t.forget for t in ts] == [(c,) for c in range(10)]
+    assert ts[0].override == "1" and ts[9].override == "0"
+    ts = parse_targets(["digits:3->5", "digits:7", "digits:0+3->1,2", "digits:4->random"], "next")
+    assert [t.name for t in ts] == ["digits:3->5", "digits:7->8", "digits:0+3->1,2", "digits:4->random"]
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("all_mnist_classes", "valid presets: cifar10, digits, stl10"),
+    ("digits:11", "class 11 is not a class of preset 'digits'"),
+    ("digits:3->3", "override class 3 is itself forgotten"),
+    ("digits", "not understood"),
+])
+def test_bad_targets_are_rejected(spec, needle):
+    with pytest.raises(ValueError, match=needle):
+        parse_targets([spec], "next")
+
+
+def test_shipped_spaces_are_valid_and_contain_the_baseline():
+    for preset in ("digits", "cifar10"):
+        s = load_space(space_path(preset))
+        assert s.preset == preset
+        base = s.baseline_point()
+        for k, p in s.params.items():
+            assert p["low"] <= base[k] <= p["high"]
+    cifar = load_space(space_path("cifar10")).baseline()
+    assert (cifar.alpha, cifar.lr_gen, cifar.sigma_dist, cifar.lambda_gen_forget) == (1.2, 1e-5, "vp-t", 0.01)
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda d: d["search"].update(lr_teacher={"type": "uniform", "low": 0, "high": 1}), "search.lr_teacher"),
+    (lambda d: d["search"].update(alpha={"type": "gaussian", "low": 0, "high": 1}), "search.alpha"),
+    (lambda d: d["search"].update(alpha={"type": "uniform", "low": 2.0, "high": 1.0}), "search.alpha"),
+    (lambda d: d["defaults"].update(learning_rate=1), "learning_rate"),
+    (lambda d: d.update(serach={}), "serach"),
+])
+def test_malformed_space_names_the_key(tmp_path, mutate, needle):
+    doc = yaml.safe_load(space_path("digits").read_text())
+    mutate(doc)
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=needle):
+        load_space(p)
+
+
+def _run_sweep(args, timeout=600):
+    return subprocess.run([sys.executable, str(REPO / "orchestration" / "sweep.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_target_or_space_fails_before_any_trial(tmp_path):
+    out = tmp_path / "out"
+    r = _run_sweep(["--targets", "digits:12", "--out", str(out)], timeout=120)
+    assert r.returncode == 2 and "class 12 is not a class of preset 'digits'" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: digits\nsearch:\n  alpha: {type: uniform, low: 1.0}\n")
+    r = _run_sweep(["--targets", "digits:1", "--space", str(bad), "--out", str(out)], timeout=120)
+    assert r.returncode == 2 and "search.alpha" in r.stderr and not out.exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the MLflow tracking server did not start within 90 s")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_tiny_sweep_logs_nested_runs_to_a_tracking_server(tmp_path, mlflow_server, monkeypatch):
+    monkeypatch.setenv("SFD_CACHE", str(tmp_path / "cache"))
+    doc = yaml.safe_load(space_path("digits").read_text())
+    doc["defaults"].update(TINY)
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "sweep"
+    r = _run_sweep(["--targets", "digits:0->1", "digits:5", "--trials-per-target", "2", "--space", str(space),
+                    "--out", str(out), "--num-cpus", "2", "--mlflow-uri", mlflow_server,
+                    "--ua-threshold", "0.0"], timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "targets 2/2 done" in r.stdout
+
+    import pandas as pd
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 4 and set(trials["target"]) == {"digits:0->1", "digits:5->6"}
+    assert trials.groupby("target")["baseline"].sum().tolist() == [1, 1]       # one baseline per target
+    assert (trials["status"] == "finished").all() and trials["ua"].notna().all()
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert len(summary) == 2 and (summary["best_trial"] != "").all()
+    for slug in ("digits_forget0_to_1", "digits_forget5_to_6"):
+        assert (out / "pareto" / f"{slug}.png").is_file()
+        assert (out / "best" / slug / "generator.safetensors").is_file()
+
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("sfd-sweep")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    by_kind = {}
+    for run in runs:
+        by_kind.setdefault(run.data.tags.get("kind"), []).append(run)
+    assert len(by_kind["sweep"]) == 1 and len(by_kind["target"]) == 2 and len(by_kind["trial"]) == 4
+    parent = by_kind["sweep"][0].info.run_id
+    target_ids = {r.info.run_id for r in by_kind["target"]}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent for r in by_kind["target"])
+    assert all(r.data.tags["mlflow.parentRunId"] in target_ids for r in by_kind["trial"])
+    trial = by_kind["trial"][0]
+    assert len(client.get_metric_history(trial.info.run_id, "ua")) >= 2          # a history, not one value
+    assert {"lr_gen", "alpha", "forget"} <= set(trial.data.params)
+    arts = {a.path for a in client.list_artifacts(trial.info.run_id)}
+    assert {"curves.png", "metrics.json", "samples_generator.png"} <= arts
+    assert "summary.md" in {a.path for a in client.list_artifacts(parent)}
+
+
+def test_two_ray_train_workers_match_one_worker(tmp_path, monkeypatch):
+    """gloo DDP with 2 workers takes the same first steps as 1 worker with the same global batch."""
+    monkeypatch.setenv("SFD_CACHE", str(tmp_path / "cache"))
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestration.trial import train_fn_per_worker
+    from sfd.config import SFDConfig
+
+    cfg = SFDConfig(forget=[0], override="1", budget_kimg=0.064, batch_remain=16, batch_forget=16,
+                    eval_every_kimg=100, checkpoint_every_kimg=100, eval_forget_samples=20,
+                    eval_remain_per_class=10).to_dict()
+    losses = {}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for workers in (1, 2):
+            run_dir = tmp_path / f"w{workers}"
+            TorchTrainer(train_fn_per_worker,
+                         train_loop_config={"sfd": cfg, "run_dir": str(run_dir), "threads_per_worker": 1},
+                         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+                         torch_config=TorchConfig(backend="gloo"),
+                         run_config=RunConfig(name=f"ddp{workers}", storage_path=str(tmp_path / "ray"))).fit()
+            ckpt = sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1]
+            losses[workers] = json.loads((ckpt / "state.json").read_text())["losses"]
+    finally:
+        ray.shutdown()
+    assert len(losses[1]) == len(losses[2]) == 2
+    for (f1, g1), (f2, g2) in zip(losses[1], losses[2]):
+        assert f2 == pytest.approx(f1, rel=1e-4, abs=1e-5)
+        assert g2 == pytest.approx(g1, rel=1e-4, abs=1e-5)
