@@ -36,7 +36,7 @@ def train_fn_per_worker(config: dict) -> None:
         ray.train.report(clean, checkpoint=ckpt)
 
     # resume=True: if Ray Train restarts the workers, the run continues from its last checkpoint
-    train_sfd(cfg, config["run_dir"], callback=report, resume=True, progress=False)
+    train_sfd(cfg, config["run_dir"], callback=report, resume=True, progress=False, measure_speed=False)
 
 
 def run_trial(config: dict) -> None:

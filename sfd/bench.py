@@ -104,7 +104,10 @@ def run_bench(a) -> int:
         cfg = SFDConfig(forget=[c], override=override, budget_kimg=10_000, max_seconds=a.seconds,
                         eval_every_kimg=a.eval_every_kimg, checkpoint_every_kimg=10_000)
         run_dir = out / f"forget{c}"
-        final = train_sfd(cfg, run_dir, progress=not a.no_progress, teacher=teacher, judge=judge)
+        # Unless --full-budget, a digit is done once forgetting and quality targets hold together.
+        stop = None if a.full_budget else (lambda h: h["ua"] >= 0.99 and h["fd_ratio"] <= 2.0 and
+                                           h["remaining_accuracy_teacher"] - h["remaining_accuracy"] <= 0.02)
+        final = train_sfd(cfg, run_dir, progress=not a.no_progress, teacher=teacher, judge=judge, stop_when=stop)
         import json
         history = json.loads((run_dir / "history.json").read_text())
         ua_hit = _first(history, lambda h: h["ua"] >= 0.99)
@@ -115,6 +118,7 @@ def run_bench(a) -> int:
             "kimg_to_ua99": ua_hit["kimg"] if ua_hit else None,
             "seconds_to_ua99_and_fd2x": both_hit["train_seconds"] if both_hit else None,
             "kimg_to_ua99_and_fd2x": both_hit["kimg"] if both_hit else None,
+            "stopped_at_target": bool(final.get("stopped_early")),
             "final_seconds": final["train_seconds"], "final_kimg": final["kimg"],
             "final_ua": final["ua"], "final_fd_ratio": final["fd_ratio"],
             "best_fd_ratio_with_ua99": min((h["fd_ratio"] for h in history if "ua" in h and h["ua"] >= 0.99),

@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", default="next", help="'next' (class c -> c+1 mod 10), a class id, 'random' or "
                                                        "'classifier' (default: next)")
     p.add_argument("--seconds", type=float, default=300.0, help="training time budget per class (default: 300)")
+    p.add_argument("--full-budget", action="store_true",
+                   help="train every class for the whole --seconds instead of stopping once UA >= 0.99, "
+                        "FD <= 2x the teacher's and remaining accuracy within 2 points hold together")
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     p.add_argument("--eval-every-kimg", type=float, default=2.5, help="evaluation interval (default: 2.5)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")

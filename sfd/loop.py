@@ -106,7 +106,8 @@ def _check_finite(loss: torch.Tensor, what: str, iteration: int) -> float:
 
 def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None], None] | None = None,
               resume: bool = False, progress: bool = True, evaluate: bool = True,
-              teacher: Denoiser | None = None, judge=None, stop_when: Callable[[dict], bool] | None = None) -> dict:
+              teacher: Denoiser | None = None, judge=None, stop_when: Callable[[dict], bool] | None = None,
+              measure_speed: bool = True) -> dict:
     """Run SFD as configured; write checkpoints, metrics and plots under ``out_dir``.
 
     ``callback(metrics, checkpoint_dir)`` is called on every rank at each evaluation
@@ -280,12 +281,12 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     final["stopped_early"] = stopped_early
     if lead:
         final.update(_write_outputs(out_dir, cfg, preset, teacher, generator_ema, evaluator, history, gen_fn,
-                                    device, evaluate))
+                                    device, evaluate, measure_speed))
     return final
 
 
 def _write_outputs(out_dir: Path, cfg, preset, teacher, generator_ema, evaluator, history, gen_fn, device,
-                   evaluate: bool) -> dict:
+                   evaluate: bool, measure_speed: bool) -> dict:
     """Export the generator and write metrics.json, history.json, curves and sample grids."""
     from .evaluate.plots import plot_history
     from .evaluate.report import save_grid
@@ -295,8 +296,9 @@ def _write_outputs(out_dir: Path, cfg, preset, teacher, generator_ema, evaluator
         "generator": {"sigma_init": cfg.sigma_init, "forget": cfg.forget, "override": cfg.override,
                       "preset": cfg.preset, "one_step": True}})
     if evaluate and evaluator is not None:
-        from .evaluate.forgetting import throughput
-        extra.update(throughput(gen_fn, teacher, preset.img_shape, device=device))
+        if measure_speed:
+            from .evaluate.forgetting import throughput
+            extra.update(throughput(gen_fn, teacher, preset.img_shape, device=device))
         imgs, nrow = evaluator.grid_images(generator_fn=gen_fn)
         save_grid(out_dir / "samples_generator.png", imgs, nrow)
         from .evaluate.forgetting import first_per_class
