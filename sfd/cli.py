@@ -105,13 +105,13 @@ def cmd_sample(a) -> int:
     _, meta = load_tensors(a.generator)
     info = meta.get("generator")
     if not info:
-        raise SystemExit(f"error: {a.generator} is not an sfd one-step generator (no 'generator' metadata); "
+        raise ValueError(f"{a.generator} is not an sfd one-step generator (no 'generator' metadata); "
                          f"use the generator.safetensors of an `sfd forget` run")
     gen = load_denoiser(a.generator, device).eval()
     classes = [int(c) for c in a.classes.split(",")] if a.classes else list(range(gen.num_classes))
     for c in classes:
         if not 0 <= c < gen.num_classes:
-            raise SystemExit(f"error: class {c} is not in 0..{gen.num_classes - 1}")
+            raise ValueError(f"class {c} is not in 0..{gen.num_classes - 1}")
     labels = torch.tensor(classes).repeat_interleave(a.n)
     z = torch.randn((len(labels), *gen.img_shape), generator=torch.Generator().manual_seed(a.seed))
     with torch.no_grad():

@@ -89,6 +89,21 @@ def load_generator_init(path, generator: Denoiser, fake_score: Denoiser) -> None
         load_state_strict(module, state, f"{ckpt} [{name}]")
 
 
+# Settings that may change between a run and its resumption: how long and how it is observed.
+RESUMABLE_CHANGES = {"budget_kimg", "max_seconds", "eval_every_kimg", "checkpoint_every_kimg", "device",
+                     "eval_forget_samples", "eval_remain_per_class"}
+
+
+def _check_resumable(cfg: SFDConfig, ckpt: Path) -> None:
+    saved = json.loads((ckpt / "state.json").read_text()).get("config", {})
+    changed = {k: (saved[k], v) for k, v in cfg.to_dict().items()
+               if k in saved and k not in RESUMABLE_CHANGES and saved[k] != v}
+    if changed:
+        desc = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise ValueError(f"cannot resume {ckpt}: the configuration changed ({desc}). Use the run's settings "
+                         f"(see its metrics.json / state.json) or start a new --out folder.")
+
+
 def _clip(params, value: float) -> None:
     if value > 0:
         torch.nn.utils.clip_grad_value_(params, value)
@@ -98,7 +113,7 @@ def _check_finite(loss: torch.Tensor, what: str, iteration: int) -> float:
     v = float(loss)
     if not math.isfinite(v):
         raise SFDDivergedError(
-            f"{what} loss is {v} at iteration {iteration}: the run diverged. Lower the learning rates "
+            f"{what} loss is {v} in iteration {iteration + 1}: the run diverged. Lower the learning rates "
             f"(lr_fake, lr_gen) or the forget weights; earlier checkpoints are intact and --resume restarts "
             f"from the last one.")
     return v
@@ -148,6 +163,7 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     if resume:
         ckpt = latest_checkpoint(out_dir)
         if ckpt is not None:
+            _check_resumable(cfg, ckpt)
             info = load_checkpoint(ckpt, modules, optimizers, rng, device)
             iteration, history = info["iteration"], info.get("history", [])
             losses_log, train_seconds = info.get("losses", []), info.get("train_seconds", 0.0)
@@ -163,7 +179,7 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     B_r, B_f = cfg.batch_remain, cfg.batch_forget
     n_r = len(range(*dist.local(B_r).indices(B_r)))
     imgs_per_iter = B_r + B_f
-    total_iters = math.ceil(cfg.budget_kimg * 1000 / imgs_per_iter)
+    total_iters = math.ceil(round(cfg.budget_kimg * 1000 / imgs_per_iter, 6))   # 9*0.016 kimg is 9 its
     eval_every = max(1, round(cfg.eval_every_kimg * 1000 / imgs_per_iter))
     ckpt_every = max(1, round(cfg.checkpoint_every_kimg * 1000 / imgs_per_iter))
     shape = tuple(teacher.img_shape)

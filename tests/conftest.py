@@ -6,7 +6,8 @@ import torch
 # Tests never touch the network: block hub downloads and keep runs small and repeatable.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: on a shared 2-core machine two spinning threads are several times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
