@@ -94,7 +94,7 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
         if pts:
             png.parent.mkdir(parents=True, exist_ok=True)
             plot_pareto(pts, png, title=f"{t.name}: {len(tr)} trials", front_ids=front,
-                        best_id=best["trial_id"] if best else None)
+                        best_id=best["trial_id"] if best else None, ua_threshold=ua_threshold)
         export = ""
         if best is not None and (Path(best["run_dir"]) / "generator.safetensors").is_file():
             dst = out_dir / "best" / t.slug

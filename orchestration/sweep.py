@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                "override policies 'random' / 'classifier' as in <preset>:3->random. "
                "Best trial per target: lowest remaining FD among trials with UA >= --ua-threshold, "
                "preferring override FD ratio <= --max-override-fd-ratio.")
-    p.add_argument("--targets", nargs="+", required=True, help="forget targets (see below)")
+    p.add_argument("--targets", nargs="+", help="forget targets (see below); required unless --summarize-only")
     p.add_argument("--override", default=None,
                    help="override for targets that name none: 'next' (c -> c+1), a class id, 'random' or "
                         "'classifier' (default: the search space's 'override')")
@@ -55,13 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPUs per Ray Train worker; > 0 uses CUDA and NCCL (default: 0, CPU with gloo)")
     p.add_argument("--ua-threshold", type=float, default=0.99, help="UA a trial needs to be 'best' (default: 0.99)")
-    p.add_argument("--max-override-fd-ratio", type=float, default=3.0,
-                   help="diversity limit on the overridden class's FD ratio for the best trial (default: 3)")
+    p.add_argument("--max-override-fd-ratio", type=float, default=10.0,
+                   help="diversity limit on the overridden class's FD ratio (its FD to the override's real "
+                        "images over the teacher's own) for the best trial; a collapse onto one template "
+                        "measures ~50x, short diverse runs 1-9x (default: 10)")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="re-rank an existing sweep in --out (trials.parquet) with the current --ua-threshold and "
+                        "--max-override-fd-ratio, rewriting summary, Pareto plots and best exports; runs nothing")
     p.add_argument("--stop-ua-kimg", type=float, default=10.0,
                    help="stop a trial whose UA is still below --stop-ua-min after this many kimg (default: 10)")
     p.add_argument("--stop-ua-min", type=float, default=0.5, help="see --stop-ua-kimg (default: 0.5)")
     p.add_argument("--teacher", help="teacher checkpoint for presets without a bundled one")
-    p.add_argument("--classifier", help="classifier for UA/FD for presets without a bundled one")
+    p.add_argument("--classifier", help="UA classifier (ResNet-34 state dict) for presets without a bundled judge")
+    p.add_argument("--fid-weights", help="FID Inception weights file for presets without a bundled judge")
+    p.add_argument("--reference", help="real images for FD: folder of class folders or .npz (images, labels)")
     p.add_argument("--address", help="join an existing Ray cluster ('auto' or host:port); default: start a local one")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--storage", help="Ray storage path for checkpoints, local or s3:// (default: OUT/ray)")
@@ -97,8 +104,9 @@ def resolve(a):
             s.defaults = {**s.defaults, "budget_kimg": 4 * s.baseline().budget_kimg}
     if a.teacher:
         overrides["teacher"] = a.teacher
-    if a.classifier:
-        overrides["classifier"] = a.classifier
+    for key in ("classifier", "fid_weights", "reference"):
+        if getattr(a, key):
+            overrides[key] = getattr(a, key)
     return targets, spaces, overrides
 
 
@@ -106,15 +114,22 @@ def check_models(targets, spaces, overrides) -> None:
     """Load each preset's teacher and judge once on the driver: a bad path fails now, and the
     teacher's reference samples are cached before the trials need them."""
     from sfd.denoisers import load_teacher
-    from sfd.evaluate import load_judge
+    from sfd.evaluate import can_evaluate, load_judge
     from sfd.evaluate.forgetting import teacher_samples
+    from sfd.evaluate.report import load_reference
     from sfd.presets import get_preset
 
     for name in sorted({t.preset for t in targets}):
         preset = get_preset(name)
-        base = spaces[name].baseline().replace(**{k: v for k, v in overrides.items() if k in ("teacher", "classifier")})
+        base = spaces[name].baseline().replace(**{k: v for k, v in overrides.items()
+                                                  if k in ("teacher", "classifier", "fid_weights", "reference")})
         teacher = load_teacher(preset, base.teacher)
-        load_judge(preset, base.classifier)
+        if not can_evaluate(preset, base):
+            raise ValueError(f"the sweep optimises UA and FD, so preset '{name}' needs --classifier (ResNet-34), "
+                             f"--fid-weights (FID Inception) and --reference (real images per class)")
+        load_judge(preset, base.classifier, fid_weights=base.fid_weights)
+        if base.reference:
+            load_reference(base.reference, preset)
         per_class = max(base.eval_remain_per_class, base.eval_forget_samples)
         print(f"[sweep] teacher reference samples for {name}: {per_class} per class (cached)", flush=True)
         teacher_samples(teacher, preset.num_classes, per_class, progress=True)
@@ -180,8 +195,30 @@ class Progress:
               f"UA {ua:.3f}, FD ratio {fd:.2f} | {best_s}", flush=True)
 
 
+def summarize_only(a) -> int:
+    import pandas as pd
+
+    from orchestration.results import summarise
+    from orchestration.targets import parse_targets
+
+    out = Path(a.out)
+    if not (out / "trials.parquet").is_file():
+        print(f"sweep.py: error: {out / 'trials.parquet'} does not exist; run the sweep first", file=sys.stderr)
+        return 2
+    rows = pd.read_parquet(out / "trials.parquet").to_dict("records")
+    targets = parse_targets(list(dict.fromkeys(r["target"] for r in rows)), "next")
+    df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio)
+    print((out / "summary.md").read_text())
+    return 0 if (df["best_trial"] != "").all() else 1
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    if a.summarize_only:
+        return summarize_only(a)
+    if not a.targets:
+        print("sweep.py: error: --targets is required, e.g. --targets all_digits_classes", file=sys.stderr)
+        return 2
     if a.budget == "long" and a.trials_per_target == 3:
         a.trials_per_target = 9
     try:

@@ -148,10 +148,11 @@ def cmd_evaluate(a) -> int:
     device = pick_device(a.device)
     preset = get_preset(cfg.preset)
     teacher = load_teacher(preset, cfg.teacher, device)
-    judge = load_judge(preset, cfg.classifier, device)
+    judge = load_judge(preset, cfg.classifier, device, cfg.fid_weights)
     gen = load_denoiser(run / "generator.safetensors", device).eval()
     ev = ForgetEvaluator(preset, judge, teacher, ClassTargets(cfg.validate(preset), preset.num_classes),
-                         cfg.eval_forget_samples, cfg.eval_remain_per_class, seed=a.seed, progress=not a.no_progress)
+                         cfg.eval_forget_samples, cfg.eval_remain_per_class, seed=a.seed, progress=not a.no_progress,
+                         reference=cfg.reference)
     m = ev(lambda z, c: one_step(gen, z.to(device), c.to(device), cfg.sigma_init))
     write_json(run / "evaluation.json", m)
     print(_fmt(m, SUMMARY_KEYS + ("n_forget_samples", "n_remaining_samples")))

@@ -23,6 +23,8 @@ class SFDConfig:
     override: str = "1"
     teacher: str | None = None          # None: the preset's bundled teacher
     classifier: str | None = None       # None: the preset's bundled classifier (the judge)
+    fid_weights: str | None = None      # FID Inception weights file (presets without a bundled judge)
+    reference: str | None = None        # real images per class: folder of class folders, or .npz
     init_from: str | None = None        # an SFD checkpoint (generator + fake score) to start from
     # loss (SFD.md section 4) ----------------------------------------------------------------
     alpha: float = 1.2
@@ -129,6 +131,10 @@ HELP = {
                 "'random' (a uniform remaining class per sample) or 'classifier' (pseudo-label)",
     "teacher": "teacher checkpoint (default: the preset's bundled teacher)",
     "classifier": "classifier / feature network for UA and FD (default: the preset's bundled one)",
+    "fid_weights": "FID Inception weights file (pt_inception-2015-12-05-*.pth) for presets without a bundled "
+                   "judge; with --classifier (a ResNet-34 state dict) and --reference it enables UA/FD",
+    "reference": "real images for FD: a folder with one sub-folder per class (name or id), or an .npz with "
+                 "'images' (N,H,W,C uint8) and 'labels'",
     "init_from": "start generator and fake score from an earlier SFD run folder or checkpoint (two-stage)",
     "alpha": "alpha of the SiD/SFD generator loss",
     "lambda_fake_remain": "weight of the remain branch in the fake-score loss",

@@ -77,8 +77,16 @@ def one_step(generator: Denoiser, z: torch.Tensor, cond: torch.Tensor, sigma_ini
 
 
 def load_generator_init(path, generator: Denoiser, fake_score: Denoiser) -> None:
-    """Start from an earlier SFD run (two-stage): its generator (EMA if present) and fake score."""
+    """Start from an earlier SFD run (two-stage): its generator (EMA if present) and fake score.
+
+    ``path`` is an sfd run folder or checkpoint folder, or an official SFD checkpoint
+    (``[fake_score, opt, generator, opt, step, ema]`` saved by the reference code).
+    """
     path = Path(path)
+    if path.is_file() and path.suffix in (".pt", ".pth", ".ckpt"):
+        from .denoisers.ddpm import load_sfd_init
+        load_sfd_init(path, generator, fake_score)
+        return
     ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
     if ckpt is None:
         raise CheckpointError(f"--init-from {path}: no checkpoint found in it")
@@ -146,9 +154,14 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
         load_generator_init(cfg.init_from, generator, fake_score)
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
     targets = ClassTargets(cfg, preset.num_classes)
+    from .evaluate import can_evaluate, load_judge
+    if evaluate and judge is None and not can_evaluate(preset, cfg):
+        evaluate = False
+        if lead:
+            print(f"note: UA/FD are not measured: preset '{preset.name}' has no bundled judge; pass --classifier, "
+                  f"--fid-weights and --reference to evaluate", flush=True)
     if judge is None and (evaluate or targets.policy == "classifier"):
-        from .evaluate import load_judge
-        judge = load_judge(preset, cfg.classifier, device)
+        judge = load_judge(preset, cfg.classifier, device, cfg.fid_weights)
     teacher_eval = Guided(teacher, cfg.guidance)
     fake_eval = Guided(fake_score, cfg.guidance)
 
@@ -174,7 +187,7 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     if evaluate and lead:
         from .evaluate.forgetting import ForgetEvaluator
         evaluator = ForgetEvaluator(preset, judge, teacher, targets, cfg.eval_forget_samples,
-                                    cfg.eval_remain_per_class, progress=progress)
+                                    cfg.eval_remain_per_class, progress=progress, reference=cfg.reference)
 
     B_r, B_f = cfg.batch_remain, cfg.batch_forget
     n_r = len(range(*dist.local(B_r).indices(B_r)))
@@ -314,7 +327,9 @@ def _write_outputs(out_dir: Path, cfg, preset, teacher, generator_ema, evaluator
     if evaluate and evaluator is not None:
         if measure_speed:
             from .evaluate.forgetting import throughput
-            extra.update(throughput(gen_fn, teacher, preset.img_shape, device=device))
+            # at the training batch: on a CPU the teacher's 35-call sampler on large backbones is slow
+            batch = min(500, cfg.batch_remain + cfg.batch_forget)
+            extra.update(throughput(gen_fn, teacher, preset.img_shape, batch=batch, device=device, repeats=2))
         imgs, nrow = evaluator.grid_images(generator_fn=gen_fn)
         save_grid(out_dir / "samples_generator.png", imgs, nrow)
         from .evaluate.forgetting import first_per_class

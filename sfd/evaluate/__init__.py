@@ -15,12 +15,25 @@ def save_judge(path, model: DigitsCNN, extra: dict | None = None) -> None:
     save_tensors(path, model.state_dict(), {"judge": {"arch": "digits-cnn", "config": model.config}, **(extra or {})})
 
 
-def load_judge(preset, path=None, device="cpu"):
-    """The preset's classifier/feature network: bundled for embedded presets, else ``path``."""
+def can_evaluate(preset, cfg) -> bool:
+    """Whether UA/FD can be measured: a bundled judge, or classifier + FID weights + reference given."""
+    return preset.embedded or bool(cfg.classifier and cfg.fid_weights and cfg.reference)
+
+
+def load_judge(preset, path=None, device="cpu", fid_weights=None):
+    """The preset's judge: the bundled CNN for embedded presets; for real datasets a ResNet-34
+    classifier file (UA) plus the FID Inception weights (features)."""
     if path is None:
         if not preset.embedded:
-            raise CheckpointError(f"preset '{preset.name}' has no bundled classifier; pass --classifier PATH")
+            raise CheckpointError(f"preset '{preset.name}' has no bundled classifier; pass --classifier PATH "
+                                  f"(a ResNet-34 state dict in torchvision's layout) and --fid-weights PATH")
         path = preset.weights_dir / "classifier.safetensors"
+    if Path(path).suffix != ".safetensors" or fid_weights is not None:
+        if fid_weights is None:
+            raise CheckpointError(f"classifier {path} is not an sfd judge file; for a ResNet-34 classifier also "
+                                  f"pass --fid-weights (the FID Inception weights) for the feature space")
+        from .resnet import load_real_judge
+        return load_real_judge(path, fid_weights, device=device)
     tensors, meta = load_tensors(Path(path), device)
     spec = meta.get("judge")
     if not spec or spec.get("arch") != "digits-cnn":

@@ -56,10 +56,10 @@ class ForgetEvaluator:
     """Evaluates a one-step generator against the teacher at fixed sample counts."""
 
     def __init__(self, preset, judge, teacher, targets, forget_samples: int = 1000, remain_per_class: int = 200,
-                 seed: int = 777, progress: bool = False):
+                 seed: int = 777, progress: bool = False, reference=None):
         self.preset, self.judge, self.targets = preset, judge, targets
         self.forget_samples, self.remain_per_class = forget_samples, remain_per_class
-        self.ref = RealReference.from_preset(preset, judge)
+        self.ref = RealReference.from_preset(preset, judge, reference)
         per_class = max(remain_per_class, forget_samples)
         tx, tl = teacher_samples(teacher, preset.num_classes, per_class, progress=progress)
         # Fixed evaluation inputs: the same noise and labels at every evaluation of a run.

@@ -39,16 +39,20 @@ def plot_history(history: list[dict], path, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_pareto(points: list[dict], path, title: str = "", front_ids=(), best_id=None) -> None:
+def plot_pareto(points: list[dict], path, title: str = "", front_ids=(), best_id=None, ua_threshold=None) -> None:
     """Trials in the (FD ratio, UA) plane; the Pareto front joined, the chosen trial starred."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=110)
     xs = [p["fd_ratio"] for p in points]
     ys = [p["ua"] for p in points]
     ax.scatter(xs, ys, c="lightgray", edgecolors="gray", label="trials")
-    front = sorted((p for p in points if p["trial_id"] in set(front_ids)), key=lambda p: p["fd_ratio"])
+    front = [p for p in points if p["trial_id"] in set(front_ids)]
     if front:
-        ax.plot([p["fd_ratio"] for p in front], [p["ua"] for p in front], "o-", color="tab:blue", label="Pareto front")
+        # the front is over three objectives (UA, FD ratio, override FD ratio): no line through it
+        ax.scatter([p["fd_ratio"] for p in front], [p["ua"] for p in front], color="tab:blue", s=40,
+                   label="Pareto front (UA, FD, override FD)")
+    if ua_threshold is not None:
+        ax.axhline(ua_threshold, color="gray", ls="--", lw=1, label=f"UA threshold {ua_threshold}")
     base = [p for p in points if p.get("baseline")]
     if base:
         ax.scatter([base[0]["fd_ratio"]], [base[0]["ua"]], marker="s", color="tab:green", s=60, label="baseline")

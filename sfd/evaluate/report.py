@@ -16,8 +16,8 @@ class RealReference:
     feats: np.ndarray
 
     @classmethod
-    def from_preset(cls, preset, judge) -> "RealReference":
-        x, y = preset.real_data("all")
+    def from_preset(cls, preset, judge, source=None) -> "RealReference":
+        x, y = preset.real_data("all") if source is None else load_reference(source, preset)
         _, _, feats = judge_outputs(judge, x)
         return cls(y, feats)
 
@@ -30,6 +30,39 @@ class RealReference:
         perm = np.random.default_rng(seed).permutation(len(f))
         half = len(f) // 2
         return frechet_distance(f[perm[:half]], f[perm[half:2 * half]])
+
+
+def load_reference(source, preset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real images in [-1, 1] and labels from a folder of class folders or an .npz file.
+
+    Pixels are converted x / 127.5 - 1 from their stored 8-bit values, never rescaled per image.
+    """
+    from pathlib import Path
+
+    source = Path(source)
+    if source.suffix == ".npz":
+        with np.load(source, allow_pickle=False) as f:
+            if "images" not in f or "labels" not in f:
+                raise ValueError(f"reference {source} needs arrays 'images' (N,H,W,C uint8) and 'labels'")
+            imgs, labels = f["images"], f["labels"]
+        x = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        y = torch.from_numpy(labels.astype(np.int64))
+    elif source.is_dir():
+        from .inception import load_image_folder
+        xs, ys = [], []
+        for c, name in enumerate(preset.class_names):
+            folder = next((source / n for n in (name, str(c)) if (source / n).is_dir()), None)
+            if folder is None:
+                raise ValueError(f"reference folder {source} has no sub-folder '{name}' or '{c}' for class {c}")
+            xs.append(load_image_folder(folder))
+            ys.append(torch.full((len(xs[-1]),), c, dtype=torch.int64))
+        x, y = torch.cat(xs), torch.cat(ys)
+    else:
+        raise ValueError(f"reference {source} is neither a folder of class folders nor an .npz file")
+    if tuple(x.shape[1:]) != tuple(preset.img_shape):
+        raise ValueError(f"reference images are {tuple(x.shape[1:])}, preset '{preset.name}' expects "
+                         f"{tuple(preset.img_shape)}")
+    return x, y
 
 
 def sample_quality(judge, x: torch.Tensor, labels: torch.Tensor, ref: RealReference, classes) -> dict:
