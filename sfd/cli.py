@@ -87,7 +87,9 @@ def cmd_forget(a) -> int:
     from .loop import train_sfd
     cfg = config_from_args(a)
     final = train_sfd(cfg, a.out, resume=a.resume, progress=not a.no_progress)
-    print(f"done -> {a.out}/metrics.json, generator.safetensors, curves.png, samples_*.png")
+    from pathlib import Path
+    written = sorted(p.name for p in Path(a.out).iterdir() if p.is_file())
+    print(f"done -> {a.out}: {', '.join(written)}")
     print(_fmt(final, SUMMARY_KEYS))
     return 0
 
