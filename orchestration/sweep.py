@@ -11,7 +11,6 @@ as a Ray Train job; everything is logged to MLflow (SQLite in --out unless --mlf
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

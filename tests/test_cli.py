@@ -14,15 +14,6 @@ from sfd.io import load_tensors
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these nets are tiny, and on 2 cores shared with other jobs two
-    OpenMP threads spin-wait on each other (measured: 2-7x slower wall time under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 METRIC_KEYS = ("ua", "remaining_accuracy", "fd_remaining", "fd_remaining_teacher", "fd_forget_vs_override",
                "override_rate", "kimg", "wall_seconds", "images_per_second_generator",
                "images_per_second_teacher")

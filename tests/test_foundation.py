@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sfd.denoisers import EDMPrecond, Guided, TinyUNet, edm_coefficients, load_denoiser, load_teacher
+from sfd.denoisers import EDMPrecond, Guided, edm_coefficients, load_denoiser, load_teacher
 from sfd.evaluate import load_judge
 from sfd.evaluate.metrics import frechet_distance, unlearning_accuracy
 from sfd.io import CheckpointError

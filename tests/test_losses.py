@@ -9,16 +9,6 @@ from sfd.losses import fake_score_loss, generator_loss
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these nets are tiny, and on 2 cores shared with other jobs two
-    OpenMP threads spin-wait on each other (measured: 2-7x slower wall time under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _t(rows):
     """(B, 1, 1, P) float64 tensor from a list of per-sample pixel lists."""
     return torch.tensor(rows, dtype=DT).reshape(len(rows), 1, 1, -1)

@@ -21,16 +21,6 @@ IMGS = 2 * B               # images per iteration
 KIMG_PER_IT = IMGS / 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these nets are tiny, and on 2 cores shared with other jobs two
-    OpenMP threads spin-wait on each other (measured: 2-7x slower wall time under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(iters: int, **kw) -> SFDConfig:
     """A config of ``iters`` iterations at batch 8 + 8, evaluating/checkpointing every ``every``."""
     every = kw.pop("every", iters)
