@@ -32,7 +32,6 @@ class PerTargetSearch(Searcher):
         self.order = [t.name for t in targets]
         self.next = 0
         self.owner: dict[str, str] = {}
-        self.baseline_ids: set[str] = set()
         self.studies = {}
         for i, t in enumerate(targets):
             space = spaces[t.preset]
@@ -58,8 +57,6 @@ class PerTargetSearch(Searcher):
             self.owner[trial_id] = name
             baseline = self.started[name] == 0
             self.started[name] += 1
-            if baseline:
-                self.baseline_ids.add(trial_id)
             return {"target": name, "target_slug": self.targets[name].slug, "baseline": baseline,
                     "params": params, "sfd": self.sfd_config(name, params)}
         return Searcher.FINISHED if all(v <= 0 for v in self.remaining.values()) else None
@@ -82,14 +79,3 @@ class PerTargetSearch(Searcher):
         if result is not None and not error and not all(m in result for m in METRICS):
             error = True          # stopped before its first evaluation: tell Optuna it failed
         self.studies[name].on_trial_complete(trial_id, result=result, error=error)
-
-    def save(self, checkpoint_path: str) -> None:
-        import pickle
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        # Our own file, written by save() above inside the experiment folder.
-        import pickle
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))

@@ -141,7 +141,7 @@ class HopelessTrialStopper:
         self.ua_kimg, self.ua_min = ua_kimg, ua_min
         self.stopped: dict[str, str] = {}
 
-    def verdict(self, trial_id: str, result: dict) -> str | None:
+    def verdict(self, result: dict) -> str | None:
         for k in ("fd_remaining", "loss_generator", "loss_fake_score"):
             v = result.get(k)
             if v is not None and not math.isfinite(v):
@@ -156,7 +156,7 @@ def make_scheduler(stopper: HopelessTrialStopper):
 
     class HopelessTrialScheduler(FIFOScheduler):
         def on_trial_result(self, tune_controller, trial, result):
-            why = stopper.verdict(trial.trial_id, result)
+            why = stopper.verdict(result)
             if why:
                 stopper.stopped[trial.trial_id] = why
                 print(f"[sweep] stopping trial {trial.trial_id} ({trial.config.get('target')}): {why}", flush=True)

@@ -340,7 +340,3 @@ def _write_outputs(out_dir: Path, cfg, preset, teacher, generator_ema, evaluator
     write_json(out_dir / "history.json", history)
     write_json(out_dir / "metrics.json", metrics)
     return extra
-
-
-def read_metrics(out_dir) -> dict:
-    return json.loads((Path(out_dir) / "metrics.json").read_text())

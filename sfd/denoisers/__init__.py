@@ -75,11 +75,12 @@ TEACHER_LOADERS: dict[str, tuple[Callable, Callable]] = {
 
 def load_teacher(preset, path=None, device="cpu", **options) -> Denoiser:
     """The frozen teacher for ``preset``: the bundled one, or the file/folder at ``path``."""
+    from .formats import describe_formats
+
     if path is None:
         if not preset.embedded:
-            raise CheckpointError(
-                f"preset '{preset.name}' has no bundled teacher; pass --teacher PATH. Accepted: "
-                + "; ".join(sorted(TEACHER_LOADERS)) + f". ({preset.notes})")
+            raise CheckpointError(f"preset '{preset.name}' has no bundled teacher; pass --teacher PATH in one "
+                                  f"of these formats:\n{describe_formats()}")
         path = preset.weights_dir / "teacher.safetensors"
     path = Path(path)
     if not path.exists():
@@ -89,8 +90,7 @@ def load_teacher(preset, path=None, device="cpu", **options) -> Denoiser:
             teacher = loader(path, preset, device, **options)
             break
     else:
-        raise CheckpointError(f"cannot tell the format of teacher {path}; accepted formats: "
-                              f"{', '.join(sorted(TEACHER_LOADERS))}")
+        raise CheckpointError(f"cannot tell the format of teacher {path}; accepted formats:\n{describe_formats()}")
     if teacher.num_classes and teacher.num_classes != preset.num_classes:
         raise CheckpointError(f"teacher {path} has {teacher.num_classes} classes but preset "
                               f"'{preset.name}' has {preset.num_classes}")

@@ -130,8 +130,7 @@ class ForgetEvaluator:
         """(images, nrow) for a grid with one row per class, forget classes first."""
         if x is None:
             x = self.generate(generator_fn)
-        rows = [c for c in range(self.preset.num_classes)]
-        idx = first_per_class(self.labels, rows, per_class)
+        idx = first_per_class(self.labels, range(self.preset.num_classes), per_class)
         return x[idx], per_class
 
 
