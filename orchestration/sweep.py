@@ -64,10 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-ua-kimg", type=float, default=10.0,
                    help="stop a trial whose UA is still below --stop-ua-min after this many kimg (default: 10)")
     p.add_argument("--stop-ua-min", type=float, default=0.5, help="see --stop-ua-kimg (default: 0.5)")
-    p.add_argument("--teacher", help="teacher checkpoint for presets without a bundled one")
-    p.add_argument("--classifier", help="UA classifier (ResNet-34 state dict) for presets without a bundled judge")
-    p.add_argument("--fid-weights", help="FID Inception weights file for presets without a bundled judge")
-    p.add_argument("--reference", help="real images for FD: folder of class folders or .npz (images, labels)")
+    p.add_argument("--teacher", help="teacher checkpoint for presets without a bundled one, or a cached public one "
+                                     "by name ('edm', 'ddpm'); default: the one `sfd fetch` put in $SFD_HOME")
+    p.add_argument("--classifier", help="UA classifier (ResNet-34 state dict) for presets without a bundled judge "
+                                        "(default: $SFD_HOME/<preset>/resnet34_<preset>.safetensors)")
+    p.add_argument("--fid-weights", help="FID Inception weights file for presets without a bundled judge "
+                                         "(default: the one `sfd fetch` put in $SFD_HOME)")
+    p.add_argument("--reference", help="real images for FD: folder of class folders, .npz (images, labels) or "
+                                       "per-class statistics .npz (default: the statistics `sfd fetch` computed)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve targets, search spaces and files, print the plan and exit (starts nothing)")
     p.add_argument("--address", help="join an existing Ray cluster ('auto' or host:port); default: start a local one")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--storage", help="Ray storage path for checkpoints, local or s3:// (default: OUT/ray)")
@@ -101,12 +107,44 @@ def resolve(a):
     elif a.budget == "long":
         for s in spaces.values():
             s.defaults = {**s.defaults, "budget_kimg": 4 * s.baseline().budget_kimg}
-    if a.teacher:
-        overrides["teacher"] = a.teacher
-    for key in ("classifier", "fid_weights", "reference"):
-        if getattr(a, key):
-            overrides[key] = getattr(a, key)
+    given = {key: getattr(a, key) for key in ("teacher", "classifier", "fid_weights", "reference")}
+    overrides.update({k: v for k, v in given.items() if v})
+    real = sorted({t.preset for t in targets if not get_preset(t.preset).embedded})
+    if len(real) > 1:
+        raise ValueError(f"one real-dataset preset per sweep (the files are shared by every trial); got "
+                         f"{', '.join(real)} — run one sweep per preset")
+    if real:
+        from sfd import assets
+        paths, missing = assets.resolve(real[0], given)
+        if missing:
+            raise ValueError("the sweep optimises UA and FD, so " +
+                             assets.missing_message(real[0], missing, "a teacher and a judge") +
+                             f"\n(`sfd fetch {real[0]}` downloads the public ones; `sfd fetch {real[0]} --list` "
+                             f"shows every file)")
+        overrides.update({k: str(v) for k, v in paths.items()})
     return targets, spaces, overrides
+
+
+def print_plan(a, targets, spaces, overrides) -> None:
+    """What the sweep would run, with every file it would read."""
+    from sfd.presets import get_preset
+
+    n = len(targets) * a.trials_per_target
+    print(f"[sweep] plan: {len(targets)} target(s) x {a.trials_per_target} trials = {n} trials; out: {a.out}")
+    for t in targets:
+        print(f"  target {t.name}")
+    for name, sp in spaces.items():
+        base = sp.baseline().replace(**{k: v for k, v in overrides.items() if k != "seed"})
+        print(f"  space {name}: {sp.source or '(given)'}; searches {', '.join(sorted(sp.params)) or 'nothing'}; "
+              f"budget {base.budget_kimg:g} kimg per trial")
+        if get_preset(name).embedded:
+            print(f"  files {name}: bundled teacher and judge ({get_preset(name).weights_dir})")
+            continue
+        for key in ("teacher", "classifier", "fid_weights", "reference"):
+            v = getattr(base, key)
+            ok = "ok" if v and Path(v).exists() else "MISSING"
+            print(f"  {key:12s} [{ok}] {v}")
+    print("[sweep] dry run: nothing started (models are loaded and checked when the sweep runs)")
 
 
 def check_models(targets, spaces, overrides) -> None:
@@ -115,7 +153,7 @@ def check_models(targets, spaces, overrides) -> None:
     from sfd.denoisers import load_teacher
     from sfd.evaluate import can_evaluate, load_judge
     from sfd.evaluate.forgetting import teacher_samples
-    from sfd.evaluate.report import load_reference
+    from sfd.evaluate.report import check_reference
     from sfd.presets import get_preset
 
     for name in sorted({t.preset for t in targets}):
@@ -128,7 +166,7 @@ def check_models(targets, spaces, overrides) -> None:
                              f"--fid-weights (FID Inception) and --reference (real images per class)")
         load_judge(preset, base.classifier, fid_weights=base.fid_weights)
         if base.reference:
-            load_reference(base.reference, preset)
+            check_reference(base.reference, preset)
         per_class = max(base.eval_remain_per_class, base.eval_forget_samples)
         print(f"[sweep] teacher reference samples for {name}: {per_class} per class (cached)", flush=True)
         teacher_samples(teacher, preset.num_classes, per_class, progress=True)
@@ -226,6 +264,9 @@ def main(argv=None) -> int:
             raise ValueError(f"--trials-per-target must be >= 1, got {a.trials_per_target}")
         if a.workers_per_trial < 1:
             raise ValueError(f"--workers-per-trial must be >= 1, got {a.workers_per_trial}")
+        if a.dry_run:
+            print_plan(a, targets, spaces, overrides)
+            return 0
         check_models(targets, spaces, overrides)
     except Exception as e:        # a bad target, space or model: say so before anything starts
         from sfd.io import CheckpointError

@@ -17,14 +17,95 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_classifier(a) -> int:
-    from .pretrain import train_classifier
     preset = get_preset(a.preset)
+    if not preset.embedded:
+        return _train_resnet_judge(a, preset)
+    from .pretrain import train_classifier
     out = a.out or preset.weights_dir
-    m = train_classifier(preset, out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, device=a.device,
-                         progress=not a.no_progress)
+    m = train_classifier(preset, out, steps=a.steps or 3000, batch=a.batch or 128, lr=a.lr or 2e-3, seed=a.seed,
+                         device=a.device, progress=not a.no_progress)
     print(f"classifier: held-out accuracy {m['metrics']['test_accuracy']:.4f} "
           f"({m['metrics']['n_test']} images), {m['wall_seconds']} s -> {out}")
     return 0
+
+
+def _train_resnet_judge(a, preset) -> int:
+    from pathlib import Path
+
+    from . import assets
+    from .train_judge import DEFAULTS, train_resnet_judge
+
+    out = Path(a.out) if a.out else assets.classifier_path(preset.name)
+    if out.suffix != ".safetensors":
+        out = out / f"resnet34_{preset.name}.safetensors"
+    init = a.init
+    if init is None:
+        row = assets.find(assets.REGISTRY, preset.name, "classifier_init")
+        init = str(row.path()) if row is not None and row.path().is_file() else None
+        if init is None:
+            print(f"sfd train-classifier: note: no ImageNet ResNet-34 in the cache ({row.path() if row else '-'}; "
+                  f"`sfd fetch {preset.name}` downloads it): training from random initialisation", file=sys.stderr)
+    elif init == "none":
+        init = None
+    m = train_resnet_judge(preset, out, steps=a.steps or DEFAULTS["steps"], batch=a.batch or DEFAULTS["batch"],
+                           lr=a.lr or DEFAULTS["lr"], seed=a.seed, device=a.device, init=init,
+                           progress=not a.no_progress)
+    print(f"classifier: ResNet-34, test accuracy {m['metrics']['test_accuracy']:.4f} ({m['metrics']['n_test']} "
+          f"images), {m['steps']} steps, {m['wall_seconds']} s -> {out} (+ {out.with_suffix('.json').name})")
+    return 0
+
+
+def cmd_fetch(a) -> int:
+    from . import assets
+    from .fetch import describe, run_fetch
+
+    if a.home:
+        import os
+        os.environ["SFD_HOME"] = a.home
+    if a.list:
+        if a.preset not in ("cifar10", "stl10"):
+            raise assets.AssetError(f"`sfd fetch` knows cifar10, stl10, not {a.preset!r}")
+        print(describe(a.preset))
+        return 0
+    try:
+        r = run_fetch(a.preset, teacher=a.teacher, mirror=a.mirror, progress=not a.no_progress,
+                      skip_classifier=a.skip_classifier, classifier=a.classifier, stats=not a.no_stats,
+                      device=a.device)
+    except assets.DownloadError as e:
+        print(f"sfd fetch: error: {e}", file=sys.stderr)
+        return 1
+    return 0 if not r["missing"] or all("train-classifier" in m for m in r["missing"]) else 1
+
+
+def fill_cached_assets(cfg, command: str = "forget"):
+    """Omitted teacher / judge files of a real-dataset preset come from $SFD_HOME (``sfd fetch``);
+    ``--teacher edm|ddpm`` picks a cached public teacher by name."""
+    from . import assets
+    from .presets import get_preset
+
+    preset = get_preset(cfg.preset)
+    if preset.embedded:
+        return cfg
+    judge = ("classifier", "fid_weights", "reference")
+    given = {k: getattr(cfg, k) for k in ("teacher", *judge)}
+    paths, missing = assets.resolve(preset.name, given)
+    if paths["teacher"] is None:
+        raise ValueError(f"preset '{preset.name}' has no bundled teacher and none is cached in {assets.sfd_home()} "
+                         f"— pass --teacher PATH (or a cached one by name: {', '.join(assets.TEACHER_NAMES)}), or "
+                         f"put it at:\n{missing['teacher']}")
+    if not all(paths[k] for k in judge):
+        if any(given[k] for k in judge):
+            raise ValueError(assets.missing_message(preset.name, {k: v for k, v in missing.items() if k in judge},
+                                                    "a complete judge for UA/FD"))
+        for k in judge:                     # nothing given, judge incomplete: train only, say what is missing
+            paths[k] = None
+        print(f"sfd {command}: note: UA/FD need these files too:\n" +
+              "\n".join(v for k, v in missing.items() if k in judge), file=sys.stderr)
+    for k, v in paths.items():
+        if v is not None and getattr(cfg, k) != v:
+            setattr(cfg, k, str(v))
+            print(f"sfd {command}: {k} = {v} (from the cache)", file=sys.stderr)
+    return cfg
 
 
 def cmd_pretrain(a) -> int:
@@ -85,7 +166,7 @@ SUMMARY_KEYS = ("ua", "override_rate", "remaining_accuracy", "remaining_accuracy
 
 def cmd_forget(a) -> int:
     from .loop import train_sfd
-    cfg = config_from_args(a)
+    cfg = fill_cached_assets(config_from_args(a))
     final = train_sfd(cfg, a.out, resume=a.resume, progress=not a.no_progress)
     from pathlib import Path
     written = sorted(p.name for p in Path(a.out).iterdir() if p.is_file())
@@ -175,16 +256,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sfd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train-classifier", help="train the preset's classifier / Frechet feature network",
-                       description="Train the small CNN that judges the embedded preset: its accuracy gives UA "
-                                   "and its penultimate features are the Frechet-distance space. Writes "
-                                   "classifier.safetensors and classifier.json (manifest) into --out.")
+    p = sub.add_parser("train-classifier", help="train the preset's classifier (UA judge / Frechet feature network)",
+                       description="digits: train the small CNN that judges the embedded preset (its accuracy gives "
+                                   "UA, its penultimate features are the Frechet space); writes "
+                                   "classifier.safetensors + classifier.json into --out. cifar10/stl10: train the "
+                                   "paper's UA judge, a ResNet-34 (torchvision layout) on the fetched training set "
+                                   "(`sfd fetch` first; starts from the fetched ImageNet ResNet-34 when present; GPU "
+                                   "recommended), tested on the official test split; writes "
+                                   "$SFD_HOME/<preset>/resnet34_<preset>.safetensors + .json (manifest), where "
+                                   "sfd forget and the sweep find it.",
+                       epilog="example: sfd train-classifier --preset cifar10 --device cuda")
     _add_common(p)
-    p.add_argument("--out", help="output folder (default: the bundled weights folder of the preset)")
-    p.add_argument("--steps", type=int, default=3000, help="optimiser steps (default: 3000)")
-    p.add_argument("--batch", type=int, default=128, help="batch size (default: 128)")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
+    p.add_argument("--out", help="output folder or .safetensors file (default: digits: the bundled weights folder; "
+                                 "cifar10/stl10: the $SFD_HOME cache)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: 3000 digits, 4000 cifar10/stl10)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 128)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: 2e-3 AdamW for digits, 0.01 SGD for cifar10/stl10)")
+    p.add_argument("--init", default=None,
+                   help="cifar10/stl10: torchvision ResNet-34 state dict to start from (default: the cached "
+                        "ImageNet resnet34-b627a593.pth if present; 'none' for random initialisation)")
     p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("fetch", help="download and verify the public files of cifar10 / stl10 into $SFD_HOME",
+                       description="Download what a real-dataset run needs into one cache ($SFD_HOME, default "
+                                   "~/.cache/sfd): the official dataset archive, a public class-conditional teacher "
+                                   "(cifar10: NVIDIA's EDM conditional VP snapshot; the official SFD DDPM has no "
+                                   "direct link and is listed with the path to put it at), the FID Inception weights "
+                                   "and the ImageNet ResNet-34 the UA judge starts from; then compute the per-class "
+                                   "Inception statistics of the training set once. Every file is checked against its "
+                                   "published checksum (recorded in $SFD_HOME/checksums.lock.json); downloads resume "
+                                   "after an interruption. Without network, lists each file, its checksum and the "
+                                   "path to put it at.",
+                       epilog="examples: sfd fetch cifar10 | sfd fetch stl10 --skip-classifier | "
+                              "SFD_MIRROR=http://mirror.local/sfd sfd fetch cifar10 | sfd fetch cifar10 --list")
+    p.add_argument("preset", choices=["cifar10", "stl10"], help="dataset preset")
+    p.add_argument("--teacher", choices=["edm", "ddpm"], default=None,
+                   help="which public teacher (default: the one with a direct link: edm for cifar10)")
+    p.add_argument("--mirror", default=None,
+                   help="base URL serving every file as <mirror>/<filename> (default: $SFD_MIRROR, else the "
+                        "official URLs)")
+    p.add_argument("--home", default=None, help="cache folder (default: $SFD_HOME or ~/.cache/sfd)")
+    p.add_argument("--skip-classifier", action="store_true",
+                   help="do not download the ImageNet ResNet-34 (you have a judge, or will pass --classifier)")
+    p.add_argument("--classifier", default=None,
+                   help="your own ResNet-34 judge (torchvision layout, 10 outputs): checked and cached as the "
+                        "preset's classifier")
+    p.add_argument("--no-stats", action="store_true", help="skip computing the reference Inception statistics")
+    p.add_argument("--list", action="store_true", help="print the files, checksums, paths and URLs; download nothing")
+    p.add_argument("--device", default="auto", help="device for the reference statistics ('auto', 'cpu', 'cuda:0')")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("pretrain", help="train the preset's teacher diffusion model (EDM loss, EMA)",
                        description="Train the embedded preset's class-conditional teacher with the EDM loss, "

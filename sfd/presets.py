@@ -38,9 +38,12 @@ class Preset:
         return int(c)
 
     def real_data(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        """(images in [-1, 1] of shape (N, C, H, W), int64 labels) for an embedded preset."""
+        """(images in [-1, 1] of shape (N, C, H, W), int64 labels): embedded, or fetched (cifar10, stl10)."""
         if self.name == "digits":
             return _digits(split)
+        if self.name in ("cifar10", "stl10"):
+            from .datasets import load_real        # the official archive in $SFD_HOME (`sfd fetch`)
+            return load_real(self.name, split)
         raise ValueError(
             f"preset '{self.name}' ships no real images; pass reference statistics or an image "
             f"folder of your own for evaluation")

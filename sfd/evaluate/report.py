@@ -16,7 +16,11 @@ class RealReference:
     feats: np.ndarray
 
     @classmethod
-    def from_preset(cls, preset, judge, source=None) -> "RealReference":
+    def from_preset(cls, preset, judge, source=None):
+        """Judge features of the real images, or (for a per-class statistics .npz, see
+        :func:`is_class_stats`) the precomputed statistics: then only generated images are embedded."""
+        if source is not None and is_class_stats(source):
+            return ClassStatsReference.load(source, preset)
         x, y = preset.real_data("all") if source is None else load_reference(source, preset)
         _, _, feats = judge_outputs(judge, x)
         return cls(y, feats)
@@ -30,6 +34,81 @@ class RealReference:
         perm = np.random.default_rng(seed).permutation(len(f))
         half = len(f) // 2
         return frechet_distance(f[perm[:half]], f[perm[half:2 * half]])
+
+
+CLASS_STATS_KIND = "sfd-class-inception-stats"
+
+
+def is_class_stats(source) -> bool:
+    """Whether ``source`` is a per-class statistics .npz (keys kind, classes, n, mu, sigma)."""
+    from pathlib import Path
+    source = Path(source)
+    if source.suffix != ".npz" or not source.is_file():
+        return False
+    with np.load(source, allow_pickle=False) as f:
+        return "kind" in f.files and str(f["kind"]) == CLASS_STATS_KIND
+
+
+def save_class_stats(path, feats: np.ndarray, labels, num_classes: int, feature_net: str = "") -> None:
+    """Per-class (n, mean, covariance) of features, float64, written atomically."""
+    from ..io import atomic_path
+    from .metrics import feature_stats
+
+    labels = np.asarray(labels)
+    mus, sigmas, ns = [], [], []
+    for c in range(num_classes):
+        f = feats[labels == c]
+        if len(f) < 2:
+            raise ValueError(f"class {c} has {len(f)} reference image(s); statistics need at least 2")
+        mu, sigma = feature_stats(f)
+        mus.append(mu)
+        sigmas.append(sigma)
+        ns.append(len(f))
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, kind=np.array(CLASS_STATS_KIND), classes=np.arange(num_classes), n=np.array(ns),
+                     mu=np.stack(mus), sigma=np.stack(sigmas), feature_net=np.array(feature_net))
+
+
+@dataclass
+class ClassStatsReference:
+    """Per-class Gaussian statistics of the real images' features, precomputed once.
+
+    ``of(classes)`` pools the classes exactly (the mean and covariance of their union)."""
+    n: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    feature_net: str = ""
+
+    @classmethod
+    def load(cls, source, preset=None) -> "ClassStatsReference":
+        with np.load(source, allow_pickle=False) as f:
+            missing = {"n", "mu", "sigma"} - set(f.files)
+            if missing:
+                raise ValueError(f"reference statistics {source} lack {sorted(missing)}")
+            ref = cls(f["n"].astype(np.int64), f["mu"].astype(np.float64), f["sigma"].astype(np.float64),
+                      str(f["feature_net"]) if "feature_net" in f.files else "")
+        if preset is not None and len(ref.n) != preset.num_classes:
+            raise ValueError(f"reference statistics {source} cover {len(ref.n)} classes, preset '{preset.name}' "
+                             f"has {preset.num_classes}")
+        return ref
+
+    def of(self, classes) -> tuple[np.ndarray, np.ndarray]:
+        idx = [int(c) for c in classes]
+        n, mu, sig = self.n[idx].astype(np.float64), self.mu[idx], self.sigma[idx]
+        total = n.sum()
+        mean = (n[:, None] * mu).sum(0) / total
+        d = mu - mean
+        cov = (np.tensordot(n - 1, sig, axes=1) + np.einsum("c,ci,cj->ij", n, d, d)) / (total - 1)
+        return mean, cov
+
+
+def check_reference(source, preset) -> None:
+    """Fail early on an unusable reference (images or per-class statistics)."""
+    if is_class_stats(source):
+        ClassStatsReference.load(source, preset)
+    else:
+        load_reference(source, preset)
 
 
 def load_reference(source, preset) -> tuple[torch.Tensor, torch.Tensor]:
