@@ -9,8 +9,8 @@ listed with their URL, checksum and the exact path to put them at (air-gapped si
 there by hand, or point ``SFD_MIRROR`` at a mirror serving ``<mirror>/<filename>``).
 
 Checksums. Every entry names its hash algorithm. Where a full digest is publicly documented it
-is pinned (the CIFAR-10 / STL-10 archives: the MD5 sums their authors publish, also used by
-torchvision). Where only a prefix is published (torch.hub's convention: the first 8 hex digits
+is pinned (the CIFAR-10 / STL-10 archives: MD5 sums; CIFAR-10's is listed on its homepage, both
+are the values torchvision pins). Where only a prefix is published (torch.hub's convention: the first 8 hex digits
 of the SHA-256 in the file name) the prefix is checked. Where nothing is published (NVIDIA's
 EDM snapshot) no digest is invented: the file's SHA-256 is recorded in ``$SFD_HOME/checksums.lock.json``
 on its first successful download and every later download or copy must match it
