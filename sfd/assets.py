@@ -404,7 +404,7 @@ def _entry(a: Asset, home, preset) -> str:
     return f"  {a.path(home)}\n      {a.name}: {a.checksum_text()}\n      {how}" + (f"\n      from: {a.url}" if a.url else "")
 
 
-def missing_message(preset: str, missing, what: str = "these files") -> str:
+def missing_message(preset: str, missing, what: str = "these files", home=None) -> str:
     entries = list(missing.values()) if isinstance(missing, dict) else list(missing)
-    return (f"preset '{preset}' needs {what}, neither passed as flags nor in the cache {sfd_home()} — "
+    return (f"preset '{preset}' needs {what}, neither passed as flags nor in the cache {sfd_home(home)} — "
             f"put them at these paths (or pass the flags):\n" + "\n".join(entries))

@@ -59,16 +59,11 @@ def cmd_fetch(a) -> int:
     from . import assets
     from .fetch import describe, run_fetch
 
-    if a.home:
-        import os
-        os.environ["SFD_HOME"] = a.home
     if a.list:
-        if a.preset not in ("cifar10", "stl10"):
-            raise assets.AssetError(f"`sfd fetch` knows cifar10, stl10, not {a.preset!r}")
-        print(describe(a.preset))
+        print(describe(a.preset, a.home))
         return 0
     try:
-        r = run_fetch(a.preset, teacher=a.teacher, mirror=a.mirror, progress=not a.no_progress,
+        r = run_fetch(a.preset, teacher=a.teacher, home=a.home, mirror=a.mirror, progress=not a.no_progress,
                       skip_classifier=a.skip_classifier, classifier=a.classifier, stats=not a.no_stats,
                       device=a.device)
     except assets.DownloadError as e:
