@@ -6,9 +6,11 @@ from pathlib import Path
 
 import yaml
 
-from sfd.config import TUNABLE, SFDConfig
+from sfd.config import TUNABLE, SFDConfig, spaces_dir
 
-SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACE_DIR = spaces_dir()
+TRIAL_KEYS = {"budget_kimg", "max_seconds", "eval_every_kimg", "checkpoint_every_kimg", "eval_forget_samples",
+              "eval_remain_per_class"}
 TYPES = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "int": ("low", "high"), "choice": ("values",)}
 
 
@@ -59,16 +61,22 @@ def load_space(path) -> SearchSpace:
         raise ValueError(f"search space {path} is not valid YAML: {e}") from None
     if not isinstance(doc, dict):
         raise ValueError(f"search space {path}: expected a mapping with 'preset', 'defaults', 'search'")
-    unknown = sorted(set(doc) - {"preset", "defaults", "search", "override"})
+    unknown = sorted(set(doc) - {"preset", "defaults", "trial", "search", "override"})
     if unknown:
         raise ValueError(f"search space {path}: unknown top-level key(s) {unknown}; allowed: preset, defaults, "
-                         f"search, override")
+                         f"trial, search, override")
     preset = doc.get("preset")
     if not isinstance(preset, str):
         raise ValueError(f"search space {path}: 'preset' must name a preset")
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise ValueError(f"search space {path}: 'defaults' must be a mapping of SFD settings")
+    # trial: the schedule of a sweep trial (shorter than a single run's), on top of the defaults
+    trial = doc.get("trial") or {}
+    if not isinstance(trial, dict) or sorted(set(trial) - TRIAL_KEYS):
+        raise ValueError(f"search space {path}: 'trial' must be a mapping of schedule settings among "
+                         f"{sorted(TRIAL_KEYS)}")
+    defaults = {**defaults, **trial}
     try:
         SFDConfig.from_dict({**defaults, "preset": preset})
     except (TypeError, ValueError) as e:

@@ -41,12 +41,14 @@ def cmd_pretrain(a) -> int:
 
 
 def add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
-    """One flag per SFDConfig setting, with its default and help from sfd.config."""
+    """One flag per SFDConfig setting, with its help from sfd.config. A flag left out takes the
+    preset's default (search_spaces/<preset>.yaml, as the sweep's baseline does), else SFDConfig's."""
     from dataclasses import MISSING, fields
 
     from .config import HELP, SFDConfig
 
-    g = p.add_argument_group("SFD settings (defaults from sfd.config.SFDConfig)")
+    g = p.add_argument_group("SFD settings (default: the preset's search_spaces/<preset>.yaml 'defaults', "
+                             "else sfd.config.SFDConfig)")
     for f in fields(SFDConfig):
         if f.name in skip:
             continue
@@ -56,22 +58,25 @@ def add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
             g.add_argument(flag, action="append", default=None, help=f"{HELP[f.name]} (default: 0)")
         elif f.name == "preset":
             g.add_argument(flag, default=default, choices=sorted(PRESETS), help=f"{HELP[f.name]} (default: {default})")
+        elif isinstance(default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{HELP[f.name]} (default: {default})")
         else:
             kind = type(default) if default is not None else str
-            g.add_argument(flag, type=kind, default=default, help=f"{HELP[f.name]} (default: {default})")
+            g.add_argument(flag, type=kind, default=None, help=f"{HELP[f.name]} (default: {default})")
 
 
 def config_from_args(a):
+    """SFDConfig from the flags given, over the preset's defaults (one source with the sweep)."""
     from dataclasses import fields
 
-    from .config import SFDConfig
+    from .config import SFDConfig, preset_defaults
 
-    values = {f.name: getattr(a, f.name) for f in fields(SFDConfig) if hasattr(a, f.name)}
-    if values.get("forget") is None:
-        values.pop("forget", None)
-    else:
-        values["forget"] = [int(c) for item in values["forget"] for c in str(item).split(",") if c.strip()]
-    return SFDConfig.from_dict(values)
+    given = {f.name: getattr(a, f.name) for f in fields(SFDConfig) if getattr(a, f.name, None) is not None}
+    if "forget" in given:
+        given["forget"] = [int(c) for item in given["forget"] for c in str(item).split(",") if c.strip()]
+    preset = given.get("preset", "digits")
+    return SFDConfig.from_dict({**preset_defaults(preset), **given})
 
 
 def _fmt(m: dict, keys) -> str:
@@ -84,9 +89,19 @@ SUMMARY_KEYS = ("ua", "override_rate", "remaining_accuracy", "remaining_accuracy
 
 
 def cmd_forget(a) -> int:
-    from .loop import train_sfd
     cfg = config_from_args(a)
-    final = train_sfd(cfg, a.out, resume=a.resume, progress=not a.no_progress)
+    if a.num_workers < 1:
+        raise ValueError(f"--num-workers {a.num_workers}: give at least 1")
+    if a.num_workers > 1 or a.address:
+        from .presets import get_preset
+        from .raytrain import fit_single_run
+        cfg.validate(get_preset(cfg.preset))
+        final = fit_single_run(cfg, a.out, num_workers=a.num_workers, address=a.address,
+                               cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
+                               resume=a.resume, progress=not a.no_progress)
+    else:
+        from .loop import train_sfd
+        final = train_sfd(cfg, a.out, resume=a.resume, progress=not a.no_progress)
     from pathlib import Path
     written = sorted(p.name for p in Path(a.out).iterdir() if p.is_file())
     print(f"done -> {a.out}: {', '.join(written)}")
@@ -209,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r = p.add_argument_group("Ray Train (exactly what a sweep trial runs)")
+    r.add_argument("--num-workers", type=int, default=1,
+                   help="data-parallel workers; > 1 runs on Ray Train (gloo on CPU, NCCL on GPU), the global batch "
+                        "split between them (default: 1, in this process)")
+    r.add_argument("--address", default=None, help="Ray cluster to join ('auto' or host:port); implies Ray Train")
+    r.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray Train worker (default: 1)")
+    r.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker (default: 0)")
     add_config_flags(p)
     p.set_defaults(func=cmd_forget)
 
@@ -251,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every-kimg", type=float, default=2.5, help="evaluation interval (default: 2.5)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    it = p.add_argument_group("one iteration's time and memory (--iteration)")
+    it.add_argument("--iteration", action="store_true",
+                    help="instead: time and peak memory of one SFD iteration of a full-size backbone with random "
+                         "weights, without and with gradient checkpointing (each in a fresh process)")
+    it.add_argument("--arch", default="ddpm-cifar10", choices=["ddpm-cifar10", "digits"],
+                    help="backbone for --iteration (default: ddpm-cifar10, the 38.6 M-parameter reference UNet)")
+    it.add_argument("--batch", type=int, default=8, help="global batch (both branches) for --iteration (default: 8)")
+    it.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                    help="precision for --iteration (default: fp32)")
     p.set_defaults(func=cmd_bench)
     return parser
 

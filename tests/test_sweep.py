@@ -1,6 +1,5 @@
 """The sweep: target parsing, search-space validation, a real tiny sweep on local Ray logging to
-a real MLflow tracking server on loopback, and Ray Train DDP equivalence."""
-import json
+a real MLflow tracking server on loopback (N-worker equivalence: tests/test_distributed.py)."""
 import socket
 import subprocess
 import sys
@@ -153,36 +152,3 @@ def test_tiny_sweep_logs_nested_runs_to_a_tracking_server(tmp_path, mlflow_serve
     arts = {a.path for a in client.list_artifacts(trial.info.run_id)}
     assert {"curves.png", "metrics.json", "samples_generator.png"} <= arts
     assert "summary.md" in {a.path for a in client.list_artifacts(parent)}
-
-
-def test_two_ray_train_workers_match_one_worker(tmp_path, monkeypatch):
-    """gloo DDP with 2 workers takes the same first steps as 1 worker with the same global batch."""
-    monkeypatch.setenv("SFD_CACHE", str(tmp_path / "cache"))
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from orchestration.trial import train_fn_per_worker
-    from sfd.config import SFDConfig
-
-    cfg = SFDConfig(forget=[0], override="1", budget_kimg=0.064, batch_remain=16, batch_forget=16,
-                    eval_every_kimg=100, checkpoint_every_kimg=100, eval_forget_samples=20,
-                    eval_remain_per_class=10).to_dict()
-    losses = {}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        for workers in (1, 2):
-            run_dir = tmp_path / f"w{workers}"
-            TorchTrainer(train_fn_per_worker,
-                         train_loop_config={"sfd": cfg, "run_dir": str(run_dir), "threads_per_worker": 1},
-                         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-                         torch_config=TorchConfig(backend="gloo"),
-                         run_config=RunConfig(name=f"ddp{workers}", storage_path=str(tmp_path / "ray"))).fit()
-            ckpt = sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1]
-            losses[workers] = json.loads((ckpt / "state.json").read_text())["losses"]
-    finally:
-        ray.shutdown()
-    assert len(losses[1]) == len(losses[2]) == 2
-    for (f1, g1), (f2, g2) in zip(losses[1], losses[2]):
-        assert f2 == pytest.approx(f1, rel=1e-4, abs=1e-5)
-        assert g2 == pytest.approx(g1, rel=1e-4, abs=1e-5)
