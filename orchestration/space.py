@@ -20,6 +20,7 @@ class SearchSpace:
     defaults: dict
     params: dict
     override: str = "next"
+    stage1_kimg: float = 0.0          # budget of the shared stage 1 (0: trials start from the teacher)
     source: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -61,10 +62,13 @@ def load_space(path) -> SearchSpace:
         raise ValueError(f"search space {path} is not valid YAML: {e}") from None
     if not isinstance(doc, dict):
         raise ValueError(f"search space {path}: expected a mapping with 'preset', 'defaults', 'search'")
-    unknown = sorted(set(doc) - {"preset", "defaults", "trial", "search", "override"})
+    unknown = sorted(set(doc) - {"preset", "defaults", "trial", "search", "override", "stage1_kimg"})
     if unknown:
         raise ValueError(f"search space {path}: unknown top-level key(s) {unknown}; allowed: preset, defaults, "
-                         f"trial, search, override")
+                         f"trial, search, override, stage1_kimg")
+    stage1_kimg = doc.get("stage1_kimg", 0)
+    if not isinstance(stage1_kimg, (int, float)) or isinstance(stage1_kimg, bool) or not stage1_kimg >= 0:
+        raise ValueError(f"search space {path}: stage1_kimg must be a number >= 0, got {stage1_kimg!r}")
     preset = doc.get("preset")
     if not isinstance(preset, str):
         raise ValueError(f"search space {path}: 'preset' must name a preset")
@@ -108,4 +112,4 @@ def load_space(path) -> SearchSpace:
             if not lo <= base[key] <= hi:
                 raise ValueError(f"{where}: the default {key}={base[key]} lies outside [{lo}, {hi}]; the baseline "
                                  f"trial must be a point of the space")
-    return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), str(path))
+    return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), float(stage1_kimg), str(path))

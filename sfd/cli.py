@@ -109,6 +109,21 @@ def cmd_forget(a) -> int:
     return 0
 
 
+def cmd_distil(a) -> int:
+    from .stage1 import distil
+    from .utils import command_line
+    if not a.kimg > 0:
+        raise ValueError(f"--kimg {a.kimg}: give a positive budget in thousands of images")
+    path = distil(a.preset, a.kimg, a.out, seed=a.seed, progress=not a.no_progress, command=command_line(),
+                  device=a.device, **({"teacher": a.teacher} if a.teacher else {}))
+    from .io import read_json
+    m = read_json(path / "stage1.json")
+    print(f"stage 1 ({a.kimg} kimg, key {m['key']}): FD ratio {m['metrics'].get('fd_ratio', float('nan')):.3f}, "
+          f"remaining accuracy {m['metrics'].get('remaining_accuracy', float('nan')):.4f} -> {path}")
+    print(f"use it: sfd forget --init-from {path} ...   (the sweep finds it by its key in the cache)")
+    return 0
+
+
 def cmd_sample(a) -> int:
     import torch
 
@@ -146,31 +161,12 @@ def cmd_sample(a) -> int:
 def cmd_evaluate(a) -> int:
     from pathlib import Path
 
-    from .config import SFDConfig
-    from .denoisers import load_denoiser, load_teacher
-    from .evaluate import load_judge
-    from .evaluate.forgetting import ForgetEvaluator
-    from .io import read_json, write_json
-    from .loop import one_step
-    from .presets import get_preset
-    from .targets import ClassTargets
-    from .utils import pick_device
+    from .evaluate.forgetting import evaluate_run
+    from .io import write_json
 
     run = Path(a.run)
-    cfg = SFDConfig.from_dict(read_json(run / "metrics.json")["config"])
-    if a.forget_samples:
-        cfg.eval_forget_samples = a.forget_samples
-    if a.remain_per_class:
-        cfg.eval_remain_per_class = a.remain_per_class
-    device = pick_device(a.device)
-    preset = get_preset(cfg.preset)
-    teacher = load_teacher(preset, cfg.teacher, device)
-    judge = load_judge(preset, cfg.classifier, device, cfg.fid_weights)
-    gen = load_denoiser(run / "generator.safetensors", device).eval()
-    ev = ForgetEvaluator(preset, judge, teacher, ClassTargets(cfg.validate(preset), preset.num_classes),
-                         cfg.eval_forget_samples, cfg.eval_remain_per_class, seed=a.seed, progress=not a.no_progress,
-                         reference=cfg.reference)
-    m = ev(lambda z, c: one_step(gen, z.to(device), c.to(device), cfg.sigma_init))
+    m = evaluate_run(run, seed=a.seed, device=a.device, forget_samples=a.forget_samples or None,
+                     remain_per_class=a.remain_per_class or None, progress=not a.no_progress)
     write_json(run / "evaluation.json", m)
     print(_fmt(m, SUMMARY_KEYS + ("n_forget_samples", "n_remaining_samples")))
     print(f"-> {run / 'evaluation.json'}")
@@ -233,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker (default: 0)")
     add_config_flags(p)
     p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("distil", help="stage 1: distil the teacher into a one-step generator, forgetting nothing",
+                       description="Stage 1 of two-stage SFD (SFD.md section 7): distil every class of the teacher "
+                                   "into a one-step generator and fake score with the forget weights at 0, with the "
+                                   "preset's default settings. Writes OUT/state.safetensors and OUT/stage1.json (key = "
+                                   "teacher digest + settings); `sfd forget --init-from OUT` and the sweep start "
+                                   "their forgetting from it.",
+                       epilog="example: sfd distil --preset digits --kimg 400 --out runs/stage1")
+    _add_common(p)
+    p.add_argument("--out", required=True, help="output folder (the run itself goes to OUT/run)")
+    p.add_argument("--kimg", type=float, default=400.0, help="budget in thousands of generator images (default: 400)")
+    p.add_argument("--teacher", help="teacher checkpoint (default: the preset's bundled teacher)")
+    p.set_defaults(func=cmd_distil)
 
     p = sub.add_parser("sample", help="sample a one-step generator into a PNG grid or safetensors",
                        description="Draw --n samples per class from an exported one-step generator "

@@ -76,6 +76,8 @@ class SFDConfig:
     def validate(self, preset=None) -> "SFDConfig":
         from .presets import get_preset
         preset = preset or get_preset(self.preset)
+        if self.init_from in ("none", "teacher", ""):
+            self.init_from = None               # start from copies of the teacher
         if not self.forget:
             raise ValueError("forget: give at least one class to forget")
         self.forget = [preset.check_class(int(c), "forget class") for c in self.forget]
@@ -180,7 +182,8 @@ HELP = {
                    "judge; with --classifier (a ResNet-34 state dict) and --reference it enables UA/FD",
     "reference": "real images for FD: a folder with one sub-folder per class (name or id), or an .npz with "
                  "'images' (N,H,W,C uint8) and 'labels'",
-    "init_from": "start generator and fake score from an earlier SFD run folder or checkpoint (two-stage)",
+    "init_from": "start generator and fake score from an earlier SFD run, a stage-1 folder (`sfd distil`), "
+                 "'stage1' (the preset's bundled stage 1) or 'none' (copies of the teacher)",
     "alpha": "alpha of the SiD/SFD generator loss",
     "lambda_fake_remain": "weight of the remain branch in the fake-score loss",
     "lambda_fake_forget": "weight of the forget branch in the fake-score loss",

@@ -95,7 +95,9 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
                   f"--fid-weights and --reference to evaluate", flush=True)
     if judge is None and (evaluate or cfg.override == "classifier"):
         judge = load_judge(preset, cfg.classifier, device, cfg.fid_weights)
-    init = (lambda gen, fake: load_generator_init(cfg.init_from, gen, fake)) if cfg.init_from else None
+    from .stage1 import resolve_init
+    init_path = resolve_init(cfg.init_from, preset, teacher)
+    init = (lambda gen, fake: load_generator_init(init_path, gen, fake)) if init_path else None
     st = build_state(cfg, teacher, device, dist, judge=judge, init=init)
     teacher = st.teacher
 

@@ -247,3 +247,18 @@ def test_resume_is_exact_with_dropout(tmp_path, monkeypatch):
     train_sfd(cfg(4), tmp_path / "nodrop", teacher=no_dropout(), evaluate=False, progress=False)
     c = latest_checkpoint(tmp_path / "nodrop")
     assert json.loads((c / "state.json").read_text())["losses"] != json.loads((a / "state.json").read_text())["losses"]
+
+
+def test_sfd_forget_num_workers_runs_on_ray_train(tmp_path):
+    """`sfd forget --num-workers 2`: the run on 2 Ray Train workers, outputs as a local run's."""
+    import subprocess
+    env = {**__import__("os").environ, "SFD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "sfd", "forget", "--num-workers", "2", "--out", str(tmp_path / "run"),
+                        "--budget-kimg", "0.032", "--batch-remain", "8", "--batch-forget", "8", "--eval-every-kimg",
+                        "0.016", "--eval-forget-samples", "20", "--eval-remain-per-class", "4", "--no-progress"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["iteration"] == 2 and 0 <= m["ua"] <= 1 and m["fd_ratio"] > 0
+    assert (tmp_path / "run" / "generator.safetensors").is_file()
+    assert "ua" in r.stdout

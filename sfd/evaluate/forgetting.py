@@ -216,6 +216,40 @@ class ForgetEvaluator:
         return self.generate(generator_fn, idx), per_class
 
 
+def evaluate_run(run_dir, seed: int = 777, device="auto", forget_samples: int | None = None,
+                 remain_per_class: int | None = None, progress: bool = False, teacher=None, judge=None) -> dict:
+    """Re-evaluate the generator of a finished run with the run's teacher and judge, on the noise
+    of ``seed`` (a seed other than the run's 777 gives fresh samples: an unbiased figure for a
+    run that was picked as the best of several)."""
+    from ..config import SFDConfig
+    from ..denoisers import load_denoiser, load_teacher
+    from ..io import read_json
+    from ..iteration import one_step
+    from ..presets import get_preset
+    from ..targets import ClassTargets
+    from ..utils import pick_device
+    from . import load_judge
+
+    run_dir = Path(run_dir)
+    cfg = SFDConfig.from_dict(read_json(run_dir / "metrics.json")["config"])
+    if forget_samples:
+        cfg.eval_forget_samples = forget_samples
+    if remain_per_class:
+        cfg.eval_remain_per_class = remain_per_class
+    device = pick_device(device)
+    preset = get_preset(cfg.preset)
+    teacher = teacher if teacher is not None else load_teacher(preset, cfg.teacher, device)
+    judge = judge if judge is not None else load_judge(preset, cfg.classifier, device, cfg.fid_weights)
+    gen_path = run_dir / "generator.safetensors"
+    info = load_tensors(gen_path)[1].get("generator") or {}
+    gen = load_denoiser(gen_path, device).eval()
+    sigma_init = float(info.get("sigma_init", cfg.sigma_init))
+    ev = ForgetEvaluator(preset, judge, teacher, ClassTargets(cfg.validate(preset), preset.num_classes),
+                         cfg.eval_forget_samples, cfg.eval_remain_per_class, seed=seed, progress=progress,
+                         reference=cfg.reference, device=device)
+    return {**ev(lambda z, c: one_step(gen, z.to(device), c.to(device), sigma_init)), "seed": seed}
+
+
 @torch.no_grad()
 def throughput(generator_fn, teacher, img_shape, batch: int = 500, steps: int = 18, device="cpu", repeats: int = 3):
     """Images per second of the one-step generator and the teacher's Heun sampler, same batch."""
