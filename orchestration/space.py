@@ -6,9 +6,11 @@ from pathlib import Path
 
 import yaml
 
-from sfd.config import TUNABLE, SFDConfig
+from sfd.config import TUNABLE, SFDConfig, spaces_dir
 
-SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACE_DIR = spaces_dir()
+TRIAL_KEYS = {"budget_kimg", "max_seconds", "eval_every_kimg", "checkpoint_every_kimg", "eval_forget_samples",
+              "eval_remain_per_class"}
 TYPES = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "int": ("low", "high"), "choice": ("values",)}
 
 
@@ -18,6 +20,7 @@ class SearchSpace:
     defaults: dict
     params: dict
     override: str = "next"
+    stage1_kimg: float = 0.0          # budget of the shared stage 1 (0: trials start from the teacher)
     source: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -59,16 +62,25 @@ def load_space(path) -> SearchSpace:
         raise ValueError(f"search space {path} is not valid YAML: {e}") from None
     if not isinstance(doc, dict):
         raise ValueError(f"search space {path}: expected a mapping with 'preset', 'defaults', 'search'")
-    unknown = sorted(set(doc) - {"preset", "defaults", "search", "override"})
+    unknown = sorted(set(doc) - {"preset", "defaults", "trial", "search", "override", "stage1_kimg"})
     if unknown:
         raise ValueError(f"search space {path}: unknown top-level key(s) {unknown}; allowed: preset, defaults, "
-                         f"search, override")
+                         f"trial, search, override, stage1_kimg")
+    stage1_kimg = doc.get("stage1_kimg", 0)
+    if not isinstance(stage1_kimg, (int, float)) or isinstance(stage1_kimg, bool) or not stage1_kimg >= 0:
+        raise ValueError(f"search space {path}: stage1_kimg must be a number >= 0, got {stage1_kimg!r}")
     preset = doc.get("preset")
     if not isinstance(preset, str):
         raise ValueError(f"search space {path}: 'preset' must name a preset")
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise ValueError(f"search space {path}: 'defaults' must be a mapping of SFD settings")
+    # trial: the schedule of a sweep trial (shorter than a single run's), on top of the defaults
+    trial = doc.get("trial") or {}
+    if not isinstance(trial, dict) or sorted(set(trial) - TRIAL_KEYS):
+        raise ValueError(f"search space {path}: 'trial' must be a mapping of schedule settings among "
+                         f"{sorted(TRIAL_KEYS)}")
+    defaults = {**defaults, **trial}
     try:
         SFDConfig.from_dict({**defaults, "preset": preset})
     except (TypeError, ValueError) as e:
@@ -100,4 +112,4 @@ def load_space(path) -> SearchSpace:
             if not lo <= base[key] <= hi:
                 raise ValueError(f"{where}: the default {key}={base[key]} lies outside [{lo}, {hi}]; the baseline "
                                  f"trial must be a point of the space")
-    return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), str(path))
+    return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), float(stage1_kimg), str(path))

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", choices=["quick", "long"], default="quick",
                    help="'quick' (the space's defaults, minutes on a laptop) or 'long' (4x the kimg, 3x the "
                         "trials: better quality); explicit --budget-kimg/--trials-per-target win")
+    p.add_argument("--stage1-kimg", type=float, default=None,
+                   help="budget of the shared stage 1: the teacher distilled once into a one-step generator (forget "
+                        "weights 0), keyed by teacher digest + settings and reused; every trial starts its "
+                        "forgetting from it (default: the space's stage1_kimg)")
+    p.add_argument("--no-shared-stage1", action="store_true",
+                   help="no shared stage 1: every trial distils from the teacher itself")
     p.add_argument("--max-concurrent", type=int, default=0,
                    help="trials running at once (default: as many as the cluster's CPUs/GPUs allow)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
@@ -58,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diversity limit on the overridden class's FD ratio (its FD to the override's real "
                         "images over the teacher's own) for the best trial; a collapse onto one template "
                         "measures ~50x, short diverse runs 1-9x (default: 10)")
+    p.add_argument("--fresh-seed", type=int, default=4242,
+                   help="re-evaluate each target's best and baseline trial on fresh samples of this seed (columns "
+                        "*_fresh; the search-time minimum of noisy figures flatters the winner); -1 skips it")
     p.add_argument("--summarize-only", action="store_true",
                    help="re-rank an existing sweep in --out (trials.parquet) with the current --ua-threshold and "
                         "--max-override-fd-ratio, rewriting summary, Pareto plots and best exports; runs nothing")
@@ -107,15 +116,15 @@ def resolve(a):
     elif a.budget == "long":
         for s in spaces.values():
             s.defaults = {**s.defaults, "budget_kimg": 4 * s.baseline().budget_kimg}
-    given = {key: getattr(a, key) for key in ("teacher", "classifier", "fid_weights", "reference")}
-    overrides.update({k: v for k, v in given.items() if v})
+    files = {key: getattr(a, key) for key in ("teacher", "classifier", "fid_weights", "reference")}
+    overrides.update({k: v for k, v in files.items() if v})
     real = sorted({t.preset for t in targets if not get_preset(t.preset).embedded})
     if len(real) > 1:
         raise ValueError(f"one real-dataset preset per sweep (the files are shared by every trial); got "
                          f"{', '.join(real)} — run one sweep per preset")
     if real:
         from sfd import assets
-        paths, missing = assets.resolve(real[0], given)
+        paths, missing = assets.resolve(real[0], files)
         if missing:
             raise ValueError("the sweep optimises UA and FD, so " +
                              assets.missing_message(real[0], missing, "a teacher and a judge") +
@@ -244,7 +253,8 @@ def summarize_only(a) -> int:
         return 2
     rows = pd.read_parquet(out / "trials.parquet").to_dict("records")
     targets = parse_targets(list(dict.fromkeys(r["target"] for r in rows)), "next")
-    df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio)
+    df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio,
+                   fresh_seed=None if a.fresh_seed < 0 else a.fresh_seed)
     print((out / "summary.md").read_text())
     return 0 if (df["best_trial"] != "").all() else 1
 
@@ -277,6 +287,52 @@ def main(argv=None) -> int:
     return run_sweep(a, targets, spaces, overrides)
 
 
+def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Path | None:
+    """The preset's stage 1, found by its key (bundled, cached, or in --out) or trained now as its
+    own Ray Train job; materialised under OUT/stage1/<key> so every node's trials can read it."""
+    import shutil
+
+    from sfd.denoisers import load_teacher
+    from sfd.presets import get_preset
+    from sfd.raytrain import make_trainer
+    from sfd.stage1 import (cache_root, export_stage1, find_stage1, is_stage1, stage1_config, stage1_key)
+
+    kimg = a.stage1_kimg if a.stage1_kimg is not None else space.stage1_kimg
+    if a.no_shared_stage1 or not kimg:
+        return None
+    preset = get_preset(preset_name)
+    models = {k: v for k, v in overrides.items() if k in ("teacher", "classifier", "fid_weights", "reference")}
+    base = space.baseline()
+    cfg = stage1_config(preset_name, kimg, a.seed, **models, eval_forget_samples=base.eval_forget_samples,
+                        eval_remain_per_class=base.eval_remain_per_class)
+    key = stage1_key(cfg, load_teacher(preset, cfg.teacher))
+    dest = out / "stage1" / key
+    if is_stage1(dest):
+        print(f"[sweep] stage 1 for {preset_name}: {dest} (key {key})", flush=True)
+        return dest
+    found = find_stage1(key, preset)
+    if found is not None:
+        print(f"[sweep] stage 1 for {preset_name}: reusing {found} (key {key})", flush=True)
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("state.safetensors", "stage1.json"):
+            shutil.copy2(found / f, dest / f)
+        return dest
+    print(f"[sweep] stage 1 for {preset_name}: distilling {kimg} kimg on Ray Train (key {key}) ...", flush=True)
+    t0 = time.time()
+    result = make_trainer(cfg.to_dict(), dest / "run", num_workers=a.workers_per_trial,
+                          cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
+                          storage=a.storage or str(out / "ray"), name=f"stage1-{key}").fit()
+    if result.error:
+        raise result.error
+    from sfd.evaluate.forgetting import teacher_fingerprint
+    extra = {"command": "orchestration/sweep.py (shared stage 1)", "wall_seconds": round(time.time() - t0, 1),
+             "teacher_fingerprint": teacher_fingerprint(load_teacher(preset, cfg.teacher))}
+    export_stage1(dest / "run", dest, key, cfg, dict(extra))
+    export_stage1(dest / "run", cache_root() / key, key, cfg, dict(extra))
+    print(f"[sweep] stage 1 for {preset_name}: done in {time.time() - t0:.0f} s -> {dest}", flush=True)
+    return dest
+
+
 def run_sweep(a, targets, spaces, overrides) -> int:
     import ray
     from ray import tune
@@ -305,12 +361,18 @@ def run_sweep(a, targets, spaces, overrides) -> int:
           f"({a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU, {a.gpus_per_worker} GPU per trial); "
           f"MLflow: {uri}", flush=True)
 
+    for name, space in spaces.items():
+        path = shared_stage1(a, name, space, overrides, out)
+        # every trial's stage 2 starts from it (or, without one, from copies of the teacher)
+        space.defaults = {**space.defaults, "init_from": str(path) if path else "none"}
+
     tracker = MLflowSweep(uri, a.experiment, artifact_root=None if a.mlflow_uri else (out / "mlartifacts").as_uri())
     parent = tracker.start_parent(f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", {
         "targets": " ".join(a.targets), "trials_per_target": a.trials_per_target,
         "workers_per_trial": a.workers_per_trial, "ua_threshold": a.ua_threshold, **{f"override_{k}": v for k, v in overrides.items()}},
         {"preset": ",".join(sorted({t.preset for t in targets}))})
-    searcher = PerTargetSearch(targets, spaces, a.trials_per_target, overrides, seed=a.seed)
+    searcher = PerTargetSearch(targets, spaces, a.trials_per_target, overrides, seed=a.seed,
+                               ua_threshold=a.ua_threshold)
     stopper = HopelessTrialStopper(a.stop_ua_kimg, a.stop_ua_min)
     progress = Progress(targets, a.trials_per_target, a.ua_threshold)
     callback = MLflowTuneCallback(tracker, {t.name: t for t in targets}, out, on_event=progress)
@@ -328,7 +390,8 @@ def run_sweep(a, targets, spaces, overrides) -> int:
     try:
         grid = tuner.fit()
         rows = trial_rows(grid, {t.name: t for t in targets}, out, set(stopper.stopped))
-        df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio, tracker)
+        df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio, tracker,
+                       fresh_seed=None if a.fresh_seed < 0 else a.fresh_seed)
         tracker.log_artifacts(parent, [out / "summary.md", out / "summary.parquet", out / "trials.parquet"])
         n_best = int((df["best_trial"] != "").sum())
         tracker.log_metrics(parent, {"targets_with_best": n_best, "trials": len(rows),

@@ -25,6 +25,11 @@ class Target:
 
 
 def _resolve_override(preset, forget: tuple[int, ...], override: str) -> str:
+    """'next' -> c + 1; class names ('dog', 'cat,dog') -> ids; policies and ids as given."""
+    if override not in ("next", "random", "classifier"):
+        items = [s.strip() for s in override.split(",")]
+        return ",".join(str(preset.class_names.index(s)) if s in preset.class_names and not s.isdigit() else s
+                        for s in items)
     if override == "next":
         nxt = []
         for c in forget:
@@ -109,5 +114,7 @@ def _make(preset, forget: tuple[int, ...], override: str) -> Target:
     try:
         SFDConfig(preset=preset.name, forget=list(forget), override=override).validate(preset)
     except ValueError as e:
-        raise ValueError(f"target {preset.name}:{'+'.join(map(str, forget))}->{override}: {e}") from None
+        valid = ", ".join(f"{i}={n}" for i, n in enumerate(preset.class_names))
+        raise ValueError(f"target {preset.name}:{'+'.join(map(str, forget))}->{override}: {e} "
+                         f"(classes of '{preset.name}' by id or name: {valid})") from None
     return Target(preset.name, forget, override)

@@ -28,6 +28,10 @@ class MLflowSweep:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
         else:
             self.experiment_id = exp.experiment_id
+        # MLflow 3 opens an experiment of unknown kind on its GenAI overview; this one is model
+        # training, so the UI opens on the runs table
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
+        self.logged_checkpoints: dict[str, set[str]] = {}
         self.parent_id: str | None = None
         self.target_runs: dict[str, str] = {}
         self.trial_runs: dict[str, str] = {}
@@ -80,6 +84,32 @@ class MLflowSweep:
             if p.is_file():
                 self.client.log_artifact(run_id, str(p), artifact_path)
 
+    def log_checkpoint(self, run_id: str, name: str, ckpt_dir: Path, step: int, metrics: dict) -> str | None:
+        """Track a checkpoint folder (safetensors + JSON, never a pickled module) as an MLflow 3
+        logged model of ``run_id`` at ``step``, with that step's metrics linked to it, so the UI
+        compares checkpoints. Each folder is logged once; returns the model id."""
+        import time
+
+        from mlflow.entities import LoggedModelOutput, Metric
+
+        ckpt_dir = Path(ckpt_dir)
+        done = self.logged_checkpoints.setdefault(run_id, set())
+        if ckpt_dir.name in done or not (ckpt_dir / "state.safetensors").is_file():
+            return None
+        model = self.client.create_logged_model(self.experiment_id, name=f"{name}-{ckpt_dir.name}",
+                                                source_run_id=run_id, model_type="sfd-checkpoint",
+                                                tags={"format": "safetensors", "step": str(step)})
+        self.client.log_model_artifacts(model.model_id, str(ckpt_dir))
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step, model_id=model.model_id, run_id=run_id) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+        self.client.finalize_logged_model(model.model_id, "READY")
+        done.add(ckpt_dir.name)
+        return model.model_id
+
     def finish(self, run_id: str, status: str) -> None:
         self.client.set_tag(run_id, "status", status.lower())
         self.client.set_terminated(run_id, "FAILED" if status.lower() == "failed" else "FINISHED")
@@ -96,6 +126,9 @@ class MLflowTuneCallback(Callback):
         self.out_dir = Path(out_dir)
         self.on_event = on_event
 
+    def _run_dir(self, trial) -> Path:
+        return self.out_dir / "trials" / trial.config["target_slug"] / trial.trial_id
+
     def on_trial_start(self, iteration, trials, trial, **info):
         cfg = trial.config
         self.tracker.start_trial(trial.trial_id, self.targets[cfg["target"]], cfg["baseline"],
@@ -104,8 +137,13 @@ class MLflowTuneCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.tracker.trial_runs.get(trial.trial_id)
         if run_id:
-            self.tracker.log_metrics(run_id, {k: result[k] for k in result if k in _METRIC_KEYS},
-                                     step=int(result.get("iteration", 0)))
+            metrics = {k: result[k] for k in result if k in _METRIC_KEYS}
+            step = int(result.get("iteration", 0))
+            self.tracker.log_metrics(run_id, metrics, step=step)
+            # a checkpoint written at this report: track it with this step's metrics
+            ckpt = self._run_dir(trial) / "checkpoints" / f"ckpt-{step:08d}"
+            if ckpt.is_dir():
+                self.tracker.log_checkpoint(run_id, trial.trial_id, ckpt, step, metrics)
         if self.on_event:
             self.on_event("result", trial, result)
 
@@ -113,8 +151,7 @@ class MLflowTuneCallback(Callback):
         run_id = self.tracker.trial_runs.get(trial.trial_id)
         if run_id is None:
             return
-        cfg = trial.config
-        run_dir = self.out_dir / "trials" / cfg["target_slug"] / trial.trial_id
+        run_dir = self._run_dir(trial)
         self.tracker.log_artifacts(run_id, [run_dir / a for a in self.ARTIFACTS])
         self.tracker.finish(run_id, status)
         if self.on_event:

@@ -6,6 +6,7 @@ batch), so the figures survive a noisy shared machine better than absolute times
 """
 from __future__ import annotations
 
+import math
 import resource
 import statistics
 import time
@@ -24,44 +25,33 @@ def _first(history, pred):
     return None
 
 
-def iteration_vs_teacher_step(cfg: SFDConfig, teacher, repeats: int = 10) -> dict:
-    """Seconds of one SFD iteration vs one EDM teacher training step at equal total batch."""
-    from .loop import one_step
-    from .losses import edm_loss, fake_score_loss, generator_loss
+# Forward-pass equivalents (a backward ~ 2 forwards; a backward to the input only ~ 1):
+# SFD iteration = (a) generator forward 1 + fake-score forward/backward 3, (b) generator
+# forward/backward 3 + fake score and teacher each forward 1 + backward to the input 1 = 11;
+# a teacher training step = forward/backward 3. Guidance doubles the critic passes.
+SFD_PASSES, TEACHER_STEP_PASSES = 11, 3
 
-    device = next(teacher.parameters()).device
+
+def iteration_vs_teacher_step(cfg: SFDConfig, teacher, repeats: int = 10, device=None) -> dict:
+    """Seconds of one real SFD iteration (sfd.iteration.sfd_iteration, the loop's own code) vs one
+    EDM teacher training step at equal total batch, and their ratio next to the pass-count limit."""
+    from .iteration import build_state, sfd_iteration
+    from .losses import edm_loss
+
+    device = torch.device(device) if device is not None else next(teacher.parameters()).device
+    st = build_state(cfg, teacher, device)
     n = cfg.batch_remain + cfg.batch_forget
-    shape = teacher.img_shape
-    x0 = torch.rand((n, *shape), device=device) * 2 - 1
+    x0 = torch.rand((n, *teacher.img_shape), device=device) * 2 - 1
     labels = torch.randint(0, teacher.num_classes, (n,), device=device)
     student = teacher.clone().train()
-    fake = teacher.clone().train()
-    opt_s = torch.optim.Adam(student.parameters(), 1e-4)
-    opt_f = torch.optim.Adam(fake.parameters(), 1e-4)
+    opt = torch.optim.Adam(student.parameters(), 1e-4)
 
     def teacher_step():
-        loss = edm_loss(student, x0, labels).mean()
-        opt_s.zero_grad()
+        with st.autocast():
+            loss = edm_loss(student, x0, labels).float().mean()
+        opt.zero_grad()
         loss.backward()
-        opt_s.step()
-
-    def sfd_iteration():
-        z = torch.randn((n, *shape), device=device)
-        sigma = torch.rand(n, 1, 1, 1, device=device) * 2 + 0.2
-        with torch.no_grad():
-            xg = one_step(student, z, labels, 2.5)
-        lf = fake_score_loss(fake(xg + sigma * z, sigma, labels), xg, fake.loss_weight(sigma)).mean()
-        opt_f.zero_grad()
-        lf.backward()
-        opt_f.step()
-        fake.requires_grad_(False)
-        xg = one_step(student, z, labels, 2.5)
-        x = xg + sigma * z
-        lg = generator_loss(teacher(x, sigma, labels), fake(x, sigma, labels), xg, 1.2).mean()
-        opt_s.zero_grad()
-        lg.backward()
-        opt_s.step()
-        fake.requires_grad_(True)
+        opt.step()
 
     def timed(fn):
         fn()
@@ -74,9 +64,71 @@ def iteration_vs_teacher_step(cfg: SFDConfig, teacher, repeats: int = 10) -> dic
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts)
 
-    t_teacher, t_sfd = timed(teacher_step), timed(sfd_iteration)
+    t_teacher, t_sfd = timed(teacher_step), timed(lambda: sfd_iteration(st))
     return {"batch": n, "teacher_step_seconds": t_teacher, "sfd_iteration_seconds": t_sfd,
-            "sfd_iteration_over_teacher_step": t_sfd / t_teacher}
+            "sfd_iteration_over_teacher_step": t_sfd / t_teacher,
+            "pass_count_limit": SFD_PASSES / TEACHER_STEP_PASSES}
+
+
+def _iteration_child(arch: str, batch: int, grad_checkpointing: bool, precision: str, queue) -> None:
+    """In a fresh process: peak memory of one SFD iteration (forward + backward of both steps)."""
+    torch.manual_seed(0)
+    teacher = random_teacher(arch)
+    cfg = SFDConfig(preset="cifar10" if arch != "digits" else "digits", batch_remain=batch // 2,
+                    batch_forget=batch - batch // 2, grad_checkpointing=grad_checkpointing, precision=precision,
+                    device="cuda" if torch.cuda.is_available() else "cpu")
+    from .iteration import build_state, sfd_iteration
+    device = torch.device(cfg.device)
+    st = build_state(cfg, teacher, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    t0 = time.perf_counter()
+    losses = sfd_iteration(st)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    queue.put({"arch": arch, "batch": batch, "grad_checkpointing": grad_checkpointing, "precision": precision,
+               "device": device.type, "params": sum(p.numel() for p in teacher.parameters()),
+               "seconds": seconds, "memory_before_mb": base, "peak_mb": peak, "iteration_peak_mb": peak - base,
+               "losses_finite": all(map(math.isfinite, losses))})
+
+
+def random_teacher(arch: str):
+    """Full-size backbones with random weights, for speed and memory figures."""
+    if arch == "ddpm-cifar10":
+        from .denoisers.ddpm import DDPM_CONFIGS, ConditionalDDPMUNet, VPDenoiser
+        return VPDenoiser(ConditionalDDPMUNet(**DDPM_CONFIGS["cifar10"]))
+    if arch == "digits":
+        from .denoisers import load_teacher
+        from .presets import get_preset
+        return load_teacher(get_preset("digits"))
+    raise ValueError(f"--arch {arch!r}: choose ddpm-cifar10 or digits")
+
+
+def run_iteration_bench(a) -> int:
+    """`sfd bench --iteration`: one SFD iteration's time and peak memory, each variant in a fresh
+    process (peak RSS only grows within a process), with and without gradient checkpointing."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    rows = []
+    for gc in (False, True):
+        q = ctx.Queue()
+        p = ctx.Process(target=_iteration_child, args=(a.arch, a.batch, gc, a.precision, q))
+        p.start()
+        row = q.get()
+        p.join()
+        rows.append(row)
+        print(f"{a.arch} batch {a.batch} {a.precision} grad_checkpointing={gc}: {row['seconds']:.2f} s, "
+              f"peak {row['peak_mb']:.0f} MB ({row['iteration_peak_mb']:.0f} MB above the built state), "
+              f"losses finite: {row['losses_finite']}", flush=True)
+    ratio = rows[1]["iteration_peak_mb"] / max(rows[0]["iteration_peak_mb"], 1e-9)
+    print(f"gradient checkpointing: iteration memory x{ratio:.2f}, time x{rows[1]['seconds'] / rows[0]['seconds']:.2f}")
+    write_json(Path(a.out) / "bench_iteration.json", {"rows": rows, "memory_ratio_checkpointing": ratio})
+    return 0
 
 
 def peak_memory_mb() -> float:
@@ -86,6 +138,8 @@ def peak_memory_mb() -> float:
 
 
 def run_bench(a) -> int:
+    if a.iteration:
+        return run_iteration_bench(a)
     from .denoisers import load_teacher
     from .evaluate import load_judge
     from .loop import train_sfd
@@ -99,9 +153,10 @@ def run_bench(a) -> int:
     teacher = load_teacher(preset)
     judge = load_judge(preset)
     rows = []
+    from .config import config_for_preset
     for c in classes:
         override = str((c + 1) % preset.num_classes) if a.override == "next" else a.override
-        cfg = SFDConfig(forget=[c], override=override, budget_kimg=10_000, max_seconds=a.seconds,
+        cfg = config_for_preset("digits", forget=[c], override=override, budget_kimg=10_000, max_seconds=a.seconds,
                         eval_every_kimg=a.eval_every_kimg, checkpoint_every_kimg=10_000)
         run_dir = out / f"forget{c}"
         # Unless --full-budget, a digit is done once forgetting and quality targets hold together.
@@ -135,12 +190,15 @@ def run_bench(a) -> int:
               f"FD ratio {r['final_fd_ratio']:.2f}, remaining acc {r['final_remaining_accuracy']:.3f} "
               f"(teacher {r['teacher_remaining_accuracy']:.3f}), override FD ratio {r['final_override_fd_ratio']:.2f}",
               flush=True)
-    it = iteration_vs_teacher_step(SFDConfig(), teacher)
+    it = iteration_vs_teacher_step(SFDConfig(), load_teacher(preset))
     from .denoisers import load_denoiser
     from .evaluate.forgetting import throughput
-    from .loop import one_step
-    gen = load_denoiser(out / f"forget{classes[-1]}" / "generator.safetensors").eval()
-    speed = throughput(lambda z, c: one_step(gen, z, c, SFDConfig().sigma_init), teacher, preset.img_shape,
+    from .io import load_tensors
+    from .iteration import one_step
+    gen_path = out / f"forget{classes[-1]}" / "generator.safetensors"
+    gen = load_denoiser(gen_path).eval()
+    sigma_init = load_tensors(gen_path)[1]["generator"]["sigma_init"]
+    speed = throughput(lambda z, c: one_step(gen, z, c, sigma_init), teacher, preset.img_shape,
                        batch=500, repeats=3)
 
     def med(key):

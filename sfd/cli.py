@@ -117,12 +117,14 @@ def cmd_pretrain(a) -> int:
 
 
 def add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
-    """One flag per SFDConfig setting, with its default and help from sfd.config."""
+    """One flag per SFDConfig setting, with its help from sfd.config. A flag left out takes the
+    preset's default (search_spaces/<preset>.yaml, as the sweep's baseline does), else SFDConfig's."""
     from dataclasses import MISSING, fields
 
     from .config import HELP, SFDConfig
 
-    g = p.add_argument_group("SFD settings (defaults from sfd.config.SFDConfig)")
+    g = p.add_argument_group("SFD settings (default: the preset's search_spaces/<preset>.yaml 'defaults', "
+                             "else sfd.config.SFDConfig)")
     for f in fields(SFDConfig):
         if f.name in skip:
             continue
@@ -132,22 +134,25 @@ def add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
             g.add_argument(flag, action="append", default=None, help=f"{HELP[f.name]} (default: 0)")
         elif f.name == "preset":
             g.add_argument(flag, default=default, choices=sorted(PRESETS), help=f"{HELP[f.name]} (default: {default})")
+        elif isinstance(default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{HELP[f.name]} (default: {default})")
         else:
             kind = type(default) if default is not None else str
-            g.add_argument(flag, type=kind, default=default, help=f"{HELP[f.name]} (default: {default})")
+            g.add_argument(flag, type=kind, default=None, help=f"{HELP[f.name]} (default: {default})")
 
 
 def config_from_args(a):
+    """SFDConfig from the flags given, over the preset's defaults (one source with the sweep)."""
     from dataclasses import fields
 
-    from .config import SFDConfig
+    from .config import SFDConfig, preset_defaults
 
-    values = {f.name: getattr(a, f.name) for f in fields(SFDConfig) if hasattr(a, f.name)}
-    if values.get("forget") is None:
-        values.pop("forget", None)
-    else:
-        values["forget"] = [int(c) for item in values["forget"] for c in str(item).split(",") if c.strip()]
-    return SFDConfig.from_dict(values)
+    given = {f.name: getattr(a, f.name) for f in fields(SFDConfig) if getattr(a, f.name, None) is not None}
+    if "forget" in given:
+        given["forget"] = [int(c) for item in given["forget"] for c in str(item).split(",") if c.strip()]
+    preset = given.get("preset", "digits")
+    return SFDConfig.from_dict({**preset_defaults(preset), **given})
 
 
 def _fmt(m: dict, keys) -> str:
@@ -160,13 +165,38 @@ SUMMARY_KEYS = ("ua", "override_rate", "remaining_accuracy", "remaining_accuracy
 
 
 def cmd_forget(a) -> int:
-    from .loop import train_sfd
     cfg = fill_cached_assets(config_from_args(a))
-    final = train_sfd(cfg, a.out, resume=a.resume, progress=not a.no_progress)
+    if a.num_workers < 1:
+        raise ValueError(f"--num-workers {a.num_workers}: give at least 1")
+    if a.num_workers > 1 or a.address:
+        from .presets import get_preset
+        from .raytrain import fit_single_run
+        cfg.validate(get_preset(cfg.preset))
+        final = fit_single_run(cfg, a.out, num_workers=a.num_workers, address=a.address,
+                               cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
+                               resume=a.resume, progress=not a.no_progress)
+    else:
+        from .loop import train_sfd
+        final = train_sfd(cfg, a.out, resume=a.resume, progress=not a.no_progress)
     from pathlib import Path
     written = sorted(p.name for p in Path(a.out).iterdir() if p.is_file())
     print(f"done -> {a.out}: {', '.join(written)}")
     print(_fmt(final, SUMMARY_KEYS))
+    return 0
+
+
+def cmd_distil(a) -> int:
+    from .stage1 import distil
+    from .utils import command_line
+    if not a.kimg > 0:
+        raise ValueError(f"--kimg {a.kimg}: give a positive budget in thousands of images")
+    path = distil(a.preset, a.kimg, a.out, seed=a.seed, progress=not a.no_progress, command=command_line(),
+                  device=a.device, **({"teacher": a.teacher} if a.teacher else {}))
+    from .io import read_json
+    m = read_json(path / "stage1.json")
+    print(f"stage 1 ({a.kimg} kimg, key {m['key']}): FD ratio {m['metrics'].get('fd_ratio', float('nan')):.3f}, "
+          f"remaining accuracy {m['metrics'].get('remaining_accuracy', float('nan')):.4f} -> {path}")
+    print(f"use it: sfd forget --init-from {path} ...   (the sweep finds it by its key in the cache)")
     return 0
 
 
@@ -207,31 +237,12 @@ def cmd_sample(a) -> int:
 def cmd_evaluate(a) -> int:
     from pathlib import Path
 
-    from .config import SFDConfig
-    from .denoisers import load_denoiser, load_teacher
-    from .evaluate import load_judge
-    from .evaluate.forgetting import ForgetEvaluator
-    from .io import read_json, write_json
-    from .loop import one_step
-    from .presets import get_preset
-    from .targets import ClassTargets
-    from .utils import pick_device
+    from .evaluate.forgetting import evaluate_run
+    from .io import write_json
 
     run = Path(a.run)
-    cfg = SFDConfig.from_dict(read_json(run / "metrics.json")["config"])
-    if a.forget_samples:
-        cfg.eval_forget_samples = a.forget_samples
-    if a.remain_per_class:
-        cfg.eval_remain_per_class = a.remain_per_class
-    device = pick_device(a.device)
-    preset = get_preset(cfg.preset)
-    teacher = load_teacher(preset, cfg.teacher, device)
-    judge = load_judge(preset, cfg.classifier, device, cfg.fid_weights)
-    gen = load_denoiser(run / "generator.safetensors", device).eval()
-    ev = ForgetEvaluator(preset, judge, teacher, ClassTargets(cfg.validate(preset), preset.num_classes),
-                         cfg.eval_forget_samples, cfg.eval_remain_per_class, seed=a.seed, progress=not a.no_progress,
-                         reference=cfg.reference)
-    m = ev(lambda z, c: one_step(gen, z.to(device), c.to(device), cfg.sigma_init))
+    m = evaluate_run(run, seed=a.seed, device=a.device, forget_samples=a.forget_samples or None,
+                     remain_per_class=a.remain_per_class or None, progress=not a.no_progress)
     write_json(run / "evaluation.json", m)
     print(_fmt(m, SUMMARY_KEYS + ("n_forget_samples", "n_remaining_samples")))
     print(f"-> {run / 'evaluation.json'}")
@@ -326,8 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r = p.add_argument_group("Ray Train (exactly what a sweep trial runs)")
+    r.add_argument("--num-workers", type=int, default=1,
+                   help="data-parallel workers; > 1 runs on Ray Train (gloo on CPU, NCCL on GPU), the global batch "
+                        "split between them (default: 1, in this process)")
+    r.add_argument("--address", default=None, help="Ray cluster to join ('auto' or host:port); implies Ray Train")
+    r.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray Train worker (default: 1)")
+    r.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker (default: 0)")
     add_config_flags(p)
     p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("distil", help="stage 1: distil the teacher into a one-step generator, forgetting nothing",
+                       description="Stage 1 of two-stage SFD (SFD.md section 7): distil every class of the teacher "
+                                   "into a one-step generator and fake score with the forget weights at 0, with the "
+                                   "preset's default settings. Writes OUT/state.safetensors and OUT/stage1.json (key = "
+                                   "teacher digest + settings); `sfd forget --init-from OUT` and the sweep start "
+                                   "their forgetting from it.",
+                       epilog="example: sfd distil --preset digits --kimg 400 --out runs/stage1")
+    _add_common(p)
+    p.add_argument("--out", required=True, help="output folder (the run itself goes to OUT/run)")
+    p.add_argument("--kimg", type=float, default=400.0, help="budget in thousands of generator images (default: 400)")
+    p.add_argument("--teacher", help="teacher checkpoint (default: the preset's bundled teacher)")
+    p.set_defaults(func=cmd_distil)
 
     p = sub.add_parser("sample", help="sample a one-step generator into a PNG grid or safetensors",
                        description="Draw --n samples per class from an exported one-step generator "
@@ -368,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every-kimg", type=float, default=2.5, help="evaluation interval (default: 2.5)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    it = p.add_argument_group("one iteration's time and memory (--iteration)")
+    it.add_argument("--iteration", action="store_true",
+                    help="instead: time and peak memory of one SFD iteration of a full-size backbone with random "
+                         "weights, without and with gradient checkpointing (each in a fresh process)")
+    it.add_argument("--arch", default="ddpm-cifar10", choices=["ddpm-cifar10", "digits"],
+                    help="backbone for --iteration (default: ddpm-cifar10, the 38.6 M-parameter reference UNet)")
+    it.add_argument("--batch", type=int, default=8, help="global batch (both branches) for --iteration (default: 8)")
+    it.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                    help="precision for --iteration (default: fp32)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field, fields
 
 OVERRIDE_POLICIES = ("random", "classifier")
 SIGMA_DISTS = ("loguniform", "vp-t", "edm")
+FAKE_SIGMA_DISTS = ("same", *SIGMA_DISTS, "lognormal")
+PRECISIONS = ("fp32", "bf16", "fp16")
+REDUCTIONS = ("sum", "mean")
 
 
 @dataclass
@@ -38,6 +41,12 @@ class SFDConfig:
     sigma_dist: str = "loguniform"      # 'loguniform', 'vp-t' (reference) or 'edm' (SiD)
     sigma_min: float = 0.137
     sigma_max: float = 13.1
+    # the fake-score step's own distribution: 'same' as above, or e.g. 'lognormal' (SiD: EDM's
+    # ln sigma ~ N(-1.2, 1.2^2) for the fake score, the Karras grid for the generator)
+    sigma_dist_fake: str = "same"
+    # reference: the fake-score loss sums over pixels; 'mean' divides it by C*H*W (a deviation:
+    # with clip-by-value it changes which gradients are clipped)
+    fake_score_reduction: str = "sum"
     # optimisation ------------------------------------------------------------------------
     lr_fake: float = 1e-4
     lr_gen: float = 1e-4
@@ -48,6 +57,8 @@ class SFDConfig:
     batch_remain: int = 64
     batch_forget: int = 64
     ema_halflife_kimg: float = 5.0      # 0 disables the generator EMA
+    ema_rampup_ratio: float = 0.5       # half-life <= this * kimg so far (SiD/EDM: 0.05); 0: no ramp
+    ema_beta: float = 0.0               # > 0: a constant decay per iteration instead (DDPM reference: 0.9999)
     # schedule ----------------------------------------------------------------------------
     budget_kimg: float = 40.0           # generator images (both branches) to train for
     max_seconds: float = 0.0            # wall-clock cap; 0 means none
@@ -59,10 +70,14 @@ class SFDConfig:
     # run ---------------------------------------------------------------------------------
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"             # network passes in fp32, bf16 or fp16 (fp32 master weights and losses)
+    grad_checkpointing: bool = False    # recompute activations in backward (backbones that support it)
 
     def validate(self, preset=None) -> "SFDConfig":
         from .presets import get_preset
         preset = preset or get_preset(self.preset)
+        if self.init_from in ("none", "teacher", ""):
+            self.init_from = None               # start from copies of the teacher
         if not self.forget:
             raise ValueError("forget: give at least one class to forget")
         self.forget = [preset.check_class(int(c), "forget class") for c in self.forget]
@@ -79,8 +94,15 @@ class SFDConfig:
                 if c in self.forget:
                     raise ValueError(f"override class {c} is itself forgotten ({self.forget}); choose a "
                                      f"remaining class, 'random' or 'classifier'")
-        if self.sigma_dist not in SIGMA_DISTS:
-            raise ValueError(f"sigma_dist {self.sigma_dist!r} must be one of {SIGMA_DISTS}")
+        for name, allowed in (("sigma_dist", SIGMA_DISTS), ("sigma_dist_fake", FAKE_SIGMA_DISTS),
+                              ("precision", PRECISIONS), ("fake_score_reduction", REDUCTIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r} must be one of {allowed}")
+        if not 0 <= self.ema_beta < 1:
+            raise ValueError(f"ema_beta must be in [0, 1) (0: use ema_halflife_kimg), got {self.ema_beta}")
+        if self.ema_rampup_ratio < 0 or self.ema_halflife_kimg < 0:
+            raise ValueError(f"ema_rampup_ratio and ema_halflife_kimg must be >= 0, got "
+                             f"{self.ema_rampup_ratio}, {self.ema_halflife_kimg}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         for name in ("lr_fake", "lr_gen", "sigma_init", "budget_kimg"):
@@ -117,9 +139,34 @@ class SFDConfig:
         return SFDConfig.from_dict({**self.to_dict(), **changes})
 
 
+def spaces_dir():
+    """``search_spaces/`` beside the package: one YAML per preset, the one source of preset defaults."""
+    from pathlib import Path
+    return Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+def preset_defaults(preset: str) -> dict:
+    """The ``defaults`` block of ``search_spaces/<preset>.yaml``: what `sfd forget --preset X` and
+    the sweep's baseline trial both start from (SFDConfig's own defaults fill the rest)."""
+    import yaml
+    path = spaces_dir() / f"{preset}.yaml"
+    if not path.is_file():
+        return {}
+    doc = yaml.safe_load(path.read_text()) or {}
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ValueError(f"{path}: 'defaults' must be a mapping of SFD settings")
+    return dict(defaults)
+
+
+def config_for_preset(preset: str, **changes) -> SFDConfig:
+    """SFDConfig defaults, then the preset's YAML defaults, then ``changes``."""
+    return SFDConfig.from_dict({**preset_defaults(preset), **changes, "preset": preset})
+
+
 TUNABLE = ("alpha", "lambda_fake_remain", "lambda_fake_forget", "lambda_gen_remain", "lambda_gen_forget",
-           "sigma_init", "sigma_min", "sigma_max", "sigma_dist", "lr_fake", "lr_gen", "ema_halflife_kimg",
-           "guidance", "batch_remain", "batch_forget")
+           "sigma_init", "sigma_min", "sigma_max", "sigma_dist", "sigma_dist_fake", "lr_fake", "lr_gen",
+           "ema_halflife_kimg", "ema_beta", "guidance", "batch_remain", "batch_forget")
 
 
 # One line of help per setting, shown by `sfd forget --help` (flags are generated from the
@@ -135,7 +182,8 @@ HELP = {
                    "judge; with --classifier (a ResNet-34 state dict) and --reference it enables UA/FD",
     "reference": "real images for FD: a folder with one sub-folder per class (name or id), or an .npz with "
                  "'images' (N,H,W,C uint8) and 'labels'",
-    "init_from": "start generator and fake score from an earlier SFD run folder or checkpoint (two-stage)",
+    "init_from": "start generator and fake score from an earlier SFD run, a stage-1 folder (`sfd distil`), "
+                 "'stage1' (the preset's bundled stage 1) or 'none' (copies of the teacher)",
     "alpha": "alpha of the SiD/SFD generator loss",
     "lambda_fake_remain": "weight of the remain branch in the fake-score loss",
     "lambda_fake_forget": "weight of the forget branch in the fake-score loss",
@@ -153,6 +201,15 @@ HELP = {
     "batch_remain": "global batch of the remain branch",
     "batch_forget": "global batch of the forget branch",
     "ema_halflife_kimg": "generator EMA half-life in kimg (0 disables)",
+    "ema_rampup_ratio": "EMA ramp-up: the half-life is at most this times the kimg trained so far (SiD: 0.05; 0: off)",
+    "ema_beta": "constant EMA decay per iteration, like the DDPM reference's 0.9999 (0: use the half-life)",
+    "sigma_dist_fake": "noise levels of the fake-score step: 'same' as --sigma-dist, or loguniform, vp-t, edm, "
+                       "lognormal (SiD: EDM's ln sigma ~ N(-1.2, 1.2^2))",
+    "fake_score_reduction": "fake-score loss over pixels: 'sum' (reference) or 'mean' (C*H*W times smaller)",
+    "precision": "network passes in fp32, bf16 or fp16 autocast; weights, optimiser and losses stay fp32 "
+                 "(fp16 adds a gradient scaler)",
+    "grad_checkpointing": "recompute activations in the backward pass to save memory (DDPM, EDM and diffusers "
+                          "backbones)",
     "budget_kimg": "training length in thousands of generator images",
     "max_seconds": "stop after this much training time (0: no limit)",
     "stage1_kimg": "two-stage: distil all classes with the forget weights at 0 for this many kimg first",

@@ -11,14 +11,21 @@ def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).sum(dim=1)
 
 
-def fake_score_loss(d_fake: torch.Tensor, x_g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def fake_score_loss(d_fake: torch.Tensor, x_g: torch.Tensor, weight: torch.Tensor,
+                    reduction: str = "sum") -> torch.Tensor:
     """Denoising score matching on generated data (SFD.md section 4a).
 
     ``d_fake`` = D_psi(x_g + sigma n, sigma, c), ``x_g`` the detached generator output, ``weight``
-    the backbone's native weight(sigma) per sample. Returns weight * mean_pixels (d_fake - x_g)^2.
+    the backbone's native weight(sigma) per sample. Returns weight * sum_pixels (d_fake - x_g)^2,
+    as the reference does (SFD.md section 11); ``reduction='mean'`` divides by the pixel count.
     """
     w = weight.reshape(-1)
-    return w * (d_fake - x_g.detach()).pow(2).flatten(1).mean(dim=1)
+    sq = (d_fake - x_g.detach()).pow(2).flatten(1)
+    if reduction == "sum":
+        return w * sq.sum(dim=1)
+    if reduction == "mean":
+        return w * sq.mean(dim=1)
+    raise ValueError(f"reduction {reduction!r} must be 'sum' or 'mean'")
 
 
 def generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -71,24 +71,36 @@ def sample_sigma(kind: str, n: int, sigma_min: float, sigma_max: float, generato
     """Per-sample noise levels for the fake-score and generator steps.
 
     - ``loguniform``: log sigma uniform on [sigma_min, sigma_max];
-    - ``vp-t``: the reference's way, integer t uniform over the DDPM linear-beta steps whose
-      sigma lies in [sigma_min, sigma_max] (t in [38, 712) for 0.137 ... 13.1);
-    - ``edm``: SiD's way, u ~ U(0, 0.8) on the Karras grid between sigma_min and sigma_max.
+    - ``vp-t``: the reference's way, integer t uniform in [t(sigma_min), t(sigma_max)) on the
+      DDPM linear-beta grid, upper bound excluded like the reference's ``randint`` (0.137 and
+      13.1 are t = 38 and 712, so t in [38, 712));
+    - ``edm``: SiD's generator step, u ~ U(0, 0.8) on the Karras grid between sigma_min and sigma_max;
+    - ``lognormal``: EDM's training distribution, ln sigma ~ N(-1.2, 1.2^2) (SiD's fake-score
+      step); sigma_min / sigma_max do not apply.
     """
     u = torch.rand(n, generator=generator)
     if kind == "loguniform":
         s = torch.exp(math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min)))
     elif kind == "vp-t":
-        all_sig = vp_sigma_of_t(torch.arange(1000))
-        valid = torch.nonzero((all_sig >= sigma_min * 0.999) & (all_sig <= sigma_max * 1.001)).flatten()
-        if len(valid) == 0:
-            raise ValueError(f"no DDPM step has sigma in [{sigma_min}, {sigma_max}]")
-        t = valid[(u * len(valid)).long().clamp_max(len(valid) - 1)]
+        lo, hi = vp_t_range(sigma_min, sigma_max)
+        t = lo + (u * (hi - lo)).long().clamp_max(hi - lo - 1)
         s = vp_sigma_of_t(t)
     elif kind == "edm":
         rho = 7.0
         u = u * 0.8
         s = (sigma_max ** (1 / rho) + (1 - u) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    elif kind == "lognormal":
+        s = (-1.2 + 1.2 * torch.randn(n, generator=generator)).exp()
     else:
-        raise ValueError(f"unknown sigma distribution {kind!r}; use 'loguniform', 'vp-t' or 'edm'")
+        raise ValueError(f"unknown sigma distribution {kind!r}; use 'loguniform', 'vp-t', 'edm' or 'lognormal'")
     return s.to(device)
+
+
+def vp_t_range(sigma_min: float, sigma_max: float) -> tuple[int, int]:
+    """[t_lo, t_hi): the DDPM steps nearest (log scale) to sigma_min and sigma_max."""
+    log_all = vp_sigma_of_t(torch.arange(1000)).double().log()
+    lo = int((log_all - math.log(sigma_min)).abs().argmin())
+    hi = int((log_all - math.log(sigma_max)).abs().argmin())
+    if hi <= lo:
+        raise ValueError(f"no DDPM step range between sigma {sigma_min} and {sigma_max} (t {lo} .. {hi})")
+    return lo, hi

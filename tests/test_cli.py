@@ -130,8 +130,8 @@ def test_subcommands_listed():
     assert {"forget", "sample", "evaluate", "bench"} <= set(_subcommands())
 
 
-@pytest.mark.parametrize("cmd", [[]] + [[c] for c in ["bench", "evaluate", "fetch", "forget", "pretrain", "sample",
-                                                       "train-classifier"]])
+@pytest.mark.parametrize("cmd", [[]] + [[c] for c in ["bench", "distil", "evaluate", "fetch", "forget", "pretrain",
+                                                       "sample", "train-classifier"]])
 def test_help_exits_0(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])
@@ -142,7 +142,7 @@ def test_help_exits_0(cmd, capsys):
 
 def test_every_subcommand_has_help_test():
     # keep the parametrisation above in step with the parser
-    assert _subcommands() == ["bench", "evaluate", "fetch", "forget", "pretrain", "sample", "train-classifier"]
+    assert _subcommands() == ["bench", "distil", "evaluate", "fetch", "forget", "pretrain", "sample", "train-classifier"]
 
 
 def test_forget_help_shows_defaults_from_config(capsys):
@@ -158,3 +158,25 @@ def test_python_m_sfd_help_subprocess():
     assert r.returncode == 0, r.stderr
     for c in ("forget", "sample", "evaluate", "bench"):
         assert c in r.stdout
+
+
+def test_forget_flags_start_from_the_preset_yaml_defaults():
+    """`sfd forget --preset X` and the sweep's baseline read the same defaults (one source)."""
+    from orchestration.space import load_space, space_path
+    from sfd.cli import build_parser, config_from_args
+
+    parse = build_parser().parse_args
+    cfg = config_from_args(parse(["forget", "--preset", "cifar10", "--out", "x"]))
+    base = load_space(space_path("cifar10")).baseline()
+    for k in ("lr_gen", "lr_fake", "lambda_gen_forget", "alpha", "sigma_dist", "batch_remain", "batch_forget",
+              "ema_beta", "budget_kimg"):
+        assert getattr(cfg, k) == getattr(base, k), k
+    assert (cfg.lr_gen, cfg.batch_remain, cfg.ema_beta) == (1e-5, 128, 0.9999)
+    # a flag given wins over the preset; bool flags parse as booleans
+    cfg = config_from_args(parse(["forget", "--preset", "cifar10", "--out", "x", "--lr-gen", "3e-5",
+                                  "--grad-checkpointing", "--precision", "bf16"]))
+    assert (cfg.lr_gen, cfg.grad_checkpointing, cfg.precision, cfg.lr_fake) == (3e-5, True, "bf16", 1e-5)
+    assert config_from_args(parse(["forget", "--out", "x", "--no-grad-checkpointing"])).grad_checkpointing is False
+    # digits: SFDConfig's own defaults (its YAML sets only the sweep trial's schedule)
+    from sfd.config import SFDConfig
+    assert config_from_args(parse(["forget", "--out", "x"])) == SFDConfig()

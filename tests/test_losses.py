@@ -1,9 +1,9 @@
 """The SFD losses (SFD.md section 4) against hand computations on tiny tensors."""
+import copy
+
 import pytest
 import torch
 
-from sfd.denoisers import Guided
-from sfd.loop import one_step
 from sfd.losses import fake_score_loss, generator_loss
 
 DT = torch.float64
@@ -126,13 +126,19 @@ def test_fake_score_loss_hand_computed():
     x_g = _t([[0.0, 0.0], [1.0, 3.0]]).requires_grad_(True)
     weight = torch.tensor([2.0, 0.5], dtype=DT)
     out = fake_score_loss(d_fake, x_g, weight)
-    # sample 0: 2 * mean(1^2, 2^2) = 2 * 2.5 = 5;   sample 1: 0.5 * mean(1^2, 3^2) = 0.5 * 5 = 2.5
+    # the reference sums over pixels: sample 0: 2 * (1^2 + 2^2) = 10;  sample 1: 0.5 * (1^2 + 3^2) = 5
     assert out.shape == (2,)
-    assert out.tolist() == pytest.approx([5.0, 2.5], rel=1e-12)
+    assert out.tolist() == pytest.approx([10.0, 5.0], rel=1e-12)
     out.sum().backward()
-    # d/d d_fake = weight * 2 (d_fake - x_g) / n_pixels; x_g is treated as data (detached)
-    assert d_fake.grad.flatten().tolist() == pytest.approx([2.0, 4.0, -0.5, -1.5], rel=1e-12)
+    # d/d d_fake = weight * 2 (d_fake - x_g); x_g is treated as data (detached)
+    assert d_fake.grad.flatten().tolist() == pytest.approx([4.0, 8.0, -1.0, -3.0], rel=1e-12)
     assert x_g.grad is None
+    # the 'mean' deviation divides by the pixel count (2 here)
+    d_fake.grad = None
+    mean = fake_score_loss(d_fake, x_g, weight, reduction="mean")
+    assert mean.tolist() == pytest.approx([5.0, 2.5], rel=1e-12)
+    with pytest.raises(ValueError, match="reduction"):
+        fake_score_loss(d_fake, x_g, weight, reduction="max")
 
 
 def test_fake_score_loss_accepts_broadcast_weight_shape(teacher):
@@ -143,41 +149,48 @@ def test_fake_score_loss_accepts_broadcast_weight_shape(teacher):
     assert w.flatten().tolist() == pytest.approx([8.0, 4.25])
     d_fake = torch.ones(2, 1, 8, 8)
     x_g = torch.zeros(2, 1, 8, 8)
-    assert fake_score_loss(d_fake, x_g, w).tolist() == pytest.approx([8.0, 4.25])
+    assert fake_score_loss(d_fake, x_g, w).tolist() == pytest.approx([8.0 * 64, 4.25 * 64])
 
 
 @pytest.mark.parametrize("guidance", [0.0, 1.5])
-def test_generator_step_grads_reach_generator_and_xg_not_teacher_or_fake(teacher, guidance):
-    """The generator step of the loop, rebuilt from the library pieces it uses."""
-    torch.manual_seed(0)
-    fake = teacher.clone().train()
-    gen = teacher.clone().train()
-    teacher.requires_grad_(False)
-    fake.requires_grad_(False)               # as the loop does for the generator step
-    for m in (teacher, fake, gen):
-        m.zero_grad(set_to_none=True)
-    n_r, n_f = 4, 4
-    c_r = torch.tensor([1, 2, 3, 4])
-    c_f = torch.zeros(n_f, dtype=torch.long)
-    c_o = torch.ones(n_f, dtype=torch.long)
-    z = torch.randn(n_r + n_f, 1, 8, 8)
-    sigma = torch.rand(n_r + n_f, 1, 1, 1) * 3 + 0.2
-    noise = torch.randn(n_r + n_f, 1, 8, 8)
-    x_g = one_step(gen, z, torch.cat([c_r, c_f]), 2.5)
-    x_g.retain_grad()
-    x = x_g + sigma * noise
-    x.retain_grad()
-    y_fake = Guided(fake, guidance)(x, sigma, torch.cat([c_r, c_f]))
-    y_real = Guided(teacher, guidance)(x, sigma, torch.cat([c_r, c_o]))
-    per = generator_loss(y_real, y_fake, x_g, 1.2)
-    (per[:n_r].sum() / n_r + per[n_r:].sum() / n_f).backward()
+def test_generator_step_grads_reach_generator_and_xg_not_teacher_or_fake(teacher, guidance, monkeypatch):
+    """The loop's own iteration (sfd.iteration.sfd_iteration): in the generator step the gradient
+    reaches the generator through the *inputs* of the frozen teacher and fake score, never their
+    parameters."""
+    import sfd.iteration as it
+    from sfd.config import SFDConfig
 
-    assert all(p.grad is None for p in teacher.parameters())
-    assert all(p.grad is None for p in fake.parameters())
-    gen_grads = [p.grad for p in gen.parameters()]
-    assert all(g is not None for g in gen_grads)
+    cfg = SFDConfig(batch_remain=4, batch_forget=4, guidance=guidance, device="cpu")
+    st = it.build_state(cfg, copy.deepcopy(teacher), "cpu")
+    seen, flows = {}, {}
+    real_loss = it.generator_loss
+
+    def spy(y_real, y_fake, x_g, alpha):
+        # teacher and fake score are frozen: their outputs need gradients only through x
+        flows["requires_grad"] = (y_real.requires_grad, y_fake.requires_grad, x_g.requires_grad)
+        for name, t in (("y_real", y_real), ("y_fake", y_fake)):
+            t.register_hook(lambda g, name=name: flows.__setitem__(name, float(g.abs().sum())))
+        return real_loss(y_real, y_fake, x_g, alpha)
+
+    monkeypatch.setattr(it, "generator_loss", spy)
+
+    def grads(name, net):
+        seen[name] = {
+            "generator": [None if p.grad is None else p.grad.clone() for p in st.generator.parameters()],
+            "fake_score": [None if p.grad is None else p.grad.clone() for p in st.fake_score.parameters()],
+            "teacher": [p.grad for p in st.teacher.parameters()],
+        }
+
+    it.sfd_iteration(st, grads_hook=grads)
+    assert flows["requires_grad"] == (True, True, True)
+    assert flows["y_real"] > 0 and flows["y_fake"] > 0
+    at_gen = seen["generator"]
+    assert all(g is None for g in at_gen["teacher"])
+    gen_grads = [g for g in at_gen["generator"] if g is not None]
+    assert len(gen_grads) == len(list(st.opt_gen.param_groups[0]["params"]))
     assert sum(float(g.abs().sum()) for g in gen_grads) > 0
-    assert x_g.grad is not None and float(x_g.grad.abs().sum()) > 0
-    # gradients flow *through the inputs* of the frozen teacher and fake score
-    assert x.grad is not None and float(x.grad.abs().sum()) > 0
-    fake.requires_grad_(True)
+    # the generator step left the fake score's gradients (from its own step, then clipped) untouched
+    for a, b in zip(seen["fake_score"]["fake_score"], at_gen["fake_score"]):
+        assert (a is None and b is None) or torch.equal(a.clamp(-cfg.grad_clip, cfg.grad_clip), b)
+    # and the fake score is trainable again afterwards
+    assert all(p.requires_grad for p in st.opt_fake.param_groups[0]["params"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sfd.iteration
 import sfd.loop
 from sfd.checkpoint import latest_checkpoint, load_checkpoint
 from sfd.config import SFDConfig
@@ -68,6 +69,7 @@ class Call:
     grad_enabled: bool
     params_require_grad: bool
     x_requires_grad: bool
+    training: bool = False
 
 
 class Recorder(Denoiser):
@@ -92,7 +94,7 @@ class Recorder(Denoiser):
 
     def forward(self, x, sigma, cond):
         self.log.append(Call(self.tag, cond.detach().clone(), x.detach().clone(), sigma, torch.is_grad_enabled(),
-                             any(p.requires_grad for p in self.parameters()), x.requires_grad))
+                             any(p.requires_grad for p in self.parameters()), x.requires_grad, self.training))
         return self.inner(x, sigma, cond)
 
     def null_cond(self, cond):
@@ -117,9 +119,12 @@ def recorded_run(teacher, cfg, tmp_path, **kw):
 def generator_steps(log, iters):
     """Split the log into iterations and return each iteration's generator-step calls.
 
-    Per iteration the loop makes exactly: generator (no grad) -> fake score (trainable)
-    -> generator (grad) -> fake score (frozen) -> teacher.
+    Before the first iteration, one probe pass of fake score and generator finds parameters
+    that get no gradient. Per iteration the loop then makes exactly: generator (no grad) ->
+    fake score (trainable) -> generator (grad) -> fake score (frozen) -> teacher.
     """
+    probes, log = log[:2], log[2:]
+    assert [c.tag for c in probes] == ["fake", "generator"]
     assert [c.tag for c in log] == ["generator", "fake", "generator", "fake", "teacher"] * iters
     steps = []
     for i in range(iters):
@@ -133,6 +138,8 @@ def generator_steps(log, iters):
         # ... but the generator's gradient flows through their inputs
         assert f1.x_requires_grad and t1.x_requires_grad
         assert not f0.x_requires_grad
+        # dropout where the reference has it: only the two training passes run in train mode
+        assert (g0.training, f0.training, g1.training, f1.training, t1.training) == (False, True, True, False, False)
         # the generator is one denoiser call at sigma_init (SFD.md section 3)
         assert float(g0.sigma) == float(g1.sigma) == 2.5
         # teacher and fake score see the same noisy input
@@ -217,14 +224,14 @@ def test_several_pairs_evaluated(teacher, judge, tmp_path, sfd_cache, monkeypatc
 
 def test_branch_weights_and_two_stage_zero_forget_weights(teacher, tmp_path, monkeypatch):
     """Loss = lam_remain * mean(remain) + lam_forget * mean(forget); stage 1 zeroes lam_forget."""
-    def fake_per_sample(d_fake, x_g, weight):          # remain samples 1, forget samples 3
+    def fake_per_sample(d_fake, x_g, weight, reduction="sum"):          # remain samples 1, forget samples 3
         return torch.cat([torch.ones(B), torch.full((B,), 3.0)]) + 0.0 * d_fake.sum()
 
     def gen_per_sample(y_real, y_fake, x_g, alpha):    # remain samples 2, forget samples 5
         return torch.cat([torch.full((B,), 2.0), torch.full((B,), 5.0)]) + 0.0 * x_g.sum()
 
-    monkeypatch.setattr(sfd.loop, "fake_score_loss", fake_per_sample)
-    monkeypatch.setattr(sfd.loop, "generator_loss", gen_per_sample)
+    monkeypatch.setattr(sfd.iteration, "fake_score_loss", fake_per_sample)
+    monkeypatch.setattr(sfd.iteration, "generator_loss", gen_per_sample)
     t = copy.deepcopy(teacher)
     before = snapshot(t)
     cfg = tiny(4, every=4, lambda_fake_remain=2.0, lambda_fake_forget=0.5, lambda_gen_remain=0.25,
@@ -374,7 +381,7 @@ def test_train_sfd_rejects_bad_config_before_writing(tmp_path):
 
 @pytest.mark.parametrize("which", ["generator_loss", "fake_score_loss"])
 def test_nan_loss_raises_and_keeps_checkpoints(teacher, tmp_path, monkeypatch, which):
-    real = getattr(sfd.loop, which)
+    real = getattr(sfd.iteration, which)
     calls = {"n": 0}
 
     def poisoned(*args):
@@ -382,7 +389,7 @@ def test_nan_loss_raises_and_keeps_checkpoints(teacher, tmp_path, monkeypatch, w
         out = real(*args)
         return out * float("nan") if calls["n"] == 5 else out   # iteration 5 of 6
 
-    monkeypatch.setattr(sfd.loop, which, poisoned)
+    monkeypatch.setattr(sfd.iteration, which, poisoned)
     cfg = tiny(6, every=1, checkpoint_every_kimg=2 * KIMG_PER_IT)
     saved = {}
 
@@ -411,7 +418,7 @@ def test_nan_loss_raises_and_keeps_checkpoints(teacher, tmp_path, monkeypatch, w
     info = load_checkpoint(ckpt, {"generator": gen, "generator_ema": ema, "fake_score": fake}, opts,
                            torch.Generator())
     assert info["iteration"] == 4 and len(info["losses"]) == 4
-    monkeypatch.setattr(sfd.loop, which, real)
+    monkeypatch.setattr(sfd.iteration, which, real)
     train_sfd(cfg, tmp_path, teacher=copy.deepcopy(teacher), evaluate=False, progress=False, resume=True)
     assert latest_checkpoint(tmp_path).name == "ckpt-00000006"
 

@@ -68,16 +68,19 @@ class Guided(nn.Module):
     exactly the conditional denoiser and costs a single call.
     """
 
-    def __init__(self, denoiser: Denoiser, scale: float):
+    def __init__(self, denoiser: Denoiser, scale: float, call=None):
         super().__init__()
         self.denoiser = denoiser
         self.scale = float(scale)
+        # ``call`` runs the network (e.g. its DistributedDataParallel wrapper); default: the denoiser
+        self._call = call
 
     def forward(self, x, sigma, cond):
         d = self.denoiser
+        run = self._call if self._call is not None else d
         if self.scale == 0.0:
-            return d(x, sigma, cond)
+            return run(x, sigma, cond)
         sigma = as_sigma(sigma, x)
-        both = d(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, d.null_cond(cond)]))
+        both = run(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, d.null_cond(cond)]))
         cond_out, null_out = both.chunk(2)
         return (1.0 + self.scale) * cond_out - self.scale * null_out

@@ -255,7 +255,7 @@ class ConditionalDDPMUNet(nn.Module):
         if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
             raise ValueError(f"this DDPM UNet was built for {self.resolution}x{self.resolution} "
                              f"images, got {tuple(x.shape[-2:])}")
-        temb = self.temb(ddpm_timestep_embedding(t.reshape(-1).expand(x.shape[0]), self.ch))
+        temb = self.temb(ddpm_timestep_embedding(t.reshape(-1).expand(x.shape[0]), self.ch).to(x.dtype))
         cemb = self.cemb(self.class_embedding(labels.reshape(-1).expand(x.shape[0])))
         emb = torch.cat([temb, cemb], dim=1)
 

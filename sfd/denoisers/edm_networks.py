@@ -146,6 +146,7 @@ class UNetBlock(nn.Module):
         self.num_heads = 0 if not attention else (num_heads if num_heads is not None
                                                   else out_channels // channels_per_head)
         self.dropout = dropout
+        self.drop = nn.Dropout(dropout)      # a module, so SFD can make its masks global-batch seeded
         self.skip_scale = float(skip_scale)
         self.adaptive_scale = adaptive_scale
 
@@ -173,7 +174,7 @@ class UNetBlock(nn.Module):
             x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
             x = F.silu(self.norm1(x + params))
-        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = self.conv1(self.drop(x))
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
             b, c, h, w = x.shape

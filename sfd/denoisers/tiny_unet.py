@@ -70,7 +70,7 @@ class TinyUNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x, c_noise, labels):
-        emb = self.noise_mlp(fourier_embedding(c_noise, self.emb_dim)) + self.class_emb(labels)
+        emb = self.noise_mlp(fourier_embedding(c_noise, self.emb_dim).to(x.dtype)) + self.class_emb(labels)
         emb = F.silu(emb)
         h1 = self.down1(self.conv_in(x), emb)
         h2 = self.down2(self.downsample(h1), emb)

@@ -3,6 +3,11 @@
 The generator is compared with the teacher's own 18-step Heun samples at *equal* sample
 counts, since FD is biased by sample size. Teacher samples are costly (35 network calls
 each), so they are cached on disk per teacher, count, steps and seed.
+
+On N ranks the work is sharded: samples are produced in fixed chunks of ``CHUNK`` rows, each
+drawn from its own seeded noise, and every rank generates and featurises a contiguous run
+of chunks; the outputs are gathered and rank 0 computes the metrics. Chunks do not depend on
+the number of ranks, so 1 and N workers compute the same samples.
 """
 from __future__ import annotations
 
@@ -13,8 +18,11 @@ from pathlib import Path
 
 import torch
 
+from tqdm.auto import tqdm
+
+from ..distributed import Dist
 from ..io import CheckpointError, load_tensors, save_tensors
-from ..samplers import sample_teacher
+from ..samplers import karras_sigmas, sample_heun
 from .metrics import accuracy, frechet_distance, judge_outputs, unlearning_accuracy
 from .report import RealReference
 
@@ -31,20 +39,59 @@ def teacher_fingerprint(teacher) -> str:
     return h.hexdigest()[:16]
 
 
+CHUNK = 500
+
+
+def sharded(fn, n: int, dist=None, device="cpu", chunk: int = CHUNK):
+    """Rows 0..n of ``fn(start, end) -> tuple of tensors``, computed chunk by chunk, each rank a
+    contiguous run of chunks, gathered on every rank (in row order)."""
+    dist = dist or Dist()
+    bounds = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    mine = bounds[slice(*dist.bounds(len(bounds)))]
+    if mine:
+        outs = [fn(a, b) for a, b in mine]
+        local = [torch.cat(parts) for parts in zip(*outs)]
+    else:                                      # more ranks than chunks: idle, but shaped like the rest
+        local = [t[:0] for t in fn(0, 1)]
+    if dist.world_size == 1:
+        return tuple(t.cpu() for t in local)
+    sizes = [sum(b - a for a, b in bounds[slice(*dist.bounds(len(bounds), r))]) for r in range(dist.world_size)]
+    return tuple(dist.gather_rows(t, sizes, device) for t in local)
+
+
 def teacher_samples(teacher, num_classes: int, per_class: int, steps: int = 18, seed: int = 1234,
-                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels): ``per_class`` Heun samples of every class, cached on disk."""
-    path = cache_dir() / f"teacher-{teacher_fingerprint(teacher)}-{per_class}x{num_classes}-heun{steps}-s{seed}.safetensors"
+                    progress: bool = False, dist=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels): ``per_class`` Heun samples of every class, cached on disk; sharded over ranks."""
+    dist = dist or Dist()
+    device = torch.device(device) if device is not None else next(teacher.parameters()).device
+    path = cache_dir() / (f"teacher-{teacher_fingerprint(teacher)}-{per_class}x{num_classes}-heun{steps}-s{seed}"
+                          f"-c{CHUNK}.safetensors")
+    cached = None
     if path.is_file():
         try:
             t, _ = load_tensors(path)
-            return t["x"], t["labels"]
+            cached = t["x"], t["labels"]
         except CheckpointError:
-            path.unlink(missing_ok=True)          # a damaged cache entry is recomputed
+            cached = None                         # a damaged cache entry is recomputed
+    if dist.all_true(cached is not None, device):
+        return cached
     labels = torch.arange(num_classes).repeat_interleave(per_class)
-    x = sample_teacher(teacher, labels, steps=steps, generator=torch.Generator().manual_seed(seed),
-                       progress=progress)
-    save_tensors(path, {"x": x, "labels": labels})
+    sigmas = karras_sigmas(steps, max(teacher.sigma_min, 0.002), min(teacher.sigma_max, 80.0), device=device)
+    bar = tqdm(total=len(labels), disable=not progress, desc=f"teacher {steps}-step Heun", unit="img")
+
+    def sample(a, b):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + a // CHUNK)
+        z = torch.randn((CHUNK, *teacher.img_shape), generator=g)[: b - a].to(device)
+        x = sample_heun(teacher, z * float(sigmas[0]), sigmas, labels[a:b].to(device)).cpu()
+        bar.update(b - a)
+        return (x,)
+
+    (x,) = sharded(sample, len(labels), dist, device)
+    bar.close()
+    if dist.lead:
+        if path.is_file():
+            path.unlink()
+        save_tensors(path, {"x": x, "labels": labels})
     return x, labels
 
 
@@ -53,52 +100,89 @@ def first_per_class(labels: torch.Tensor, classes, n: int) -> torch.Tensor:
 
 
 class ForgetEvaluator:
-    """Evaluates a one-step generator against the teacher at fixed sample counts."""
+    """Evaluates a one-step generator against the teacher at fixed sample counts.
+
+    Built on every rank of a run; each rank generates and judges its share, rank 0 alone holds
+    the real-image reference and computes UA / FD (the other ranks get ``{}``).
+    """
 
     def __init__(self, preset, judge, teacher, targets, forget_samples: int = 1000, remain_per_class: int = 200,
-                 seed: int = 777, progress: bool = False, reference=None):
+                 seed: int = 777, progress: bool = False, reference=None, dist=None, device=None):
         self.preset, self.judge, self.targets = preset, judge, targets
         self.forget_samples, self.remain_per_class = forget_samples, remain_per_class
-        self.ref = RealReference.from_preset(preset, judge, reference)
+        self.dist = dist or Dist()
+        self.device = torch.device(device) if device is not None else next(judge.parameters()).device
+        self.seed = seed
+        self.ref = RealReference.from_preset(preset, judge, reference) if self.dist.lead else None
         per_class = max(remain_per_class, forget_samples)
-        tx, tl = teacher_samples(teacher, preset.num_classes, per_class, progress=progress)
-        # Fixed evaluation inputs: the same noise and labels at every evaluation of a run.
-        g = torch.Generator().manual_seed(seed)
+        tx, tl = teacher_samples(teacher, preset.num_classes, per_class, progress=progress, dist=self.dist,
+                                 device=self.device)
+        # Fixed evaluation inputs: the same labels (and per-chunk noise) at every evaluation of a run.
         nf = len(targets.forget)
         self.forget_labels = torch.tensor(targets.forget).repeat_interleave(
             torch.tensor([forget_samples // nf + (i < forget_samples % nf) for i in range(nf)]))
         self.remain_labels = torch.tensor(targets.remain).repeat_interleave(remain_per_class)
         self.labels = torch.cat([self.forget_labels, self.remain_labels])
-        self.z = torch.randn((len(self.labels), *preset.img_shape), generator=g)
-        # The teacher's figures at the same counts.
+        # The teacher's figures at the same counts (judged on every rank's share, measured on rank 0).
         remain_idx = first_per_class(tl, targets.remain, remain_per_class)
-        t_pred, _, t_feats = judge_outputs(judge, tx[remain_idx])
-        self.teacher = {
-            "fd_remaining_teacher": frechet_distance(t_feats, self.ref.of(targets.remain)),
-            "remaining_accuracy_teacher": accuracy(t_pred, tl[remain_idx]),
-        }
-        # The teacher's own FD for the override target, with as many samples as the forget class gets.
-        fd_o = []
+        override_idx = []
         for f, intended in zip(targets.forget, targets.intended_override()):
             n = int((self.forget_labels == f).sum())
-            per = max(2, n // len(intended))
-            idx = first_per_class(tl, intended, per)
-            _, _, feats = judge_outputs(judge, tx[idx])
-            fd_o.append(frechet_distance(feats, self.ref.of(intended)))
-        self.teacher["fd_override_teacher"] = sum(fd_o) / len(fd_o)
+            override_idx.append(first_per_class(tl, intended, max(2, n // len(intended))))
+        idx = torch.cat([remain_idx, *override_idx])
+        t_pred, _, t_feats = self._judge(tx[idx])
+        self.teacher = {}
+        if self.dist.lead:
+            nr = len(remain_idx)
+            self.teacher = {
+                "fd_remaining_teacher": frechet_distance(t_feats[:nr], self.ref.of(targets.remain)),
+                "remaining_accuracy_teacher": accuracy(t_pred[:nr], tl[remain_idx]),
+            }
+            # the teacher's own FD for the override target, with as many samples as the forget class gets
+            fd_o, start = [], nr
+            for oi, intended in zip(override_idx, targets.intended_override()):
+                fd_o.append(frechet_distance(t_feats[start:start + len(oi)], self.ref.of(intended)))
+                start += len(oi)
+            self.teacher["fd_override_teacher"] = sum(fd_o) / len(fd_o)
         self.teacher_images = tx
         self.teacher_labels = tl
 
+    def _judge(self, x: torch.Tensor):
+        """Judge outputs (pred, probs, feats as numpy) of images ``x``, sharded over ranks."""
+        def run(a, b):
+            pred, probs, feats = judge_outputs(self.judge, x[a:b])
+            return pred, probs, torch.from_numpy(feats)
+        pred, probs, feats = sharded(run, len(x), self.dist, self.device)
+        return pred, probs, feats.numpy()
+
+    def noise(self, a: int, b: int) -> torch.Tensor:
+        """z of rows a..b (within one chunk): every chunk has its own seeded noise."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + a // CHUNK)
+        off = a % CHUNK
+        return torch.randn((CHUNK, *self.preset.img_shape), generator=g)[off: off + b - a]
+
     @torch.no_grad()
-    def generate(self, generator_fn, batch_size: int = 1000) -> torch.Tensor:
-        out = [generator_fn(z, c).float().cpu() for z, c in zip(self.z.split(batch_size), self.labels.split(batch_size))]
-        return torch.cat(out)
+    def _outputs(self, generator_fn):
+        def run(a, b):
+            x = generator_fn(self.noise(a, b).to(self.device), self.labels[a:b].to(self.device)).float()
+            pred, probs, feats = judge_outputs(self.judge, x)
+            return pred, probs, torch.from_numpy(feats)
+        return sharded(run, len(self.labels), self.dist, self.device)
+
+    @torch.no_grad()
+    def generate(self, generator_fn, rows=None) -> torch.Tensor:
+        """The generator's evaluation images (all of them, or ``rows``), on this rank alone."""
+        rows = torch.arange(len(self.labels)) if rows is None else torch.as_tensor(rows)
+        z = torch.stack([self.noise(int(i), int(i) + 1)[0] for i in rows])
+        return generator_fn(z.to(self.device), self.labels[rows].to(self.device)).float().cpu()
 
     @torch.no_grad()
     def __call__(self, generator_fn) -> dict:
-        """Metrics of ``generator_fn(z, labels) -> images`` (z ~ N(0, I), on the judge's device)."""
-        x = self.generate(generator_fn)
-        pred, probs, feats = judge_outputs(self.judge, x)
+        """Metrics of ``generator_fn(z, labels) -> images`` (z ~ N(0, I)); call it on every rank."""
+        pred, probs, feats = self._outputs(generator_fn)
+        if not self.dist.lead:
+            return {}
+        feats = feats.numpy()
         nf = len(self.forget_labels)
         fpred, fprobs, ffeats = pred[:nf], probs[:nf], feats[:nf]
         rpred, rfeats = pred[nf:], feats[nf:]
@@ -126,12 +210,44 @@ class ForgetEvaluator:
         m["override_fd_ratio"] = m["fd_forget_vs_override"] / max(m["fd_override_teacher"], 1e-12)
         return m
 
-    def grid_images(self, x: torch.Tensor | None = None, generator_fn=None, per_class: int = 10):
-        """(images, nrow) for a grid with one row per class, forget classes first."""
-        if x is None:
-            x = self.generate(generator_fn)
+    def grid_images(self, generator_fn, per_class: int = 10):
+        """(images, nrow) for a grid with one row per class, forget classes first (this rank alone)."""
         idx = first_per_class(self.labels, range(self.preset.num_classes), per_class)
-        return x[idx], per_class
+        return self.generate(generator_fn, idx), per_class
+
+
+def evaluate_run(run_dir, seed: int = 777, device="auto", forget_samples: int | None = None,
+                 remain_per_class: int | None = None, progress: bool = False, teacher=None, judge=None) -> dict:
+    """Re-evaluate the generator of a finished run with the run's teacher and judge, on the noise
+    of ``seed`` (a seed other than the run's 777 gives fresh samples: an unbiased figure for a
+    run that was picked as the best of several)."""
+    from ..config import SFDConfig
+    from ..denoisers import load_denoiser, load_teacher
+    from ..io import read_json
+    from ..iteration import one_step
+    from ..presets import get_preset
+    from ..targets import ClassTargets
+    from ..utils import pick_device
+    from . import load_judge
+
+    run_dir = Path(run_dir)
+    cfg = SFDConfig.from_dict(read_json(run_dir / "metrics.json")["config"])
+    if forget_samples:
+        cfg.eval_forget_samples = forget_samples
+    if remain_per_class:
+        cfg.eval_remain_per_class = remain_per_class
+    device = pick_device(device)
+    preset = get_preset(cfg.preset)
+    teacher = teacher if teacher is not None else load_teacher(preset, cfg.teacher, device)
+    judge = judge if judge is not None else load_judge(preset, cfg.classifier, device, cfg.fid_weights)
+    gen_path = run_dir / "generator.safetensors"
+    info = load_tensors(gen_path)[1].get("generator") or {}
+    gen = load_denoiser(gen_path, device).eval()
+    sigma_init = float(info.get("sigma_init", cfg.sigma_init))
+    ev = ForgetEvaluator(preset, judge, teacher, ClassTargets(cfg.validate(preset), preset.num_classes),
+                         cfg.eval_forget_samples, cfg.eval_remain_per_class, seed=seed, progress=progress,
+                         reference=cfg.reference, device=device)
+    return {**ev(lambda z, c: one_step(gen, z.to(device), c.to(device), sigma_init)), "seed": seed}
 
 
 @torch.no_grad()
