@@ -324,6 +324,12 @@ def cmd_bench(a) -> int:
     for c in classes:
         digits.check_class(c, "--classes")
     a.classes = ",".join(map(str, classes))
+    if not a.iteration and not a.overwrite:          # refuse before any class is trained, not at the second one
+        from .rundir import holds_run
+        taken = [str(Path(a.out) / f"forget{c}") for c in classes if holds_run(Path(a.out) / f"forget{c}")]
+        if taken:
+            raise UsageError(f"--out {a.out} already holds bench runs ({', '.join(taken)}) — choose another --out, "
+                             f"or pass --overwrite to move them aside (<run>.old-<timestamp>)")
     if a.override not in ("next", "random", "classifier"):
         a.override = ",".join(map(str, parse_classes(a.override, digits, "--override")))
         digits.check_class(int(a.override.split(",")[0]), "--override")
@@ -425,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train every class for the whole --seconds instead of stopping once UA >= 0.99, "
                         "FD <= 2x the teacher's and remaining accuracy within 2 points hold together")
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds an earlier bench: move its runs aside (<run>.old-<timestamp>) instead of refusing")
     p.add_argument("--eval-every-kimg", type=float, default=2.5, help="evaluation interval (default: 2.5)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -420,3 +420,12 @@ def test_metadata_limits_are_checked_before_reading_tensors(digits, tmp_path):
         load_denoiser(bad)
     assert time.perf_counter() - t0 < 5
     assert math.isfinite(t0)
+
+
+def test_bench_into_an_earlier_bench_is_refused_before_work(finished, tmp_path, capsys):
+    out = tmp_path / "bench"
+    shutil.copytree(finished, out / "forget3")
+    before = digest(out)
+    err = cli_error(capsys, ["bench", "--classes", "2,3", "--seconds", "1", "--no-progress", "--out", str(out)])
+    assert "forget3" in err and "--overwrite" in err
+    assert digest(out) == before
