@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from sfd.checkpoint import latest_checkpoint, resolve_checkpoint
 from sfd.cli import build_parser, config_from_args, main
@@ -109,7 +110,9 @@ FORGET_CASES = [
     (["--ema-beta", "1.0"], ["ema_beta", "1.0"]),
     (["--adam-beta2", "1.5"], ["adam_beta2", "1.5"]),
     (["--grad-clip", "-1"], ["grad_clip", "-1.0"]),
-    (["--device", "cuda"], ["'cuda'", "CUDA is not available"]),
+    pytest.param(["--device", "cuda"], ["'cuda'", "CUDA is not available"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: 'cuda' is valid here")),
+    (["--device", "cuda:99"] if torch.cuda.is_available() else ["--device", "cuda:1"], ["cuda:"]),
     (["--device", "banana"], ["'banana'", "not a torch device"]),
     (["--precision", "fp8"], ["fp8"]),
     (["--num-workers", "0"], ["--num-workers", "0"]),
@@ -118,7 +121,12 @@ FORGET_CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, words", FORGET_CASES, ids=[" ".join(a) for a, _ in FORGET_CASES])
+def _id(case):
+    args = case.values[0] if hasattr(case, "values") else case[0]
+    return " ".join(args)
+
+
+@pytest.mark.parametrize("args, words", FORGET_CASES, ids=[_id(c) for c in FORGET_CASES])
 def test_forget_rejects_bad_setting_before_work(tmp_path, capsys, args, words):
     out = tmp_path / "out"
     small = ["--budget-kimg", "0.016", "--batch-remain", "4", "--batch-forget", "4", "--eval-forget-samples", "10",
