@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'classifier' (default: the search space's 'override')")
     p.add_argument("--space", help="search-space YAML (default: search_spaces/<preset>.yaml)")
     p.add_argument("--out", default="runs/sweep", help="output folder (default: runs/sweep)")
-    p.add_argument("--trials-per-target", type=int, default=3,
-                   help="trials per target, the baseline included (default: 3)")
+    p.add_argument("--trials-per-target", type=int, default=None,
+                   help="trials per target, the baseline included (default: 3; 9 with --budget long)")
     p.add_argument("--budget-kimg", type=float, default=None,
                    help="training length of every trial in kimg (default: the space's defaults)")
     p.add_argument("--budget", choices=["quick", "long"], default="quick",
@@ -259,6 +259,12 @@ def summarize_only(a) -> int:
     return 0 if (df["best_trial"] != "").all() else 1
 
 
+def apply_budget(a) -> None:
+    """--budget long: 3x the trials unless --trials-per-target was given (4x the kimg: resolve)."""
+    if a.trials_per_target is None:
+        a.trials_per_target = 9 if a.budget == "long" else 3
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if a.summarize_only:
@@ -266,8 +272,7 @@ def main(argv=None) -> int:
     if not a.targets:
         print("sweep.py: error: --targets is required, e.g. --targets all_digits_classes", file=sys.stderr)
         return 2
-    if a.budget == "long" and a.trials_per_target == 3:
-        a.trials_per_target = 9
+    apply_budget(a)
     try:
         targets, spaces, overrides = resolve(a)
         if a.trials_per_target < 1:

@@ -162,7 +162,8 @@ def run_bench(a) -> int:
         # Unless --full-budget, a digit is done once forgetting and quality targets hold together.
         stop = None if a.full_budget else (lambda h: h["ua"] >= 0.99 and h["fd_ratio"] <= 2.0 and
                                            h["remaining_accuracy_teacher"] - h["remaining_accuracy"] <= 0.02)
-        final = train_sfd(cfg, run_dir, progress=not a.no_progress, teacher=teacher, judge=judge, stop_when=stop)
+        final = train_sfd(cfg, run_dir, progress=not a.no_progress, teacher=teacher, judge=judge, stop_when=stop,
+                          overwrite=bool(getattr(a, "overwrite", False)))
         import json
         history = json.loads((run_dir / "history.json").read_text())
         ua_hit = _first(history, lambda h: h["ua"] >= 0.99)

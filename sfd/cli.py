@@ -3,9 +3,54 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import __version__
 from .presets import PRESETS, get_preset
+
+
+class UsageError(ValueError):
+    """A user mistake on the command line (printed as `sfd: error: ...`, exit 2)."""
+
+
+class SfdArgumentParser(argparse.ArgumentParser):
+    """argparse's errors in sfd's one style: `sfd: error: <what> — <what to do>`, exit 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"sfd: error: {message} — see '{self.prog} --help'\n")
+
+
+def _finite(name: str, v: float, *, low: float | None = None, low_open: bool = False, fix: str = "") -> float:
+    import math
+    if not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low)):
+        raise UsageError(f"{name} {v!r} is invalid — give {fix}")
+    return v
+
+
+def _positive_int(name: str, v: int, fix: str = "a whole number >= 1") -> int:
+    if v < 1:
+        raise UsageError(f"{name} {v!r} is invalid — give {fix}")
+    return v
+
+
+def parse_classes(text, preset, what: str = "--forget") -> list[int]:
+    """Class ids or the preset's class names ('0'..'9' for digits, 'cat' for cifar10), comma-separated."""
+    items = [t.strip() for t in str(text).split(",")]
+    valid = ", ".join(f"{i}={n}" for i, n in enumerate(preset.class_names))
+    if not any(items):
+        raise UsageError(f"{what}: no class given — give class ids or names; valid classes: {valid}")
+    out = []
+    for t in items:
+        if not t:
+            raise UsageError(f"{what} {text!r}: empty entry — give comma-separated classes; valid classes: {valid}")
+        if t in preset.class_names:
+            out.append(preset.class_names.index(t))
+        elif t.isdigit():
+            out.append(int(t))
+        else:
+            raise UsageError(f"{what} {t!r} is not a class of preset '{preset.name}' — valid classes: {valid}")
+    return out
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -17,13 +62,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_classifier(a) -> int:
+    from .pretrain import train_classifier
     preset = get_preset(a.preset)
     if not preset.embedded:
         return _train_resnet_judge(a, preset)
-    from .pretrain import train_classifier
-    out = a.out or preset.weights_dir
-    m = train_classifier(preset, out, steps=a.steps or 3000, batch=a.batch or 128, lr=a.lr or 2e-3, seed=a.seed,
-                         device=a.device, progress=not a.no_progress)
+    if not a.out:
+        raise UsageError("--out is required for the digits classifier — give a folder, e.g. runs/classifier "
+                         "(the bundled weights folder only if you name it)")
+    a.steps = 3000 if a.steps is None else a.steps
+    a.batch = 128 if a.batch is None else a.batch
+    a.lr = 2e-3 if a.lr is None else a.lr
+    _check_trainer_args(a)
+    out = a.out
+    m = train_classifier(preset, out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, device=a.device,
+                         progress=not a.no_progress)
     print(f"classifier: held-out accuracy {m['metrics']['test_accuracy']:.4f} "
           f"({m['metrics']['n_test']} images), {m['wall_seconds']} s -> {out}")
     return 0
@@ -38,6 +90,10 @@ def _train_resnet_judge(a, preset) -> int:
     out = Path(a.out) if a.out else assets.classifier_path(preset.name)
     if out.suffix != ".safetensors":
         out = out / f"resnet34_{preset.name}.safetensors"
+    a.steps = DEFAULTS["steps"] if a.steps is None else a.steps
+    a.batch = DEFAULTS["batch"] if a.batch is None else a.batch
+    a.lr = DEFAULTS["lr"] if a.lr is None else a.lr
+    _check_trainer_args(a, out.parent)
     init = a.init
     if init is None:
         row = assets.find(assets.REGISTRY, preset.name, "classifier_init")
@@ -47,8 +103,7 @@ def _train_resnet_judge(a, preset) -> int:
                   f"`sfd fetch {preset.name}` downloads it): training from random initialisation", file=sys.stderr)
     elif init == "none":
         init = None
-    m = train_resnet_judge(preset, out, steps=a.steps or DEFAULTS["steps"], batch=a.batch or DEFAULTS["batch"],
-                           lr=a.lr or DEFAULTS["lr"], seed=a.seed, device=a.device, init=init,
+    m = train_resnet_judge(preset, out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, device=a.device, init=init,
                            progress=not a.no_progress)
     print(f"classifier: ResNet-34, test accuracy {m['metrics']['test_accuracy']:.4f} ({m['metrics']['n_test']} "
           f"images), {m['steps']} steps, {m['wall_seconds']} s -> {out} (+ {out.with_suffix('.json').name})")
@@ -67,7 +122,7 @@ def cmd_fetch(a) -> int:
                       skip_classifier=a.skip_classifier, classifier=a.classifier, stats=not a.no_stats,
                       device=a.device)
     except assets.DownloadError as e:
-        print(f"sfd fetch: error: {e}", file=sys.stderr)
+        print(f"sfd: error: {e}", file=sys.stderr)
         return 1
     return 0 if not r["missing"] or all("train-classifier" in m for m in r["missing"]) else 1
 
@@ -103,10 +158,31 @@ def fill_cached_assets(cfg, command: str = "forget"):
     return cfg
 
 
+def _check_trainer_args(a, out_dir=None) -> None:
+    from .config import check_device
+    _positive_int("--steps", a.steps)
+    _positive_int("--batch", a.batch)
+    _finite("--lr", a.lr, low=0.0, low_open=True, fix="a learning rate > 0")
+    if a.seed < 0:
+        raise UsageError(f"--seed {a.seed} is invalid — give a seed >= 0")
+    check_device(a.device)
+    out = Path(out_dir if out_dir is not None else a.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file — give a folder")
+
+
 def cmd_pretrain(a) -> int:
     from .pretrain import train_teacher
     preset = get_preset(a.preset)
-    out = a.out or preset.weights_dir
+    _check_trainer_args(a)
+    _positive_int("--channels", a.channels)
+    if a.channels > 1024:
+        raise UsageError(f"--channels {a.channels} is too wide — give at most 1024")
+    _positive_int("--eval-per-class", a.eval_per_class)
+    if not (Path(a.out) / "classifier.safetensors").is_file():
+        raise UsageError(f"--out {a.out} has no classifier.safetensors — run `sfd train-classifier --out {a.out}` "
+                         f"first (the teacher is evaluated with it)")
+    out = a.out
     m = train_teacher(preset, out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, channels=a.channels,
                       device=a.device, progress=not a.no_progress, eval_per_class=a.eval_per_class)
     met = m["metrics"]
@@ -149,9 +225,14 @@ def config_from_args(a):
     from .config import SFDConfig, preset_defaults
 
     given = {f.name: getattr(a, f.name) for f in fields(SFDConfig) if getattr(a, f.name, None) is not None}
-    if "forget" in given:
-        given["forget"] = [int(c) for item in given["forget"] for c in str(item).split(",") if c.strip()]
     preset = given.get("preset", "digits")
+    p = get_preset(preset)
+    if "forget" in given:
+        given["forget"] = [c for item in given["forget"] for c in parse_classes(item, p, "--forget")]
+    if "override" in given and given["override"] not in ("random", "classifier"):
+        items = [t.strip() for t in str(given["override"]).split(",")]
+        if all(t in p.class_names or t.isdigit() for t in items) and all(items):
+            given["override"] = ",".join(str(c) for c in parse_classes(given["override"], p, "--override"))
     return SFDConfig.from_dict({**preset_defaults(preset), **given})
 
 
@@ -167,18 +248,25 @@ SUMMARY_KEYS = ("ua", "override_rate", "remaining_accuracy", "remaining_accuracy
 def cmd_forget(a) -> int:
     cfg = fill_cached_assets(config_from_args(a))
     if a.num_workers < 1:
-        raise ValueError(f"--num-workers {a.num_workers}: give at least 1")
+        raise UsageError(f"--num-workers {a.num_workers}: give at least 1")
+    _finite("--cpus-per-worker", a.cpus_per_worker, low=0.0, low_open=True, fix="a number of CPUs > 0")
+    _finite("--gpus-per-worker", a.gpus_per_worker, low=0.0, fix="a number of GPUs >= 0")
     if a.num_workers > 1 or a.address:
-        from .presets import get_preset
+        import os
+
         from .raytrain import fit_single_run
+        from .rundir import plan_run_dir
         cfg.validate(get_preset(cfg.preset))
+        plan = plan_run_dir(a.out, cfg.to_dict(), resume=a.resume, overwrite=a.overwrite)   # before Ray starts
+        if plan.move_aside is not None:
+            os.replace(plan.out, plan.move_aside)
+            print(f"note: {plan.notes[0]}", flush=True)
         final = fit_single_run(cfg, a.out, num_workers=a.num_workers, address=a.address,
                                cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
                                resume=a.resume, progress=not a.no_progress)
     else:
         from .loop import train_sfd
-        final = train_sfd(cfg, a.out, resume=a.resume, progress=not a.no_progress)
-    from pathlib import Path
+        final = train_sfd(cfg, a.out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
     written = sorted(p.name for p in Path(a.out).iterdir() if p.is_file())
     print(f"done -> {a.out}: {', '.join(written)}")
     print(_fmt(final, SUMMARY_KEYS))
@@ -205,21 +293,44 @@ def cmd_sample(a) -> int:
 
     from .denoisers import load_denoiser
     from .evaluate.report import save_grid
-    from .io import load_tensors, save_tensors
+    from .io import save_tensors
     from .loop import one_step
     from .utils import pick_device
 
+    from .config import check_device
+    from .io import read_metadata
+    _positive_int("--n", a.n, "at least 1 sample per class")
+    if a.n > 10_000:
+        raise UsageError(f"--n {a.n} is too many samples per class — give at most 10000")
+    if a.seed < 0:
+        raise UsageError(f"--seed {a.seed} is invalid — give a seed >= 0")
+    check_device(a.device)
+    if not a.out.endswith((".png", ".safetensors")):
+        raise UsageError(f"--out {a.out!r}: give a .png (grid) or .safetensors (tensors) file")
+    if Path(a.out).is_dir():
+        raise UsageError(f"--out {a.out} is a folder — give a .png or .safetensors file path")
     device = pick_device(a.device)
-    _, meta = load_tensors(a.generator)
+    meta = read_metadata(a.generator)
     info = meta.get("generator")
     if not info:
-        raise ValueError(f"{a.generator} is not an sfd one-step generator (no 'generator' metadata); "
+        raise ValueError(f"{a.generator} is not an sfd one-step generator (no 'generator' metadata) — "
                          f"use the generator.safetensors of an `sfd forget` run")
     gen = load_denoiser(a.generator, device).eval()
-    classes = [int(c) for c in a.classes.split(",")] if a.classes else list(range(gen.num_classes))
+    if a.classes is not None:
+        names = info.get("preset")
+        from .presets import PRESETS
+        p = PRESETS.get(names)
+        if p is not None:
+            classes = parse_classes(a.classes, p, "--classes")
+        else:
+            classes = [int(c) for c in a.classes.split(",") if c.strip().isdigit()]
+            if not classes:
+                raise UsageError(f"--classes {a.classes!r}: give class ids 0..{gen.num_classes - 1}")
+    else:
+        classes = list(range(gen.num_classes))
     for c in classes:
         if not 0 <= c < gen.num_classes:
-            raise ValueError(f"class {c} is not in 0..{gen.num_classes - 1}")
+            raise ValueError(f"class {c} is not in 0..{gen.num_classes - 1} — give --classes within that range")
     labels = torch.tensor(classes).repeat_interleave(a.n)
     z = torch.randn((len(labels), *gen.img_shape), generator=torch.Generator().manual_seed(a.seed))
     with torch.no_grad():
@@ -237,10 +348,18 @@ def cmd_sample(a) -> int:
 def cmd_evaluate(a) -> int:
     from pathlib import Path
 
+    from .config import check_device
     from .evaluate.forgetting import evaluate_run
     from .io import write_json
 
     run = Path(a.run)
+    if not run.is_dir():
+        raise UsageError(f"--run {run} is not a folder — give the --out folder of an `sfd forget` run")
+    for name in ("--forget-samples", "--remain-per-class"):
+        v = getattr(a, name[2:].replace("-", "_"))
+        if v < 0:
+            raise UsageError(f"{name} {v} is invalid — give a count >= 1 (or 0: the run's)")
+    check_device(a.device)
     m = evaluate_run(run, seed=a.seed, device=a.device, forget_samples=a.forget_samples or None,
                      remain_per_class=a.remain_per_class or None, progress=not a.no_progress)
     write_json(run / "evaluation.json", m)
@@ -251,11 +370,31 @@ def cmd_evaluate(a) -> int:
 
 def cmd_bench(a) -> int:
     from .bench import run_bench
+    _finite("--seconds", a.seconds, low=0.0, low_open=True, fix="a time budget per class in seconds > 0")
+    _finite("--eval-every-kimg", a.eval_every_kimg, low=0.0, low_open=True, fix="an interval in kimg > 0")
+    if a.threads < 0:
+        raise UsageError(f"--threads {a.threads} is invalid — give a count >= 1 (or 0: all cores)")
+    if a.batch < 2:
+        raise UsageError(f"--batch {a.batch} is invalid — give at least 2 (both branches)")
+    digits = get_preset("digits")
+    classes = parse_classes(a.classes, digits, "--classes")
+    for c in classes:
+        digits.check_class(c, "--classes")
+    a.classes = ",".join(map(str, classes))
+    if not a.iteration and not a.overwrite:          # refuse before any class is trained, not at the second one
+        from .rundir import holds_run
+        taken = [str(Path(a.out) / f"forget{c}") for c in classes if holds_run(Path(a.out) / f"forget{c}")]
+        if taken:
+            raise UsageError(f"--out {a.out} already holds bench runs ({', '.join(taken)}) — choose another --out, "
+                             f"or pass --overwrite to move them aside (<run>.old-<timestamp>)")
+    if a.override not in ("next", "random", "classifier"):
+        a.override = ",".join(map(str, parse_classes(a.override, digits, "--override")))
+        digits.check_class(int(a.override.split(",")[0]), "--override")
     return run_bench(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SfdArgumentParser(
         prog="sfd",
         description="Score Forgetting Distillation: remove a class from a diffusion model and distil the "
                     "rest into a one-step generator, data-free. The embedded 'digits' preset runs offline on a CPU.")
@@ -320,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Heun samples with the classifier in --out (train it first). Writes "
                                    "teacher.safetensors, teacher.json (manifest) and teacher_samples.png.")
     _add_common(p)
-    p.add_argument("--out", help="output folder (default: the bundled weights folder of the preset)")
+    p.add_argument("--out", required=True,
+                   help="output folder holding classifier.safetensors, e.g. runs/digits-models (the bundled "
+                        "weights folder only if you name it)")
     p.add_argument("--steps", type=int, default=8000, help="optimiser steps (default: 8000)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default: 128)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
@@ -335,7 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "generator.safetensors and checkpoints/ (resumable with --resume).",
                        epilog="example: sfd forget --preset digits --forget 0 --override 1 --out runs/forget0")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (same settings) from its newest intact checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds another run: move it aside to <out>.old-<timestamp> (never deleted) and start "
+                        "fresh")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     r = p.add_argument_group("Ray Train (exactly what a sweep trial runs)")
     r.add_argument("--num-workers", type=int, default=1,
@@ -396,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train every class for the whole --seconds instead of stopping once UA >= 0.99, "
                         "FD <= 2x the teacher's and remaining accuracy within 2 points hold together")
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds an earlier bench: move its runs aside (<run>.old-<timestamp>) instead of refusing")
     p.add_argument("--eval-every-kimg", type=float, default=2.5, help="evaluation interval (default: 2.5)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -414,13 +561,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:          # argparse: --help exits 0 (re-raised), a usage error returns 2
+        if e.code in (0, None):
+            raise
+        return int(e.code) if isinstance(e.code, int) else 2
     from .io import CheckpointError
     try:
         return a.func(a)
     except (ValueError, CheckpointError, FloatingPointError) as e:
         # Errors meant for people: the message names the bad value and the fix.
-        print(f"sfd {a.command}: error: {e}", file=sys.stderr)
+        print(f"sfd: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,8 @@ search space's ``defaults`` block (e.g. ``search_spaces/cifar10.yaml`` holds the
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 
 OVERRIDE_POLICIES = ("random", "classifier")
@@ -74,13 +76,16 @@ class SFDConfig:
     grad_checkpointing: bool = False    # recompute activations in backward (backbones that support it)
 
     def validate(self, preset=None) -> "SFDConfig":
+        """Check every setting (type, finiteness, range) before any work; raise ValueError naming the
+        setting, the bad value and the fix."""
         from .presets import get_preset
+        check_types(self)
         preset = preset or get_preset(self.preset)
         if self.init_from in ("none", "teacher", ""):
             self.init_from = None               # start from copies of the teacher
         if not self.forget:
-            raise ValueError("forget: give at least one class to forget")
-        self.forget = [preset.check_class(int(c), "forget class") for c in self.forget]
+            raise ValueError("forget: no class given — give at least one class to forget, e.g. --forget 0")
+        self.forget = [preset.check_class(c, "forget class") for c in self.forget]
         if len(set(self.forget)) == preset.num_classes:
             raise ValueError(f"forget: all {preset.num_classes} classes of '{preset.name}' are forgotten; "
                              f"nothing would remain to override them with")
@@ -98,19 +103,16 @@ class SFDConfig:
                               ("precision", PRECISIONS), ("fake_score_reduction", REDUCTIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r} must be one of {allowed}")
-        if not 0 <= self.ema_beta < 1:
-            raise ValueError(f"ema_beta must be in [0, 1) (0: use ema_halflife_kimg), got {self.ema_beta}")
-        if self.ema_rampup_ratio < 0 or self.ema_halflife_kimg < 0:
-            raise ValueError(f"ema_rampup_ratio and ema_halflife_kimg must be >= 0, got "
-                             f"{self.ema_rampup_ratio}, {self.ema_halflife_kimg}")
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
-        for name in ("lr_fake", "lr_gen", "sigma_init", "budget_kimg"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("batch_remain", "batch_forget"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, (lo, lo_open, hi, hi_open, fix) in RANGES.items():
+            v = getattr(self, name)
+            if not math.isfinite(v):
+                raise ValueError(f"{_flag(name)} {v!r} is not a finite number — give {fix}")
+            if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+                raise ValueError(f"{_flag(name)} {v!r} is out of range — give {fix}")
+        if not self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max} — "
+                             f"give --sigma-min below --sigma-max")
+        check_device(self.device)
         return self
 
     def override_classes(self) -> list[int]:
@@ -129,14 +131,130 @@ class SFDConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SFDConfig":
+        """From a mapping (YAML, JSON): unknown keys are errors; an int where a float is expected
+        becomes a float (YAML writes 1 for 1.0); strings are never turned into numbers."""
+        if not isinstance(d, dict):
+            raise ValueError(f"SFD settings must be a mapping, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown SFD setting(s) {unknown}; known settings: {sorted(known)}")
-        return cls(**d)
+        d = dict(d)
+        for name in FLOAT_FIELDS:
+            v = d.get(name)
+            if isinstance(v, int) and not isinstance(v, bool):
+                d[name] = float(v)
+        cfg = cls(**d)
+        check_types(cfg)
+        return cfg
 
     def replace(self, **changes) -> "SFDConfig":
         return SFDConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _flag(name: str) -> str:
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+FLOAT_FIELDS = ("alpha", "lambda_fake_remain", "lambda_fake_forget", "lambda_gen_remain", "lambda_gen_forget",
+                "guidance", "sigma_init", "sigma_min", "sigma_max", "lr_fake", "lr_gen", "adam_beta1", "adam_beta2",
+                "adam_eps", "grad_clip", "ema_halflife_kimg", "ema_rampup_ratio", "ema_beta", "budget_kimg",
+                "max_seconds", "stage1_kimg", "eval_every_kimg", "checkpoint_every_kimg")
+INT_FIELDS = ("batch_remain", "batch_forget", "eval_forget_samples", "eval_remain_per_class", "seed")
+STR_FIELDS = ("preset", "override", "sigma_dist", "sigma_dist_fake", "fake_score_reduction", "device", "precision")
+PATH_FIELDS = ("teacher", "classifier", "fid_weights", "reference", "init_from")
+BIG = 10**9
+
+# name -> (low, low excluded, high, high excluded, what to give instead)
+RANGES = {
+    "alpha": (-1e6, False, 1e6, False, "a finite alpha, e.g. 1.2"),
+    "lambda_fake_remain": (0.0, False, 1e6, False, "a weight >= 0"),
+    "lambda_fake_forget": (0.0, False, 1e6, False, "a weight >= 0"),
+    "lambda_gen_remain": (0.0, False, 1e6, False, "a weight >= 0"),
+    "lambda_gen_forget": (0.0, False, 1e6, False, "a weight >= 0"),
+    "guidance": (0.0, False, 1e3, False, "a guidance scale in [0, 1000] (0: none)"),
+    "sigma_init": (0.0, True, 1000.0, False, "a noise level in (0, 1000], e.g. 2.5"),
+    "sigma_min": (0.0, True, 1000.0, False, "a noise level in (0, 1000], e.g. 0.137"),
+    "sigma_max": (0.0, True, 1000.0, False, "a noise level in (0, 1000], e.g. 13.1"),
+    "lr_fake": (0.0, True, 1.0, False, "a learning rate in (0, 1], e.g. 1e-4"),
+    "lr_gen": (0.0, True, 1.0, False, "a learning rate in (0, 1], e.g. 1e-4"),
+    "adam_beta1": (0.0, False, 1.0, True, "a value in [0, 1)"),
+    "adam_beta2": (0.0, False, 1.0, True, "a value in [0, 1)"),
+    "adam_eps": (0.0, True, 1.0, False, "a small epsilon in (0, 1], e.g. 1e-8"),
+    "grad_clip": (0.0, False, 1e9, False, "a clip value >= 0 (0 disables)"),
+    "ema_halflife_kimg": (0.0, False, 1e9, False, "a half-life >= 0 (0 disables the EMA)"),
+    "ema_rampup_ratio": (0.0, False, 1e9, False, "a ratio >= 0 (0: no ramp-up)"),
+    "ema_beta": (0.0, False, 1.0, True, "a decay in [0, 1) (0: use ema_halflife_kimg)"),
+    "budget_kimg": (0.0, True, 1e9, False, "a positive budget in kimg, e.g. 40"),
+    "max_seconds": (0.0, False, 1e12, False, "seconds >= 0 (0: no limit)"),
+    "stage1_kimg": (0.0, False, 1e9, False, "kimg >= 0 (0: one stage)"),
+    "eval_every_kimg": (0.0, True, 1e9, False, "a positive interval in kimg"),
+    "checkpoint_every_kimg": (0.0, True, 1e9, False, "a positive interval in kimg"),
+    "batch_remain": (1, False, 1_000_000, False, "a batch of at least 1"),
+    "batch_forget": (1, False, 1_000_000, False, "a batch of at least 1"),
+    "eval_forget_samples": (1, False, BIG, False, "at least 1 sample"),
+    "eval_remain_per_class": (1, False, BIG, False, "at least 1 sample per class"),
+    "seed": (0, False, 2**63 - 1, False, "a seed >= 0"),
+}
+
+
+def check_types(cfg: "SFDConfig") -> None:
+    """Every setting has its declared type: an int where an int is expected (64.5 is an error), a
+    number where a float is expected (a string is an error, even '1e-4'), no bools for numbers."""
+    def bad(name, v, want):
+        return ValueError(f"{name} {v!r} ({type(v).__name__}) must be {want} — fix the value of {name}")
+    for name in FLOAT_FIELDS:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise bad(name, v, "a number")
+        setattr(cfg, name, float(v))
+    for name in INT_FIELDS:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise bad(name, v, "a whole number (an int)")
+        setattr(cfg, name, int(v))
+    for name in STR_FIELDS:
+        v = getattr(cfg, name)
+        if not isinstance(v, str):
+            raise bad(name, v, "a string")
+    for name in PATH_FIELDS:
+        v = getattr(cfg, name)
+        if v is not None and not isinstance(v, str):
+            raise bad(name, v, "a path (a string) or null")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError(f"{name}: empty path — give a file or folder, or leave it out")
+    if not isinstance(cfg.grad_checkpointing, bool):
+        raise bad("grad_checkpointing", cfg.grad_checkpointing, "true or false")
+    if not isinstance(cfg.forget, (list, tuple)):
+        raise bad("forget", cfg.forget, "a list of class ids")
+    for c in cfg.forget:
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral):
+            raise bad("forget", c, "a class id (an int)")
+    cfg.forget = [int(c) for c in cfg.forget]
+
+
+def check_device(name) -> None:
+    """A valid torch device string whose device is present ('auto' always is)."""
+    import torch
+    if name in ("auto",):
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"device {name!r} is not a torch device ({e}) — give 'auto', 'cpu', 'cuda' or "
+                         f"'cuda:0'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}) — use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) — give "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r}: MPS is not available on this machine — use --device cpu or auto")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {name!r}: sfd runs on 'cpu' or 'cuda' — give 'auto', 'cpu' or 'cuda:0'")
 
 
 def spaces_dir():

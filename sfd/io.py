@@ -68,21 +68,44 @@ def load_tensors(path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing weight file: {path}")
+    raw = read_metadata_raw(path)
+    meta = _decode_meta(raw)
+    from .limits import check_arch_metadata
+    check_arch_metadata(meta, path)       # before any tensor is read or any network built
     try:
         tensors = load_file(str(path), device=str(device))
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"corrupted or unreadable weight file {path}: {e}. "
                               f"Re-create it (see its manifest JSON for the command) or restore it.") from e
+    return tensors, meta
+
+
+def read_metadata_raw(path) -> dict:
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"corrupted or unreadable weight file {path}: {e}. "
+                              f"Re-create it (see its manifest JSON for the command) or restore it.") from e
+
+
+def read_metadata(path) -> dict:
+    """The JSON-decoded metadata of a safetensors file, without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing weight file: {path}")
+    return _decode_meta(read_metadata_raw(path))
+
+
+def _decode_meta(raw: dict) -> dict:
     meta = {}
     for k, v in raw.items():
         try:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
             meta[k] = v
-    return tensors, meta
+    return meta
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source) -> None:

@@ -155,8 +155,8 @@ def build_state(cfg: SFDConfig, teacher: Denoiser, device, dist: Dist | None = N
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == "cuda" else None
-        fake_train = DDP(fake_score, device_ids=ids, broadcast_buffers=False)
-        gen_train = DDP(generator, device_ids=ids, broadcast_buffers=False)
+        fake_train = DDP(fake_score, device_ids=ids, forward_sync_buffers=False)
+        gen_train = DDP(generator, device_ids=ids, forward_sync_buffers=False)
     scalers = {}
     if cfg.precision == "fp16":
         scalers = {"fake_score": torch.amp.GradScaler(device.type), "generator": torch.amp.GradScaler(device.type)}

@@ -12,7 +12,6 @@ featurises its share of the samples, rank 0 computes UA/FD from the gathered fea
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import SFDConfig
 from .denoisers import Denoiser, load_teacher, save_denoiser
 from .distributed import Dist
@@ -29,7 +28,7 @@ from .iteration import SFDDivergedError, build_state, one_step, sfd_iteration
 from .presets import get_preset
 from .utils import pick_device
 
-__all__ = ["train_sfd", "one_step", "SFDDivergedError", "Dist", "load_generator_init"]
+__all__ = ["train_sfd", "one_step", "SFDDivergedError", "Dist", "load_generator_init", "RESUMABLE_CHANGES"]
 
 
 def load_generator_init(path, generator: Denoiser, fake_score: Denoiser) -> None:
@@ -53,30 +52,23 @@ def load_generator_init(path, generator: Denoiser, fake_score: Denoiser) -> None
         load_state_strict(module, state, f"{ckpt} [{name}]")
 
 
-# Settings that may change between a run and its resumption: how long and how it is observed.
-RESUMABLE_CHANGES = {"budget_kimg", "max_seconds", "eval_every_kimg", "checkpoint_every_kimg", "device",
-                     "eval_forget_samples", "eval_remain_per_class"}
-
-
-def _check_resumable(cfg: SFDConfig, ckpt: Path) -> None:
-    saved = json.loads((ckpt / "state.json").read_text()).get("config", {})
-    changed = {k: (saved[k], v) for k, v in cfg.to_dict().items()
-               if k in saved and k not in RESUMABLE_CHANGES and saved[k] != v}
-    if changed:
-        desc = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(changed.items()))
-        raise ValueError(f"cannot resume {ckpt}: the configuration changed ({desc}). Use the run's settings "
-                         f"(see its metrics.json / state.json) or start a new --out folder.")
+# Settings that may change between a run and its resumption (kept here for importers).
+from .rundir import RESUMABLE_CHANGES, plan_run_dir  # noqa: E402
 
 
 def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None], None] | None = None,
               resume: bool = False, progress: bool = True, evaluate: bool = True,
               teacher: Denoiser | None = None, judge=None, stop_when: Callable[[dict], bool] | None = None,
-              measure_speed: bool = True) -> dict:
+              measure_speed: bool = True, overwrite: bool = False) -> dict:
     """Run SFD as configured; write checkpoints, metrics and plots under ``out_dir``.
 
     ``callback(metrics, checkpoint_dir)`` is called on every rank at each evaluation
     (metrics are complete on rank 0 only) and once at the end. ``stop_when(metrics)`` may end
     the run early (used by ``sfd bench``; rank 0 decides). Returns the final metrics.
+
+    ``out_dir`` is owned by one run (``run.json``): a folder holding another run is refused unless
+    ``resume`` (same settings; falls back to the newest intact checkpoint) or ``overwrite`` (the
+    old run is moved aside to ``<out>.old-<timestamp>``). All of it is decided before any work.
     """
     preset = get_preset(cfg.preset)
     cfg = SFDConfig.from_dict(cfg.to_dict()).validate(preset)
@@ -85,6 +77,8 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     lead = dist.lead
     device = pick_device(cfg.device)
     t_start = time.time()
+    # the run folder: decided (read-only) before any work, acted on by the lead once the models load
+    plan = plan_run_dir(out_dir, cfg.to_dict(), resume=resume, overwrite=overwrite) if lead else None
 
     teacher = teacher if teacher is not None else load_teacher(preset, cfg.teacher, device)
     from .evaluate import can_evaluate, load_judge
@@ -102,10 +96,15 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     teacher = st.teacher
 
     history, losses_log, train_seconds = [], [], 0.0
+    if lead:
+        plan.apply(cfg.to_dict())
+        for note in plan.notes:
+            print(f"note: {note}", flush=True)
+        ckpt, run_id = plan.checkpoint, plan.run_id
+    else:
+        ckpt, run_id = (resolve_checkpoint(out_dir)[0] if resume else None), None
     if resume:
-        ckpt = latest_checkpoint(out_dir)
         if ckpt is not None:
-            _check_resumable(cfg, ckpt)
             info = load_checkpoint(ckpt, st.modules(), st.optimizers(), st.rng, device)
             st.iteration, history = info["iteration"], info.get("history", [])
             losses_log, train_seconds = info.get("losses", []), info.get("train_seconds", 0.0)
@@ -171,7 +170,7 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
                 done = stopped_early = True
             ckpt_dir = None
             if lead and (st.iteration % ckpt_every == 0 or done):
-                ckpt_dir = save_checkpoint(out_dir, st.iteration, st.modules(), st.optimizers(), st.rng, {
+                ckpt_dir = save_checkpoint(out_dir, st.iteration, st.modules(), st.optimizers(), st.rng, run_id=run_id, info={
                     "config": cfg.to_dict(), "history": history, "losses": losses_log,
                     "train_seconds": train_seconds, "kimg": kimg_now, "sigma_init_resolved": st.sigma_init,
                     "scalers": {k: v.state_dict() for k, v in st.scalers.items()}})

@@ -34,7 +34,8 @@ class Preset:
     def check_class(self, c: int, what: str = "class") -> int:
         if not isinstance(c, (int, np.integer)) or not 0 <= int(c) < self.num_classes:
             valid = ", ".join(f"{i}={n}" for i, n in enumerate(self.class_names))
-            raise ValueError(f"{what} {c!r} is not a class of preset '{self.name}'; valid classes: {valid}")
+            raise ValueError(f"{what} {c!r} is not a class of preset '{self.name}' — give one of the valid classes: "
+                             f"{valid}")
         return int(c)
 
     def real_data(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:

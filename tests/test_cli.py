@@ -115,7 +115,7 @@ def test_forget_bad_input_exits_2_without_traceback(tmp_path, capsys, args, word
     out = tmp_path / "bad"
     assert main(["forget", *args, "--no-progress", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("sfd forget: error:")
+    assert err.startswith("sfd: error:")
     assert "Traceback" not in err
     for w in words:
         assert w in err

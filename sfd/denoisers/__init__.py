@@ -41,10 +41,18 @@ def denoiser_spec(denoiser: Denoiser) -> dict:
 
 
 def build_denoiser(spec: dict) -> Denoiser:
+    from ..limits import check_arch_metadata
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"denoiser metadata must be a mapping, got {type(spec).__name__}")
+    check_arch_metadata({"denoiser": spec}, "denoiser metadata")
     arch = spec.get("arch")
     if arch not in ARCHS:
         raise CheckpointError(f"unknown denoiser architecture {arch!r}; known: {sorted(ARCHS)}")
-    d = ARCHS[arch](spec)
+    try:
+        d = ARCHS[arch](spec)
+    except (TypeError, KeyError) as e:
+        raise CheckpointError(f"denoiser metadata for {arch!r} is malformed ({e!r}) — the file is corrupted or "
+                              f"was written by another version") from None
     d.spec = dict(spec)
     return d
 
@@ -64,6 +72,14 @@ def load_denoiser(path, device="cpu") -> Denoiser:
 
 
 def _load_sfd_safetensors(path, preset, device, **_):
+    from ..io import read_metadata
+    meta = read_metadata(path)
+    if "generator" in meta:
+        g = meta["generator"] if isinstance(meta["generator"], dict) else {}
+        raise CheckpointError(f"teacher {path} is an sfd one-step generator (forget {g.get('forget')} -> "
+                              f"{g.get('override')}), not a diffusion teacher — pass the original teacher "
+                              f"(omit --teacher for the preset's bundled one); to start from an earlier run "
+                              f"use --init-from")
     return load_denoiser(path, device)
 
 

@@ -230,8 +230,31 @@ def evaluate_run(run_dir, seed: int = 777, device="auto", forget_samples: int | 
     from ..utils import pick_device
     from . import load_judge
 
+    from ..io import read_metadata
+
     run_dir = Path(run_dir)
-    cfg = SFDConfig.from_dict(read_json(run_dir / "metrics.json")["config"])
+    metrics = read_json(run_dir / "metrics.json")
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("config"), dict):
+        raise ValueError(f"{run_dir / 'metrics.json'} has no 'config' — the run did not finish; resume it first")
+    cfg = SFDConfig.from_dict(metrics["config"])
+    # the generator's own record is the truth; an edited metrics.json that disagrees is an error
+    gmeta = read_metadata(run_dir / "generator.safetensors").get("generator")
+    if not isinstance(gmeta, dict):
+        raise ValueError(f"{run_dir / 'generator.safetensors'} is not an sfd one-step generator (no 'generator' "
+                         f"metadata) — evaluate the folder of an `sfd forget` run")
+    sigma_cfg = metrics.get("sigma_init_resolved", cfg.sigma_init)
+    diffs = [f"{key}: generator {mine!r} vs metrics.json {theirs!r}"
+             for key, mine, theirs in (("preset", gmeta.get("preset"), cfg.preset),
+                                       ("forget", gmeta.get("forget"), cfg.forget),
+                                       ("override", gmeta.get("override"), cfg.override))
+             if mine is not None and mine != theirs]
+    s_gen = gmeta.get("sigma_init")
+    if s_gen is not None and not (isinstance(sigma_cfg, (int, float))
+                                  and abs(s_gen - sigma_cfg) <= 1e-6 * max(1.0, abs(s_gen))):
+        diffs.append(f"sigma_init: generator {s_gen!r} vs metrics.json {sigma_cfg!r}")
+    if diffs:
+        raise ValueError(f"{run_dir / 'metrics.json'} disagrees with {run_dir / 'generator.safetensors'} ("
+                         f"{'; '.join(diffs)}) — restore the run's metrics.json or evaluate an untouched run")
     if forget_samples:
         cfg.eval_forget_samples = forget_samples
     if remain_per_class:
@@ -240,10 +263,8 @@ def evaluate_run(run_dir, seed: int = 777, device="auto", forget_samples: int | 
     preset = get_preset(cfg.preset)
     teacher = teacher if teacher is not None else load_teacher(preset, cfg.teacher, device)
     judge = judge if judge is not None else load_judge(preset, cfg.classifier, device, cfg.fid_weights)
-    gen_path = run_dir / "generator.safetensors"
-    info = load_tensors(gen_path)[1].get("generator") or {}
-    gen = load_denoiser(gen_path, device).eval()
-    sigma_init = float(info.get("sigma_init", cfg.sigma_init))
+    gen = load_denoiser(run_dir / "generator.safetensors", device).eval()
+    sigma_init = float(s_gen if s_gen is not None else cfg.sigma_init)
     ev = ForgetEvaluator(preset, judge, teacher, ClassTargets(cfg.validate(preset), preset.num_classes),
                          cfg.eval_forget_samples, cfg.eval_remain_per_class, seed=seed, progress=progress,
                          reference=cfg.reference, device=device)
