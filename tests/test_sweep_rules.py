@@ -7,7 +7,6 @@ hopeless-trial stopper; re-ranking a finished sweep; the long budget; the Pareto
 import math
 
 import pandas as pd
-import pytest
 
 from orchestration.results import choose_best, pareto_front, write_table
 from orchestration.search import METRICS, MODES
