@@ -75,6 +75,22 @@ def test_frechet_distance_dead_unit_adds_nothing():
     assert frechet_distance(np.hstack([a, dead]), np.hstack([b, dead])) == pytest.approx(fd, rel=1e-9)
 
 
+def test_frechet_distance_fewer_samples_than_dimensions():
+    # N < D (few images, wide features): rank-deficient covariances whose round-off eigenvalues
+    # are slightly negative; the FD must stay finite and agree with the eigenvalue route.
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(6, 8))
+    b = rng.normal(size=(6, 8)) @ rng.normal(size=(8, 8)) * 0.5 + 0.3
+    mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
+    mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
+    assert np.linalg.eigvalsh(s1).min() < 0 or np.linalg.eigvalsh(s2).min() < 0       # the case at hand
+    fd = frechet_distance(a, b)
+    assert math.isfinite(fd)
+    assert fd == pytest.approx(_fd_eigvals(mu1, s1, mu2, s2), rel=1e-6)
+    assert frechet_distance(b, a) == pytest.approx(fd, rel=1e-6)
+    assert abs(frechet_distance(a, a)) < 1e-6 * np.trace(s1)
+
+
 # --------------------------------------------------------------------------- Inception Score
 
 def _is_numpy(logits, splits):

@@ -66,12 +66,18 @@ def test_pareto_front_follows_the_search_objectives():
 def test_hopeless_trial_stopper():
     from orchestration.sweep import HopelessTrialStopper
     s = HopelessTrialStopper(ua_kimg=10, ua_min=0.5)
-    assert "loss_generator" in s.verdict({"loss_generator": math.nan, "kimg": 1})
-    assert "loss_fake_score" in s.verdict({"loss_fake_score": -math.inf, "kimg": 1})
-    assert "fd_remaining" in s.verdict({"fd_remaining": math.inf, "kimg": 1, "ua": 1.0})
+
+    def stops(result):
+        why = s.verdict(result)
+        assert why is not None, f"{result} should stop the trial"
+        return why
+
+    assert "loss_generator" in stops({"loss_generator": math.nan, "kimg": 1})
+    assert "loss_fake_score" in stops({"loss_fake_score": -math.inf, "kimg": 1})
+    assert "fd_remaining" in stops({"fd_remaining": math.inf, "kimg": 1, "ua": 1.0})
     assert s.verdict({"kimg": 5, "ua": 0.0}) is None                  # too early to judge
-    assert "UA 0.200 < 0.5" in s.verdict({"kimg": 10, "ua": 0.2})   # at the kimg
-    assert s.verdict({"kimg": 30, "ua": 0.1}) is not None             # after it
+    assert "UA 0.200 < 0.5" in stops({"kimg": 10, "ua": 0.2})        # at the kimg
+    stops({"kimg": 30, "ua": 0.1})                                    # after it
     assert s.verdict({"kimg": 10, "ua": 0.5}) is None                 # at the minimum is not below it
     assert s.verdict({"kimg": 20}) is None                            # no UA measured yet
     assert s.verdict({"kimg": 20, "ua": 0.7, "fd_remaining": 1.0, "loss_generator": -3.0,
