@@ -527,7 +527,7 @@ def test_resnet34_torchvision_layout(tmp_path):
 
 def test_fid_inception_layout_and_reference_stats(tmp_path):
     from PIL import Image
-    from sfd.evaluate.inception import (FIDInceptionV3, inception_features, load_fid_inception,
+    from sfd.evaluate.inception import (FIDInceptionV3, inception_features, inception_score, load_fid_inception,
                                         load_image_folder, reference_stats, save_stats)
     from sfd.evaluate.metrics import feature_stats, frechet_distance
 
@@ -572,5 +572,10 @@ def test_fid_inception_layout_and_reference_stats(tmp_path):
     with torch.no_grad():
         logits = inc.fc(torch.from_numpy(feats).float())
     assert logits.shape == (2, 1008)
+    # IS of these logits against an independent float64 computation (known answers: test_metrics_independent)
+    from scipy import special, stats
+    prob = special.softmax(logits.double().numpy(), axis=1)
+    want = np.exp(np.mean([stats.entropy(q, prob.mean(0)) for q in prob]))
+    assert inception_score(logits, splits=1)[0] == pytest.approx(want, rel=1e-6)
     with pytest.raises(ValueError, match="needs the Inception network"):
         reference_stats(folder)

@@ -1,17 +1,15 @@
-"""The sweep's decision rules on hand-made trial rows, and metrics against independent computations.
+"""The sweep's decision rules on hand-made trial rows, called directly (no Ray cluster).
 
 Each rule is checked where it could go wrong: the best-trial rule's threshold, diversity
-preference and fallback; the Pareto front's dominance and ties; the hopeless-trial stopper;
-re-ranking a finished sweep; the long budget; Fréchet distance with non-commuting
-covariances; the Inception Score against known answers.
+preference and fallback; the Pareto front's dominance, ties and objective directions; the
+hopeless-trial stopper; re-ranking a finished sweep; the long budget; the Pareto plot's front.
 """
 import math
 
-import numpy as np
-import pytest
-import torch
+import pandas as pd
 
 from orchestration.results import choose_best, pareto_front, write_table
+from orchestration.search import METRICS, MODES
 
 
 def row(tid, ua, fd_ratio, ofd, fd=None, status="finished", baseline=False, **kw):
@@ -30,6 +28,17 @@ def test_best_trial_rule():
     assert choose_best([row("b", 0.995, 2.0, 30.0), row("f", 0.999, 4.0, 40.0)], 0.99, 10.0)["trial_id"] == "b"
     assert choose_best([row("c", 0.90, 1.0, 1.0)], 0.99, 10.0) is None
     assert choose_best([row("x", 1.0, math.nan, 1.0, fd=math.nan)], 0.99, 10.0) is None
+    assert choose_best([row("e", 1.0, 0.5, 1.0, status="failed")], 0.99, 10.0) is None
+    assert choose_best([], 0.99, 10.0) is None
+
+
+def test_best_trial_rule_boundaries_and_key():
+    # UA exactly at the threshold and override FD ratio exactly at the limit both qualify
+    rows = [row("at", 0.99, 2.0, 10.0), row("below", 0.9899, 1.0, 1.0), row("over", 1.0, 1.5, 10.01)]
+    assert choose_best(rows, 0.99, 10.0)["trial_id"] == "at"
+    # the rule ranks by the remaining-class FD itself (README), not by the FD ratio
+    rows = [row("lowfd", 1.0, 3.0, 1.0, fd=0.20), row("lowratio", 1.0, 2.0, 1.0, fd=0.25)]
+    assert choose_best(rows, 0.99, 10.0)["trial_id"] == "lowfd"
 
 
 def test_pareto_front_dominance_ties_and_failures():
@@ -39,40 +48,81 @@ def test_pareto_front_dominance_ties_and_failures():
     assert pareto_front(rows) == {"a", "c", "d"}
     # better on one objective, worse on another: not dominated
     assert pareto_front([row("a", 1.0, 2.0, 2.0), row("g", 1.0, 1.5, 9.0)]) == {"a", "g"}
+    # equal on two objectives, worse on the third: dominated
+    assert pareto_front([row("a", 1.0, 2.0, 2.0), row("h", 1.0, 2.0, 2.5)]) == {"a"}
     assert pareto_front([]) == set()
+
+
+def test_pareto_front_follows_the_search_objectives():
+    assert list(zip(METRICS, MODES)) == [("ua", "max"), ("fd_ratio", "min"), ("override_fd_ratio", "min")]
+    base = {"ua": 0.9, "fd_ratio": 2.0, "ofd": 2.0}
+    for metric, mode in zip(METRICS, MODES):
+        key = {"override_fd_ratio": "ofd"}.get(metric, metric)
+        lo = row("lo", **{**base, key: base[key] - 0.05})
+        hi = row("hi", **{**base, key: base[key] + 0.05})
+        assert pareto_front([lo, hi]) == ({"hi"} if mode == "max" else {"lo"}), metric
 
 
 def test_hopeless_trial_stopper():
     from orchestration.sweep import HopelessTrialStopper
     s = HopelessTrialStopper(ua_kimg=10, ua_min=0.5)
-    assert "loss_generator" in s.verdict({"loss_generator": math.nan, "kimg": 1})
-    assert "fd_remaining" in s.verdict({"fd_remaining": math.inf, "kimg": 1, "ua": 1.0})
+
+    def stops(result):
+        why = s.verdict(result)
+        assert why is not None, f"{result} should stop the trial"
+        return why
+
+    assert "loss_generator" in stops({"loss_generator": math.nan, "kimg": 1})
+    assert "loss_fake_score" in stops({"loss_fake_score": -math.inf, "kimg": 1})
+    assert "fd_remaining" in stops({"fd_remaining": math.inf, "kimg": 1, "ua": 1.0})
     assert s.verdict({"kimg": 5, "ua": 0.0}) is None                  # too early to judge
-    assert "UA 0.200 < 0.5" in s.verdict({"kimg": 10, "ua": 0.2})
-    assert s.verdict({"kimg": 20, "ua": 0.7, "fd_remaining": 1.0, "loss_generator": -3.0}) is None
+    assert "UA 0.200 < 0.5" in stops({"kimg": 10, "ua": 0.2})        # at the kimg
+    stops({"kimg": 30, "ua": 0.1})                                    # after it
+    assert s.verdict({"kimg": 10, "ua": 0.5}) is None                 # at the minimum is not below it
+    assert s.verdict({"kimg": 20}) is None                            # no UA measured yet
+    assert s.verdict({"kimg": 20, "ua": 0.7, "fd_remaining": 1.0, "loss_generator": -3.0,
+                      "loss_fake_score": 0.2}) is None
+
+
+def _fake_sweep(out):
+    """A finished two-target sweep: trials.parquet written by the sweep's own writer."""
+    rows = [row("t1", 1.0, 1.5, 30.0, target="digits:3->4", baseline=True),   # collapse (30x)
+            row("t2", 0.995, 2.5, 2.0, target="digits:3->4"),
+            row("t3", 0.95, 1.2, 1.0, target="digits:3->4"),                   # did not forget
+            row("u1", 0.999, 3.0, 3.0, target="digits:5->6", baseline=True),
+            row("u2", 0.5, 0.5, 1.0, target="digits:5->6", status="failed")]
+    for r in rows:
+        r.update(run_dir=str(out / "trials" / r["trial_id"]), fd_remaining_teacher=0.1,
+                 remaining_accuracy=0.99, train_seconds=10.0, param_lr_gen=1e-4)
+    write_table(pd.DataFrame(rows), out / "trials.parquet")
 
 
 def test_summarize_only_reranks_a_finished_sweep(tmp_path, capsys):
-    import pandas as pd
-
     from orchestration.sweep import main
-    rows = [row("t1", 1.0, 1.5, 30.0, target="digits:3->4", baseline=True),
-            row("t2", 0.995, 2.5, 2.0, target="digits:3->4"),
-            row("t3", 0.95, 1.2, 1.0, target="digits:3->4")]
-    for r in rows:
-        r.update(run_dir=str(tmp_path / "trials" / r["trial_id"]), fd_remaining_teacher=0.1,
-                 remaining_accuracy=0.99, train_seconds=10.0, param_lr_gen=1e-4)
-    write_table(pd.DataFrame(rows), tmp_path / "trials.parquet")
+    _fake_sweep(tmp_path)
 
     def best(*flags):
         assert main(["--summarize-only", "--out", str(tmp_path), "--fresh-seed", "-1", *flags]) == 0
-        return pd.read_parquet(tmp_path / "summary.parquet").iloc[0]["best_trial"]
+        df = pd.read_parquet(tmp_path / "summary.parquet").set_index("target")
+        md = (tmp_path / "summary.md").read_text()
+        by_md = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in md.splitlines()
+                 if line.startswith("| digits:")}
+        assert by_md == {t: b + (" (baseline)" if df.loc[t, "best_is_baseline"] else "")
+                         for t, b in df["best_trial"].items()}                 # the Markdown agrees
+        return df["best_trial"].to_dict()
 
-    assert best() == "t2"                                       # t1 collapses (30x), t3 did not forget
-    assert best("--max-override-fd-ratio", "50") == "t1"
-    assert best("--ua-threshold", "0.9", "--max-override-fd-ratio", "50") == "t3"
-    assert "t3" in (tmp_path / "summary.md").read_text()
+    assert best() == {"digits:3->4": "t2", "digits:5->6": "u1"}      # t1 collapses, t3 did not forget
+    assert best("--max-override-fd-ratio", "50") == {"digits:3->4": "t1", "digits:5->6": "u1"}
+    assert best("--ua-threshold", "0.9", "--max-override-fd-ratio", "50") == {"digits:3->4": "t3",
+                                                                              "digits:5->6": "u1"}
     assert (tmp_path / "pareto" / "digits_forget3_to_4.png").is_file()
+    table = pd.read_parquet(tmp_path / "trials.parquet").set_index("trial_id")
+    assert table["best"].to_dict() == {"t1": False, "t2": False, "t3": True, "u1": True, "u2": False}
+    assert table["pareto"].to_dict() == {"t1": True, "t2": True, "t3": True, "u1": True, "u2": False}
+    # a target with no trial at the UA threshold has no best, and the re-ranking says so (exit 1)
+    assert main(["--summarize-only", "--out", str(tmp_path), "--fresh-seed", "-1", "--ua-threshold", "0.9995"]) == 1
+    assert pd.read_parquet(tmp_path / "summary.parquet")["best_trial"].tolist() == ["t1", ""]
+    assert "| digits:5->6 | 2 | none |" in (tmp_path / "summary.md").read_text()
     assert main(["--summarize-only", "--out", str(tmp_path / "none")]) == 2     # nothing to re-rank
 
 
@@ -88,60 +138,41 @@ def test_budget_long_and_explicit_overrides():
 
     quick_trials, quick_kimg = resolved()
     assert (quick_trials, quick_kimg) == (3, 20)
+    assert resolved("--budget", "quick") == (quick_trials, quick_kimg)
     assert resolved("--budget", "long") == (3 * quick_trials, 4 * quick_kimg)
     assert resolved("--budget", "long", "--trials-per-target", "3", "--budget-kimg", "7") == (3, 7)
+    assert resolved("--budget", "long", "--trials-per-target", "5") == (5, 4 * quick_kimg)
+    assert resolved("--budget", "long", "--budget-kimg", "7") == (9, 7)
+
+
+def _artist(ax, gid):
+    found = [a for a in ax.get_children() if a.get_gid() == gid]
+    assert len(found) <= 1, gid
+    return found[0] if found else None
 
 
 def test_pareto_plot_marks_its_front(tmp_path):
     from sfd.evaluate.plots import plot_pareto
-    pts = [row("a", 1.0, 2.0, 2.0, baseline=True), row("b", 0.99, 3.0, 3.0), row("c", 0.9, 1.0, 5.0)]
-    drawn = plot_pareto(pts, tmp_path / "p.png", front_ids={"a", "c"}, best_id="a", ua_threshold=0.99)
-    assert drawn["front"] == [(1.0, 0.9), (2.0, 1.0)]            # exactly the front's trials, in FD order
-    assert drawn["best"] == (2.0, 1.0) and drawn["baseline"] == (2.0, 1.0)
+    pts = [row("a", 1.0, 2.0, 2.0, baseline=True), row("b", 0.99, 3.0, 3.0), row("c", 0.9, 1.0, 5.0),
+           row("d", 0.995, 4.0, 1.0)]
+    front = pareto_front(pts)
+    assert front == {"a", "c", "d"}
+    fig = plot_pareto(pts, tmp_path / "p.png", front_ids=front, best_id="a", ua_threshold=0.99)
+    ax = fig.axes[0]
+    want = sorted((p["fd_ratio"], p["ua"]) for p in pts if p["trial_id"] in front)
+    marks = _artist(ax, "pareto-front")
+    assert marks is not None and sorted(map(tuple, marks.get_offsets().tolist())) == want
+    assert marks.get_edgecolor()[0][3] > 0 and marks.get_sizes()[0] > 36      # visible: ringed, larger
+    line = _artist(ax, "pareto-front-line")
+    assert sorted(zip(line.get_xdata(), line.get_ydata())) == want
+    assert sorted(map(tuple, _artist(ax, "trials").get_offsets().tolist())) == sorted(
+        (p["fd_ratio"], p["ua"]) for p in pts)
+    assert _artist(ax, "best").get_offsets().tolist() == [[2.0, 1.0]]
+    assert _artist(ax, "baseline").get_offsets().tolist() == [[2.0, 1.0]]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.startswith("Pareto front (3") for t in legend)
     assert (tmp_path / "p.png").stat().st_size > 1000
-
-
-def _frechet_independent(a, b):
-    """FD from scipy's sqrtm of S1 S2, in float64: an independent route to the same number."""
-    from scipy import linalg
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-
-
-def test_frechet_distance_non_commuting_covariances():
-    from sfd.evaluate.metrics import frechet_distance
-    rng = np.random.default_rng(1)
-    A = rng.normal(size=(5, 5))
-    B = rng.normal(size=(5, 5))
-    a = rng.normal(size=(3000, 5)) @ A + 0.3
-    b = rng.normal(size=(3000, 5)) @ B - 0.2
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    assert not np.allclose(s1 @ s2, s2 @ s1, atol=1e-3)          # the case an isotropic test cannot see
-    want = _frechet_independent(a, b)
-    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-6)
-    assert frechet_distance(b, a) == pytest.approx(want, rel=1e-6)
-    assert abs(frechet_distance(a, a)) < 1e-8 * np.trace(s1)
-
-
-def test_inception_score_known_answers():
-    from sfd.evaluate.inception import inception_score
-    big = 50.0
-    # identical predictions: p(y|x) = p(y) for every x -> IS = 1
-    same = torch.zeros(12, 1008)
-    same[:, 7] = big
-    assert inception_score(same, splits=1)[0] == pytest.approx(1.0, abs=1e-9)
-    # confident and spread evenly over k classes -> IS = k
-    k = 4
-    onehot = torch.full((12, 1008), -big)
-    onehot[torch.arange(12), torch.arange(12) % k] = big
-    assert inception_score(onehot, splits=1)[0] == pytest.approx(k, rel=1e-6)
-    # a hand computation with two classes: p1 = (0.9, 0.1), p2 = (0.1, 0.9) -> marginal (0.5, 0.5)
-    logits = torch.full((2, 1008), -1e4)
-    logits[0, :2] = torch.tensor([math.log(0.9), math.log(0.1)])
-    logits[1, :2] = torch.tensor([math.log(0.1), math.log(0.9)])
-    kl = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
-    assert inception_score(logits, splits=1)[0] == pytest.approx(math.exp(kl), rel=1e-6)
-    # splits: two halves, each of one confident class -> IS 1 per split
-    assert inception_score(same.roll(0), splits=2) == pytest.approx((1.0, 0.0), abs=1e-9)
+    # no front: nothing drawn as one, nothing in the legend claims one
+    ax = plot_pareto(pts, tmp_path / "q.png", front_ids=set()).axes[0]
+    assert _artist(ax, "pareto-front") is None and _artist(ax, "pareto-front-line") is None
+    assert not any("Pareto" in t.get_text() for t in ax.get_legend().get_texts())

@@ -322,10 +322,18 @@ def fid_from_features(features: np.ndarray, ref: tuple[np.ndarray, np.ndarray]) 
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """Inception Score (mean, std over splits) from the 1008-way logits."""
+    """Inception Score (mean, std over splits) from the 1008-way logits.
+
+    IS = exp(E_x KL(p(y|x) || p(y))) with p(y) the mean over the split; the N samples are cut
+    into ``splits`` contiguous parts [i N // splits, (i + 1) N // splits) as in the original
+    implementation, so every split is used even when N is not a multiple of it."""
     p = torch.as_tensor(logits).double().softmax(dim=1)
+    n = p.shape[0]
+    if not 1 <= splits <= n:
+        raise ValueError(f"need 1 <= splits <= number of samples ({n}), got splits={splits}")
     scores = []
-    for part in p.chunk(splits):
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]
         py = part.mean(0, keepdim=True)
         kl = (part * (part.clamp_min(1e-12).log() - py.clamp_min(1e-12).log())).sum(1).mean()
         scores.append(float(kl.exp()))

@@ -39,32 +39,33 @@ def plot_history(history: list[dict], path, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_pareto(points: list[dict], path, title: str = "", front_ids=(), best_id=None, ua_threshold=None) -> dict:
+def plot_pareto(points: list[dict], path, title: str = "", front_ids=(), best_id=None, ua_threshold=None):
     """Trials in the (FD ratio, UA) plane: every trial grey, the Pareto front's trials ringed in
     blue and joined in FD order, the baseline a green square, the chosen trial a red star.
-    Returns the plotted coordinates ({"trials", "front", "best", "baseline"}) for checks."""
+
+    Returns the (closed) Figure; its artists carry gids ``trials``, ``pareto-front``,
+    ``pareto-front-line``, ``baseline`` and ``best`` so a check can read what was drawn."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=110)
-    drawn = {"trials": [(p["fd_ratio"], p["ua"]) for p in points]}
-    ax.scatter(*zip(*drawn["trials"]), c="lightgray", edgecolors="gray", label="trials", zorder=2)
+    ax.scatter([p["fd_ratio"] for p in points], [p["ua"] for p in points], c="lightgray", edgecolors="gray",
+               label="trials", zorder=2, gid="trials")
     front = sorted((p["fd_ratio"], p["ua"]) for p in points if p["trial_id"] in set(front_ids))
-    drawn["front"] = front
     if front:
         # the front is over three objectives (UA, FD ratio, override FD ratio); its trials are
         # ringed (visible under the star and the square too) and joined in FD order
-        ax.plot(*zip(*front), color="tab:blue", lw=1, alpha=0.6, zorder=3)
+        ax.plot(*zip(*front), color="tab:blue", lw=1, alpha=0.6, zorder=3, gid="pareto-front-line")
         ax.scatter(*zip(*front), facecolors="none", edgecolors="tab:blue", s=180, linewidths=2, zorder=5,
-                   label=f"Pareto front ({len(front)}: UA, FD, override FD)")
+                   label=f"Pareto front ({len(front)}: UA, FD, override FD)", gid="pareto-front")
     if ua_threshold is not None:
         ax.axhline(ua_threshold, color="gray", ls="--", lw=1, label=f"UA threshold {ua_threshold}")
     base = [p for p in points if p.get("baseline")]
-    drawn["baseline"] = (base[0]["fd_ratio"], base[0]["ua"]) if base else None
     if base:
-        ax.scatter(*drawn["baseline"], marker="s", color="tab:green", s=60, label="baseline", zorder=4)
+        ax.scatter([base[0]["fd_ratio"]], [base[0]["ua"]], marker="s", color="tab:green", s=60, label="baseline",
+                   zorder=4, gid="baseline")
     best = [p for p in points if p["trial_id"] == best_id]
-    drawn["best"] = (best[0]["fd_ratio"], best[0]["ua"]) if best else None
     if best:
-        ax.scatter(*drawn["best"], marker="*", color="tab:red", s=160, label="best", zorder=6)
+        ax.scatter([best[0]["fd_ratio"]], [best[0]["ua"]], marker="*", color="tab:red", s=160, label="best",
+                   zorder=6, gid="best")
     ax.set_xlabel("FD ratio to teacher (remaining classes, lower is better)")
     ax.set_ylabel("UA (higher is better)")
     ax.set_title(title, fontsize=9)
@@ -73,4 +74,4 @@ def plot_pareto(points: list[dict], path, title: str = "", front_ids=(), best_id
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-    return drawn
+    return fig

@@ -1,0 +1,149 @@
+"""Fréchet distance and Inception Score against independent computations and known answers.
+
+The isotropic FD check in test_foundation cannot see a formula that is only right for
+commuting covariances; these use full, non-commuting ones. The Inception Score is checked on
+fixed logits whose answer is known by hand, and against a float64 numpy/scipy computation of
+exp(E_x KL(p(y|x) || p(y))) per split.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg, special, stats
+
+from sfd.evaluate.inception import inception_score
+from sfd.evaluate.metrics import frechet_distance
+
+
+# --------------------------------------------------------------------------- Fréchet distance
+
+def _fd_sqrtm(mu1, s1, mu2, s2):
+    """FD through scipy's sqrtm of the (non-symmetric) product S1 S2: another route to tr sqrt(S1 S2)."""
+    covmean = linalg.sqrtm(s1 @ s2)
+    assert np.abs(covmean.imag).max() < 1e-8
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
+
+
+def _fd_eigvals(mu1, s1, mu2, s2):
+    """FD from the eigenvalues of S1 S2 (real and >= 0 for PSD S1, S2): tr sqrt = sum sqrt(eig)."""
+    ev = np.linalg.eigvals(s1 @ s2)
+    assert np.abs(ev.imag).max() < 1e-8
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(ev.real, 0, None)).sum())
+
+
+def test_frechet_distance_2x2_non_commuting_closed_form():
+    # For a 2x2 M with eigenvalues l1, l2 >= 0: tr sqrt(M) = sqrt(l1) + sqrt(l2) = sqrt(tr M + 2 sqrt(det M)).
+    s1 = np.array([[2.0, 1.0], [1.0, 1.0]])
+    s2 = np.array([[1.0, -0.5], [-0.5, 2.0]])
+    mu1, mu2 = np.zeros(2), np.array([1.0, 2.0])
+    assert not np.allclose(s1 @ s2, s2 @ s1)
+    # S1 S2 = [[1.5, 1], [0.5, 1.5]]: trace 3; det S1 det S2 = 1 * 1.75
+    tr_sqrt = math.sqrt(3.0 + 2.0 * math.sqrt(1.75))
+    want = 5.0 + 3.0 + 3.0 - 2.0 * tr_sqrt                          # = 6.24784...
+    assert want == pytest.approx(6.247842, abs=1e-6)
+    assert frechet_distance((mu1, s1), (mu2, s2)) == pytest.approx(want, abs=1e-12)
+    assert frechet_distance((mu2, s2), (mu1, s1)) == pytest.approx(want, abs=1e-12)
+    assert frechet_distance((mu1, s1), (mu1, s1)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_frechet_distance_full_covariances_match_scipy():
+    rng = np.random.default_rng(1)
+    d = 6
+    a = rng.normal(size=(2000, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d)
+    b = rng.normal(size=(2000, d)) @ rng.normal(size=(d, d)) * 0.7 - 0.4
+    mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
+    mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
+    assert np.abs(s1 @ s2 - s2 @ s1).max() > 0.1 * np.abs(s1 @ s2).max()     # far from commuting
+    want = _fd_sqrtm(mu1, s1, mu2, s2)
+    assert _fd_eigvals(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-9)
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-9)
+    assert frechet_distance((mu1, s1), (mu2, s2)) == pytest.approx(want, rel=1e-9)   # (mu, cov) input
+    assert frechet_distance(b, a) == pytest.approx(frechet_distance(a, b), rel=1e-12)
+    assert abs(frechet_distance(a, a)) < 1e-9 * np.trace(s1)
+    assert frechet_distance(a, a + 1.0) == pytest.approx(d, rel=1e-9)           # a pure shift: |dmu|^2
+
+
+def test_frechet_distance_dead_unit_adds_nothing():
+    # A feature that is constant in both sets (a dead unit: singular covariances) changes nothing.
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(500, 4)) @ rng.normal(size=(4, 4))
+    b = rng.normal(size=(500, 4)) @ rng.normal(size=(4, 4)) + 0.5
+    dead = np.full((500, 1), 3.0)
+    fd = frechet_distance(a, b)
+    assert math.isfinite(fd) and fd > 0
+    assert frechet_distance(np.hstack([a, dead]), np.hstack([b, dead])) == pytest.approx(fd, rel=1e-9)
+
+
+def test_frechet_distance_fewer_samples_than_dimensions():
+    # N < D (few images, wide features): rank-deficient covariances whose round-off eigenvalues
+    # are slightly negative; the FD must stay finite and agree with the eigenvalue route.
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(6, 8))
+    b = rng.normal(size=(6, 8)) @ rng.normal(size=(8, 8)) * 0.5 + 0.3
+    mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
+    mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
+    assert np.linalg.eigvalsh(s1).min() < 0 or np.linalg.eigvalsh(s2).min() < 0       # the case at hand
+    fd = frechet_distance(a, b)
+    assert math.isfinite(fd)
+    assert fd == pytest.approx(_fd_eigvals(mu1, s1, mu2, s2), rel=1e-6)
+    assert frechet_distance(b, a) == pytest.approx(fd, rel=1e-6)
+    assert abs(frechet_distance(a, a)) < 1e-6 * np.trace(s1)
+
+
+# --------------------------------------------------------------------------- Inception Score
+
+def _is_numpy(logits, splits):
+    """exp(mean_x KL(p(y|x) || p(y))) per split [i N // splits, (i+1) N // splits), in float64 numpy/scipy."""
+    p = special.softmax(np.asarray(logits, dtype=np.float64), axis=1)
+    n = len(p)
+    scores = []
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]
+        py = part.mean(0)
+        scores.append(math.exp(np.mean([stats.entropy(row, py) for row in part])))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _onehot(classes, width=10, big=60.0):
+    logits = torch.full((len(classes), width), -big, dtype=torch.float64)
+    logits[torch.arange(len(classes)), torch.as_tensor(classes)] = big
+    return logits
+
+
+def test_inception_score_known_answers():
+    # identical predictions (uniform, or confident on one class): p(y|x) = p(y) -> IS = 1
+    assert inception_score(torch.zeros(12, 1008), splits=1) == pytest.approx((1.0, 0.0), abs=1e-12)
+    assert inception_score(_onehot([7] * 12, 1008), splits=1)[0] == pytest.approx(1.0, abs=1e-12)
+    # confident and spread evenly over k distinct classes -> IS = k
+    for k in (2, 4, 6):
+        assert inception_score(_onehot([i % k for i in range(12)], 1008), splits=1)[0] == pytest.approx(k, rel=1e-9)
+    # by hand: p1 = (0.9, 0.1), p2 = (0.1, 0.9), p(y) = (0.5, 0.5);
+    # KL = 0.9 ln 1.8 + 0.1 ln 0.2 = 0.368064 for both -> IS = e^0.368064 = 1.444935
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.1, 0.9]], dtype=torch.float64))
+    assert inception_score(logits, splits=1)[0] == pytest.approx(1.444935, abs=1e-6)
+    # by hand, unequal KLs: p1 = (1, 0), p2 = (0.5, 0.5), p(y) = (0.75, 0.25);
+    # KL1 = ln(4/3), KL2 = 0.5 ln(2/3) + 0.5 ln 2 -> IS = exp((KL1 + KL2) / 2)
+    logits = torch.tensor([[0.0, -80.0], [0.0, 0.0]], dtype=torch.float64)
+    want = math.exp((math.log(4 / 3) + 0.5 * math.log(2 / 3) + 0.5 * math.log(2)) / 2)
+    assert inception_score(logits, splits=1)[0] == pytest.approx(want, rel=1e-9)
+
+
+def test_inception_score_splits_are_scored_separately():
+    # first half spread over 4 classes, second half all one class: split scores 4 and 1
+    logits = _onehot([0, 1, 2, 3, 5, 5, 5, 5])
+    assert inception_score(logits, splits=1)[0] == pytest.approx(_is_numpy(logits, 1)[0], rel=1e-9)
+    assert inception_score(logits, splits=2) == pytest.approx((2.5, 1.5), rel=1e-9)
+    # N not a multiple of splits: 5 samples in 4 splits are [0], [1], [2], [3, 4] -> scores 1, 1, 1, 2
+    assert inception_score(_onehot([0, 1, 2, 3, 4]), splits=4) == pytest.approx((1.25, math.sqrt(0.1875)), rel=1e-9)
+    with pytest.raises(ValueError, match="splits"):
+        inception_score(_onehot([0, 1]), splits=3)
+
+
+@pytest.mark.parametrize("n, splits", [(40, 1), (40, 4), (37, 5)])
+def test_inception_score_matches_numpy(n, splits):
+    logits = torch.from_numpy(np.random.default_rng(n + splits).normal(scale=3.0, size=(n, 1008)))
+    got = inception_score(logits, splits=splits)
+    want = _is_numpy(logits.numpy(), splits)
+    assert got[0] == pytest.approx(want[0], rel=1e-9) and got[1] == pytest.approx(want[1], rel=1e-7, abs=1e-12)
+    assert 1.0 < got[0] < 1008
