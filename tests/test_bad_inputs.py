@@ -24,7 +24,9 @@ def tiny(iters: int, **kw) -> SFDConfig:
     base = dict(batch_remain=4, batch_forget=4, budget_kimg=round(iters * IT_KIMG, 9), eval_every_kimg=IT_KIMG,
                 checkpoint_every_kimg=IT_KIMG, eval_forget_samples=10, eval_remain_per_class=2, device="cpu")
     base.update(kw)
-    return SFDConfig(**base)
+    # the preset's defaults first, as `sfd forget` resolves them, so a CLI resume sees the same run
+    from sfd.config import config_for_preset
+    return config_for_preset("digits", **base)
 
 
 def digest(path: Path) -> dict:
