@@ -330,10 +330,10 @@ def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Pat
     if result.error:
         raise result.error
     from sfd.evaluate.forgetting import teacher_fingerprint
-    extra = {"command": "orchestration/sweep.py (shared stage 1)", "wall_seconds": round(time.time() - t0, 1),
-             "teacher_fingerprint": teacher_fingerprint(load_teacher(preset, cfg.teacher))}
-    export_stage1(dest / "run", dest, key, cfg, dict(extra))
-    export_stage1(dest / "run", cache_root() / key, key, cfg, dict(extra))
+    extra = {"command": "orchestration/sweep.py (shared stage 1)", "wall_seconds": round(time.time() - t0, 1)}
+    fingerprint = teacher_fingerprint(load_teacher(preset, cfg.teacher))
+    for where in (dest, cache_root() / key):
+        export_stage1(dest / "run", where, key, cfg, extra, teacher_fingerprint=fingerprint)
     print(f"[sweep] stage 1 for {preset_name}: done in {time.time() - t0:.0f} s -> {dest}", flush=True)
     return dest
 

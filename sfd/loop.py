@@ -26,6 +26,7 @@ from .distributed import Dist
 from .io import CheckpointError, load_tensors, load_state_strict, write_json
 from .iteration import SFDDivergedError, build_state, one_step, sfd_iteration
 from .presets import get_preset
+from .rundir import RESUMABLE_CHANGES, plan_run_dir  # RESUMABLE_CHANGES re-exported for importers
 from .utils import pick_device
 
 __all__ = ["train_sfd", "one_step", "SFDDivergedError", "Dist", "load_generator_init", "RESUMABLE_CHANGES"]
@@ -50,10 +51,6 @@ def load_generator_init(path, generator: Denoiser, fake_score: Denoiser) -> None
     for name, module, pre in (("generator", generator, gen_key), ("fake_score", fake_score, "fake_score/")):
         state = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
         load_state_strict(module, state, f"{ckpt} [{name}]")
-
-
-# Settings that may change between a run and its resumption (kept here for importers).
-from .rundir import RESUMABLE_CHANGES, plan_run_dir  # noqa: E402
 
 
 def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None], None] | None = None,

@@ -67,7 +67,8 @@ def find_stage1(key: str, preset) -> Path | None:
     return None
 
 
-def export_stage1(run_dir, dest, key: str, cfg: SFDConfig, extra: dict | None = None) -> Path:
+def export_stage1(run_dir, dest, key: str, cfg: SFDConfig, extra: dict | None = None,
+                  teacher_fingerprint: str | None = None) -> Path:
     """Keep what stage 2 needs from a finished stage-1 run (EMA generator + fake score), atomically."""
     from .checkpoint import latest_checkpoint
     run_dir, dest = Path(run_dir), Path(dest)
@@ -82,7 +83,7 @@ def export_stage1(run_dir, dest, key: str, cfg: SFDConfig, extra: dict | None = 
     (dest / "stage1.json").unlink(missing_ok=True)
     save_tensors(dest / "state.safetensors", keep)
     write_json(dest / "stage1.json", {
-        "key": key, "teacher_fingerprint": (extra or {}).pop("teacher_fingerprint", None), "config": cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "key": key, "teacher_fingerprint": teacher_fingerprint, "config": cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "metrics": {k: v for k, v in metrics.items() if k != "config"}, **(extra or {})})
     return dest
 
@@ -102,8 +103,8 @@ def distil(preset_name: str, kimg: float, out, *, seed: int = 0, progress: bool 
     train_sfd(cfg, Path(out) / "run", teacher=teacher, progress=progress, measure_speed=False, resume=True)
     from .evaluate.forgetting import teacher_fingerprint
     return export_stage1(Path(out) / "run", Path(out), key, cfg,
-                         {"command": command, "wall_seconds": round(time.time() - t0, 1),
-                          "teacher_fingerprint": teacher_fingerprint(teacher)})
+                         {"command": command, "wall_seconds": round(time.time() - t0, 1)},
+                         teacher_fingerprint=teacher_fingerprint(teacher))
 
 
 def resolve_init(init_from, preset, teacher):

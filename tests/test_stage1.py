@@ -54,7 +54,7 @@ def test_find_stage1_by_key_and_refuse_another_teacher(stage1, teacher, digits):
     assert find_stage1(key, digits) is None                      # not in the cache yet
     cached = export_stage1(stage1 / "run", cache_root() / key, key,
                            stage1_config("digits", 0.26, 0, **TINY),
-                           {"teacher_fingerprint": read_json(stage1 / "stage1.json")["teacher_fingerprint"]})
+                           teacher_fingerprint=read_json(stage1 / "stage1.json")["teacher_fingerprint"])
     assert find_stage1(key, digits) == cached
     assert find_stage1("0" * 16, digits) is None
     other = copy.deepcopy(teacher)

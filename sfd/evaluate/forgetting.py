@@ -173,7 +173,8 @@ class ForgetEvaluator:
     def generate(self, generator_fn, rows=None) -> torch.Tensor:
         """The generator's evaluation images (all of them, or ``rows``), on this rank alone."""
         rows = torch.arange(len(self.labels)) if rows is None else torch.as_tensor(rows)
-        z = torch.stack([self.noise(int(i), int(i) + 1)[0] for i in rows])
+        chunks = {int(c): self.noise(int(c) * CHUNK, int(c) * CHUNK + CHUNK) for c in (rows // CHUNK).unique()}
+        z = torch.stack([chunks[int(i) // CHUNK][int(i) % CHUNK] for i in rows])
         return generator_fn(z.to(self.device), self.labels[rows].to(self.device)).float().cpu()
 
     @torch.no_grad()
