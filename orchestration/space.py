@@ -62,16 +62,24 @@ def load_space(path) -> SearchSpace:
         raise ValueError(f"search space {path} is not valid YAML: {e}") from None
     if not isinstance(doc, dict):
         raise ValueError(f"search space {path}: expected a mapping with 'preset', 'defaults', 'search'")
-    unknown = sorted(set(doc) - {"preset", "defaults", "trial", "search", "override", "stage1_kimg"})
+    unknown = sorted(set(doc) - {"preset", "defaults", "trial", "search", "override", "stage1_kimg", "stage1"})
     if unknown:
         raise ValueError(f"search space {path}: unknown top-level key(s) {unknown}; allowed: preset, defaults, "
-                         f"trial, search, override, stage1_kimg")
+                         f"trial, search, override, stage1_kimg, stage1")
     stage1_kimg = doc.get("stage1_kimg", 0)
     if not isinstance(stage1_kimg, (int, float)) or isinstance(stage1_kimg, bool) or not stage1_kimg >= 0:
         raise ValueError(f"search space {path}: stage1_kimg must be a number >= 0, got {stage1_kimg!r}")
     preset = doc.get("preset")
     if not isinstance(preset, str):
         raise ValueError(f"search space {path}: 'preset' must name a preset")
+    stage1 = doc.get("stage1")
+    if stage1 is not None:               # the shared stage 1's own settings (sfd.stage1.stage1_config)
+        if not isinstance(stage1, dict):
+            raise ValueError(f"search space {path}: 'stage1' must be a mapping of SFD settings")
+        try:
+            SFDConfig.from_dict({**stage1, "preset": preset}).validate()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"search space {path}: stage1: {e}") from None
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise ValueError(f"search space {path}: 'defaults' must be a mapping of SFD settings")

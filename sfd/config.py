@@ -17,6 +17,7 @@ SIGMA_DISTS = ("loguniform", "vp-t", "edm")
 FAKE_SIGMA_DISTS = ("same", *SIGMA_DISTS, "lognormal")
 PRECISIONS = ("fp32", "bf16", "fp16")
 REDUCTIONS = ("sum", "mean")
+OVERRIDE_DRAWS = ("sample", "latent")
 
 
 @dataclass
@@ -26,6 +27,10 @@ class SFDConfig:
     forget: list[int] = field(default_factory=lambda: [0])
     # a class id per forget class ("1" or "1,2"), or "random" / "classifier" (SFD.md section 5)
     override: str = "1"
+    # how the 'random' policy draws each forget sample's override class: 'sample' (the reference:
+    # independently per sample) or 'latent' (a fixed function of the sample's latent z, so the
+    # one-step generator can map regions of z onto distinct classes; see sfd/targets.py)
+    override_draw: str = "sample"
     teacher: str | None = None          # None: the preset's bundled teacher
     classifier: str | None = None       # None: the preset's bundled classifier (the judge)
     fid_weights: str | None = None      # FID Inception weights file (presets without a bundled judge)
@@ -100,7 +105,8 @@ class SFDConfig:
                     raise ValueError(f"override class {c} is itself forgotten ({self.forget}); choose a "
                                      f"remaining class, 'random' or 'classifier'")
         for name, allowed in (("sigma_dist", SIGMA_DISTS), ("sigma_dist_fake", FAKE_SIGMA_DISTS),
-                              ("precision", PRECISIONS), ("fake_score_reduction", REDUCTIONS)):
+                              ("precision", PRECISIONS), ("fake_score_reduction", REDUCTIONS),
+                              ("override_draw", OVERRIDE_DRAWS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r} must be one of {allowed}")
         for name, (lo, lo_open, hi, hi_open, fix) in RANGES.items():
@@ -161,7 +167,7 @@ FLOAT_FIELDS = ("alpha", "lambda_fake_remain", "lambda_fake_forget", "lambda_gen
                 "adam_eps", "grad_clip", "ema_halflife_kimg", "ema_rampup_ratio", "ema_beta", "budget_kimg",
                 "max_seconds", "stage1_kimg", "eval_every_kimg", "checkpoint_every_kimg")
 INT_FIELDS = ("batch_remain", "batch_forget", "eval_forget_samples", "eval_remain_per_class", "seed")
-STR_FIELDS = ("preset", "override", "sigma_dist", "sigma_dist_fake", "fake_score_reduction", "device", "precision")
+STR_FIELDS = ("preset", "override", "override_draw", "sigma_dist", "sigma_dist_fake", "fake_score_reduction", "device", "precision")
 PATH_FIELDS = ("teacher", "classifier", "fid_weights", "reference", "init_from")
 BIG = 10**9
 
@@ -263,18 +269,32 @@ def spaces_dir():
     return Path(__file__).resolve().parent.parent / "search_spaces"
 
 
-def preset_defaults(preset: str) -> dict:
-    """The ``defaults`` block of ``search_spaces/<preset>.yaml``: what `sfd forget --preset X` and
-    the sweep's baseline trial both start from (SFDConfig's own defaults fill the rest)."""
+def preset_block(preset: str, block: str = "defaults") -> dict | None:
+    """A settings block of ``search_spaces/<preset>.yaml`` (None where the file or block is absent)."""
     import yaml
     path = spaces_dir() / f"{preset}.yaml"
     if not path.is_file():
-        return {}
+        return None
     doc = yaml.safe_load(path.read_text()) or {}
-    defaults = doc.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        raise ValueError(f"{path}: 'defaults' must be a mapping of SFD settings")
-    return dict(defaults)
+    if doc.get(block) is None:
+        return None
+    if not isinstance(doc[block], dict):
+        raise ValueError(f"{path}: '{block}' must be a mapping of SFD settings")
+    return dict(doc[block])
+
+
+def preset_defaults(preset: str) -> dict:
+    """The ``defaults`` block of ``search_spaces/<preset>.yaml``: what `sfd forget --preset X` and
+    the sweep's baseline trial both start from (SFDConfig's own defaults fill the rest)."""
+    return preset_block(preset, "defaults") or {}
+
+
+def preset_stage1_settings(preset: str) -> dict:
+    """The settings stage 1 distils with: the YAML's ``stage1`` block on SFDConfig's own defaults
+    where the preset has one (so tuning the forgetting's ``defaults`` never changes the shared
+    stage 1 or its key), else the ``defaults`` block."""
+    block = preset_block(preset, "stage1")
+    return block if block is not None else preset_defaults(preset)
 
 
 def config_for_preset(preset: str, **changes) -> SFDConfig:
@@ -294,6 +314,10 @@ HELP = {
     "forget": "class id(s) to forget (repeat the flag or give '0,3')",
     "override": "override per forget class: a class id ('1', or '1,2' aligned with --forget), "
                 "'random' (a uniform remaining class per sample) or 'classifier' (pseudo-label)",
+    "override_draw": "how 'random' draws a forget sample's override class: 'sample' (the reference: "
+                     "independently per sample, which pulls the one-step generator towards a blend of all "
+                     "classes) or 'latent' (a fixed function of the sample's latent, so distinct regions of "
+                     "the latent space become distinct classes)",
     "teacher": "teacher checkpoint (default: the preset's bundled teacher)",
     "classifier": "classifier / feature network for UA and FD (default: the preset's bundled one)",
     "fid_weights": "FID Inception weights file (pt_inception-2015-12-05-*.pth) for presets without a bundled "

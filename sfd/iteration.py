@@ -194,6 +194,8 @@ def draw_batch(st: SFDState, stage1: bool, sigma_dist: str) -> Batch:
     sigma = sample_sigma(sigma_dist, n, cfg.sigma_min, cfg.sigma_max, generator=rng)
     noise = torch.randn((n, *shape), generator=rng)
     seed = int(torch.randint(0, 2**62, (1,), generator=rng))
+    if st.targets.latent_draw:          # 'random' tied to each forget sample's latent
+        c_o = st.targets.latent_override(z[B_r:])
     sr, sf = dist.local(B_r), dist.local(B_f)
     pick = torch.cat([torch.arange(B_r)[sr], B_r + torch.arange(B_f)[sf]])
     return Batch(c_r[sr].to(dev), c_f[sf].to(dev), c_o[sf].to(dev) if c_o is not None else None,

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from .config import SFDConfig, config_for_preset
+from .config import SFDConfig, preset_stage1_settings
 from .io import load_tensors, read_json, save_tensors, write_json
 
 # settings that change what stage 1 produces (evaluation, checkpoints and device do not)
@@ -28,9 +28,9 @@ KEY_FIELDS = ("alpha", "lambda_fake_remain", "lambda_gen_remain", "guidance", "s
 
 
 def stage1_config(preset: str, kimg: float, seed: int = 0, **changes) -> SFDConfig:
-    """Stage 1 of ``preset``: its default settings, every forget weight 0 for the whole run, the
+    """Stage 1 of ``preset``: its stage-1 settings (the YAML's ``stage1`` block, else its defaults), every forget weight 0 for the whole run, the
     whole batch on the remaining (= all) classes but one forget sample the losses weigh 0."""
-    base = config_for_preset(preset, **changes)
+    base = SFDConfig.from_dict({**preset_stage1_settings(preset), **changes, "preset": preset})
     return base.replace(forget=[0], override="1", init_from=None, stage1_kimg=kimg, budget_kimg=kimg,
                         lambda_fake_forget=0.0, lambda_gen_forget=0.0,
                         batch_remain=base.batch_remain + base.batch_forget - 1, batch_forget=1,

@@ -17,6 +17,7 @@ class ClassTargets:
         self.forget = list(cfg.forget)
         self.remain = [c for c in range(num_classes) if c not in self.forget]
         self.policy = cfg.override if cfg.override in ("random", "classifier") else "fixed"
+        self.latent_draw = self.policy == "random" and cfg.override_draw == "latent"
         self.override = cfg.override_classes()            # aligned with forget, fixed policy only
         self._remain_t = torch.tensor(self.remain)
         self._forget_t = torch.tensor(self.forget)
@@ -43,6 +44,25 @@ class ClassTargets:
         if self.policy == "random":
             return c_forget, self._remain_t[torch.randint(0, len(self.remain), (n,), generator=gen)]
         return c_forget, None
+
+    def latent_override(self, z: torch.Tensor) -> torch.Tensor:
+        """'random' tied to the latent (``override_draw: latent``): the override class of a forget
+        sample is the argmax of K fixed orthonormal projections of its z (K remaining classes).
+
+        Why: G(z, c_f) sees only z, so with a class drawn independently per sample (the
+        reference) the generator step's expected pull on each z is towards *every* remaining
+        class at once -- the divergences' sum is minimised by their geometric mean, a blend of
+        all classes. A deterministic class per z makes the target a proper uniform mixture that
+        a one-step generator can represent. The projections of z ~ N(0, I) onto orthonormal
+        directions are i.i.d. N(0, 1), so each class gets probability 1/K.
+        """
+        flat = z.reshape(len(z), -1).float()
+        if getattr(self, "_latent_proj", None) is None or self._latent_proj.shape[1] != flat.shape[1]:
+            g = torch.Generator().manual_seed(20250101)
+            q, _ = torch.linalg.qr(torch.randn(flat.shape[1], len(self.remain), generator=g))
+            self._latent_proj = q.T.contiguous()                  # K x dim, orthonormal rows
+        pick = (flat @ self._latent_proj.to(flat.device).T).argmax(dim=1)
+        return self._remain_t.to(z.device)[pick]
 
     @torch.no_grad()
     def classifier_override(self, judge, y_fake: torch.Tensor) -> torch.Tensor:
