@@ -79,7 +79,9 @@ def mlflow_s3(moto_s3, tmp_path_factory):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
          "--artifacts-destination", f"s3://{moto_s3['bucket']}/mlflow"],
-        stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT, env={**os.environ, **moto_s3["env"]})
+        stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT,
+        # no background job runners (8 extra processes on a 2-core machine): the tests use none
+        env={**os.environ, **moto_s3["env"], "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     _wait_http(uri + "/health", proc, "the MLflow tracking server")
     yield uri
@@ -94,7 +96,6 @@ def ray_two_nodes(moto_s3, tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     root = tmp_path_factory.mktemp("ray-nodes")
-    # short paths: Ray's socket names must stay under the 107-character limit
     nodes = {}
 
     def env(name):
@@ -102,12 +103,29 @@ def ray_two_nodes(moto_s3, tmp_path_factory):
         return {**moto_s3["env"], "SFD_SCRATCH": str(root / name / "scratch"), "SFD_CACHE": str(root / name / "cache"),
                 "OMP_NUM_THREADS": "1", "RAY_TRAIN_V2_ENABLED": "1"}
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "env_vars": env("head"),
-                                                            "include_dashboard": False})
-    head = cluster.head_node
-    worker = cluster.add_node(num_cpus=2, env_vars=env("worker"))
-    cluster.wait_for_nodes()
-    nodes[head.node_id] = root / "head"
+    # A private Ray temp dir: Cluster records its address in <RAY_TMPDIR>/ray/ray_current_cluster, and a
+    # plain ray.init() elsewhere on this shared machine must not find and join this cluster.
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="sfdray-", dir="/tmp")   # short: socket paths <= 107 chars
+    for attempt in range(3):
+        # the raylet gives its agents a fixed 15 s to start (ray-project/ray#65983): on a loaded machine, retry
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "env_vars": env("head"),
+                                                                    "include_dashboard": False})
+            worker = cluster.add_node(num_cpus=2, env_vars=env("worker"))
+            cluster.wait_for_nodes()
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            for name in ("head", "worker"):
+                import shutil
+                shutil.rmtree(root / name, ignore_errors=True)
+    nodes[cluster.head_node.node_id] = root / "head"
     nodes[worker.node_id] = root / "worker"
     yield cluster, nodes
     cluster.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = saved
