@@ -289,6 +289,9 @@ def main(argv=None) -> int:
             raise ValueError(f"--trials-per-target must be >= 1, got {a.trials_per_target}")
         if a.workers_per_trial < 1:
             raise ValueError(f"--workers-per-trial must be >= 1, got {a.workers_per_trial}")
+        if not a.reference_cpus > 0 or (a.reference_gpus is not None and not a.reference_gpus >= 0):   # [cluster]
+            raise ValueError(f"--reference-cpus must be > 0 and --reference-gpus >= 0, got {a.reference_cpus} and "
+                             f"{a.reference_gpus}")
         if a.dry_run:
             print_plan(a, targets, spaces, overrides)
         probe_services(a, targets, overrides)            # [cluster] files, storage, MLflow, Ray: one line each

@@ -202,3 +202,30 @@ def test_two_node_sweep_keeps_everything_in_s3(tmp_path, moto_s3, mlflow_s3, ray
     x, labels = teacher_samples(teacher, 10, 60)
     assert torch.equal(tensors["labels"], labels)
     assert torch.allclose(tensors["x"], x, atol=1e-5), (tensors["x"] - x).abs().max()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--reference-cpus", "0"], "--reference-cpus must be > 0"),
+    (["--reference-gpus", "-1"], "--reference-gpus >= 0"),
+    (["--storage", "nosuch://bucket/x"], "--storage 'nosuch://bucket/x' is not a URI pyarrow understands"),
+])
+def test_bad_cluster_flags_fail_before_anything_starts(argv, needle, tmp_path, capsys):
+    from orchestration import sweep as sweep_cli
+    out = tmp_path / "out"
+    assert sweep_cli.main(["--targets", "digits:1", "--out", str(out), "--dry-run", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def test_placement_reaches_ray_trains_scaling_config(monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "1")
+    from orchestration.cluster import for_cluster, worker_fn
+    from sfd.raytrain import make_trainer
+    base = make_trainer({}, "/nowhere", num_workers=2)
+    assert for_cluster(base, placement="spread").scaling_config.placement_strategy == "SPREAD"
+    packed = for_cluster(base, placement="pack", outputs_uri="s3://b/trials/t/1", scratch_rel="s/t/1")
+    assert packed.scaling_config.placement_strategy == "PACK" and packed.train_loop_per_worker is worker_fn
+    assert packed.scaling_config.num_workers == 2                  # everything else as make_trainer built it
+    with pytest.raises(ValueError, match="--placement must be one of pack, spread"):
+        for_cluster(base, placement="scatter")
