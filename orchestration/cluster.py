@@ -76,7 +76,11 @@ def fetch_trial_outputs(storage_uri: str, out_dir, target_slug: str, trial_id: s
 
 def storage_callback(base_cls, storage_uri: str):
     """A subclass of the sweep's MLflow Tune callback that first fetches a finished trial's outputs
-    from the storage (they were written on another node), so its artifacts and checkpoints are logged."""
+    from the storage (they were written on another node), so its artifacts and checkpoints are logged;
+    the class itself for a local storage (the run folders are where the callback looks)."""
+    from orchestration.storage import is_remote
+    if not is_remote(storage_uri):
+        return base_cls
 
     class StorageTuneCallback(base_cls):
         def _end(self, trial, status):
@@ -90,3 +94,60 @@ def storage_callback(base_cls, storage_uri: str):
             super()._end(trial, status)
 
     return StorageTuneCallback
+
+
+# -- the sweep driver's hooks (orchestration/sweep.py calls each once) ---------------------------------
+def runtime_env(storage_uri: str) -> dict:
+    """Ray runtime environment of the sweep: every node's trials read the reference samples from the
+    storage ($SFD_REFERENCE_STORE); the driver (later re-evaluations) too."""
+    import os
+
+    from orchestration.reference import SUBDIR
+    from orchestration.storage import Storage
+    os.environ["SFD_REFERENCE_STORE"] = Storage.from_uri(storage_uri).child_uri(SUBDIR)
+    return {"env_vars": {"SFD_REFERENCE_STORE": os.environ["SFD_REFERENCE_STORE"]}}
+
+
+def make_references(a, spaces, overrides, storage_uri: str, log=print) -> None:
+    """Each preset's reference samples in the storage (Ray tasks, or reused); logs the driver's CPU time."""
+    import time
+
+    from orchestration.reference import ensure_reference
+    for name, space in spaces.items():
+        base = space.baseline()
+        cpu0 = time.process_time()
+        ensure_reference(storage_uri, name, overrides.get("teacher"),
+                         max(base.eval_remain_per_class, base.eval_forget_samples), num_cpus=a.reference_cpus,
+                         num_gpus=a.gpus_per_worker if a.reference_gpus is None else a.reference_gpus, log=log)
+        log(f"[sweep] reference stage for {name}: driver CPU {time.process_time() - cpu0:.2f} s")
+
+
+def trial_config(a, storage_uri: str, out: Path) -> dict:
+    """What run_trial needs besides the sweep's own settings: placement, where outputs go."""
+    from orchestration.storage import is_remote
+    return {"placement": a.placement, "outputs_uri": storage_uri if is_remote(storage_uri) else None,
+            "sweep_id": Path(out).name}
+
+
+def after_fit(a, grid, targets, storage_uri: str, out: Path) -> None:
+    """With a remote storage, every trial's outputs into OUT/trials (the summary reads them there)."""
+    from orchestration.storage import is_remote
+    if not is_remote(storage_uri):
+        return
+    slugs = {t.name: t.slug for t in targets}
+    for r in grid:
+        target = (r.config or {}).get("target")
+        if target in slugs:
+            fetch_trial_outputs(storage_uri, out, slugs[target], (r.metrics or {}).get("trial_id") or Path(r.path).name)
+
+
+def publish_tables(a, storage_uri: str, out: Path) -> None:
+    """With --storage given, the results tables as Parquet under <storage>/results/."""
+    if not a.storage:
+        return
+    import pandas as pd
+
+    from orchestration.storage import Storage
+    store = Storage.from_uri(storage_uri)
+    for table in ("trials.parquet", "summary.parquet"):
+        store.write_parquet(pd.read_parquet(Path(out) / table), f"results/{table}")

@@ -181,7 +181,7 @@ def check_models(targets, spaces, overrides) -> None:
         preset = get_preset(name)
         base = spaces[name].baseline().replace(**{k: v for k, v in overrides.items()
                                                   if k in ("teacher", "classifier", "fid_weights", "reference")})
-        teacher = load_teacher(preset, base.teacher)
+        load_teacher(preset, base.teacher)             # a bad teacher fails now
         if not can_evaluate(preset, base):
             raise ValueError(f"the sweep optimises UA and FD, so preset '{name}' needs --classifier (ResNet-34), "
                              f"--fid-weights (FID Inception) and --reference (real images per class)")
@@ -384,11 +384,7 @@ def run_sweep(a, targets, spaces, overrides) -> int:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from orchestration import cluster as clu          # [cluster] storage, reference samples, placement
-    from orchestration.storage import Storage, is_remote
-    store = Storage.from_uri(storage)
-    remote = is_remote(storage)
-    os.environ["SFD_REFERENCE_STORE"] = store.child_uri("reference")      # trials read the reference from here
-    runtime_env = {"env_vars": {"SFD_REFERENCE_STORE": os.environ["SFD_REFERENCE_STORE"]}}
+    runtime_env = clu.runtime_env(storage)
     if a.address:
         ray.init(address=a.address, log_to_driver=a.verbose, runtime_env=runtime_env)
     else:
@@ -402,14 +398,7 @@ def run_sweep(a, targets, spaces, overrides) -> int:
           f"({a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU, {a.gpus_per_worker} GPU per trial); "
           f"MLflow: {uri}", flush=True)
 
-    from orchestration.reference import ensure_reference
-    for name, space in spaces.items():          # [cluster] reference samples: Ray tasks, kept in the storage
-        base = space.baseline()
-        cpu0 = time.process_time()
-        ensure_reference(storage, name, overrides.get("teacher"), max(base.eval_remain_per_class, base.eval_forget_samples),
-                         num_cpus=a.reference_cpus,
-                         num_gpus=a.gpus_per_worker if a.reference_gpus is None else a.reference_gpus)
-        print(f"[sweep] reference stage for {name}: driver CPU {time.process_time() - cpu0:.2f} s", flush=True)
+    clu.make_references(a, spaces, overrides, storage, log=lambda m: print(m, flush=True))   # [cluster] Ray tasks
     for name, space in spaces.items():
         path = shared_stage1(a, name, space, overrides, out)
         # every trial's stage 2 starts from it (or, without one, from copies of the teacher)
@@ -424,11 +413,11 @@ def run_sweep(a, targets, spaces, overrides) -> int:
                                ua_threshold=a.ua_threshold)
     stopper = HopelessTrialStopper(a.stop_ua_kimg, a.stop_ua_min)
     progress = Progress(targets, a.trials_per_target, a.ua_threshold)
-    callback_cls = clu.storage_callback(MLflowTuneCallback, storage) if remote else MLflowTuneCallback
-    callback = callback_cls(tracker, {t.name: t for t in targets}, out, on_event=progress)
+    callback = clu.storage_callback(MLflowTuneCallback, storage)(   # [cluster] fetches remote trial outputs first
+        tracker, {t.name: t for t in targets}, out, on_event=progress)
     sweep_cfg = {"out": str(out), "storage": storage, "workers_per_trial": a.workers_per_trial,
                  "cpus_per_worker": a.cpus_per_worker, "gpus_per_worker": a.gpus_per_worker,
-                 "placement": a.placement, "outputs_uri": storage if remote else None, "sweep_id": out.name}
+                 **clu.trial_config(a, storage, out)}                               # [cluster]
     tuner = tune.Tuner(
         # The trial function only drives its Ray Train job; the workers hold the resources.
         tune.with_resources(run_trial, tune.PlacementGroupFactory([{"memory": 2**20}])),
@@ -440,18 +429,11 @@ def run_sweep(a, targets, spaces, overrides) -> int:
     status = "failed"
     try:
         grid = tuner.fit()
-        if remote:                                 # [cluster] the trials' outputs, from the storage
-            for t in targets:
-                for r in grid:
-                    if (r.config or {}).get("target") == t.name:
-                        clu.fetch_trial_outputs(storage, out, t.slug, (r.metrics or {}).get("trial_id") or Path(r.path).name)
+        clu.after_fit(a, grid, targets, storage, out)          # [cluster] remote trial outputs -> OUT/trials
         rows = trial_rows(grid, {t.name: t for t in targets}, out, set(stopper.stopped))
         df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio, tracker,
                        fresh_seed=None if a.fresh_seed < 0 else a.fresh_seed)
-        if a.storage:                              # [cluster] the results tables, as Parquet in the storage
-            import pandas as pd
-            for table in ("trials.parquet", "summary.parquet"):
-                store.write_parquet(pd.read_parquet(out / table), f"results/{table}")
+        clu.publish_tables(a, storage, out)                    # [cluster] results tables -> <storage>/results
         tracker.log_artifacts(parent, [out / "summary.md", out / "summary.parquet", out / "trials.parquet"])
         n_best = int((df["best_trial"] != "").sum())
         tracker.log_metrics(parent, {"targets_with_best": n_best, "trials": len(rows),
