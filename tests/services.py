@@ -12,6 +12,7 @@ Registered in conftest.py; nothing here is a mock.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -106,7 +107,8 @@ def ray_two_nodes(moto_s3, tmp_path_factory):
     # A private Ray temp dir: Cluster records its address in <RAY_TMPDIR>/ray/ray_current_cluster, and a
     # plain ray.init() elsewhere on this shared machine must not find and join this cluster.
     saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="sfdray-", dir="/tmp")   # short: socket paths <= 107 chars
+    ray_tmp = tempfile.mkdtemp(prefix="sfdray-", dir="/tmp")        # short: socket paths <= 107 chars
+    os.environ["RAY_TMPDIR"] = ray_tmp
     for attempt in range(3):
         # the raylet gives its agents a fixed 15 s to start (ray-project/ray#65983): on a loaded machine, retry
         try:
@@ -119,12 +121,12 @@ def ray_two_nodes(moto_s3, tmp_path_factory):
             if attempt == 2:
                 raise
             for name in ("head", "worker"):
-                import shutil
                 shutil.rmtree(root / name, ignore_errors=True)
     nodes[cluster.head_node.node_id] = root / "head"
     nodes[worker.node_id] = root / "worker"
     yield cluster, nodes
     cluster.shutdown()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     if saved is None:
         os.environ.pop("RAY_TMPDIR", None)
     else:
