@@ -83,7 +83,7 @@ def storage_callback(base_cls, storage_uri: str):
         return base_cls
 
     class StorageTuneCallback(base_cls):
-        def _end(self, trial, status):
+        def _end(self, trial, *args, **kwargs):        # whatever the base's signature (status, error, ...)
             run_dir = fetch_trial_outputs(storage_uri, self.out_dir, trial.config["target_slug"], trial.trial_id)
             run_id = self.tracker.trial_runs.get(trial.trial_id)
             if run_id is not None:
@@ -91,7 +91,7 @@ def storage_callback(base_cls, storage_uri: str):
                     state = ckpt / "state.json"
                     step = int(json.loads(state.read_text()).get("iteration", 0)) if state.is_file() else 0
                     self.tracker.log_checkpoint(run_id, trial.trial_id, ckpt, step, {})
-            super()._end(trial, status)
+            super()._end(trial, *args, **kwargs)
 
     return StorageTuneCallback
 
