@@ -82,10 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="real images for FD: folder of class folders, .npz (images, labels) or "
                                        "per-class statistics .npz (default: the statistics `sfd fetch` computed)")
     p.add_argument("--dry-run", action="store_true",
-                   help="resolve targets, search spaces and files, print the plan and exit (starts nothing)")
+                   help="resolve targets, search spaces and files, print the plan, check that the teacher/judge/"
+                        "reference files open, that --storage is writable, the MLflow server answers and the Ray "
+                        "--address is reachable (an unreachable service: one line naming it, exit 2), then exit "
+                        "without training")
     p.add_argument("--address", help="join an existing Ray cluster ('auto' or host:port); default: start a local one")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--storage", help="Ray storage path for checkpoints, local or s3:// (default: OUT/ray)")
+    p.add_argument("--storage",
+                   help="where the sweep keeps everything nodes share: Ray checkpoints, each trial's outputs, the "
+                        "results tables (Parquet) and the teacher's reference samples; any URI pyarrow understands "
+                        "(s3://bucket/prefix, gs://..., a local path). S3 endpoint and keys come from AWS_ENDPOINT_URL, "
+                        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION (default: OUT/ray)")
+    p.add_argument("--placement", choices=["pack", "spread"], default="pack",
+                   help="where a trial's --workers-per-trial workers go: 'pack' onto as few nodes as possible or "
+                        "'spread' over different nodes (Ray placement strategies PACK/SPREAD; default: pack)")
+    p.add_argument("--reference-cpus", type=float, default=1.0,
+                   help="CPUs per Ray task that samples the teacher's reference images (default: 1)")
+    p.add_argument("--reference-gpus", type=float, default=None,
+                   help="GPUs per reference-sampling task (default: --gpus-per-worker's value, 0 without GPUs)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
     p.add_argument("--experiment", default="sfd-sweep", help="MLflow experiment name (default: sfd-sweep)")
     p.add_argument("--seed", type=int, default=0, help="seed of every trial and of the Optuna samplers")
@@ -157,11 +171,9 @@ def print_plan(a, targets, spaces, overrides) -> None:
 
 
 def check_models(targets, spaces, overrides) -> None:
-    """Load each preset's teacher and judge once on the driver: a bad path fails now, and the
-    teacher's reference samples are cached before the trials need them."""
+    """Load each preset's teacher and judge once on the driver: a bad path fails now."""
     from sfd.denoisers import load_teacher
     from sfd.evaluate import can_evaluate, load_judge
-    from sfd.evaluate.forgetting import teacher_samples
     from sfd.evaluate.report import check_reference
     from sfd.presets import get_preset
 
@@ -169,16 +181,14 @@ def check_models(targets, spaces, overrides) -> None:
         preset = get_preset(name)
         base = spaces[name].baseline().replace(**{k: v for k, v in overrides.items()
                                                   if k in ("teacher", "classifier", "fid_weights", "reference")})
-        teacher = load_teacher(preset, base.teacher)
+        load_teacher(preset, base.teacher)             # a bad teacher fails now
         if not can_evaluate(preset, base):
             raise ValueError(f"the sweep optimises UA and FD, so preset '{name}' needs --classifier (ResNet-34), "
                              f"--fid-weights (FID Inception) and --reference (real images per class)")
         load_judge(preset, base.classifier, fid_weights=base.fid_weights)
         if base.reference:
             check_reference(base.reference, preset)
-        per_class = max(base.eval_remain_per_class, base.eval_forget_samples)
-        print(f"[sweep] teacher reference samples for {name}: {per_class} per class (cached)", flush=True)
-        teacher_samples(teacher, preset.num_classes, per_class, progress=True)
+        # [cluster] the teacher's reference samples are made by Ray tasks in run_sweep (orchestration/reference.py)
 
 
 class HopelessTrialStopper:
@@ -279,8 +289,14 @@ def main(argv=None) -> int:
             raise ValueError(f"--trials-per-target must be >= 1, got {a.trials_per_target}")
         if a.workers_per_trial < 1:
             raise ValueError(f"--workers-per-trial must be >= 1, got {a.workers_per_trial}")
+        if not a.reference_cpus > 0 or (a.reference_gpus is not None and not a.reference_gpus >= 0):   # [cluster]
+            raise ValueError(f"--reference-cpus must be > 0 and --reference-gpus >= 0, got {a.reference_cpus} and "
+                             f"{a.reference_gpus}")
         if a.dry_run:
             print_plan(a, targets, spaces, overrides)
+        probe_services(a, targets, overrides)            # [cluster] files, storage, MLflow, Ray: one line each
+        if a.dry_run:
+            print("[sweep] dry run: every service answers; nothing started")
             return 0
         check_models(targets, spaces, overrides)
     except Exception as e:        # a bad target, space or model: say so before anything starts
@@ -290,6 +306,20 @@ def main(argv=None) -> int:
             return 2
         raise
     return run_sweep(a, targets, spaces, overrides)
+
+
+def probe_services(a, targets, overrides) -> None:
+    """[cluster] The files open, --storage is writable, the MLflow server answers, --address is reachable."""
+    from orchestration.services import probe_all
+    from sfd.presets import get_preset
+
+    files = {k: overrides.get(k) for k in ("teacher", "classifier", "fid_weights", "reference")}
+    for name in sorted({t.preset for t in targets}):
+        if get_preset(name).embedded:
+            for f in sorted(get_preset(name).weights_dir.glob("*.safetensors")):
+                files[f"{name}_{f.stem}"] = f
+    probe_all(mlflow_uri=a.mlflow_uri, address=a.address, storage=a.storage or str(Path(a.out) / "ray"),
+              files=files)
 
 
 def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Path | None:
@@ -353,11 +383,13 @@ def run_sweep(a, targets, spaces, overrides) -> int:
     uri = a.mlflow_uri or f"sqlite:///{out / 'mlflow.db'}"
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from orchestration import cluster as clu          # [cluster] storage, reference samples, placement
+    runtime_env = clu.runtime_env(storage)
     if a.address:
-        ray.init(address=a.address, log_to_driver=a.verbose)
+        ray.init(address=a.address, log_to_driver=a.verbose, runtime_env=runtime_env)
     else:
         ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=a.verbose,
-                 logging_level="INFO" if a.verbose else "WARNING")
+                 logging_level="INFO" if a.verbose else "WARNING", runtime_env=runtime_env)
     cpus = ray.cluster_resources().get("CPU", 1)
     per_trial = a.workers_per_trial * a.cpus_per_worker
     max_conc = a.max_concurrent or max(1, int(cpus // max(per_trial, 1e-9)))
@@ -366,6 +398,7 @@ def run_sweep(a, targets, spaces, overrides) -> int:
           f"({a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU, {a.gpus_per_worker} GPU per trial); "
           f"MLflow: {uri}", flush=True)
 
+    clu.make_references(a, spaces, overrides, storage, log=lambda m: print(m, flush=True))   # [cluster] Ray tasks
     for name, space in spaces.items():
         path = shared_stage1(a, name, space, overrides, out)
         # every trial's stage 2 starts from it (or, without one, from copies of the teacher)
@@ -380,9 +413,11 @@ def run_sweep(a, targets, spaces, overrides) -> int:
                                ua_threshold=a.ua_threshold)
     stopper = HopelessTrialStopper(a.stop_ua_kimg, a.stop_ua_min)
     progress = Progress(targets, a.trials_per_target, a.ua_threshold)
-    callback = MLflowTuneCallback(tracker, {t.name: t for t in targets}, out, on_event=progress)
+    callback = clu.storage_callback(MLflowTuneCallback, storage)(   # [cluster] fetches remote trial outputs first
+        tracker, {t.name: t for t in targets}, out, on_event=progress)
     sweep_cfg = {"out": str(out), "storage": storage, "workers_per_trial": a.workers_per_trial,
-                 "cpus_per_worker": a.cpus_per_worker, "gpus_per_worker": a.gpus_per_worker}
+                 "cpus_per_worker": a.cpus_per_worker, "gpus_per_worker": a.gpus_per_worker,
+                 **clu.trial_config(a, storage, out)}                               # [cluster]
     tuner = tune.Tuner(
         # The trial function only drives its Ray Train job; the workers hold the resources.
         tune.with_resources(run_trial, tune.PlacementGroupFactory([{"memory": 2**20}])),
@@ -394,9 +429,11 @@ def run_sweep(a, targets, spaces, overrides) -> int:
     status = "failed"
     try:
         grid = tuner.fit()
+        clu.after_fit(a, grid, targets, storage, out)          # [cluster] remote trial outputs -> OUT/trials
         rows = trial_rows(grid, {t.name: t for t in targets}, out, set(stopper.stopped))
         df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio, tracker,
                        fresh_seed=None if a.fresh_seed < 0 else a.fresh_seed)
+        clu.publish_tables(a, storage, out)                    # [cluster] results tables -> <storage>/results
         tracker.log_artifacts(parent, [out / "summary.md", out / "summary.parquet", out / "trials.parquet"])
         n_best = int((df["best_trial"] != "").sum())
         tracker.log_metrics(parent, {"targets_with_best": n_best, "trials": len(rows),

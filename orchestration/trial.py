@@ -24,4 +24,11 @@ def run_trial(config: dict) -> None:
     trainer = make_trainer(config["sfd"], run_dir, num_workers=sweep["workers_per_trial"],
                            cpus_per_worker=sweep["cpus_per_worker"], gpus_per_worker=sweep["gpus_per_worker"],
                            storage=sweep["storage"], name=f"train-{trial_id}", callbacks=[TuneReportCallback()])
+    # [cluster] --placement, and the trial's outputs uploaded to a remote --storage (orchestration/cluster.py)
+    from orchestration.cluster import for_cluster, trial_storage_rel
+    outputs = sweep.get("outputs_uri")
+    rel = trial_storage_rel(config["target_slug"], trial_id)
+    trainer = for_cluster(trainer, placement=sweep.get("placement", "pack"),
+                          outputs_uri=f"{outputs.rstrip('/')}/{rel}" if outputs else None,
+                          scratch_rel=f"{sweep.get('sweep_id', 'sweep')}/{rel}")
     trainer.fit()

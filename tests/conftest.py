@@ -3,6 +3,9 @@ import os
 import pytest
 import torch
 
+# session-scoped real services for the cluster tests (moto S3, MLflow server on S3, 2-node Ray)
+from services import mlflow_s3, moto_s3, ray_two_nodes  # noqa: E402,F401
+
 # Tests never touch the network: block hub downloads and keep runs small and repeatable.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

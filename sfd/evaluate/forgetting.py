@@ -59,14 +59,53 @@ def sharded(fn, n: int, dist=None, device="cpu", chunk: int = CHUNK):
     return tuple(dist.gather_rows(t, sizes, device) for t in local)
 
 
+def reference_name(fingerprint: str, num_classes: int, per_class: int, steps: int = 18, seed: int = 1234) -> str:
+    """File name of the teacher's reference samples: the digest of its weights and the sampler settings."""
+    return f"teacher-{fingerprint}-{per_class}x{num_classes}-heun{steps}-s{seed}-c{CHUNK}.safetensors"
+
+
+REFERENCE_STORE_ENV = "SFD_REFERENCE_STORE"
+
+
+def fetch_reference(path: Path) -> bool:
+    """Copy ``path.name`` from the reference store ($SFD_REFERENCE_STORE: a URI pyarrow understands,
+    set by the sweep on every node) into the local cache; False when there is no store or no copy."""
+    uri = os.environ.get(REFERENCE_STORE_ENV)
+    if not uri:
+        return False
+    import pyarrow.fs as pafs
+    fs, root = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), str(Path(uri).resolve()))
+    src = root.rstrip("/") + "/" + path.name
+    if fs.get_file_info(src).type != pafs.FileType.File:
+        return False
+    from ..io import atomic_path
+    with fs.open_input_stream(src) as f, atomic_path(path) as tmp:
+        tmp.write_bytes(f.read())
+    return True
+
+
+def teacher_chunk(teacher, labels: torch.Tensor, a: int, b: int, steps: int = 18, seed: int = 1234,
+                  device=None) -> torch.Tensor:
+    """Rows a..b (within one chunk) of the reference samples: chunk a // CHUNK has its own seeded noise,
+    so any process computes the same rows."""
+    device = torch.device(device) if device is not None else next(teacher.parameters()).device
+    sigmas = karras_sigmas(steps, max(teacher.sigma_min, 0.002), min(teacher.sigma_max, 80.0), device=device)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + a // CHUNK)
+    off = a % CHUNK
+    z = torch.randn((CHUNK, *teacher.img_shape), generator=g)[off: off + b - a].to(device)
+    return sample_heun(teacher, z * float(sigmas[0]), sigmas, labels[a:b].to(device)).cpu()
+
+
 def teacher_samples(teacher, num_classes: int, per_class: int, steps: int = 18, seed: int = 1234,
                     progress: bool = False, dist=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels): ``per_class`` Heun samples of every class, cached on disk; sharded over ranks."""
+    """(images, labels): ``per_class`` Heun samples of every class, cached on disk (and fetched from the
+    sweep's reference store when there is one); sharded over ranks."""
     dist = dist or Dist()
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
-    path = cache_dir() / (f"teacher-{teacher_fingerprint(teacher)}-{per_class}x{num_classes}-heun{steps}-s{seed}"
-                          f"-c{CHUNK}.safetensors")
+    path = cache_dir() / reference_name(teacher_fingerprint(teacher), num_classes, per_class, steps, seed)
     cached = None
+    if not path.is_file():
+        fetch_reference(path)
     if path.is_file():
         try:
             t, _ = load_tensors(path)
@@ -76,13 +115,10 @@ def teacher_samples(teacher, num_classes: int, per_class: int, steps: int = 18, 
     if dist.all_true(cached is not None, device):
         return cached
     labels = torch.arange(num_classes).repeat_interleave(per_class)
-    sigmas = karras_sigmas(steps, max(teacher.sigma_min, 0.002), min(teacher.sigma_max, 80.0), device=device)
     bar = tqdm(total=len(labels), disable=not progress, desc=f"teacher {steps}-step Heun", unit="img")
 
     def sample(a, b):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + a // CHUNK)
-        z = torch.randn((CHUNK, *teacher.img_shape), generator=g)[: b - a].to(device)
-        x = sample_heun(teacher, z * float(sigmas[0]), sigmas, labels[a:b].to(device)).cpu()
+        x = teacher_chunk(teacher, labels, a, b, steps, seed, device)
         bar.update(b - a)
         return (x,)
 

@@ -1,0 +1,153 @@
+"""What a trial needs on a multi-node cluster, on top of the trainer `sfd.raytrain.make_trainer` builds:
+
+- **placement** (`--placement pack|spread`): the trial's N Ray Train workers are packed onto as few
+  nodes as possible (Ray's PACK, the default) or spread over different nodes (SPREAD);
+- **outputs in storage**: with a remote `--storage`, each worker runs in a node-local run folder
+  ($SFD_SCRATCH, else the system's temporary folder) and, when the trial ends, rank 0 uploads that
+  folder (metrics, history, plots, generator, checkpoints) to ``<storage>/trials/<target>/<trial>/``;
+  every rank records which node it ran on in ``<storage>/trials/<target>/<trial>/workers/rank-<r>.json``.
+
+The wrapper runs the trainer's own per-worker function unchanged, so a trial still runs exactly
+what `sfd forget --num-workers N` runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+from pathlib import Path
+
+PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
+_KEY = "_sfd_cluster"
+
+
+def worker_fn(config: dict) -> None:
+    """Ray Train per-worker function: the wrapped trainer's own, in a node-local folder, then upload."""
+    import ray
+    import ray.train
+
+    extra = config[_KEY]
+    inner = {k: v for k, v in config.items() if k != _KEY}
+    rank = ray.train.get_context().get_world_rank()
+    store = None
+    if extra.get("outputs_uri"):
+        from orchestration.storage import Storage, scratch_root
+        store = Storage.from_uri(extra["outputs_uri"])
+        inner["run_dir"] = str(scratch_root() / extra["scratch_rel"])
+        Path(inner["run_dir"]).mkdir(parents=True, exist_ok=True)
+        where = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+                 "run_dir": inner["run_dir"]}
+        store.write_bytes(f"workers/rank-{rank}.json", json.dumps(where).encode())
+    try:
+        extra["train_fn"](inner)
+    finally:
+        if store is not None and rank == 0 and Path(inner["run_dir"]).is_dir():
+            store.upload_dir(inner["run_dir"], "")     # also after a failure: what there is, for a look
+
+
+def for_cluster(trainer, *, placement: str = "pack", outputs_uri: str | None = None, scratch_rel: str = ""):
+    """The same TorchTrainer with ``placement`` and, when ``outputs_uri`` is given, the upload of the
+    trial's outputs to it."""
+    from ray.train.torch import TorchTrainer
+
+    if placement not in PLACEMENTS:
+        raise ValueError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    scaling = dataclasses.replace(trainer.scaling_config, placement_strategy=PLACEMENTS[placement])
+    if not outputs_uri:
+        return TorchTrainer(trainer.train_loop_per_worker, train_loop_config=trainer.train_loop_config,
+                            scaling_config=scaling, torch_config=trainer.backend_config, run_config=trainer.run_config)
+    config = {**(trainer.train_loop_config or {}),
+              _KEY: {"train_fn": trainer.train_loop_per_worker, "outputs_uri": outputs_uri, "scratch_rel": scratch_rel}}
+    return TorchTrainer(worker_fn, train_loop_config=config, scaling_config=scaling,
+                        torch_config=trainer.backend_config, run_config=trainer.run_config)
+
+
+def trial_storage_rel(target_slug: str, trial_id: str) -> str:
+    return f"trials/{target_slug}/{trial_id}"
+
+
+def fetch_trial_outputs(storage_uri: str, out_dir, target_slug: str, trial_id: str) -> Path:
+    """The trial's uploaded folder from the storage into the driver's OUT/trials/<target>/<trial>."""
+    from orchestration.storage import Storage
+    dest = Path(out_dir) / "trials" / target_slug / trial_id
+    Storage.from_uri(storage_uri).download_dir(trial_storage_rel(target_slug, trial_id), dest)
+    return dest
+
+
+def storage_callback(base_cls, storage_uri: str):
+    """A subclass of the sweep's MLflow Tune callback that first fetches a finished trial's outputs
+    from the storage (they were written on another node), so its artifacts and checkpoints are logged;
+    the class itself for a local storage (the run folders are where the callback looks)."""
+    from orchestration.storage import is_remote
+    if not is_remote(storage_uri):
+        return base_cls
+
+    class StorageTuneCallback(base_cls):
+        def _end(self, trial, *args, **kwargs):        # whatever the base's signature (status, error, ...)
+            run_dir = fetch_trial_outputs(storage_uri, self.out_dir, trial.config["target_slug"], trial.trial_id)
+            run_id = self.tracker.trial_runs.get(trial.trial_id)
+            if run_id is not None:
+                for ckpt in sorted((run_dir / "checkpoints").glob("ckpt-*")):
+                    state = ckpt / "state.json"
+                    step = int(json.loads(state.read_text()).get("iteration", 0)) if state.is_file() else 0
+                    self.tracker.log_checkpoint(run_id, trial.trial_id, ckpt, step, {})
+            super()._end(trial, *args, **kwargs)
+
+    return StorageTuneCallback
+
+
+# -- the sweep driver's hooks (orchestration/sweep.py calls each once) ---------------------------------
+def runtime_env(storage_uri: str) -> dict:
+    """Ray runtime environment of the sweep: every node's trials read the reference samples from the
+    storage ($SFD_REFERENCE_STORE); the driver (later re-evaluations) too."""
+    import os
+
+    from orchestration.reference import SUBDIR
+    from orchestration.storage import Storage
+    os.environ["SFD_REFERENCE_STORE"] = Storage.from_uri(storage_uri).child_uri(SUBDIR)
+    return {"env_vars": {"SFD_REFERENCE_STORE": os.environ["SFD_REFERENCE_STORE"]}}
+
+
+def make_references(a, spaces, overrides, storage_uri: str, log=print) -> None:
+    """Each preset's reference samples in the storage (Ray tasks, or reused); logs the driver's CPU time."""
+    import time
+
+    from orchestration.reference import ensure_reference
+    for name, space in spaces.items():
+        base = space.baseline()
+        cpu0 = time.process_time()
+        ensure_reference(storage_uri, name, overrides.get("teacher"),
+                         max(base.eval_remain_per_class, base.eval_forget_samples), num_cpus=a.reference_cpus,
+                         num_gpus=a.gpus_per_worker if a.reference_gpus is None else a.reference_gpus, log=log)
+        log(f"[sweep] reference stage for {name}: driver CPU {time.process_time() - cpu0:.2f} s")
+
+
+def trial_config(a, storage_uri: str, out: Path) -> dict:
+    """What run_trial needs besides the sweep's own settings: placement, where outputs go."""
+    from orchestration.storage import is_remote
+    return {"placement": a.placement, "outputs_uri": storage_uri if is_remote(storage_uri) else None,
+            "sweep_id": Path(out).name}
+
+
+def after_fit(a, grid, targets, storage_uri: str, out: Path) -> None:
+    """With a remote storage, every trial's outputs into OUT/trials (the summary reads them there)."""
+    from orchestration.storage import is_remote
+    if not is_remote(storage_uri):
+        return
+    slugs = {t.name: t.slug for t in targets}
+    for r in grid:
+        target = (r.config or {}).get("target")
+        if target in slugs:
+            fetch_trial_outputs(storage_uri, out, slugs[target], (r.metrics or {}).get("trial_id") or Path(r.path).name)
+
+
+def publish_tables(a, storage_uri: str, out: Path) -> None:
+    """With --storage given, the results tables as Parquet under <storage>/results/."""
+    if not a.storage:
+        return
+    import pandas as pd
+
+    from orchestration.storage import Storage
+    store = Storage.from_uri(storage_uri)
+    for table in ("trials.parquet", "summary.parquet"):
+        store.write_parquet(pd.read_parquet(Path(out) / table), f"results/{table}")
