@@ -82,7 +82,8 @@ def load_space(path) -> SearchSpace:
                          f"{sorted(TRIAL_KEYS)}")
     defaults = {**defaults, **trial}
     try:
-        SFDConfig.from_dict({**defaults, "preset": preset})
+        # type, finiteness and range of every default (the targets' forget/override: validate_plan)
+        SFDConfig.from_dict({**defaults, "preset": preset}).validate()
     except (TypeError, ValueError) as e:
         raise ValueError(f"search space {path}: defaults: {e}") from None
     params = doc.get("search") or {}
