@@ -97,6 +97,17 @@ class PerTargetSearch(Searcher):
                 if (name, t.number) not in known:
                     study.tell(t.number, state=TrialState.FAIL)
 
+    def fail_running(self) -> int:
+        """Tell FAIL to every Optuna trial left RUNNING by a sweep that died before Tune saved any
+        state (so none of them will be resumed); returns how many."""
+        from optuna.trial import TrialState
+        n = 0
+        for study in self.studies.values():
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                study.tell(t.number, state=TrialState.FAIL)
+                n += 1
+        return n
+
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True               # every study already knows its objectives and space
 

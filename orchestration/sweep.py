@@ -551,6 +551,7 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
             ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=a.verbose,
                      logging_level="INFO" if a.verbose else "WARNING")
         ray_started = True
+        install_signal_handlers(state)      # again: ray.init installs its own SIGTERM handler (it aborts)
         cpus = ray.cluster_resources().get("CPU", 1)
         per_trial = a.workers_per_trial * a.cpus_per_worker
         max_conc = a.max_concurrent or max(1, int(cpus // max(per_trial, 1e-9)))
@@ -584,6 +585,8 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
                                        resume_unfinished=True, resume_errored=False, restart_errored=False)
             _rebind_restored(tuner, scheduler, [callback])
         else:
+            if resuming and searcher.fail_running():
+                print("[sweep] --resume: no Tune state was saved; the trials it had asked for start again", flush=True)
             tuner = tune.Tuner(
                 trainable, param_space={"sweep": sweep_cfg},
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n_trials,

@@ -69,6 +69,11 @@ def restore_into_run_dir(ckpt_dir, run_dir, record: bool = True) -> int:
     if problem:
         raise CheckpointError(f"the checkpoint Ray Train restored ({ckpt_dir}) is not intact: {problem}")
     iteration = json.loads((ckpt_dir / "state.json").read_text())["iteration"]
+    try:                                 # what the run folder holds itself (on another node: nothing)
+        local = resolve_checkpoint(run_dir)[0]
+    except CheckpointError:
+        local = None
+    local_it = json.loads((local / "state.json").read_text())["iteration"] if local is not None else -1
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{iteration:08d}"
@@ -86,11 +91,6 @@ def restore_into_run_dir(ckpt_dir, run_dir, record: bool = True) -> int:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        local = resolve_checkpoint(run_dir)[0]
-    except CheckpointError:
-        local = None
-    local_it = json.loads((local / "state.json").read_text())["iteration"] if local is not None else -1
     if iteration >= local_it:
         with atomic_path(root / "latest") as p:
             p.write_text(final.name + "\n")
