@@ -620,6 +620,10 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
         if isinstance(e, (ValueError, CheckpointError)):      # a user mistake found late (e.g. stage 1)
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
+        if isinstance(e, OSError):                            # a path that cannot be written
+            print(f"{PROG}: error: {type(e).__name__}: {e} — check --out ({out}) and --storage ({storage})",
+                  file=sys.stderr)
+            return 2
         raise
     finally:
         # no run is left RUNNING: cut-off trials and their targets KILLED, the sweep's run as it ended

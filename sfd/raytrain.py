@@ -46,14 +46,21 @@ def train_fn_per_worker(config: dict) -> None:
             restore_into_run_dir(d, config["run_dir"], record=rank == 0)
         resume = True
 
+    reports = []
+
     def report(metrics: dict, checkpoint_dir) -> None:
         clean = {k: float(metrics[k]) for k in REPORT_KEYS if k in metrics and metrics[k] is not None}
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir and rank == 0 else None
         ray.train.report(clean, checkpoint=ckpt)
+        reports.append(clean)
 
-    train_sfd(cfg, config["run_dir"], callback=report, resume=resume,
-              progress=bool(config.get("progress", False)) and rank == 0,
-              measure_speed=bool(config.get("measure_speed", False)))
+    final = train_sfd(cfg, config["run_dir"], callback=report, resume=resume,
+                      progress=bool(config.get("progress", False)) and rank == 0,
+                      measure_speed=bool(config.get("measure_speed", False)))
+    if not reports:
+        # restarted from the run's final checkpoint (it was killed after saving it): nothing was left
+        # to train, so the loop reported nothing; the final metrics still reach Tune and the tracker
+        report(final, None)
 
 
 def restore_into_run_dir(ckpt_dir, run_dir, record: bool = True) -> int:
