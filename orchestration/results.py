@@ -77,7 +77,8 @@ def root_cause(err, max_lines: int = 3) -> str:
                 and not m.group(1).split(".")[-1] in ("RayTaskError", "TrainingFailedError", "WorkerGroupError",
                                                        "TuneError", "ControllerError"):
             tail = [x.strip() for x in lines[i + 1:i + max_lines] if x.strip() and not x.startswith(" ")]
-            return "\n".join([ln, *tail])[:1000]
+            name = m.group(1).split(".")[-1]          # sfd.io.CheckpointError -> CheckpointError
+            return "\n".join([name + ln[len(m.group(1)):], *tail])[:1000]
     kept = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith(("ray::", "Traceback", "File "))]
     return "\n".join(kept[:max_lines])[:1000]
 
