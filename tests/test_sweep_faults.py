@@ -45,7 +45,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SFD_CACHE": str(root / "cache")}
     return {"root": root, "env": e, "tiny": _space(root / "tiny.yaml"),
-            "long": _space(root / "long.yaml", budget_kimg=2.5, eval_every_kimg=0.25)}
+            "long": _space(root / "long.yaml", budget_kimg=1.5, eval_every_kimg=0.25)}
 
 
 def _args(out, space, *extra):
@@ -300,12 +300,12 @@ def test_worker_killed_mid_trial_resumes_from_storage_then_sigterm(tmp_path, env
     assert len(restarts) == 1 and restarts[0]["iteration"] > 0 and restarts[0]["local_iteration"] == -1, restarts
     assert Path(restarts[0]["from"]).name.startswith("checkpoint_")
     row = trials[trials["trial_id"] == run_dir.name].iloc[0]
-    assert row["status"] == "finished" and row["kimg"] >= 2.5
+    assert row["status"] == "finished" and row["kimg"] >= 1.5
     # one MLflow run for the trial, whose reports continue after the restart instead of starting over
     hist = client.get_metric_history(by_trial[run_dir.name].info.run_id, "iteration")
     its = [m.value for m in sorted(hist, key=lambda m: m.timestamp)]
     assert its.count(0.0) == 1 and its == sorted(its), its      # (a checkpoint's step is logged twice: + model)
-    assert max(its) >= 78 and restarts[0]["iteration"] in its
+    assert max(its) == 47 and restarts[0]["iteration"] in its
 
 
 def test_sigkill_then_resume_runs_every_trial_exactly_once(tmp_path, env):
