@@ -23,6 +23,7 @@ from .search import METRICS, MODES
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # a line naming an exception, e.g. "ValueError: bad value" or "sfd.io.CheckpointError: ..."
 EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Died|Failure)\w*)(: ?(.*))?$")
+TRIAL_DIR = re.compile(r"^\w+?_([0-9a-f]{5,}(?:_\d{5})?)_\d+_")
 # statuses a trial row can have; only the first two count as results
 DONE = ("finished", "stopped")
 STATUSES = (*DONE, "failed", "cut_off", "not_started")
@@ -95,7 +96,10 @@ def trial_rows(result_grid, targets: dict, out_dir: Path, outcome: dict, errors:
         if "target" not in cfg:
             continue
         m = dict(r.metrics or {})
-        trial_id = m.get("trial_id") or Path(r.path).name.split("_")[-1]
+        # a trial that never reported has no metrics: its id is in Tune's folder name
+        # (run_trial_<id>_<n>_<params>_<date>)
+        named = TRIAL_DIR.match(Path(r.path).name) if r.path else None
+        trial_id = m.get("trial_id") or (named.group(1) if named else Path(str(r.path)).name)
         run_dir = Path(out_dir) / "trials" / cfg["target_slug"] / trial_id
         final = {}
         status = outcome.get(trial_id)

@@ -520,9 +520,10 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
     if aside:
         os.replace(out, aside)
     out.mkdir(parents=True, exist_ok=True)
-    storage = a.storage or str(out / "ray")
-    uri = a.mlflow_uri or record.get("mlflow_uri") or f"sqlite:///{out / 'mlflow.db'}"
     resuming = record.get("status") not in (None, "new")
+    # a resumed sweep keeps its own storage and tracking server unless given new ones
+    storage = a.storage or (record.get("storage") if resuming else None) or str(out / "ray")
+    uri = a.mlflow_uri or record.get("mlflow_uri") or f"sqlite:///{out / 'mlflow.db'}"
     state: dict = {}
     install_signal_handlers(state)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
