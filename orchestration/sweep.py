@@ -414,10 +414,14 @@ def main(argv=None) -> int:
     try:
         check_flags(a)
         targets, spaces, overrides = resolve(a)
-        record = claim_out(a, targets, dry_run=a.dry_run)
         if a.dry_run:
+            try:
+                claim_out(a, targets, dry_run=True)
+            except SweepError as e:          # the plan is still worth printing; the run would stop here
+                print(f"[sweep] note: the sweep itself would refuse to start: {e}", flush=True)
             print_plan(a, targets, spaces, overrides)
             return 0
+        record = claim_out(a, targets)
         check_models(targets, spaces, overrides)
     except (ValueError, CheckpointError) as e:   # a bad flag, target, space, model or --out: before anything starts
         return _error(str(e))

@@ -412,3 +412,15 @@ def test_early_failure_ends_the_sweep_run_failed(tmp_path, env):
     _, runs = _runs(out)
     assert [x.info.status for x in runs["sweep"]] == ["FAILED"] and runs["sweep"][0].data.tags["status"] == "failed"
     assert not runs["trial"] and json.loads((out / "sweep.json").read_text())["status"] == "failed"
+
+
+def test_dry_run_reports_an_out_holding_another_sweep_and_changes_nothing(tmp_path, capsys):
+    from orchestration.sweep import main
+    out = tmp_path / "held"
+    before = _fake_sweep(out)
+    assert main(["--targets", "digits:0", "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "the sweep itself would refuse to start: --out" in text and "plan: 1 target(s)" in text
+    assert main(["--targets", "digits:0", "--out", str(out), "--dry-run", "--overwrite"]) == 0
+    assert "would be moved aside" in capsys.readouterr().out
+    assert _checksums(out) == before and not list(tmp_path.glob("held.old-*"))
