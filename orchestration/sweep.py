@@ -291,6 +291,12 @@ class Progress:
         self.ua_threshold = ua_threshold
         self.t0 = time.time()
 
+    def restored(self, done: dict) -> None:
+        """A resumed sweep: the trials that ended before the interruption count as done."""
+        for name, n in done.items():
+            if name in self.done:
+                self.done[name] = n
+
     def __call__(self, event: str, trial, result):
         if event == "result":
             return

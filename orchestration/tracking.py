@@ -185,17 +185,25 @@ class MLflowTuneCallback(Callback):
         self.outcome: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.started: set[str] = set()
+        self.target_of: dict[str, str] = {}
 
     # kept in Tune's experiment checkpoint, so a resumed sweep knows what happened before
     def get_state(self) -> dict:
         return {"outcome": dict(self.outcome), "errors": dict(self.errors), "started": sorted(self.started),
-                "stopped": dict(self.stopped)}
+                "stopped": dict(self.stopped), "target_of": dict(self.target_of)}
 
     def set_state(self, state: dict) -> None:
         self.outcome.update(state.get("outcome", {}))
         self.errors.update(state.get("errors", {}))
         self.started.update(state.get("started", []))
         self.stopped.update(state.get("stopped", {}))
+        self.target_of.update(state.get("target_of", {}))
+        if hasattr(self.on_event, "restored"):      # progress counts what finished before the interruption
+            done: dict[str, int] = {}
+            for tid in self.outcome:
+                if tid in self.target_of:
+                    done[self.target_of[tid]] = done.get(self.target_of[tid], 0) + 1
+            self.on_event.restored(done)
 
     def _run_dir(self, trial) -> Path:
         return self.out_dir / "trials" / trial.config["target_slug"] / trial.trial_id
@@ -203,6 +211,7 @@ class MLflowTuneCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         cfg = trial.config
         self.started.add(trial.trial_id)
+        self.target_of[trial.trial_id] = cfg["target"]
         self.outcome.pop(trial.trial_id, None)
         self.tracker.start_trial(trial.trial_id, self.targets[cfg["target"]], cfg["baseline"],
                                  {**cfg["sfd"], "searched": ",".join(sorted(cfg["params"]))})
