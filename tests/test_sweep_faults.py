@@ -296,16 +296,17 @@ def test_worker_killed_mid_trial_resumes_from_storage_then_sigterm(tmp_path, env
     assert rc == 143, text[-3000:]
     assert "interrupted by SIGTERM" in text and "Traceback" not in text.split("SIGTERM")[-1], text[-3000:]
     trials, client, by_trial = _assert_interrupted(out, "SIGTERM")
-    restarts = [json.loads(x) for x in (run_dir / "restarts.jsonl").read_text().splitlines()]
-    assert len(restarts) == 1 and restarts[0]["iteration"] > 0 and restarts[0]["local_iteration"] == -1, restarts
-    assert Path(restarts[0]["from"]).name.startswith("checkpoint_")
     row = trials[trials["trial_id"] == run_dir.name].iloc[0]
     assert row["status"] == "finished" and row["kimg"] >= 1.5
     # one MLflow run for the trial, whose reports continue after the restart instead of starting over
+    # (from scratch they read 0, 8, 0, 8, ...; a checkpoint's step is logged twice: metrics + model)
     hist = client.get_metric_history(by_trial[run_dir.name].info.run_id, "iteration")
     its = [m.value for m in sorted(hist, key=lambda m: m.timestamp)]
-    assert its.count(0.0) == 1 and its == sorted(its), its      # (a checkpoint's step is logged twice: + model)
-    assert max(its) == 47 and restarts[0]["iteration"] in its
+    assert its.count(0.0) == 1 and its == sorted(its) and max(its) == 47, its
+    # the run folder records the restart: from Ray's storage copy, with nothing left locally
+    restarts = [json.loads(x) for x in (run_dir / "restarts.jsonl").read_text().splitlines()]
+    assert len(restarts) == 1 and restarts[0]["iteration"] > 0 and restarts[0]["local_iteration"] == -1, restarts
+    assert Path(restarts[0]["from"]).name.startswith("checkpoint_") and restarts[0]["iteration"] in its
 
 
 def test_sigkill_then_resume_runs_every_trial_exactly_once(tmp_path, env):
