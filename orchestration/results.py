@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -19,21 +20,96 @@ from sfd.io import atomic_path, write_json
 from .search import METRICS, MODES
 
 
-def trial_rows(result_grid, targets: dict, out_dir: Path, stopped: set[str]) -> list[dict]:
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# a line naming an exception, e.g. "ValueError: bad value" or "sfd.io.CheckpointError: ..."
+EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Died|Failure)\w*)(: ?(.*))?$")
+TRIAL_DIR = re.compile(r"^\w+?_([0-9a-f]{5,}(?:_\d{5})?)_\d+_")
+# statuses a trial row can have; only the first two count as results
+DONE = ("finished", "stopped")
+STATUSES = (*DONE, "failed", "cut_off", "not_started")
+
+
+def _unwrap(err):
+    """The innermost exception of Ray's wrappers: RayTaskError's ``cause``, Ray Train's
+    ``worker_failures`` / ``controller_failure``, Tune's ``TuneError`` chaining."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        failures = getattr(err, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            err = failures[sorted(failures)[0]]
+            continue
+        for attr in ("controller_failure", "cause"):
+            inner = getattr(err, attr, None)
+            if isinstance(inner, BaseException) and inner is not err:
+                err = inner
+                break
+        else:
+            inner = err.__cause__
+            if isinstance(inner, BaseException):
+                err = inner
+                continue
+            return err
+    return err
+
+
+def root_cause(err, max_lines: int = 3) -> str:
+    """The real cause of a trial's failure in a few plain lines (``Type: message``), not Ray's
+    ``ray::ImplicitFunc.train()`` banner: the exception chain is unwrapped and, where only a
+    traceback text is left (Ray's error.txt, or a wrapper's message), the last exception line of
+    the innermost traceback is taken. ANSI colour codes are removed."""
+    if err is None:
+        return ""
+    if isinstance(err, BaseException):
+        inner = _unwrap(err)
+        text = ANSI.sub("", str(inner))
+        name = type(inner).__name__
+        if "Traceback (most recent call last)" not in text and not text.startswith("ray::"):
+            lines = [ln for ln in text.strip().splitlines() if ln.strip()][:max_lines]
+            return "\n".join([f"{name}: {lines[0]}" if lines else name, *lines[1:]])[:1000]
+    else:
+        text = ANSI.sub("", str(err))
+    lines = text.strip().splitlines()
+    # the innermost traceback is the last one printed; its exception line closes it
+    for i in range(len(lines) - 1, -1, -1):
+        ln = lines[i].strip()
+        m = EXC_LINE.match(ln)
+        if m and not ln.startswith(("ray::", "ray.exceptions.RayTaskError", "ray.train.", "ray.tune.")) \
+                and not m.group(1).split(".")[-1] in ("RayTaskError", "TrainingFailedError", "WorkerGroupError",
+                                                       "TuneError", "ControllerError"):
+            tail = [x.strip() for x in lines[i + 1:i + max_lines] if x.strip() and not x.startswith(" ")]
+            name = m.group(1).split(".")[-1]          # sfd.io.CheckpointError -> CheckpointError
+            return "\n".join([name + ln[len(m.group(1)):], *tail])[:1000]
+    kept = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith(("ray::", "Traceback", "File "))]
+    return "\n".join(kept[:max_lines])[:1000]
+
+
+def trial_rows(result_grid, targets: dict, out_dir: Path, outcome: dict, errors: dict | None = None,
+               notes: dict | None = None) -> list[dict]:
+    """One row per Tune trial with what happened to it: ``outcome`` (trial id -> finished / stopped /
+    failed, from the tracking callback) is the record; a trial with results but no outcome was cut
+    off by the sweep's interruption, one without any result never started."""
+    errors, notes = errors or {}, notes or {}
     rows = []
     for r in result_grid:
         cfg = r.config or {}
         if "target" not in cfg:
             continue
         m = dict(r.metrics or {})
-        trial_id = m.get("trial_id") or Path(r.path).name
+        # a trial that never reported has no metrics: its id is in Tune's folder name
+        # (run_trial_<id>_<n>_<params>_<date>)
+        named = TRIAL_DIR.match(Path(r.path).name) if r.path else None
+        trial_id = m.get("trial_id") or (named.group(1) if named else Path(str(r.path)).name)
         run_dir = Path(out_dir) / "trials" / cfg["target_slug"] / trial_id
         final = {}
-        if (run_dir / "metrics.json").is_file():
+        status = outcome.get(trial_id)
+        if status is None:
+            status = "failed" if r.error else ("cut_off" if m or run_dir.is_dir() else "not_started")
+        if status in DONE and (run_dir / "metrics.json").is_file():
             final = json.loads((run_dir / "metrics.json").read_text())
-        status = "failed" if r.error else ("stopped" if trial_id in stopped else "finished")
+        error = errors.get(trial_id) or (root_cause(r.error) if r.error else "")
         row = {"target": cfg["target"], "trial_id": trial_id, "baseline": bool(cfg["baseline"]), "status": status,
-               "error": str(r.error).splitlines()[0][:300] if r.error else ""}
+               "error": error if status == "failed" else "", "note": notes.get(trial_id, "")}
         for k, v in cfg["params"].items():
             row[f"param_{k}"] = v
         for k in ("ua", "fd_remaining", "fd_remaining_teacher", "fd_ratio", "fd_forget_vs_override",
@@ -50,9 +126,21 @@ def trial_rows(result_grid, targets: dict, out_dir: Path, stopped: set[str]) -> 
     return rows
 
 
+def target_state(rows: list[dict]) -> str:
+    """What happened to a target as a whole: not_started (no trial ran), failed (every trial failed),
+    interrupted (some cut off), done."""
+    if not rows or all(r["status"] == "not_started" for r in rows):
+        return "not_started"
+    if any(r["status"] in ("cut_off", "not_started") for r in rows):
+        return "interrupted"
+    if all(r["status"] == "failed" for r in rows):
+        return "failed"
+    return "done"
+
+
 def pareto_front(rows: list[dict]) -> set[str]:
     """Trials no other trial of the same target beats on every objective (UA, FD ratio, override FD)."""
-    ok = [r for r in rows if r["status"] != "failed" and all(math.isfinite(r[k]) for k in METRICS)]
+    ok = [r for r in rows if r["status"] in DONE and all(math.isfinite(r[k]) for k in METRICS)]
     sign = {k: (1 if m == "max" else -1) for k, m in zip(METRICS, MODES)}
     front = set()
     for a in ok:
@@ -65,7 +153,7 @@ def pareto_front(rows: list[dict]) -> set[str]:
 
 
 def choose_best(rows: list[dict], ua_threshold: float, max_override_fd_ratio: float) -> dict | None:
-    eligible = [r for r in rows if r["status"] != "failed" and r["ua"] >= ua_threshold
+    eligible = [r for r in rows if r["status"] in DONE and r["ua"] >= ua_threshold
                 and math.isfinite(r["fd_remaining"])]
     diverse = [r for r in eligible if r["override_fd_ratio"] <= max_override_fd_ratio]
     pool = diverse or eligible
@@ -127,7 +215,10 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
                 if (Path(best["run_dir"]) / f).is_file():
                     shutil.copy2(Path(best["run_dir"]) / f, dst / f)
             export = str(dst / "generator.safetensors")
-        row = {"target": t.name, "trials": len(tr), "finished": sum(r["status"] != "failed" for r in tr),
+        row = {"target": t.name, "trials": len(tr), "finished": sum(r["status"] in DONE for r in tr),
+               "failed": sum(r["status"] == "failed" for r in tr),
+               "cut_off": sum(r["status"] in ("cut_off", "not_started") for r in tr),
+               "state": target_state(tr),
                "best_trial": best["trial_id"] if best else "", "best_is_baseline": bool(best and best["baseline"]),
                "ua": best["ua"] if best else math.nan, "fd_remaining": best["fd_remaining"] if best else math.nan,
                "fd_remaining_teacher": best["fd_remaining_teacher"] if best else math.nan,
@@ -157,7 +248,9 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
                 or k.endswith("_fresh")})
             tracker.client.set_tag(run_id, "best_trial", row["best_trial"])
             tracker.log_artifacts(run_id, [png] + ([export] if export else []))
-            tracker.finish(run_id, "finished" if best else "no_trial_at_ua_threshold")
+            state = row["state"]
+            tracker.finish(run_id, "interrupted" if state in ("interrupted", "not_started")
+                           else "failed" if state == "failed" else "finished" if best else "no_trial_at_ua_threshold")
     df_trials = pd.DataFrame(rows)
     write_table(df_trials, out_dir / "trials.parquet")
     df = pd.DataFrame(summary)

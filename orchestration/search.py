@@ -12,6 +12,8 @@ support handles: infeasible trials inform the model without being traded off aga
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ray.tune.search import Searcher
 
 # The trade-off shown in the Pareto plots and tables: forget (UA up), keep quality (remaining
@@ -23,32 +25,88 @@ OBJECTIVES = ["fd_ratio", "override_fd_ratio"]
 
 
 class PerTargetSearch(Searcher):
+    """Routes every Tune trial to its target's Optuna study (ask/tell).
+
+    With ``storage`` (an Optuna RDB URL such as ``sqlite:///OUT/optuna.db``) the studies live in
+    Optuna's own storage, so an interrupted sweep resumes them: Tune's experiment checkpoint calls
+    :meth:`save` (a small JSON map from Tune trial id to its study and Optuna trial number), and
+    :meth:`restore` re-opens the studies from the storage. Pickling (Tune keeps the searcher in
+    ``tuner.pkl``) drops the study objects and re-opens them the same way.
+    """
+
     def __init__(self, targets, spaces: dict, trials_per_target: int, overrides: dict | None = None, seed: int = 0,
-                 ua_threshold: float = 0.99, storage=None):
+                 ua_threshold: float = 0.99, storage: str | None = None):
         super().__init__(metric=None, mode=None)
+        self.targets = {t.name: t for t in targets}
+        self.order = [t.name for t in targets]
+        self.spaces = spaces
+        self.trials_per_target = int(trials_per_target)
+        self.overrides = dict(overrides or {})
+        self.seed = int(seed)
+        self.ua_threshold = float(ua_threshold)
+        self.storage = storage
+        self.remaining = {t.name: self.trials_per_target for t in targets}
+        self.started = {t.name: 0 for t in targets}
+        self.next = 0
+        self.owner: dict[str, list] = {}           # tune trial id -> [target name, optuna trial number]
+        self._open_studies()
+
+    def _open_studies(self) -> None:
         import optuna
         from optuna.samplers import TPESampler
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-        self.targets = {t.name: t for t in targets}
-        self.spaces = spaces
-        self.overrides = dict(overrides or {})
-        self.ua_threshold = float(ua_threshold)
-        self.remaining = {t.name: trials_per_target for t in targets}
-        self.order = [t.name for t in targets]
-        self.next = 0
-        self.owner: dict[str, str] = {}
-        self.asked: dict[str, object] = {}
         self.studies = {}
-        for i, t in enumerate(targets):
-            space = spaces[t.preset]
+        for i, name in enumerate(self.order):
             study = optuna.create_study(
-                study_name=t.name, storage=storage, load_if_exists=True, directions=["minimize", "minimize"],
-                sampler=TPESampler(seed=seed + i, multivariate=True))
-            study.enqueue_trial(space.baseline_point())
-            self.studies[t.name] = study
-        self.started = {t.name: 0 for t in targets}
+                study_name=name, storage=self.storage, load_if_exists=True, directions=["minimize", "minimize"],
+                sampler=TPESampler(seed=self.seed + i, multivariate=True))
+            if not study.trials:                  # a fresh study: the baseline is its first point
+                study.enqueue_trial(self.spaces[self.targets[name].preset].baseline_point())
+            self.studies[name] = study
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("studies", None)                # Optuna's storage holds them, not a pickle
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open_studies()
+
+    # Tune's experiment checkpoint ------------------------------------------------------------
+    def save(self, checkpoint_path: str) -> None:
+        import json
+        Path(checkpoint_path).write_text(json.dumps({
+            "remaining": self.remaining, "started": self.started, "next": self.next, "owner": self.owner}))
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Continue from Tune's last experiment checkpoint. An Optuna trial asked after that
+        checkpoint belongs to no Tune trial Tune will resume: it is told FAIL (Tune asks again)."""
+        import json
+
+        from optuna.trial import TrialState
+
+        state = json.loads(Path(checkpoint_path).read_text())
+        self.remaining, self.started = state["remaining"], state["started"]
+        self.next, self.owner = int(state["next"]), {k: list(v) for k, v in state["owner"].items()}
+        self._open_studies()
+        known = {(name, number) for name, number in self.owner.values()}
+        for name, study in self.studies.items():
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if (name, t.number) not in known:
+                    study.tell(t.number, state=TrialState.FAIL)
+
+    def fail_running(self) -> int:
+        """Tell FAIL to every Optuna trial left RUNNING by a sweep that died before Tune saved any
+        state (so none of them will be resumed); returns how many."""
+        from optuna.trial import TrialState
+        n = 0
+        for study in self.studies.values():
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                study.tell(t.number, state=TrialState.FAIL)
+                n += 1
+        return n
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True               # every study already knows its objectives and space
@@ -61,10 +119,10 @@ class PerTargetSearch(Searcher):
                 continue
             space = self.spaces[self.targets[name].preset]
             ot = self.studies[name].ask(space.optuna_space())
-            self.asked[trial_id] = ot
+            ot.set_user_attr("tune_trial_id", trial_id)
             params = dict(ot.params)
             self.remaining[name] -= 1
-            self.owner[trial_id] = name
+            self.owner[trial_id] = [name, ot.number]
             baseline = self.started[name] == 0
             self.started[name] += 1
             return {"target": name, "target_slug": self.targets[name].slug, "baseline": baseline,
@@ -81,20 +139,24 @@ class PerTargetSearch(Searcher):
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         import math
 
+        import optuna
         from optuna.trial import TrialState
 
-        name = self.owner.get(trial_id)
-        ot = self.asked.pop(trial_id, None)
-        if name is None or ot is None:
+        if trial_id not in self.owner:
             return
+        name, number = self.owner[trial_id]
         study = self.studies[name]
+        frozen = study.get_trials(deepcopy=False)[number]
+        if frozen.state != TrialState.RUNNING:   # told before an interruption: never twice
+            return
         keys = ["ua", *OBJECTIVES]
         ok = (result is not None and not error and all(k in result for k in keys)
               and all(math.isfinite(float(result[k])) for k in keys))
         if not ok:                # failed, or stopped before its first evaluation
-            study.tell(ot, state=TrialState.FAIL)
+            study.tell(number, state=TrialState.FAIL)
             return
+        ot = optuna.trial.Trial(study, frozen._trial_id)
         ot.set_user_attr("ua", float(result["ua"]))
         # feasible when <= 0 (Optuna's constraint convention; TPE and best_trials honour it)
         ot.set_constraint("ua_threshold", self.ua_threshold - float(result["ua"]))
-        study.tell(ot, [float(result[k]) for k in OBJECTIVES])
+        study.tell(number, [float(result[k]) for k in OBJECTIVES])

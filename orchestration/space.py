@@ -90,7 +90,8 @@ def load_space(path) -> SearchSpace:
                          f"{sorted(TRIAL_KEYS)}")
     defaults = {**defaults, **trial}
     try:
-        SFDConfig.from_dict({**defaults, "preset": preset})
+        # type, finiteness and range of every default (the targets' forget/override: validate_plan)
+        SFDConfig.from_dict({**defaults, "preset": preset}).validate()
     except (TypeError, ValueError) as e:
         raise ValueError(f"search space {path}: defaults: {e}") from None
     params = doc.get("search") or {}
@@ -121,3 +122,28 @@ def load_space(path) -> SearchSpace:
                 raise ValueError(f"{where}: the default {key}={base[key]} lies outside [{lo}, {hi}]; the baseline "
                                  f"trial must be a point of the space")
     return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), float(stage1_kimg), str(path))
+
+
+def validate_plan(targets, spaces: dict, overrides: dict) -> None:
+    """The whole sweep checked through :meth:`SFDConfig.validate` before Ray starts: for every
+    target, its space's defaults and, for each searched setting, both bounds of a range and
+    every value of a choice (a trial can draw any of them). Errors name the space, the key and
+    the value."""
+    for t in targets:
+        space = spaces[t.preset]
+        where = f"search space {space.source or t.preset}"
+        fixed = {**overrides, "forget": list(t.forget), "override": t.override}
+        try:
+            base = space.baseline().replace(**fixed).validate()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: defaults for target {t.name}: {e}") from None
+        for key, p in space.params.items():
+            if p["type"] == "choice":
+                values = [(f"{key}={v!r}", v) for v in p["values"]]
+            else:
+                values = [(f"{key} low={p['low']!r}", p["low"]), (f"{key} high={p['high']!r}", p["high"])]
+            for what, v in values:
+                try:
+                    base.replace(**{key: v}).validate()
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{where}: search.{key}: {what} is invalid: {e}") from None

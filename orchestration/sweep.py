@@ -11,18 +11,36 @@ as a Ray Train job; everything is logged to MLflow (SQLite in --out unless --mlf
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 
 if __package__ in (None, ""):           # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+PROG = "sweep.py"
+
+
+class SweepError(ValueError):
+    """A user mistake (printed as `sweep.py: error: <what> — <what to do>`, exit 2, no traceback)."""
+
+
+class SweepArgumentParser(argparse.ArgumentParser):
+    """argparse's errors in the sweep's one style (as `sfd`'s): `sweep.py: error: ... — ...`, exit 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message} — see 'python orchestration/sweep.py --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = SweepArgumentParser(
         prog="orchestration/sweep.py",
         description="Search SFD's hyperparameters for every forget target with Ray Tune + Optuna (one "
                     "independent multi-objective study per target: maximise UA, minimise remaining-class FD and "
@@ -104,7 +122,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="sfd-sweep", help="MLflow experiment name (default: sfd-sweep)")
     p.add_argument("--seed", type=int, default=0, help="seed of every trial and of the Optuna samplers")
     p.add_argument("--verbose", action="store_true", help="show Ray's and the trial workers' own logs")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted sweep in --out (Ray Tune's experiment state, the Optuna studies "
+                        "in OUT/optuna.db, the same MLflow runs): finished trials are kept, cut-off ones resume "
+                        "from their last checkpoint, the rest run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds another sweep: move it aside to <out>.old-<timestamp> (never deleted) and "
+                        "start a new one there")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="restarts of a trial's Ray Train job after a worker failure (a lost node, a killed "
+                        "process), each continuing from the trial's last checkpoint in storage; -1: no limit "
+                        "(default: 0)")
     return p
+
+
+def check_flags(a) -> None:
+    """The sweep's own numeric flags, checked before anything starts (SFD settings go through
+    SFDConfig.validate with the plan)."""
+    def need(ok: bool, flag: str, v, fix: str):
+        if not ok:
+            raise SweepError(f"{flag} {v!r} is invalid — give {fix}")
+
+    def finite(v):
+        return v is not None and math.isfinite(v)
+
+    if a.budget_kimg is not None:
+        need(finite(a.budget_kimg) and a.budget_kimg > 0, "--budget-kimg", a.budget_kimg, "a positive budget in kimg")
+    if a.stage1_kimg is not None:
+        need(finite(a.stage1_kimg) and a.stage1_kimg >= 0, "--stage1-kimg", a.stage1_kimg, "kimg >= 0 (0: no stage 1)")
+    need(a.trials_per_target >= 1, "--trials-per-target", a.trials_per_target, "at least 1")
+    need(a.max_concurrent >= 0, "--max-concurrent", a.max_concurrent, "a number of trials >= 0 (0: as resources allow)")
+    need(a.workers_per_trial >= 1, "--workers-per-trial", a.workers_per_trial, "at least 1")
+    need(finite(a.cpus_per_worker) and a.cpus_per_worker > 0, "--cpus-per-worker", a.cpus_per_worker, "CPUs > 0")
+    need(finite(a.gpus_per_worker) and a.gpus_per_worker >= 0, "--gpus-per-worker", a.gpus_per_worker, "GPUs >= 0")
+    need(finite(a.ua_threshold) and 0 <= a.ua_threshold <= 1, "--ua-threshold", a.ua_threshold, "a UA in [0, 1]")
+    need(finite(a.max_override_fd_ratio) and a.max_override_fd_ratio > 0, "--max-override-fd-ratio",
+         a.max_override_fd_ratio, "a ratio > 0")
+    need(finite(a.stop_ua_kimg) and a.stop_ua_kimg >= 0, "--stop-ua-kimg", a.stop_ua_kimg, "kimg >= 0")
+    need(finite(a.stop_ua_min) and 0 <= a.stop_ua_min <= 1, "--stop-ua-min", a.stop_ua_min, "a UA in [0, 1]")
+    need(a.fresh_seed >= -1, "--fresh-seed", a.fresh_seed, "a seed >= 0, or -1 to skip the fresh re-evaluation")
+    need(a.seed >= 0, "--seed", a.seed, "a seed >= 0")
+    if a.num_cpus is not None:
+        need(a.num_cpus >= 1, "--num-cpus", a.num_cpus, "at least 1 CPU")
+    need(a.max_failures >= -1, "--max-failures", a.max_failures, "restarts >= 0, or -1 for no limit")
+    if a.resume and a.overwrite:
+        raise SweepError("--resume and --overwrite contradict each other — give one of them")
 
 
 def resolve(a):
@@ -122,6 +184,10 @@ def resolve(a):
             if name not in names:
                 names.append(name)
     given = load_space(a.space) if a.space else None
+    if given is not None and given.preset not in names:
+        raise SweepError(f"--space {a.space} is a search space for preset '{given.preset}', but the targets are of "
+                         f"{', '.join(repr(n) for n in names)} — give a space of that preset (e.g. "
+                         f"{space_path(names[0])}) or targets of '{given.preset}'")
     spaces = {n: given if given is not None and given.preset == n else load_space(space_path(n)) for n in names}
     targets = parse_targets(a.targets, a.override or spaces[names[0]].override)
     overrides = {"seed": a.seed}
@@ -145,6 +211,8 @@ def resolve(a):
                              f"\n(`sfd fetch {real[0]}` downloads the public ones; `sfd fetch {real[0]} --list` "
                              f"shows every file)")
         overrides.update({k: str(v) for k, v in paths.items()})
+    from orchestration.space import validate_plan
+    validate_plan(targets, spaces, overrides)       # every target x defaults x bounds/choices
     return targets, spaces, overrides
 
 
@@ -233,6 +301,12 @@ class Progress:
         self.ua_threshold = ua_threshold
         self.t0 = time.time()
 
+    def restored(self, done: dict) -> None:
+        """A resumed sweep: the trials that ended before the interruption count as done."""
+        for name, n in done.items():
+            if name in self.done:
+                self.done[name] = n
+
     def __call__(self, event: str, trial, result):
         if event == "result":
             return
@@ -259,8 +333,7 @@ def summarize_only(a) -> int:
 
     out = Path(a.out)
     if not (out / "trials.parquet").is_file():
-        print(f"sweep.py: error: {out / 'trials.parquet'} does not exist; run the sweep first", file=sys.stderr)
-        return 2
+        return _error(f"{out / 'trials.parquet'} does not exist — run the sweep first")
     rows = pd.read_parquet(out / "trials.parquet").to_dict("records")
     targets = parse_targets(list(dict.fromkeys(r["target"] for r in rows)), "next")
     df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio,
@@ -275,37 +348,106 @@ def apply_budget(a) -> None:
         a.trials_per_target = 9 if a.budget == "long" else 3
 
 
+SWEEP_FILE = "sweep.json"
+# what marks a folder as holding a sweep (anything else in --out is left alone)
+SWEEP_MARKERS = (SWEEP_FILE, "trials.parquet", "summary.parquet", "trials", "optuna.db", "mlflow.db", "ray")
+
+
+def _error(msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def sweep_plan_key(a, targets) -> dict:
+    """What a resumed sweep must share with the one it continues."""
+    return {"targets": [t.name for t in targets], "trials_per_target": a.trials_per_target, "seed": a.seed}
+
+
+def claim_out(a, targets, dry_run: bool = False) -> dict:
+    """Decide what this sweep does with --out, before anything starts: a fresh folder gets a new
+    sweep record; a folder holding another sweep is refused unless --resume (same plan: continue
+    it) or --overwrite (moved aside to <out>.old-<timestamp>, never deleted). Returns the record."""
+    out = Path(a.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"--out {out} is a file, not a folder — give a folder path for the sweep")
+    held = [m for m in SWEEP_MARKERS if (out / m).exists()]
+    key = sweep_plan_key(a, targets)
+    fresh = {"kind": "sfd-sweep", "sweep_id": uuid.uuid4().hex[:12], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             **key, "status": "new", "parent_run_id": None}
+    if not held:
+        if a.resume:
+            print(f"[sweep] --resume: {out} holds no sweep yet; starting a new one", flush=True)
+        return fresh
+    if a.overwrite:
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            aside, n = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+        print(f"[sweep] --overwrite: the sweep in {out} {'would be' if dry_run else 'is'} moved aside to {aside}",
+              flush=True)
+        return {**fresh, "_move_aside": str(aside)}       # moved when the sweep starts (run_sweep)
+    rec = None
+    if (out / SWEEP_FILE).is_file():
+        try:
+            rec = json.loads((out / SWEEP_FILE).read_text())
+            if not isinstance(rec, dict) or rec.get("kind") != "sfd-sweep":
+                raise ValueError("not a sweep record")
+        except (OSError, ValueError) as e:
+            raise SweepError(f"{out / SWEEP_FILE} is corrupted ({e}) — restore it, or start over with --overwrite "
+                             f"(the old sweep is moved aside, not deleted)") from None
+    if not a.resume:
+        what = f"sweep {rec['sweep_id']} ({' '.join(rec['targets'])}, {rec.get('status')})" if rec else \
+            f"an earlier sweep ({', '.join(held)})"
+        raise SweepError(f"--out {out} already holds {what} — pass --resume to continue it, --overwrite to move it "
+                         f"aside to {out.name}.old-<timestamp>, or choose another --out")
+    if rec is None:
+        raise SweepError(f"--resume: {out} holds an earlier sweep ({', '.join(held)}) without a {SWEEP_FILE}, so it "
+                         f"cannot be resumed — pass --overwrite to move it aside, or choose another --out")
+    changed = [f"{k}: {rec.get(k)!r} in {out.name} vs {v!r} now" for k, v in key.items() if rec.get(k) != v]
+    if changed:
+        raise SweepError(f"--resume: the sweep in {out} was planned differently ({'; '.join(changed)}) — resume it "
+                         f"with its own --targets/--trials-per-target/--seed, or choose another --out")
+    return rec
+
+
+def write_record(out: Path, rec: dict) -> None:
+    from sfd.io import write_json
+    write_json(out / SWEEP_FILE, rec)
+
+
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from sfd.io import CheckpointError
     if a.summarize_only:
-        return summarize_only(a)
+        try:
+            return summarize_only(a)
+        except (ValueError, CheckpointError) as e:
+            return _error(str(e))
     if not a.targets:
-        print("sweep.py: error: --targets is required, e.g. --targets all_digits_classes", file=sys.stderr)
-        return 2
+        return _error("--targets is required — give forget targets, e.g. --targets all_digits_classes")
     apply_budget(a)
     try:
+        check_flags(a)
         targets, spaces, overrides = resolve(a)
-        if a.trials_per_target < 1:
-            raise ValueError(f"--trials-per-target must be >= 1, got {a.trials_per_target}")
-        if a.workers_per_trial < 1:
-            raise ValueError(f"--workers-per-trial must be >= 1, got {a.workers_per_trial}")
         if not a.reference_cpus > 0 or (a.reference_gpus is not None and not a.reference_gpus >= 0):   # [cluster]
             raise ValueError(f"--reference-cpus must be > 0 and --reference-gpus >= 0, got {a.reference_cpus} and "
-                             f"{a.reference_gpus}")
+                             f"{a.reference_gpus} — give a positive CPU count and a GPU count >= 0")
         if a.dry_run:
+            try:
+                claim_out(a, targets, dry_run=True)
+            except SweepError as e:          # the plan is still worth printing; the run would stop here
+                print(f"[sweep] note: the sweep itself would refuse to start: {e}", flush=True)
             print_plan(a, targets, spaces, overrides)
         probe_services(a, targets, overrides)            # [cluster] files, storage, MLflow, Ray: one line each
         if a.dry_run:
             print("[sweep] dry run: every service answers; nothing started")
             return 0
+        record = claim_out(a, targets)
         check_models(targets, spaces, overrides)
-    except Exception as e:        # a bad target, space or model: say so before anything starts
-        from sfd.io import CheckpointError
-        if isinstance(e, (ValueError, CheckpointError)):
-            print(f"sweep.py: error: {e}", file=sys.stderr)
-            return 2
-        raise
-    return run_sweep(a, targets, spaces, overrides)
+    except (ValueError, CheckpointError) as e:   # a bad flag, target, space, model or --out: before anything starts
+        return _error(str(e))
+    return run_sweep(a, targets, spaces, overrides, record)
 
 
 def probe_services(a, targets, overrides) -> None:
@@ -368,7 +510,43 @@ def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Pat
     return dest
 
 
-def run_sweep(a, targets, spaces, overrides) -> int:
+class Interrupted(Exception):
+    """SIGINT / SIGTERM outside Ray Tune's loop (or a second one inside it)."""
+
+
+def install_signal_handlers(state: dict):
+    """SIGINT and SIGTERM end the sweep cleanly. Inside Tune's loop the first one asks Tune to stop
+    (SIGUSR1, Tune's own graceful stop: it saves the experiment state, then stops the trials);
+    elsewhere, or on a second signal, :class:`Interrupted` unwinds the driver through its
+    clean-up. ``state["signal"]`` records which signal it was (exit code 128 + signum)."""
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"        # one handler for both signals: this one
+
+    def handler(signum, frame):
+        first = "signal" not in state
+        state.setdefault("signal", signum)
+        name = signal.Signals(signum).name
+        if first and state.get("in_tune"):
+            print(f"\n[sweep] {name}: stopping the sweep (running trials are cut off; finished ones are kept; "
+                  f"continue with --resume)", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
+        raise Interrupted(name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def _rebind_restored(tuner, scheduler, callbacks) -> None:
+    """Tuner.restore unpickles the scheduler and callbacks of the interrupted run (from tuner.pkl);
+    this run's own instances (its MLflow client, its stopper) take their place. Ray 2.60 keeps
+    them on the TunerInternal; the callbacks' state comes back through Tune's own
+    get_state/set_state."""
+    inner = tuner._local_tuner
+    inner._tune_config.scheduler = scheduler
+    inner._run_config.callbacks = list(callbacks)
+
+
+def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
     import ray
     from ray import tune
 
@@ -378,83 +556,152 @@ def run_sweep(a, targets, spaces, overrides) -> int:
     from orchestration.trial import run_trial
 
     out = Path(a.out).resolve()
+    aside = record.pop("_move_aside", None)
+    if aside:
+        os.replace(out, aside)
     out.mkdir(parents=True, exist_ok=True)
-    storage = a.storage or str(out / "ray")
-    uri = a.mlflow_uri or f"sqlite:///{out / 'mlflow.db'}"
+    resuming = record.get("status") not in (None, "new")
+    # a resumed sweep keeps its own storage and tracking server unless given new ones
+    storage = a.storage or (record.get("storage") if resuming else None) or str(out / "ray")
+    uri = a.mlflow_uri or record.get("mlflow_uri") or f"sqlite:///{out / 'mlflow.db'}"
+    state: dict = {}
+    install_signal_handlers(state)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    from orchestration import cluster as clu          # [cluster] storage, reference samples, placement
-    runtime_env = clu.runtime_env(storage)
-    if a.address:
-        ray.init(address=a.address, log_to_driver=a.verbose, runtime_env=runtime_env)
-    else:
-        ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=a.verbose,
-                 logging_level="INFO" if a.verbose else "WARNING", runtime_env=runtime_env)
-    cpus = ray.cluster_resources().get("CPU", 1)
-    per_trial = a.workers_per_trial * a.cpus_per_worker
-    max_conc = a.max_concurrent or max(1, int(cpus // max(per_trial, 1e-9)))
-    n_trials = len(targets) * a.trials_per_target
-    print(f"[sweep] {len(targets)} targets x {a.trials_per_target} trials = {n_trials} trials, up to {max_conc} at once "
-          f"({a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU, {a.gpus_per_worker} GPU per trial); "
-          f"MLflow: {uri}", flush=True)
 
-    clu.make_references(a, spaces, overrides, storage, log=lambda m: print(m, flush=True))   # [cluster] Ray tasks
-    for name, space in spaces.items():
-        path = shared_stage1(a, name, space, overrides, out)
-        # every trial's stage 2 starts from it (or, without one, from copies of the teacher)
-        space.defaults = {**space.defaults, "init_from": str(path) if path else "none"}
-
+    # the sweep's MLflow run first, so that every later failure (Ray, storage, stage 1) ends it
     tracker = MLflowSweep(uri, a.experiment, artifact_root=None if a.mlflow_uri else (out / "mlartifacts").as_uri())
     parent = tracker.start_parent(f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", {
         "targets": " ".join(a.targets), "trials_per_target": a.trials_per_target,
-        "workers_per_trial": a.workers_per_trial, "ua_threshold": a.ua_threshold, **{f"override_{k}": v for k, v in overrides.items()}},
-        {"preset": ",".join(sorted({t.preset for t in targets}))})
-    searcher = PerTargetSearch(targets, spaces, a.trials_per_target, overrides, seed=a.seed,
-                               ua_threshold=a.ua_threshold)
-    stopper = HopelessTrialStopper(a.stop_ua_kimg, a.stop_ua_min)
-    progress = Progress(targets, a.trials_per_target, a.ua_threshold)
-    callback = clu.storage_callback(MLflowTuneCallback, storage)(   # [cluster] fetches remote trial outputs first
-        tracker, {t.name: t for t in targets}, out, on_event=progress)
-    sweep_cfg = {"out": str(out), "storage": storage, "workers_per_trial": a.workers_per_trial,
-                 "cpus_per_worker": a.cpus_per_worker, "gpus_per_worker": a.gpus_per_worker,
-                 **clu.trial_config(a, storage, out)}                               # [cluster]
-    tuner = tune.Tuner(
-        # The trial function only drives its Ray Train job; the workers hold the resources.
-        tune.with_resources(run_trial, tune.PlacementGroupFactory([{"memory": 2**20}])),
-        param_space={"sweep": sweep_cfg},
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(stopper), num_samples=n_trials,
-                                    max_concurrent_trials=max_conc),
-        run_config=tune.RunConfig(name="tune", storage_path=storage, callbacks=[callback], verbose=0),
-    )
-    status = "failed"
+        "workers_per_trial": a.workers_per_trial, "ua_threshold": a.ua_threshold,
+        "max_failures": a.max_failures, **{f"override_{k}": v for k, v in overrides.items()}},
+        {"preset": ",".join(sorted({t.preset for t in targets})), "sweep_id": record["sweep_id"]},
+        resume_id=record.get("parent_run_id") if resuming else None)
+    if resuming:
+        # trials of the interrupted sweep left RUNNING (a killed driver): cut off; resumed ones reopen
+        for run_id in tracker.end_open_runs():
+            print(f"[sweep] --resume: MLflow run {run_id} of the interrupted sweep marked KILLED", flush=True)
+    record.update(parent_run_id=parent, mlflow_uri=uri, experiment=a.experiment, storage=storage,
+                  tune_name=record.get("tune_name") or f"tune-{record['sweep_id']}", status="running")
+    write_record(out, record)
+    status, ray_started, df, rows = "failed", False, None, []
+    from orchestration import cluster as clu          # [cluster] storage, reference samples, placement
     try:
+        runtime_env = clu.runtime_env(storage)
+        if a.address:
+            ray.init(address=a.address, log_to_driver=a.verbose, runtime_env=runtime_env)
+        else:
+            ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=a.verbose,
+                     logging_level="INFO" if a.verbose else "WARNING", runtime_env=runtime_env)
+        ray_started = True
+        install_signal_handlers(state)      # again: ray.init installs its own SIGTERM handler (it aborts)
+        cpus = ray.cluster_resources().get("CPU", 1)
+        per_trial = a.workers_per_trial * a.cpus_per_worker
+        max_conc = a.max_concurrent or max(1, int(cpus // max(per_trial, 1e-9)))
+        n_trials = len(targets) * a.trials_per_target
+        print(f"[sweep] {len(targets)} targets x {a.trials_per_target} trials = {n_trials} trials, up to {max_conc} "
+              f"at once ({a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU, {a.gpus_per_worker} GPU per "
+              f"trial); MLflow: {uri}", flush=True)
+
+        clu.make_references(a, spaces, overrides, storage, log=lambda m: print(m, flush=True))  # [cluster] Ray tasks
+        for name, space in spaces.items():
+            path = shared_stage1(a, name, space, overrides, out)
+            # every trial's stage 2 starts from it (or, without one, from copies of the teacher)
+            space.defaults = {**space.defaults, "init_from": str(path) if path else "none"}
+
+        searcher = PerTargetSearch(targets, spaces, a.trials_per_target, overrides, seed=a.seed,
+                                   ua_threshold=a.ua_threshold, storage=f"sqlite:///{out / 'optuna.db'}")
+        stopper = HopelessTrialStopper(a.stop_ua_kimg, a.stop_ua_min)
+        progress = Progress(targets, a.trials_per_target, a.ua_threshold)
+        callback = clu.storage_callback(MLflowTuneCallback, storage)(   # [cluster] fetches remote trial outputs first
+            tracker, {t.name: t for t in targets}, out, on_event=progress, stopped=stopper.stopped)
+        scheduler = make_scheduler(stopper)
+        sweep_cfg = {"out": str(out), "storage": storage, "workers_per_trial": a.workers_per_trial,
+                     "cpus_per_worker": a.cpus_per_worker, "gpus_per_worker": a.gpus_per_worker,
+                     "max_failures": a.max_failures, **clu.trial_config(a, storage, out)}      # [cluster]
+        # The trial function only drives its Ray Train job; the workers hold the resources.
+        trainable = tune.with_resources(run_trial, tune.PlacementGroupFactory([{"memory": 2**20}]))
+        exp_path = f"{storage.rstrip('/')}/{record['tune_name']}"
+        if resuming and tune.Tuner.can_restore(exp_path):
+            print(f"[sweep] --resume: restoring the Tune experiment {exp_path}", flush=True)
+            # unfinished trials continue (each from its Ray Train checkpoint); failed ones stay failed
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, param_space={"sweep": sweep_cfg},
+                                       resume_unfinished=True, resume_errored=False, restart_errored=False)
+            _rebind_restored(tuner, scheduler, [callback])
+        else:
+            if resuming and searcher.fail_running():
+                print("[sweep] --resume: no Tune state was saved; the trials it had asked for start again", flush=True)
+            tuner = tune.Tuner(
+                trainable, param_space={"sweep": sweep_cfg},
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n_trials,
+                                            max_concurrent_trials=max_conc),
+                run_config=tune.RunConfig(name=record["tune_name"], storage_path=storage, callbacks=[callback],
+                                          verbose=0),
+            )
+        signal.signal(signal.SIGUSR1, lambda *_: None)     # until Tune installs its own stop handler
+        state["in_tune"] = True
         grid = tuner.fit()
+        interrupted = "signal" in state
+        state["in_tune"] = False
+        notes = dict(stopper.stopped)
+        if interrupted:
+            why = f"cut off by {signal.Signals(state['signal']).name}"
+            notes.update({tid: why for tid in callback.started - set(callback.outcome)})
         clu.after_fit(a, grid, targets, storage, out)          # [cluster] remote trial outputs -> OUT/trials
-        rows = trial_rows(grid, {t.name: t for t in targets}, out, set(stopper.stopped))
+        rows = trial_rows(grid, {t.name: t for t in targets}, out, callback.outcome, callback.errors, notes=notes)
+        # an interrupted sweep writes its tables at once (no fresh re-evaluation; --resume does it)
         df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio, tracker,
-                       fresh_seed=None if a.fresh_seed < 0 else a.fresh_seed)
+                       fresh_seed=None if (a.fresh_seed < 0 or interrupted) else a.fresh_seed)
         clu.publish_tables(a, storage, out)                    # [cluster] results tables -> <storage>/results
         tracker.log_artifacts(parent, [out / "summary.md", out / "summary.parquet", out / "trials.parquet"])
         n_best = int((df["best_trial"] != "").sum())
         tracker.log_metrics(parent, {"targets_with_best": n_best, "trials": len(rows),
                                      "median_best_fd_ratio": float(df["fd_ratio"].median())})
-        status = "finished"
+        status = "interrupted" if interrupted else "finished"
+    except Interrupted:
+        status = "interrupted"
+    except Exception as e:
+        from sfd.io import CheckpointError
+        status = "failed"
+        if isinstance(e, (ValueError, CheckpointError)):      # a user mistake found late (e.g. stage 1)
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError):                            # a path that cannot be written
+            print(f"{PROG}: error: {type(e).__name__}: {e} — check --out ({out}) and --storage ({storage})",
+                  file=sys.stderr)
+            return 2
+        raise
     finally:
-        tracker.finish(parent, status)
-        ray.shutdown()
+        # no run is left RUNNING: cut-off trials and their targets KILLED, the sweep's run as it ended
+        try:
+            tracker.end_open_runs("interrupted" if status == "interrupted" else "failed")
+            tracker.finish(parent, status)
+        finally:
+            record["status"] = status
+            write_record(out, record)
+            if ray_started:
+                ray.shutdown()
+    if status == "interrupted":
+        sig = state.get("signal", signal.SIGINT)
+        done = sum(r["status"] in ("finished", "stopped") for r in rows)
+        print(f"[sweep] interrupted by {signal.Signals(sig).name}: {done}/{len(targets) * a.trials_per_target} "
+              f"trials finished; tables in {out}; continue with the same command and --resume", file=sys.stderr)
+        return 128 + int(sig)
     print()
     print((out / "summary.md").read_text())
     print(f"[sweep] outputs in {out}: trials.parquet, summary.md/.parquet, pareto/*.png, best/*/generator.safetensors")
     print(f"[sweep] MLflow UI: mlflow ui --backend-store-uri {uri}")
-    missing = df[df["best_trial"] == ""]["target"].tolist()
+    missing = df[(df["best_trial"] == "") & (df["state"] == "done")]["target"].tolist()
     if missing:
         print(f"[sweep] no trial reached UA >= {a.ua_threshold} for: {', '.join(missing)} "
               f"(try --budget long)", file=sys.stderr)
-    failed_targets = df[df["finished"] == 0]["target"].tolist()
+    not_started = df[df["state"] == "not_started"]["target"].tolist()
+    if not_started:
+        print(f"[sweep] no trial started for: {', '.join(not_started)}", file=sys.stderr)
+    failed_targets = df[df["state"] == "failed"]["target"].tolist()
     if failed_targets:
         print(f"[sweep] every trial failed for: {', '.join(failed_targets)}; see trials.parquet 'error'", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed_targets or not_started else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ from ray.tune import Callback
 from .trial import REPORT_KEYS as _METRIC_KEYS
 
 PARENT_TAG = "mlflow.parentRunId"
+# what happened to a run (tag "status") -> its MLflow run status
+MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "no_trial_at_ua_threshold": "FINISHED",
+                 "failed": "FAILED", "cut_off": "KILLED", "interrupted": "KILLED", "not_started": "KILLED"}
 
 
 class MLflowSweep:
@@ -37,11 +40,40 @@ class MLflowSweep:
         self.trial_runs: dict[str, str] = {}
         self._mlflow = mlflow
 
-    def start_parent(self, name: str, params: dict, tags: dict) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={"kind": "sweep", **tags})
+    def start_parent(self, name: str, params: dict, tags: dict, resume_id: str | None = None) -> str:
+        """The sweep's run; ``resume_id``: the interrupted sweep's own run, continued (RUNNING again)."""
+        if resume_id is not None and self._reopen(resume_id):
+            self.parent_id = resume_id
+            for run in self._children(resume_id, "target"):
+                self.target_runs[run.data.tags["target"]] = run.info.run_id
+            for t in self._children(None, "trial"):
+                self.trial_runs[t.data.tags["trial_id"]] = t.info.run_id
+            return resume_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"kind": "sweep", **tags,
+                                                                              "status": "running"})
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
         return self.parent_id
+
+    def _reopen(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, "status", "running")
+        return True
+
+    def _children(self, parent: str | None, kind: str) -> list:
+        """This sweep's runs of a kind (trials: every trial under any of its target runs)."""
+        if parent is None:
+            out = []
+            for target_id in self.target_runs.values():
+                out += self._children(target_id, kind)
+            return out
+        return self.client.search_runs([self.experiment_id], max_results=10000,
+                                       filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.kind = '{kind}'")
 
     def target_run(self, target) -> str:
         if target.name not in self.target_runs:
@@ -51,16 +83,33 @@ class MLflowSweep:
             self.target_runs[target.name] = run.info.run_id
             self.log_params(run.info.run_id, {"forget": ",".join(map(str, target.forget)),
                                               "override": target.override, "preset": target.preset})
+        elif self.client.get_run(self.target_runs[target.name]).info.status != "RUNNING":
+            self._reopen(self.target_runs[target.name])
         return self.target_runs[target.name]
 
     def start_trial(self, trial_id: str, target, baseline: bool, params: dict) -> str:
+        """The trial's run: created once; a trial resumed (Ray Train restart, sweep --resume) continues
+        its own run instead of opening a second one."""
         parent = self.target_run(target)
+        if trial_id in self.trial_runs:
+            self._reopen(self.trial_runs[trial_id])
+            return self.trial_runs[trial_id]
         run = self.client.create_run(self.experiment_id, run_name=f"{target.slug}-{trial_id}", tags={
             PARENT_TAG: parent, "kind": "trial", "target": target.name, "preset": target.preset,
             "trial_id": trial_id, "baseline": str(baseline).lower(), "status": "running"})
         self.trial_runs[trial_id] = run.info.run_id
         self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def end_open_runs(self, status: str = "interrupted") -> list[str]:
+        """Every run of this sweep still RUNNING (trials cut off, their targets) ends as ``status``
+        (KILLED): no run is left RUNNING by an interrupted or failed sweep."""
+        ended = []
+        for run_id in [*self.trial_runs.values(), *self.target_runs.values()]:
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.finish(run_id, "cut_off" if run_id in self.trial_runs.values() else status)
+                ended.append(run_id)
+        return ended
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
@@ -110,9 +159,14 @@ class MLflowSweep:
         done.add(ckpt_dir.name)
         return model.model_id
 
-    def finish(self, run_id: str, status: str) -> None:
-        self.client.set_tag(run_id, "status", status.lower())
-        self.client.set_terminated(run_id, "FAILED" if status.lower() == "failed" else "FINISHED")
+    def finish(self, run_id: str, status: str, error: str = "") -> None:
+        """End a run with what happened: tag ``status`` (finished, stopped, failed, cut_off, ...) and
+        the MLflow status that matches it (FINISHED, FAILED, KILLED); a failure's cause as ``error``."""
+        status = status.lower()
+        self.client.set_tag(run_id, "status", status)
+        if error:
+            self.client.set_tag(run_id, "error", error[:5000])
+        self.client.set_terminated(run_id, MLFLOW_STATUS.get(status, "FINISHED"))
 
 
 class MLflowTuneCallback(Callback):
@@ -120,17 +174,45 @@ class MLflowTuneCallback(Callback):
 
     ARTIFACTS = ("metrics.json", "history.json", "curves.png", "samples_generator.png", "samples_teacher.png")
 
-    def __init__(self, tracker: MLflowSweep, targets: dict, out_dir: Path, on_event=None):
+    def __init__(self, tracker: MLflowSweep, targets: dict, out_dir: Path, on_event=None, stopped=None):
         self.tracker = tracker
         self.targets = targets
         self.out_dir = Path(out_dir)
         self.on_event = on_event
+        self.stopped = stopped if stopped is not None else {}   # trial id -> why the scheduler stopped it
+        # trial id -> what happened ("finished", "stopped", "failed"); a started trial missing here
+        # when the sweep ends was cut off
+        self.outcome: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self.started: set[str] = set()
+        self.target_of: dict[str, str] = {}
+
+    # kept in Tune's experiment checkpoint, so a resumed sweep knows what happened before
+    def get_state(self) -> dict:
+        return {"outcome": dict(self.outcome), "errors": dict(self.errors), "started": sorted(self.started),
+                "stopped": dict(self.stopped), "target_of": dict(self.target_of)}
+
+    def set_state(self, state: dict) -> None:
+        self.outcome.update(state.get("outcome", {}))
+        self.errors.update(state.get("errors", {}))
+        self.started.update(state.get("started", []))
+        self.stopped.update(state.get("stopped", {}))
+        self.target_of.update(state.get("target_of", {}))
+        if hasattr(self.on_event, "restored"):      # progress counts what finished before the interruption
+            done: dict[str, int] = {}
+            for tid in self.outcome:
+                if tid in self.target_of:
+                    done[self.target_of[tid]] = done.get(self.target_of[tid], 0) + 1
+            self.on_event.restored(done)
 
     def _run_dir(self, trial) -> Path:
         return self.out_dir / "trials" / trial.config["target_slug"] / trial.trial_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
         cfg = trial.config
+        self.started.add(trial.trial_id)
+        self.target_of[trial.trial_id] = cfg["target"]
+        self.outcome.pop(trial.trial_id, None)
         self.tracker.start_trial(trial.trial_id, self.targets[cfg["target"]], cfg["baseline"],
                                  {**cfg["sfd"], "searched": ",".join(sorted(cfg["params"]))})
 
@@ -147,19 +229,28 @@ class MLflowTuneCallback(Callback):
         if self.on_event:
             self.on_event("result", trial, result)
 
-    def _end(self, trial, status: str):
+    def _end(self, trial, status: str, error: str = ""):
+        self.outcome[trial.trial_id] = status
+        if error:
+            self.errors[trial.trial_id] = error
         run_id = self.tracker.trial_runs.get(trial.trial_id)
         if run_id is None:
             return
         run_dir = self._run_dir(trial)
         self.tracker.log_artifacts(run_id, [run_dir / a for a in self.ARTIFACTS])
-        self.tracker.finish(run_id, status)
+        if status == "stopped":
+            self.tracker.client.set_tag(run_id, "stop_reason", self.stopped.get(trial.trial_id, ""))
+        self.tracker.finish(run_id, status, error)
         if self.on_event:
             self.on_event(status, trial, trial.last_result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial, "finished")
+        self._end(trial, "stopped" if trial.trial_id in self.stopped else "finished")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, "failed")
+        from .results import root_cause
+        error = ""
+        if trial.error_file and Path(trial.error_file).is_file():
+            error = root_cause(Path(trial.error_file).read_text(errors="replace"))
+        self._end(trial, "failed", error)
 

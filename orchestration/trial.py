@@ -23,7 +23,10 @@ def run_trial(config: dict) -> None:
     run_dir = Path(sweep["out"]) / "trials" / config["target_slug"] / trial_id
     trainer = make_trainer(config["sfd"], run_dir, num_workers=sweep["workers_per_trial"],
                            cpus_per_worker=sweep["cpus_per_worker"], gpus_per_worker=sweep["gpus_per_worker"],
-                           storage=sweep["storage"], name=f"train-{trial_id}", callbacks=[TuneReportCallback()])
+                           storage=sweep["storage"], name=f"train-{trial_id}", callbacks=[TuneReportCallback()],
+                           # a restarted worker group continues from the trial's last checkpoint in storage;
+                           # a trial resumed by `sweep.py --resume` finds it the same way (same run name)
+                           max_failures=int(sweep.get("max_failures", 0)))
     # [cluster] --placement, and the trial's outputs uploaded to a remote --storage (orchestration/cluster.py)
     from orchestration.cluster import for_cluster, trial_storage_rel
     outputs = sweep.get("outputs_uri")

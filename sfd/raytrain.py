@@ -4,10 +4,20 @@
 sets up the process group: gloo on CPU, NCCL on GPU); metrics and checkpoints go back through
 ``ray.train.report``. :func:`make_trainer` builds the ``TorchTrainer`` that a sweep trial and a
 single run both fit, so the two run exactly the same thing.
+
+Fault tolerance: with ``max_failures`` Ray Train restarts a failed worker group (a lost node, a
+killed process) and the run continues from ``ray.train.get_checkpoint()`` -- the copy in Ray's
+storage, not the local run folder, so it continues on another node too: the storage copy is
+put back into the run folder (:func:`restore_into_run_dir`) and the loop resumes from it.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 REPORT_KEYS = ("iteration", "kimg", "train_seconds", "wall_seconds", "loss_fake_score", "loss_generator", "ua",
@@ -29,23 +39,84 @@ def train_fn_per_worker(config: dict) -> None:
         torch.set_num_threads(threads)
     cfg = SFDConfig.from_dict({**config["sfd"], "device": str(ray.train.torch.get_device())})
     rank = ray.train.get_context().get_world_rank()
+    resume = bool(config.get("resume", True))
+    stored = ray.train.get_checkpoint()
+    if stored is not None:               # a restart: continue from Ray's copy of the last checkpoint
+        with stored.as_directory() as d:
+            restore_into_run_dir(d, config["run_dir"], record=rank == 0)
+        resume = True
+
+    reports = []
 
     def report(metrics: dict, checkpoint_dir) -> None:
         clean = {k: float(metrics[k]) for k in REPORT_KEYS if k in metrics and metrics[k] is not None}
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir and rank == 0 else None
         ray.train.report(clean, checkpoint=ckpt)
+        reports.append(clean)
 
-    # resume=True: if Ray Train restarts the workers, the run continues from its last checkpoint
-    train_sfd(cfg, config["run_dir"], callback=report, resume=bool(config.get("resume", True)),
-              progress=bool(config.get("progress", False)) and rank == 0,
-              measure_speed=bool(config.get("measure_speed", False)))
+    final = train_sfd(cfg, config["run_dir"], callback=report, resume=resume,
+                      progress=bool(config.get("progress", False)) and rank == 0,
+                      measure_speed=bool(config.get("measure_speed", False)))
+    if not reports:
+        # restarted from the run's final checkpoint (it was killed after saving it): nothing was left
+        # to train, so the loop reported nothing; the final metrics still reach Tune and the tracker
+        report(final, None)
+
+
+def restore_into_run_dir(ckpt_dir, run_dir, record: bool = True) -> int:
+    """Put a checkpoint from Ray's storage back into ``run_dir/checkpoints`` (unless an intact copy
+    is there) and point ``latest`` at it when it is at least as new as the local one; returns its
+    iteration. Several ranks on one node may do this at once: each writes a private temporary
+    folder and renames it into place, and a rank that finds the folder already there keeps it."""
+    from .checkpoint import checkpoint_problem, resolve_checkpoint
+    from .io import CheckpointError, atomic_path
+
+    ckpt_dir, run_dir = Path(ckpt_dir), Path(run_dir)
+    problem = checkpoint_problem(ckpt_dir)
+    if problem:
+        raise CheckpointError(f"the checkpoint Ray Train restored ({ckpt_dir}) is not intact: {problem}")
+    iteration = json.loads((ckpt_dir / "state.json").read_text())["iteration"]
+    try:                                 # what the run folder holds itself (on another node: nothing)
+        local = resolve_checkpoint(run_dir)[0]
+    except CheckpointError:
+        local = None
+    local_it = json.loads((local / "state.json").read_text())["iteration"] if local is not None else -1
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"ckpt-{iteration:08d}"
+    if checkpoint_problem(final) is not None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        try:
+            for f in ("state.safetensors", "state.json"):
+                shutil.copy2(ckpt_dir / f, tmp / f)
+            if final.exists() and checkpoint_problem(final) is not None:
+                os.replace(final, root / f".broken-{final.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                os.replace(tmp, final)
+            except OSError:              # another rank of this node put it there first
+                if checkpoint_problem(final) is not None:
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if iteration >= local_it:
+        with atomic_path(root / "latest") as p:
+            p.write_text(final.name + "\n")
+    if record:
+        # the run folder tells that (and from where) it was restarted
+        with open(run_dir / "restarts.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "iteration": iteration,
+                                "from": str(ckpt_dir), "local_iteration": local_it}) + "\n")
+    return iteration
 
 
 def make_trainer(sfd_config: dict, run_dir, *, num_workers: int = 1, cpus_per_worker: float = 1.0,
                  gpus_per_worker: float = 0.0, storage: str | None = None, name: str = "sfd",
-                 callbacks=(), resume: bool = True, progress: bool = False, measure_speed: bool = False):
-    """A ``TorchTrainer`` running one SFD run on ``num_workers`` Ray Train workers."""
-    from ray.train import RunConfig, ScalingConfig
+                 callbacks=(), resume: bool = True, progress: bool = False, measure_speed: bool = False,
+                 max_failures: int = 0):
+    """A ``TorchTrainer`` running one SFD run on ``num_workers`` Ray Train workers; a failed worker
+    group is restarted up to ``max_failures`` times (-1: always), continuing from the last
+    checkpoint in storage."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = gpus_per_worker > 0
@@ -59,7 +130,10 @@ def make_trainer(sfd_config: dict, run_dir, *, num_workers: int = 1, cpus_per_wo
                            "threads_per_worker": max(1, math.floor(cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks)),
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             # the newest two, like the run folder (sfd.checkpoint keep=2)
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
 
 

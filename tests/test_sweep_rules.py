@@ -176,3 +176,91 @@ def test_pareto_plot_marks_its_front(tmp_path):
     ax = plot_pareto(pts, tmp_path / "q.png", front_ids=set()).axes[0]
     assert _artist(ax, "pareto-front") is None and _artist(ax, "pareto-front-line") is None
     assert not any("Pareto" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_target_states_say_what_happened(tmp_path):
+    """A target whose trials never started is 'not_started', not 'every trial failed'; cut-off
+    trials never count as results or as the best."""
+    from orchestration.results import summarise, target_state
+    from orchestration.targets import parse_targets
+    targets = parse_targets(["digits:3->4", "digits:5->6", "digits:7->8", "digits:1->2"], "next")
+    rows = [row("a", 1.0, 2.0, 2.0, target="digits:3->4", baseline=True),
+            row("b", 1.0, 0.1, 0.1, target="digits:3->4", status="cut_off"),       # best figures, but cut off
+            row("c", math.nan, math.nan, math.nan, target="digits:5->6", status="failed", baseline=True),
+            row("d", math.nan, math.nan, math.nan, target="digits:5->6", status="failed"),
+            row("e", 1.0, 3.0, 2.0, target="digits:1->2", status="stopped", baseline=True)]
+    for r in rows:
+        r.update(run_dir=str(tmp_path / r["trial_id"]), fd_remaining_teacher=0.1, remaining_accuracy=0.99,
+                 train_seconds=1.0)
+    df = summarise(rows, targets, tmp_path, 0.99, 10.0).set_index("target")
+    assert df["state"].to_dict() == {"digits:3->4": "interrupted", "digits:5->6": "failed",
+                                     "digits:7->8": "not_started", "digits:1->2": "done"}
+    assert df.loc["digits:3->4", "best_trial"] == "a" and df.loc["digits:3->4", "cut_off"] == 1
+    assert df.loc["digits:1->2", "best_trial"] == "e"              # stopped by the scheduler: a result
+    assert df["finished"].to_dict() == {"digits:3->4": 1, "digits:5->6": 0, "digits:7->8": 0, "digits:1->2": 1}
+    assert target_state([row("x", 1, 1, 1, status="not_started")]) == "not_started"
+    assert "b" not in pareto_front(rows)
+
+
+BANNER = ("\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, ip=1.2.3.4, actor_id=ab, repr=run_trial)\n"
+          "  File \"/x/trainable.py\", line 329, in train\n    raise skipped from exception_cause(skipped)\n"
+          "ray.train.WorkerGroupError: Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
+          "\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, ip=1.2.3.4)\n"
+          "  File \"/x/sfd/loop.py\", line 71, in train_sfd\n    cfg = SFDConfig.from_dict(cfg).validate(preset)\n"
+          "ValueError: budget_kimg (--budget-kimg) -1.0 is out of range — give a positive budget in kimg\n")
+
+
+def test_root_cause_digs_out_the_real_exception():
+    from orchestration.results import root_cause
+    got = root_cause(BANNER)
+    assert got == "ValueError: budget_kimg (--budget-kimg) -1.0 is out of range — give a positive budget in kimg"
+    # exception objects: Ray Train's worker_failures and a wrapper's cause are unwrapped
+    from ray.train import WorkerGroupError
+    inner = KeyError("lr_gen")
+    assert root_cause(WorkerGroupError("boom", {0: inner})) == "KeyError: 'lr_gen'"
+    try:
+        try:
+            raise OSError("\x1b[31mdisk full\x1b[0m")
+        except OSError as e:
+            raise RuntimeError("wrapper") from e
+    except RuntimeError as e:
+        assert root_cause(e) == "OSError: disk full"
+    assert root_cause(None) == ""
+
+
+def test_studies_resume_from_optunas_storage(tmp_path):
+    """PerTargetSearch's state: Optuna's RDB storage plus Tune's small JSON map. A restored
+    searcher completes the trials Tune resumes, fails the ones asked after Tune's last checkpoint,
+    never tells a trial twice, and pickles without its studies."""
+    import pickle
+
+    from optuna.trial import TrialState
+
+    from orchestration.search import PerTargetSearch
+    from orchestration.space import load_space, space_path
+    from orchestration.targets import parse_targets
+
+    targets = parse_targets(["digits:3->4"])
+    space = load_space(space_path("digits"))
+    db = f"sqlite:///{tmp_path / 'optuna.db'}"
+    s = PerTargetSearch(targets, {"digits": space}, trials_per_target=3, storage=db)
+    assert s.suggest("t0")["baseline"]
+    s.on_trial_complete("t0", {"ua": 1.0, "fd_ratio": 2.0, "override_fd_ratio": 1.5})
+    s.suggest("t1")                                   # running when Tune checkpointed
+    s.save(str(tmp_path / "searcher.json"))
+    s.suggest("t2")                                   # asked after the checkpoint: Tune never saw it
+    assert "studies" not in pickle.loads(pickle.dumps(s.__getstate__()))
+
+    r = pickle.loads(pickle.dumps(s))                 # what Tuner.restore unpickles, then restore()
+    r.restore(str(tmp_path / "searcher.json"))
+    study = r.studies["digits:3->4"]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL]
+    assert len(study.trials) == 3                     # the baseline was not enqueued again
+    r.on_trial_complete("t1", {"ua": 1.0, "fd_ratio": 1.0, "override_fd_ratio": 1.0})
+    r.on_trial_complete("t0", {"ua": 0.0, "fd_ratio": 9.0, "override_fd_ratio": 9.0})   # told before: ignored
+    assert r.suggest("t3")["target"] == "digits:3->4"  # the third trial, asked again
+    from ray.tune.search import Searcher
+    assert r.suggest("t4") == Searcher.FINISHED and r.remaining == {"digits:3->4": 0}
+    study = r.studies["digits:3->4"]
+    assert [t.values for t in study.trials[:2]] == [[2.0, 1.5], [1.0, 1.0]]
+    assert study.trials[1].user_attrs["tune_trial_id"] == "t1"

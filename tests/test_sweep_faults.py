@@ -1,0 +1,427 @@
+"""The sweep's lifecycle under faults, with real Ray, real processes and real signals (no mocks):
+
+- bad search-space values and sweep flags are refused before Ray starts (exit 2, the value named,
+  nothing in --out touched), and so is an --out holding another sweep;
+- SIGINT and SIGTERM end a running sweep cleanly: the cut-off trial marked as such in
+  trials.parquet, its MLflow run and the sweep's run KILLED, none left RUNNING;
+- a Ray Train worker killed by PID mid-trial (--max-failures 1): the trial continues from its
+  checkpoint in Ray's storage (the local copy deleted first), in the same MLflow run;
+- the driver killed with SIGKILL, then --resume: every trial exactly once, in trials.parquet, in
+  MLflow (FINISHED, none RUNNING) and in the Optuna studies (COMPLETE).
+
+Each sweep is one target with two trials of a tiny budget on 2 CPUs, one trial at a time.
+"""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestration.space import space_path
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"budget_kimg": 0.5, "eval_every_kimg": 0.25, "checkpoint_every_kimg": 0.25, "eval_forget_samples": 40,
+        "eval_remain_per_class": 20, "batch_remain": 16, "batch_forget": 16}
+SLUG = "digits_forget0_to_1"
+
+
+def _space(path: Path, **defaults) -> Path:
+    doc = yaml.safe_load(space_path("digits").read_text())
+    doc["defaults"].update({**TINY, **defaults})
+    doc.pop("trial", None)
+    doc["stage1_kimg"] = 0
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SFD_CACHE": str(root / "cache")}
+    return {"root": root, "env": e, "tiny": _space(root / "tiny.yaml"),
+            "long": _space(root / "long.yaml", budget_kimg=1.5, eval_every_kimg=0.25)}
+
+
+def _args(out, space, *extra):
+    return ["--targets", "digits:0", "--trials-per-target", "2", "--space", str(space), "--out", str(out),
+            "--num-cpus", "2", "--max-concurrent", "1", "--ua-threshold", "0", "--fresh-seed", "-1", *extra]
+
+
+def _start(env, args, log: Path):
+    f = open(log, "w")
+    return subprocess.Popen([sys.executable, str(REPO / "orchestration" / "sweep.py"), *args], cwd=REPO, env=env,
+                            stdout=f, stderr=subprocess.STDOUT, start_new_session=True), f
+
+
+def _wait(pred, proc, log: Path, timeout: float, what: str):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended (rc {proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.25)
+    _kill_tree(proc.pid)
+    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (Linux /proc): the sweep's Ray processes."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _kill_tree(pid: int) -> None:
+    for p in [pid, *_children(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _trial_dirs(out: Path) -> list[Path]:
+    return sorted((out / "trials" / SLUG).glob("*/run.json"), key=lambda p: p.stat().st_mtime)
+
+
+def _stored(out: Path, trial_id: str) -> bool:
+    """Ray Train committed a checkpoint of the trial to storage (its snapshot names one)."""
+    snap = out / "ray" / f"train-{trial_id}" / "checkpoint_manager_snapshot.json"
+    try:
+        return '"checkpoint_dir_name"' in snap.read_text()
+    except OSError:
+        return False
+
+
+def _finished(log: Path, n: int) -> bool:
+    return f"trial {n}/2" in log.read_text()
+
+
+def _runs(out: Path):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sfd-sweep")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return client, {kind: [r for r in runs if r.data.tags.get("kind") == kind] for kind in ("sweep", "target", "trial")}
+
+
+def _checksums(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _fake_sweep(folder: Path) -> dict:
+    """A folder holding another sweep (its record and table), to be left untouched."""
+    import pandas as pd
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({"kind": "sfd-sweep", "sweep_id": "0123456789ab",
+                                                   "targets": ["digits:3->4"], "trials_per_target": 5, "seed": 0,
+                                                   "status": "finished"}))
+    pd.DataFrame({"target": ["digits:3->4"], "trial_id": ["aaaa"], "status": ["finished"]}).to_parquet(
+        folder / "trials.parquet")
+    (folder / "trials").mkdir()
+    (folder / "trials" / "notes.txt").write_text("a finished sweep\n")
+    return _checksums(folder)
+
+
+# -- refused before anything starts -------------------------------------------------------------
+
+SPACE_CASES = [
+    (lambda d: d["defaults"].update(lr_gen="-1e-4"), "lr_gen '-1e-4' (str) must be a number"),   # YAML: a string
+    (lambda d: d["defaults"].update(budget_kimg="twenty"), "budget_kimg 'twenty'"),
+    (lambda d: d["defaults"].update(batch_remain=64.5), "batch_remain 64.5"),
+    (lambda d: d["defaults"].update(lr_gen=-1e-4), "lr_gen (--lr-gen) -0.0001 is out of range"),
+    (lambda d: d["defaults"].update(eval_forget_samples=0), "eval_forget_samples"),
+    (lambda d: d["search"].update(lr_gen={"type": "uniform", "low": -1e-3, "high": 2e-4}), "lr_gen low=-0.001"),
+    (lambda d: d["search"].update(ema_beta={"type": "uniform", "low": 0.0, "high": 1.5}), "ema_beta high=1.5"),
+    (lambda d: d["search"].update(sigma_dist={"type": "choice", "values": ["loguniform", "gaussian"]}),
+     "sigma_dist='gaussian'"),
+    (lambda d: d["search"].update(batch_forget={"type": "choice", "values": [16, 32.5]}), "batch_forget=32.5"),
+    (lambda d: d["search"].update(guidance={"type": "choice", "values": [0.0, -1.0]}), "guidance=-1.0"),
+    (lambda d: d["search"].update(sigma_max={"type": "loguniform", "low": 5.0, "high": 5000.0}),
+     "sigma_max high=5000.0"),
+]
+FLAG_CASES = [
+    (["--budget-kimg=-1"], "--budget-kimg -1.0 is invalid"),
+    (["--budget-kimg", "nan"], "--budget-kimg nan is invalid"),
+    (["--trials-per-target", "0"], "--trials-per-target 0 is invalid"),
+    (["--ua-threshold", "1.5"], "--ua-threshold 1.5 is invalid"),
+    (["--max-failures", "-2"], "--max-failures -2 is invalid"),
+    (["--cpus-per-worker", "0"], "--cpus-per-worker 0.0 is invalid"),
+    (["--resume", "--overwrite"], "--resume and --overwrite contradict"),
+    (["--space", str(space_path("cifar10"))], "is a search space for preset 'cifar10'"),
+]
+
+
+@pytest.mark.parametrize("mutate, needle", SPACE_CASES)
+def test_bad_search_space_values_are_refused_before_ray(tmp_path, capsys, mutate, needle):
+    from orchestration.sweep import main
+    doc = yaml.safe_load(space_path("digits").read_text())
+    doc.pop("trial", None)           # its schedule would replace the defaults' budget settings
+    mutate(doc)
+    space = tmp_path / "bad.yaml"
+    space.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "held"
+    before = _fake_sweep(out)
+    rc = main(["--targets", "digits:0", "--space", str(space), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.startswith("sweep.py: error: search space "), err
+    assert _checksums(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "held"]
+
+
+@pytest.mark.parametrize("flags, needle", FLAG_CASES)
+def test_bad_sweep_flags_are_refused(tmp_path, capsys, flags, needle):
+    from orchestration.sweep import main
+    out = tmp_path / "held"
+    before = _fake_sweep(out)
+    rc = main(["--targets", "digits:0", "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.startswith("sweep.py: error: ") and " — " in err, err
+    assert _checksums(out) == before
+
+
+def test_out_holding_another_sweep_is_refused(tmp_path, env):
+    out = tmp_path / "held"
+    before = _fake_sweep(out)
+    r = subprocess.run([sys.executable, str(REPO / "orchestration" / "sweep.py"), *_args(out, env["tiny"])],
+                       cwd=REPO, env=env["env"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    msg = r.stderr.strip()
+    assert msg.startswith(f"sweep.py: error: --out {out} already holds sweep 0123456789ab"), msg
+    assert "--resume" in msg and "--overwrite" in msg and "held.old-<timestamp>" in msg
+    assert _checksums(out) == before and not list(tmp_path.glob("held.old-*"))
+    # --resume of a sweep planned differently is refused too, naming the difference
+    r = subprocess.run([sys.executable, str(REPO / "orchestration" / "sweep.py"), *_args(out, env["tiny"]),
+                        "--resume"], cwd=REPO, env=env["env"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "trials_per_target: 5" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert _checksums(out) == before
+
+
+# -- interrupted sweeps ----------------------------------------------------------------------
+
+def _assert_interrupted(out: Path, sig_name: str):
+    """After SIGINT/SIGTERM during the second trial: tables for what finished, the cut-off trial
+    marked, no MLflow run RUNNING, the sweep's run KILLED."""
+    import pandas as pd
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert sorted(trials["status"]) == ["cut_off", "finished"], trials[["trial_id", "status", "note"]]
+    cut = trials[trials["status"] == "cut_off"].iloc[0]
+    assert cut["note"] == f"cut off by {sig_name}" and cut["error"] == ""
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert summary["state"].tolist() == ["interrupted"] and summary["finished"].tolist() == [1]
+    assert json.loads((out / "sweep.json").read_text())["status"] == "interrupted"
+    client, runs = _runs(out)
+    statuses = {r.info.run_id: r.info.status for k in runs for r in runs[k]}
+    assert "RUNNING" not in statuses.values(), statuses
+    assert [r.info.status for r in runs["sweep"]] == ["KILLED"]
+    assert runs["sweep"][0].data.tags["status"] == "interrupted"
+    by_trial = {r.data.tags["trial_id"]: r for r in runs["trial"]}
+    assert len(by_trial) == 2 == len(runs["trial"])
+    assert by_trial[cut["trial_id"]].info.status == "KILLED"
+    assert by_trial[cut["trial_id"]].data.tags["status"] == "cut_off"
+    done = trials[trials["status"] == "finished"].iloc[0]
+    assert by_trial[done["trial_id"]].info.status == "FINISHED" and done["kimg"] >= 0.5
+    return trials, client, by_trial
+
+
+def test_sigint_ends_the_sweep_cleanly_and_overwrite_moves_the_old_one_aside(tmp_path, env):
+    out = tmp_path / "sweep"
+    before = _fake_sweep(out)                       # --overwrite: moved aside, never deleted
+    log = tmp_path / "log.txt"
+    proc, f = _start(env["env"], _args(out, env["tiny"], "--overwrite"), log)
+    try:
+        _wait(lambda: _finished(log, 1) and len(_trial_dirs(out)) == 2, proc, log, 240, "the second trial")
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        _kill_tree(proc.pid)
+        f.close()
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    assert "interrupted by SIGINT: 1/2 trials finished" in text and "Traceback" not in text, text[-3000:]
+    _assert_interrupted(out, "SIGINT")
+    old = list(tmp_path.glob("sweep.old-*"))
+    assert len(old) == 1 and _checksums(old[0]) == before
+
+
+def test_worker_killed_mid_trial_resumes_from_storage_then_sigterm(tmp_path, env):
+    """--max-failures 1: the Ray Train worker of the first trial is SIGKILLed after a checkpoint
+    reached Ray's storage and the local copies were deleted; the restarted worker continues from
+    the storage copy; then SIGTERM during the second trial ends the sweep cleanly."""
+    out = tmp_path / "sweep"
+    log = tmp_path / "log.txt"
+    proc, f = _start(env["env"], _args(out, env["long"], "--max-failures", "1"), log)
+    try:
+        def stored():
+            dirs = _trial_dirs(out)
+            return bool(dirs) and _stored(out, dirs[0].parent.name)
+        _wait(stored, proc, log, 240, "a checkpoint of the first trial in Ray's storage")
+        run_dir = _trial_dirs(out)[0].parent
+        workers = [p for p in _children(proc.pid) if "RayTrainWorker" in _cmdline(p)]
+        assert len(workers) == 1, [(p, _cmdline(p)) for p in _children(proc.pid)]
+        import shutil
+        shutil.rmtree(run_dir / "checkpoints")       # only the storage copy is left to resume from
+        os.kill(workers[0], signal.SIGKILL)
+        _wait(lambda: _finished(log, 1) and len(_trial_dirs(out)) == 2, proc, log, 300, "the second trial")
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        _kill_tree(proc.pid)
+        f.close()
+    text = log.read_text()
+    assert rc == 143, text[-3000:]
+    assert "interrupted by SIGTERM" in text and "Traceback" not in text.split("SIGTERM")[-1], text[-3000:]
+    trials, client, by_trial = _assert_interrupted(out, "SIGTERM")
+    row = trials[trials["trial_id"] == run_dir.name].iloc[0]
+    assert row["status"] == "finished" and row["kimg"] >= 1.5
+    # one MLflow run for the trial, whose reports continue after the restart instead of starting over
+    # (from scratch they read 0, 8, 0, 8, ...; a checkpoint's step is logged twice: metrics + model)
+    hist = client.get_metric_history(by_trial[run_dir.name].info.run_id, "iteration")
+    its = [m.value for m in sorted(hist, key=lambda m: m.timestamp)]
+    assert its.count(0.0) == 1 and its == sorted(its) and max(its) == 47, its
+    # the run folder records the restart: from Ray's storage copy, with nothing left locally
+    restarts = [json.loads(x) for x in (run_dir / "restarts.jsonl").read_text().splitlines()]
+    assert len(restarts) == 1 and restarts[0]["iteration"] > 0 and restarts[0]["local_iteration"] == -1, restarts
+    assert Path(restarts[0]["from"]).name.startswith("checkpoint_") and restarts[0]["iteration"] in its
+
+
+def test_sigkill_then_resume_runs_every_trial_exactly_once(tmp_path, env):
+    import optuna
+    import pandas as pd
+    out = tmp_path / "sweep"
+    log = tmp_path / "log.txt"
+    proc, f = _start(env["env"], _args(out, env["tiny"]), log)
+    try:
+        def second_stored():
+            dirs = _trial_dirs(out)
+            return _finished(log, 1) and len(dirs) == 2 and _stored(out, dirs[1].parent.name)
+        _wait(second_stored, proc, log, 240, "a checkpoint of the second trial")
+        first = _trial_dirs(out)[0].parent
+        first_metrics = (first / "metrics.json").read_bytes()
+        _kill_tree(proc.pid)                            # the driver and its Ray processes, no clean-up
+        proc.wait(timeout=60)
+    finally:
+        _kill_tree(proc.pid)
+        f.close()
+    assert proc.returncode == -signal.SIGKILL
+    _, runs = _runs(out)
+    assert "RUNNING" in {r.info.status for r in runs["trial"]}      # what a killed driver leaves behind
+
+    r = subprocess.run([sys.executable, str(REPO / "orchestration" / "sweep.py"), *_args(out, env["tiny"]), "--resume"],
+                       cwd=REPO, env=env["env"], capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "restoring the Tune experiment" in r.stdout
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 2 and trials["trial_id"].is_unique and (trials["status"] == "finished").all(), trials
+    assert (first / "metrics.json").read_bytes() == first_metrics     # the finished trial did not run again
+    second = _trial_dirs(out)[1].parent
+    restarts = [json.loads(x) for x in (second / "restarts.jsonl").read_text().splitlines()]
+    assert len(restarts) == 1 and restarts[0]["iteration"] > 0        # the cut-off trial continued
+    _, runs = _runs(out)
+    assert [x.info.status for x in runs["trial"]].count("FINISHED") == 2 and len(runs["trial"]) == 2
+    assert "RUNNING" not in {x.info.status for k in runs for x in runs[k]}
+    assert len(runs["sweep"]) == 1 and runs["sweep"][0].info.status == "FINISHED"     # the same sweep run
+    study = optuna.load_study(study_name="digits:0->1", storage=f"sqlite:///{out / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2, states
+    assert sorted(t.user_attrs["tune_trial_id"] for t in study.trials
+                  if t.state == optuna.trial.TrialState.COMPLETE) == sorted(trials["trial_id"])
+
+
+# -- a trial that fails inside Ray: the real cause recorded --------------------------------------
+
+def test_failed_trial_records_the_root_cause_not_rays_banner(tmp_path, monkeypatch):
+    """A trial whose worker raises (a corrupt teacher file, found inside the Ray Train worker): its
+    row says failed with the worker's exception, its MLflow run is FAILED with the same error tag."""
+    import ray
+    from ray import tune
+
+    from orchestration.results import root_cause, trial_rows
+    from orchestration.targets import parse_targets
+    from orchestration.tracking import MLflowSweep, MLflowTuneCallback
+    from orchestration.trial import run_trial
+    from sfd.config import config_for_preset
+
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "1")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    bad = tmp_path / "teacher.safetensors"
+    bad.write_bytes(b"\x1b[31mnot a safetensors file\x1b[0m")
+    target = parse_targets(["digits:0->1"], "next")[0]
+    cfg = config_for_preset("digits", **TINY, forget=[0], override="1", teacher=str(bad)).to_dict()
+    out = tmp_path / "out"
+    tracker = MLflowSweep(f"sqlite:///{tmp_path / 'mlflow.db'}", "sfd-sweep")
+    tracker.start_parent("sweep-test", {}, {})
+    callback = MLflowTuneCallback(tracker, {target.name: target}, out)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        grid = tune.Tuner(
+            tune.with_resources(run_trial, tune.PlacementGroupFactory([{"memory": 2**20}])),
+            param_space={"target": target.name, "target_slug": target.slug, "baseline": True, "params": {},
+                         "sfd": cfg, "sweep": {"out": str(out), "storage": str(tmp_path / "ray"),
+                                               "workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}},
+            run_config=tune.RunConfig(name="t", storage_path=str(tmp_path / "ray"), callbacks=[callback], verbose=0),
+        ).fit()
+    finally:
+        ray.shutdown()
+    raw = str(grid[0].error)
+    assert "ray::ImplicitFunc.train()" in raw                 # what the table used to hold
+    want = f"CheckpointError: corrupted or unreadable weight file {bad}"
+    for got in (root_cause(grid[0].error), root_cause(raw)):  # the exception chain, and Ray's text
+        assert got.startswith(want) and "\x1b" not in got and "ray::" not in got, got
+    rows = trial_rows(grid, {target.name: target}, out, callback.outcome, callback.errors)
+    assert [r["status"] for r in rows] == ["failed"] and rows[0]["error"].startswith(want), rows[0]["error"]
+    run = tracker.client.get_run(tracker.trial_runs[rows[0]["trial_id"]])
+    assert run.info.status == "FAILED" and run.data.tags["status"] == "failed"
+    assert run.data.tags["error"].startswith(want)
+
+
+def test_early_failure_ends_the_sweep_run_failed(tmp_path, env):
+    """A --storage that cannot hold Ray's experiment (a regular file) fails after the sweep's MLflow
+    run was opened: the run ends FAILED, not RUNNING, and the message names the path."""
+    storage = tmp_path / "not-a-folder"
+    storage.write_text("a file\n")
+    out = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, str(REPO / "orchestration" / "sweep.py"), *_args(out, env["tiny"]),
+                        "--storage", str(storage)], cwd=REPO, env=env["env"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("sweep.py: error: ") and str(storage) in r.stderr
+    _, runs = _runs(out)
+    assert [x.info.status for x in runs["sweep"]] == ["FAILED"] and runs["sweep"][0].data.tags["status"] == "failed"
+    assert not runs["trial"] and json.loads((out / "sweep.json").read_text())["status"] == "failed"
+
+
+def test_dry_run_reports_an_out_holding_another_sweep_and_changes_nothing(tmp_path, capsys):
+    from orchestration.sweep import main
+    out = tmp_path / "held"
+    before = _fake_sweep(out)
+    assert main(["--targets", "digits:0", "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "the sweep itself would refuse to start: --out" in text and "plan: 1 target(s)" in text
+    assert main(["--targets", "digits:0", "--out", str(out), "--dry-run", "--overwrite"]) == 0
+    assert "would be moved aside" in capsys.readouterr().out
+    assert _checksums(out) == before and not list(tmp_path.glob("held.old-*"))
