@@ -472,7 +472,8 @@ def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Pat
     from sfd.denoisers import load_teacher
     from sfd.presets import get_preset
     from sfd.raytrain import make_trainer
-    from sfd.stage1 import (cache_root, export_stage1, find_stage1, is_stage1, stage1_config, stage1_key)
+    from sfd.stage1 import (bundled_stage1, cache_root, export_stage1, find_stage1, is_stage1, stage1_config,
+                            stage1_key)
 
     kimg = a.stage1_kimg if a.stage1_kimg is not None else space.stage1_kimg
     if a.no_shared_stage1 or not kimg:
@@ -488,6 +489,10 @@ def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Pat
         print(f"[sweep] stage 1 for {preset_name}: {dest} (key {key})", flush=True)
         return dest
     found = find_stage1(key, preset)
+    if found is not None and found == bundled_stage1(preset):
+        # installed with the package on every node: trials read it in place (no shared path needed)
+        print(f"[sweep] stage 1 for {preset_name}: the bundled one, {found} (key {key})", flush=True)
+        return found
     if found is not None:
         print(f"[sweep] stage 1 for {preset_name}: reusing {found} (key {key})", flush=True)
         dest.mkdir(parents=True, exist_ok=True)
