@@ -90,7 +90,7 @@ def mlflow_s3(moto_s3, tmp_path_factory):
     proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")        # only tests/test_cluster.py uses it: gone before the other modules
 def ray_two_nodes(moto_s3, tmp_path_factory):
     """(cluster, {node_id: scratch folder}): a head and a worker node, 2 CPUs each, each with its own
     scratch folder and reference cache; the S3 variables are in both raylets' environments."""
@@ -109,24 +109,30 @@ def ray_two_nodes(moto_s3, tmp_path_factory):
     saved = os.environ.get("RAY_TMPDIR")
     ray_tmp = tempfile.mkdtemp(prefix="sfdray-", dir="/tmp")        # short: socket paths <= 107 chars
     os.environ["RAY_TMPDIR"] = ray_tmp
-    for attempt in range(3):
-        # the raylet gives its agents a fixed 15 s to start (ray-project/ray#65983): on a loaded machine, retry
-        try:
-            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "env_vars": env("head"),
-                                                                    "include_dashboard": False})
-            worker = cluster.add_node(num_cpus=2, env_vars=env("worker"))
-            cluster.wait_for_nodes()
-            break
-        except Exception:
-            if attempt == 2:
-                raise
-            for name in ("head", "worker"):
-                shutil.rmtree(root / name, ignore_errors=True)
+    try:
+        for attempt in range(3):
+            # the raylet gives its agents a fixed 15 s to start (ray-project/ray#65983): on a loaded machine, retry
+            try:
+                cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "env_vars": env("head"),
+                                                                        "include_dashboard": False})
+                worker = cluster.add_node(num_cpus=2, env_vars=env("worker"))
+                cluster.wait_for_nodes()
+                break
+            except Exception:
+                if attempt == 2:
+                    raise
+                for name in ("head", "worker"):
+                    shutil.rmtree(root / name, ignore_errors=True)
+    finally:
+        finally_restore_tmpdir(saved)     # the raylets have it; later ray.init() calls must not find this cluster
     nodes[cluster.head_node.node_id] = root / "head"
     nodes[worker.node_id] = root / "worker"
     yield cluster, nodes
     cluster.shutdown()
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def finally_restore_tmpdir(saved) -> None:
     if saved is None:
         os.environ.pop("RAY_TMPDIR", None)
     else:

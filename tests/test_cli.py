@@ -177,6 +177,11 @@ def test_forget_flags_start_from_the_preset_yaml_defaults():
                                   "--grad-checkpointing", "--precision", "bf16"]))
     assert (cfg.lr_gen, cfg.grad_checkpointing, cfg.precision, cfg.lr_fake) == (3e-5, True, "bf16", 1e-5)
     assert config_from_args(parse(["forget", "--out", "x", "--no-grad-checkpointing"])).grad_checkpointing is False
-    # digits: SFDConfig's own defaults but its one named deviation (the trial schedule is sweep-only)
-    from sfd.config import SFDConfig
-    assert config_from_args(parse(["forget", "--out", "x"])) == SFDConfig(fake_score_reduction="mean")
+    # digits: SFDConfig's own defaults plus the YAML's defaults block, nothing else (the trial schedule is
+    # sweep-only); that block starts the forgetting from the bundled stage 1
+    import yaml
+
+    from sfd.config import SFDConfig, spaces_dir
+    block = yaml.safe_load((spaces_dir() / "digits.yaml").read_text())["defaults"]
+    assert block["init_from"] == "stage1"
+    assert config_from_args(parse(["forget", "--out", "x"])) == SFDConfig(**block).validate()
