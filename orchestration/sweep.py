@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                "Best trial per target: lowest remaining FD among trials with UA >= --ua-threshold, "
                "preferring override FD ratio <= --max-override-fd-ratio.")
     p.add_argument("--targets", nargs="+", help="forget targets (see below); required unless --summarize-only")
+    p.add_argument("--targets-file", default=None,
+                   help="text-to-image presets: a YAML list of concept targets (concept, override, optional "
+                        "synonyms and prompt templates; see orchestration/targets.py), on top of --targets")
     p.add_argument("--override", default=None,
                    help="override for targets that name none: 'next' (c -> c+1), a class id, 'random' or "
                         "'classifier' (default: the search space's 'override')")
@@ -100,8 +103,10 @@ def resolve(a):
 
     from sfd.presets import get_preset
 
-    names = []
-    for spec in a.targets:
+    from orchestration.targets import load_targets_file
+    file_targets = load_targets_file(a.targets_file) if getattr(a, "targets_file", None) else []
+    names = [t.preset for t in file_targets[:1]]
+    for spec in a.targets or []:
         for part in spec.split():
             name = preset_of(part)
             get_preset(name)                       # unknown preset: error listing the valid ones
@@ -109,7 +114,10 @@ def resolve(a):
                 names.append(name)
     given = load_space(a.space) if a.space else None
     spaces = {n: given if given is not None and given.preset == n else load_space(space_path(n)) for n in names}
-    targets = parse_targets(a.targets, a.override or spaces[names[0]].override)
+    targets = parse_targets(a.targets, a.override or spaces[names[0]].override) if a.targets else []
+    targets += file_targets
+    if len({t.name for t in targets}) != len(targets):
+        raise ValueError("a target is listed twice (--targets and --targets-file together) — list it once")
     overrides = {"seed": a.seed}
     if a.budget_kimg is not None:
         overrides["budget_kimg"] = a.budget_kimg
@@ -176,6 +184,8 @@ def check_models(targets, spaces, overrides) -> None:
         load_judge(preset, base.classifier, fid_weights=base.fid_weights)
         if base.reference:
             check_reference(base.reference, preset)
+        if preset.text:                  # prompt-table teachers: each target's evaluator caches its own samples
+            continue
         per_class = max(base.eval_remain_per_class, base.eval_forget_samples)
         print(f"[sweep] teacher reference samples for {name}: {per_class} per class (cached)", flush=True)
         teacher_samples(teacher, preset.num_classes, per_class, progress=True)
@@ -269,7 +279,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if a.summarize_only:
         return summarize_only(a)
-    if not a.targets:
+    if not a.targets and not a.targets_file:
         print("sweep.py: error: --targets is required, e.g. --targets all_digits_classes", file=sys.stderr)
         return 2
     apply_budget(a)
@@ -373,7 +383,7 @@ def run_sweep(a, targets, spaces, overrides) -> int:
 
     tracker = MLflowSweep(uri, a.experiment, artifact_root=None if a.mlflow_uri else (out / "mlartifacts").as_uri())
     parent = tracker.start_parent(f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", {
-        "targets": " ".join(a.targets), "trials_per_target": a.trials_per_target,
+        "targets": " ".join([*(a.targets or []), *([f"--targets-file={a.targets_file}"] if a.targets_file else [])]), "trials_per_target": a.trials_per_target,
         "workers_per_trial": a.workers_per_trial, "ua_threshold": a.ua_threshold, **{f"override_{k}": v for k, v in overrides.items()}},
         {"preset": ",".join(sorted({t.preset for t in targets}))})
     searcher = PerTargetSearch(targets, spaces, a.trials_per_target, overrides, seed=a.seed,
