@@ -342,7 +342,17 @@ def cmd_sample(a) -> int:
         raise ValueError(f"{a.generator} is not an sfd one-step generator (no 'generator' metadata) — "
                          f"use the generator.safetensors of an `sfd forget` run")
     gen = load_denoiser(a.generator, device).eval()
-    if a.classes is not None:
+    table = getattr(gen, "prompts", None)
+    if table:                                          # text-to-image: ids into the run's prompt table
+        wanted = a.prompt or [p for p in table if p][:5]
+        missing = [p for p in wanted if p not in table]
+        if missing:
+            raise UsageError(f"--prompt {missing[0]!r} is not in this generator's prompt table (it samples the prompts "
+                             f"of its run, e.g. {', '.join(repr(p) for p in table[1:4])})")
+        classes = [table.index(p) for p in wanted]
+    elif a.prompt:
+        raise UsageError("--prompt is for text-to-image generators; this one is class-conditional — use --classes")
+    elif a.classes is not None:
         names = info.get("preset")
         from .presets import PRESETS
         p = PRESETS.get(names)
@@ -354,7 +364,7 @@ def cmd_sample(a) -> int:
                 raise UsageError(f"--classes {a.classes!r}: give class ids 0..{gen.num_classes - 1}")
     else:
         classes = list(range(gen.num_classes))
-    for c in classes:
+    for c in ([] if table else classes):
         if not 0 <= c < gen.num_classes:
             raise ValueError(f"class {c} is not in 0..{gen.num_classes - 1} — give --classes within that range")
     labels = torch.tensor(classes).repeat_interleave(a.n)
@@ -539,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or images + labels in a .safetensors file.")
     p.add_argument("--generator", required=True, help="generator.safetensors")
     p.add_argument("--classes", help="comma-separated class ids (default: all)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image generators (colordigits): a prompt of the run's prompt table, one row each; "
+                        "repeat the flag (default: the first 5 prompts)")
     p.add_argument("--n", type=int, default=10, help="samples per class (default: 10)")
     p.add_argument("--out", required=True, help="output .png (grid) or .safetensors (tensors)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")

@@ -201,6 +201,16 @@ def test_teacher_folder_round_trip(tmp_path):
     g = load_denoiser(tmp_path / "g.safetensors")
     assert g.prompts == prompts
     torch.testing.assert_close(g(x, 0.7, c), loaded(x, 0.7, c))
+    # `sfd sample --prompt` samples prompts of the table and refuses others
+    from sfd.cli import main
+    save_denoiser(tmp_path / "gen.safetensors", loaded, {"generator": {"sigma_init": 2.5, "forget": ["seven"],
+                                                                        "override": "one", "one_step": True}})
+    assert main(["sample", "--generator", str(tmp_path / "gen.safetensors"), "--prompt", "a red seven", "--n", "3",
+                 "--out", str(tmp_path / "s.safetensors"), "--device", "cpu"]) == 0
+    from sfd.io import load_tensors
+    assert load_tensors(tmp_path / "s.safetensors")[0]["labels"].tolist() == [1, 1, 1]
+    assert main(["sample", "--generator", str(tmp_path / "gen.safetensors"), "--prompt", "a red eleven",
+                 "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 2
 
 
 def test_stable_diffusion_shaped_folder_loads_without_vae(tmp_path):
@@ -252,3 +262,26 @@ def test_sfd_iterations_with_a_concept_target():
     after = [p for p in st.generator.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
     assert set(seen) == {"fake_score", "generator"}
+
+
+def test_sweep_trial_config_and_dry_run_for_concept_targets(tmp_path):
+    from orchestration.search import PerTargetSearch
+    from orchestration.space import load_space, space_path
+    from orchestration.targets import load_targets_file, parse_targets
+    f = tmp_path / "concepts.yaml"
+    f.write_text("preset: colordigits\ntargets:\n  - {concept: seven, override: one, synonyms: [sept]}\n")
+    targets = parse_targets(["colordigits:seven+red->one,blue"]) + load_targets_file(f)
+    search = PerTargetSearch(targets, {"colordigits": load_space(space_path("colordigits"))}, 1)
+    c = SFDConfig.from_dict(search.sfd_config(targets[0].name, {})).validate()
+    assert c.forget_concepts == ["seven", "red"] and c.override == "one,blue" and c.budget_kimg == 20
+    c = SFDConfig.from_dict(search.sfd_config(targets[1].name, {}))
+    assert c.concept_synonyms == {"seven": ["sept"]}
+    r = subprocess.run([sys.executable, "orchestration/sweep.py", "--targets", "colordigits:red->blue",
+                        "--targets-file", str(f), "--dry-run", "--out", str(tmp_path / "sweep")],
+                       capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert "target colordigits:red->blue" in r.stdout and "target colordigits:seven->one" in r.stdout
+    r = subprocess.run([sys.executable, "orchestration/sweep.py", "--targets", "colordigits:seven->seven",
+                        "--dry-run", "--out", str(tmp_path / "sweep")], capture_output=True, text=True, cwd=ROOT,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "being forgotten" in r.stderr
