@@ -256,12 +256,25 @@ def test_sfd_iterations_with_a_concept_target():
         seen[name] = float(loss)
         return loss
     before = [p.detach().clone() for p in st.generator.parameters() if p.requires_grad]
+    calls = []
+    forward = st.teacher.forward
+
+    def record(x, sigma, cond):
+        calls.append(cond.detach().cpu())
+        return forward(x, sigma, cond)
+    st.teacher.forward = record
     for _ in range(2):
         lf, lg = sfd_iteration(st, loss_hook=hook)
         assert torch.isfinite(torch.tensor([lf, lg])).all()
     after = [p for p in st.generator.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
     assert set(seen) == {"fake_score", "generator"}
+    # the teacher saw the remain prompts and, in the forget half, only the rewritten override prompts
+    assert len(calls) == 2 and all(len(cc) == 16 for cc in calls)
+    for cc in calls:
+        assert set(cc[:8].tolist()) <= set(st.targets.remain_ids)
+        assert set(cc[8:].tolist()) <= set(st.targets.override_ids)
+        assert not set(cc[8:].tolist()) & set(st.targets.forget_ids)
 
 
 def test_sweep_trial_config_and_dry_run_for_concept_targets(tmp_path):
