@@ -266,7 +266,7 @@ def _fmt(m: dict, keys) -> str:
     return ", ".join(f"{k} {m[k]:.4g}" if isinstance(m[k], float) else f"{k} {m[k]}" for k in keys if k in m)
 
 
-SUMMARY_KEYS = ("ua", "override_rate", "remaining_accuracy", "remaining_accuracy_teacher", "fd_remaining",
+SUMMARY_KEYS = ("ua", "ua_heldout", "override_rate", "leakage_accuracy", "leakage_accuracy_teacher", "remaining_accuracy", "remaining_accuracy_teacher", "fd_remaining",
                 "fd_remaining_teacher", "fd_ratio", "fd_forget_vs_override", "fd_override_teacher", "kimg",
                 "train_seconds", "images_per_second_generator", "images_per_second_teacher")
 
