@@ -284,9 +284,11 @@ def test_sweep_trial_config_and_dry_run_for_concept_targets(tmp_path):
     f = tmp_path / "concepts.yaml"
     f.write_text("preset: colordigits\ntargets:\n  - {concept: seven, override: one, synonyms: [sept]}\n")
     targets = parse_targets(["colordigits:seven+red->one,blue"]) + load_targets_file(f)
-    search = PerTargetSearch(targets, {"colordigits": load_space(space_path("colordigits"))}, 1)
+    space = load_space(space_path("colordigits"))
+    search = PerTargetSearch(targets, {"colordigits": space}, 1)
     c = SFDConfig.from_dict(search.sfd_config(targets[0].name, {})).validate()
-    assert c.forget_concepts == ["seven", "red"] and c.override == "one,blue" and c.budget_kimg == 20
+    assert c.forget_concepts == ["seven", "red"] and c.override == "one,blue"
+    assert c.budget_kimg == space.baseline().budget_kimg and c.batch_forget == 32   # the space's trial schedule
     c = SFDConfig.from_dict(search.sfd_config(targets[1].name, {}))
     assert c.concept_synonyms == {"seven": ["sept"]}
     r = subprocess.run([sys.executable, "orchestration/sweep.py", "--targets", "colordigits:red->blue",
