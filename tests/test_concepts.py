@@ -253,7 +253,7 @@ def test_sfd_iterations_with_a_concept_target():
     seen = {}
 
     def hook(name, loss):
-        seen[name] = float(loss)
+        seen[name] = float(loss.detach())
         return loss
     before = [p.detach().clone() for p in st.generator.parameters() if p.requires_grad]
     calls = []
