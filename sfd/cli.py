@@ -439,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-classifier", help="train the preset's classifier (UA judge / Frechet feature network)",
                        description="digits: train the small CNN that judges the embedded preset (its accuracy gives "
-                                   "UA, its penultimate features are the Frechet space); writes "
+                                   "UA, its penultimate features are the Frechet space; colordigits: the same CNN "
+                                   "with a digit head and a colour head); writes "
                                    "classifier.safetensors + classifier.json into --out. cifar10/stl10: train the "
                                    "paper's UA judge, a ResNet-34 (torchvision layout) on the fetched training set "
                                    "(`sfd fetch` first; starts from the fetched ImageNet ResNet-34 when present; GPU "
@@ -493,7 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the embedded preset's class-conditional teacher with the EDM loss, "
                                    "label dropout for classifier-free guidance and an EMA, then evaluate 18-step "
                                    "Heun samples with the classifier in --out (train it first). Writes "
-                                   "teacher.safetensors, teacher.json (manifest) and teacher_samples.png.")
+                                   "teacher.safetensors, teacher.json (manifest) and teacher_samples.png. "
+                                   "--preset colordigits: the text-to-image teacher (UNet2DConditionModel + "
+                                   "CLIPTextModel + word-level tokenizer, caption dropout to the empty prompt) as a "
+                                   "pipeline folder OUT/teacher/ (diffusers layout, safetensors), evaluated by prompt "
+                                   "accuracy on training and held-out templates and FD per colour.")
     _add_common(p)
     p.add_argument("--out", required=True,
                    help="output folder holding classifier.safetensors, e.g. runs/digits-models (the bundled "
