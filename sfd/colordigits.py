@@ -9,7 +9,10 @@ Captions come from templates with ``{color}``, ``{word}`` (digit word) and ``{nu
 slots. ``TRAIN_TEMPLATES`` are used to train the teacher and for the SFD forget/remain prompts;
 ``HELDOUT_TEMPLATES`` are never trained on (not by the teacher, not by SFD) and measure whether
 forgetting generalises beyond the prompts it saw (``ua_heldout``). Held-out templates use
-only words the training captions contain, in new orders and combinations.
+only words the training captions contain, in new orders and combinations. The training templates put
+the digit first, in the middle and last: a first teacher trained on the first five templates only (the
+digit never first) reached prompt accuracy 0.95 on them but 0.77 on the held-out templates; with the
+two digit-first templates added, 0.95 on both (sfd/weights/colordigits/teacher.json).
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ TRAIN_TEMPLATES = (
     "a handwritten {word}, {color}",
     "{color} number {num}",
     "a {color} digit {word}",
+    "{word} in {color}",
+    "number {num}, {color} ink",
 )
 HELDOUT_TEMPLATES = (
     "the number {word} in {color} ink",
