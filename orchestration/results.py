@@ -115,7 +115,9 @@ def trial_rows(result_grid, targets: dict, out_dir: Path, outcome: dict, errors:
         for k in ("ua", "fd_remaining", "fd_remaining_teacher", "fd_ratio", "fd_forget_vs_override",
                   "fd_override_teacher", "override_fd_ratio", "override_rate", "remaining_accuracy",
                   "remaining_accuracy_teacher", "kimg", "train_seconds", "wall_seconds",
-                  "images_per_second_generator", "images_per_second_teacher"):
+                  "images_per_second_generator", "images_per_second_teacher",
+                  # text-to-image (concept) targets; NaN for class targets
+                  "ua_heldout", "override_rate_heldout", "leakage_accuracy", "leakage_accuracy_teacher"):
             v = final.get(k, m.get(k))
             row[k] = float(v) if isinstance(v, (int, float)) and v is not None else math.nan
         # the trial's whole wall time (Ray Train start, loading, evaluation, training): what it costs
@@ -220,7 +222,9 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
                "cut_off": sum(r["status"] in ("cut_off", "not_started") for r in tr),
                "state": target_state(tr),
                "best_trial": best["trial_id"] if best else "", "best_is_baseline": bool(best and best["baseline"]),
-               "ua": best["ua"] if best else math.nan, "fd_remaining": best["fd_remaining"] if best else math.nan,
+               "ua": best["ua"] if best else math.nan,
+               "ua_heldout": best.get("ua_heldout", math.nan) if best else math.nan,
+               "fd_remaining": best["fd_remaining"] if best else math.nan,
                "fd_remaining_teacher": best["fd_remaining_teacher"] if best else math.nan,
                "fd_ratio": best["fd_ratio"] if best else math.nan,
                "override_fd_ratio": best["override_fd_ratio"] if best else math.nan,
@@ -278,16 +282,18 @@ def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_rati
             f"since the minimum of noisy search-time figures flatters the winner. The search beat its baseline "
             f"(UA >= {ua_threshold} and a lower fresh FD ratio) on **{n}/{len(df)}** targets; median fresh FD "
             f"ratio {med('baseline_fd_ratio_fresh'):.2f} (baseline) -> {med('fd_ratio_fresh'):.2f} (best).", ""]
-    head = ("| target | trials | best | UA | FD | teacher FD | FD ratio | override FD ratio | remaining acc | "
-            "baseline FD | train s |")
-    sep = "|---|---|---|---|---|---|---|---|---|---|---|"
+    head = ("| target | trials | best | UA | UA held-out | FD | teacher FD | FD ratio | override FD ratio | "
+            "remaining acc | baseline FD | train s |")
+    sep = "|---|---|---|---|---|---|---|---|---|---|---|---|"
     if fresh:
         head += " UA fresh | FD ratio fresh | override FD ratio fresh | baseline FD ratio fresh |"
         sep += "---|---|---|---|"
     lines += [head + " config |", sep + "---|"]
     for _, r in df.iterrows():
         best = r["best_trial"] + (" (baseline)" if r["best_is_baseline"] else "") if r["best_trial"] else "none"
-        line = (f"| {r['target']} | {r['trials']} | {best} | {r['ua']:.4f} | {r['fd_remaining']:.4f} | "
+        uah = r.get("ua_heldout", math.nan)
+        line = (f"| {r['target']} | {r['trials']} | {best} | {r['ua']:.4f} | "
+                f"{'-' if uah != uah else f'{uah:.4f}'} | {r['fd_remaining']:.4f} | "
                 f"{r['fd_remaining_teacher']:.4f} | {r['fd_ratio']:.2f} | {r['override_fd_ratio']:.2f} | "
                 f"{r['remaining_accuracy']:.4f} | {r['baseline_fd_remaining']:.4f} | {r['train_seconds']:.0f} |")
         if fresh:

@@ -133,7 +133,7 @@ class PerTargetSearch(Searcher):
         """The trial's full SFD configuration: preset defaults, searched values, target, overrides."""
         t = self.targets[name]
         base = self.spaces[t.preset].baseline()
-        cfg = base.replace(**{**params, **self.overrides, "forget": list(t.forget), "override": t.override})
+        cfg = base.replace(**{**params, **self.overrides, **t.config_overrides()})
         return cfg.to_dict()
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                "Best trial per target: lowest remaining FD among trials with UA >= --ua-threshold, "
                "preferring override FD ratio <= --max-override-fd-ratio.")
     p.add_argument("--targets", nargs="+", help="forget targets (see below); required unless --summarize-only")
+    p.add_argument("--targets-file", default=None,
+                   help="text-to-image presets: a YAML list of concept targets (concept, override, optional "
+                        "synonyms and prompt templates; see orchestration/targets.py), on top of --targets")
     p.add_argument("--override", default=None,
                    help="override for targets that name none: 'next' (c -> c+1), a class id, 'random' or "
                         "'classifier' (default: the search space's 'override')")
@@ -176,8 +179,10 @@ def resolve(a):
 
     from sfd.presets import get_preset
 
-    names = []
-    for spec in a.targets:
+    from orchestration.targets import load_targets_file
+    file_targets = load_targets_file(a.targets_file) if getattr(a, "targets_file", None) else []
+    names = [t.preset for t in file_targets[:1]]
+    for spec in a.targets or []:
         for part in spec.split():
             name = preset_of(part)
             get_preset(name)                       # unknown preset: error listing the valid ones
@@ -189,7 +194,10 @@ def resolve(a):
                          f"{', '.join(repr(n) for n in names)} — give a space of that preset (e.g. "
                          f"{space_path(names[0])}) or targets of '{given.preset}'")
     spaces = {n: given if given is not None and given.preset == n else load_space(space_path(n)) for n in names}
-    targets = parse_targets(a.targets, a.override or spaces[names[0]].override)
+    targets = parse_targets(a.targets, a.override or spaces[names[0]].override) if a.targets else []
+    targets += file_targets
+    if len({t.name for t in targets}) != len(targets):
+        raise ValueError("a target is listed twice (--targets and --targets-file together) — list it once")
     overrides = {"seed": a.seed}
     if a.budget_kimg is not None:
         overrides["budget_kimg"] = a.budget_kimg
@@ -424,7 +432,7 @@ def main(argv=None) -> int:
             return summarize_only(a)
         except (ValueError, CheckpointError) as e:
             return _error(str(e))
-    if not a.targets:
+    if not a.targets and not a.targets_file:
         return _error("--targets is required — give forget targets, e.g. --targets all_digits_classes")
     apply_budget(a)
     try:
@@ -577,7 +585,8 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
     # the sweep's MLflow run first, so that every later failure (Ray, storage, stage 1) ends it
     tracker = MLflowSweep(uri, a.experiment, artifact_root=None if a.mlflow_uri else (out / "mlartifacts").as_uri())
     parent = tracker.start_parent(f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", {
-        "targets": " ".join(a.targets), "trials_per_target": a.trials_per_target,
+        "targets": " ".join([*(a.targets or []), *([f"--targets-file={a.targets_file}"] if a.targets_file else [])]),
+        "trials_per_target": a.trials_per_target,
         "workers_per_trial": a.workers_per_trial, "ua_threshold": a.ua_threshold,
         "max_failures": a.max_failures, **{f"override_{k}": v for k, v in overrides.items()}},
         {"preset": ",".join(sorted({t.preset for t in targets})), "sweep_id": record["sweep_id"]},

@@ -74,6 +74,14 @@ def cmd_train_classifier(a) -> int:
     a.lr = 2e-3 if a.lr is None else a.lr
     _check_trainer_args(a)
     out = a.out
+    if preset.text:
+        from .pretrain_text import train_colordigits_judge
+        m = train_colordigits_judge(preset, out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, device=a.device,
+                                    progress=not a.no_progress)
+        mm = m["metrics"]
+        print(f"classifier: held-out digit accuracy {mm['digit_accuracy']:.4f}, colour {mm['color_accuracy']:.4f}, "
+              f"both {mm['both_accuracy']:.4f} ({mm['n_test']} images), {m['wall_seconds']} s -> {out}")
+        return 0
     m = train_classifier(preset, out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, device=a.device,
                          progress=not a.no_progress)
     print(f"classifier: held-out accuracy {m['metrics']['test_accuracy']:.4f} "
@@ -174,6 +182,8 @@ def _check_trainer_args(a, out_dir=None) -> None:
 def cmd_pretrain(a) -> int:
     from .pretrain import train_teacher
     preset = get_preset(a.preset)
+    if a.steps is None:
+        a.steps = 4000 if preset.text else 8000
     _check_trainer_args(a)
     _positive_int("--channels", a.channels)
     if a.channels > 1024:
@@ -183,6 +193,16 @@ def cmd_pretrain(a) -> int:
         raise UsageError(f"--out {a.out} has no classifier.safetensors — run `sfd train-classifier --out {a.out}` "
                          f"first (the teacher is evaluated with it)")
     out = a.out
+    if preset.text:
+        from .pretrain_text import train_text_teacher
+        m = train_text_teacher(preset, out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, device=a.device,
+                               progress=not a.no_progress, eval_per_prompt=max(1, a.eval_per_class // 100))
+        mm = m["metrics"]
+        print(f"teacher: {mm['sampler']}: prompt accuracy (digit and colour) training templates "
+              f"{mm['prompt_accuracy_train_templates']:.4f}, held-out templates "
+              f"{mm['prompt_accuracy_heldout_templates']:.4f}; FD per colour {mm['fd_per_color']}; "
+              f"{m['wall_seconds']} s -> {out}/teacher (+ teacher.json)")
+        return 0
     m = train_teacher(preset, out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, channels=a.channels,
                       device=a.device, progress=not a.no_progress, eval_per_class=a.eval_per_class)
     met = m["metrics"]
@@ -202,12 +222,14 @@ def add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
     g = p.add_argument_group("SFD settings (default: the preset's search_spaces/<preset>.yaml 'defaults', "
                              "else sfd.config.SFDConfig)")
     for f in fields(SFDConfig):
-        if f.name in skip:
-            continue
+        if f.name in skip or f.name in ("forget_concepts", "concept_synonyms", "prompt_templates"):
+            continue                     # text presets: --forget fills forget_concepts; the others: config files
         default = f.default if f.default is not MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
         if f.name == "forget":
-            g.add_argument(flag, action="append", default=None, help=f"{HELP[f.name]} (default: 0)")
+            g.add_argument(flag, action="append", default=None,
+                           help=f"{HELP[f.name]}; text presets (colordigits): concept(s), e.g. 'seven' or "
+                                f"'seven,red' (default: 0)")
         elif f.name == "preset":
             g.add_argument(flag, default=default, choices=sorted(PRESETS), help=f"{HELP[f.name]} (default: {default})")
         elif isinstance(default, bool):
@@ -227,8 +249,12 @@ def config_from_args(a):
     given = {f.name: getattr(a, f.name) for f in fields(SFDConfig) if getattr(a, f.name, None) is not None}
     preset = given.get("preset", "digits")
     p = get_preset(preset)
-    if "forget" in given:
+    if "forget" in given and p.text:          # concepts: words or phrases, comma-separated or repeated
+        given["forget_concepts"] = [t.strip() for item in given.pop("forget") for t in str(item).split(",")]
+    elif "forget" in given:
         given["forget"] = [c for item in given["forget"] for c in parse_classes(item, p, "--forget")]
+    if p.text:
+        return SFDConfig.from_dict({**preset_defaults(preset), **given})
     if "override" in given and given["override"] not in ("random", "classifier"):
         items = [t.strip() for t in str(given["override"]).split(",")]
         if all(t in p.class_names or t.isdigit() for t in items) and all(items):
@@ -240,7 +266,7 @@ def _fmt(m: dict, keys) -> str:
     return ", ".join(f"{k} {m[k]:.4g}" if isinstance(m[k], float) else f"{k} {m[k]}" for k in keys if k in m)
 
 
-SUMMARY_KEYS = ("ua", "override_rate", "remaining_accuracy", "remaining_accuracy_teacher", "fd_remaining",
+SUMMARY_KEYS = ("ua", "ua_heldout", "override_rate", "leakage_accuracy", "leakage_accuracy_teacher", "remaining_accuracy", "remaining_accuracy_teacher", "fd_remaining",
                 "fd_remaining_teacher", "fd_ratio", "fd_forget_vs_override", "fd_override_teacher", "kimg",
                 "train_seconds", "images_per_second_generator", "images_per_second_teacher")
 
@@ -316,7 +342,17 @@ def cmd_sample(a) -> int:
         raise ValueError(f"{a.generator} is not an sfd one-step generator (no 'generator' metadata) — "
                          f"use the generator.safetensors of an `sfd forget` run")
     gen = load_denoiser(a.generator, device).eval()
-    if a.classes is not None:
+    table = getattr(gen, "prompts", None)
+    if table:                                          # text-to-image: ids into the run's prompt table
+        wanted = a.prompt or [p for p in table if p][:5]
+        missing = [p for p in wanted if p not in table]
+        if missing:
+            raise UsageError(f"--prompt {missing[0]!r} is not in this generator's prompt table (it samples the prompts "
+                             f"of its run, e.g. {', '.join(repr(p) for p in table[1:4])})")
+        classes = [table.index(p) for p in wanted]
+    elif a.prompt:
+        raise UsageError("--prompt is for text-to-image generators; this one is class-conditional — use --classes")
+    elif a.classes is not None:
         names = info.get("preset")
         from .presets import PRESETS
         p = PRESETS.get(names)
@@ -328,7 +364,7 @@ def cmd_sample(a) -> int:
                 raise UsageError(f"--classes {a.classes!r}: give class ids 0..{gen.num_classes - 1}")
     else:
         classes = list(range(gen.num_classes))
-    for c in classes:
+    for c in ([] if table else classes):
         if not 0 <= c < gen.num_classes:
             raise ValueError(f"class {c} is not in 0..{gen.num_classes - 1} — give --classes within that range")
     labels = torch.tensor(classes).repeat_interleave(a.n)
@@ -403,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-classifier", help="train the preset's classifier (UA judge / Frechet feature network)",
                        description="digits: train the small CNN that judges the embedded preset (its accuracy gives "
-                                   "UA, its penultimate features are the Frechet space); writes "
+                                   "UA, its penultimate features are the Frechet space; colordigits: the same CNN "
+                                   "with a digit head and a colour head); writes "
                                    "classifier.safetensors + classifier.json into --out. cifar10/stl10: train the "
                                    "paper's UA judge, a ResNet-34 (torchvision layout) on the fetched training set "
                                    "(`sfd fetch` first; starts from the fetched ImageNet ResNet-34 when present; GPU "
@@ -457,16 +494,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the embedded preset's class-conditional teacher with the EDM loss, "
                                    "label dropout for classifier-free guidance and an EMA, then evaluate 18-step "
                                    "Heun samples with the classifier in --out (train it first). Writes "
-                                   "teacher.safetensors, teacher.json (manifest) and teacher_samples.png.")
+                                   "teacher.safetensors, teacher.json (manifest) and teacher_samples.png. "
+                                   "--preset colordigits: the text-to-image teacher (UNet2DConditionModel + "
+                                   "CLIPTextModel + word-level tokenizer, caption dropout to the empty prompt) as a "
+                                   "pipeline folder OUT/teacher/ (diffusers layout, safetensors), evaluated by prompt "
+                                   "accuracy on training and held-out templates and FD per colour.")
     _add_common(p)
     p.add_argument("--out", required=True,
                    help="output folder holding classifier.safetensors, e.g. runs/digits-models (the bundled "
                         "weights folder only if you name it)")
-    p.add_argument("--steps", type=int, default=8000, help="optimiser steps (default: 8000)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimiser steps (default: 8000 digits, 4000 colordigits)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default: 128)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     p.add_argument("--channels", type=int, default=32, help="UNet base width (default: 32)")
-    p.add_argument("--eval-per-class", type=int, default=500, help="teacher samples per class for the manifest")
+    p.add_argument("--eval-per-class", type=int, default=500,
+                   help="teacher samples per class for the manifest (colordigits: per prompt, this / 100)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("forget", help="one SFD run: forget classes, distil a one-step generator",
@@ -511,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or images + labels in a .safetensors file.")
     p.add_argument("--generator", required=True, help="generator.safetensors")
     p.add_argument("--classes", help="comma-separated class ids (default: all)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text-to-image generators (colordigits): a prompt of the run's prompt table, one row each; "
+                        "repeat the flag (default: the first 5 prompts)")
     p.add_argument("--n", type=int, default=10, help="samples per class (default: 10)")
     p.add_argument("--out", required=True, help="output .png (grid) or .safetensors (tensors)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")

@@ -31,6 +31,11 @@ class SFDConfig:
     # independently per sample) or 'latent' (a fixed function of the sample's latent z, so the
     # one-step generator can map regions of z onto distinct classes; see sfd/targets.py)
     override_draw: str = "sample"
+    # text presets (colordigits): concepts (words / phrases) to forget from every prompt; --override
+    # then names override concepts ('one', 'one,blue' aligned, or 'next'); --forget fills this there
+    forget_concepts: list[str] = field(default_factory=list)
+    concept_synonyms: dict = field(default_factory=dict)     # concept -> extra synonyms forgotten with it
+    prompt_templates: list[str] = field(default_factory=list)  # training templates ({color} {word} {num})
     teacher: str | None = None          # None: the preset's bundled teacher
     classifier: str | None = None       # None: the preset's bundled classifier (the judge)
     fid_weights: str | None = None      # FID Inception weights file (presets without a bundled judge)
@@ -88,13 +93,23 @@ class SFDConfig:
         preset = preset or get_preset(self.preset)
         if self.init_from in ("none", "teacher", ""):
             self.init_from = None               # start from copies of the teacher
-        if not self.forget:
+        if getattr(preset, "text", False):
+            from .concepts import resolve_concepts
+            concepts = resolve_concepts(self, preset)     # raises on unknown / self-overriding / all forgotten
+            self.forget = []                              # class ids do not apply to prompts
+            self.forget_concepts = [c.name for c in concepts]
+            self.override = ",".join(c.override for c in concepts)
+        elif self.forget_concepts or self.concept_synonyms or self.prompt_templates:
+            raise ValueError(f"forget_concepts / concept_synonyms / prompt_templates need a text-to-image preset "
+                             f"(colordigits); preset '{preset.name}' forgets classes — use --forget CLASS")
+        elif not self.forget:
             raise ValueError("forget: no class given — give at least one class to forget, e.g. --forget 0")
-        self.forget = [preset.check_class(c, "forget class") for c in self.forget]
-        if len(set(self.forget)) == preset.num_classes:
+        if not getattr(preset, "text", False):
+            self.forget = [preset.check_class(c, "forget class") for c in self.forget]
+        if not getattr(preset, "text", False) and len(set(self.forget)) == preset.num_classes:
             raise ValueError(f"forget: all {preset.num_classes} classes of '{preset.name}' are forgotten; "
                              f"nothing would remain to override them with")
-        if self.override not in OVERRIDE_POLICIES:
+        if not getattr(preset, "text", False) and self.override not in OVERRIDE_POLICIES:
             targets = self.override_classes()
             if len(targets) not in (1, len(self.forget)):
                 raise ValueError(f"override {self.override!r}: give one class, one per forget class "
@@ -231,6 +246,16 @@ def check_types(cfg: "SFDConfig") -> None:
             raise ValueError(f"{name}: empty path — give a file or folder, or leave it out")
     if not isinstance(cfg.grad_checkpointing, bool):
         raise bad("grad_checkpointing", cfg.grad_checkpointing, "true or false")
+    for name in ("forget_concepts", "prompt_templates"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
+            raise bad(name, v, "a list of strings")
+        setattr(cfg, name, list(v))
+    syn = cfg.concept_synonyms
+    if not isinstance(syn, dict) or not all(isinstance(k, str) and isinstance(vs, (list, tuple))
+                                            and all(isinstance(t, str) for t in vs) for k, vs in syn.items()):
+        raise bad("concept_synonyms", syn, "a mapping of concept -> list of synonym strings")
+    cfg.concept_synonyms = {k: list(vs) for k, vs in syn.items()}
     if not isinstance(cfg.forget, (list, tuple)):
         raise bad("forget", cfg.forget, "a list of class ids")
     for c in cfg.forget:
@@ -318,6 +343,11 @@ HELP = {
                      "independently per sample, which pulls the one-step generator towards a blend of all "
                      "classes) or 'latent' (a fixed function of the sample's latent, so distinct regions of "
                      "the latent space become distinct classes)",
+                "'random' (a uniform remaining class per sample) or 'classifier' (pseudo-label); text presets: "
+                "override concept(s), e.g. 'one' or 'one,blue', or 'next'",
+    "forget_concepts": "text presets: concept(s) to forget from every prompt (--forget fills it there)",
+    "concept_synonyms": "text presets: concept -> synonyms forgotten with it (from a --targets-file)",
+    "prompt_templates": "text presets: training prompt templates with {color} {word} {num} (from a --targets-file)",
     "teacher": "teacher checkpoint (default: the preset's bundled teacher)",
     "classifier": "classifier / feature network for UA and FD (default: the preset's bundled one)",
     "fid_weights": "FID Inception weights file (pt_inception-2015-12-05-*.pth) for presets without a bundled "

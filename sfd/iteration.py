@@ -43,6 +43,8 @@ from .distributed import Dist
 from .dropout import install_batch_dropout, masks_for
 from .losses import fake_score_loss, generator_loss
 from .samplers import sample_sigma
+from .concepts import make_targets
+from .presets import get_preset
 from .targets import ClassTargets
 from .utils import ema_beta, ema_update
 
@@ -125,6 +127,8 @@ def build_state(cfg: SFDConfig, teacher: Denoiser, device, dist: Dist | None = N
     dist = dist or Dist.current()
     device = torch.device(device)
     teacher = teacher.to(device).eval().requires_grad_(False)
+    # class ids, or ids into the run's prompt table (text presets: installed in the teacher before cloning)
+    targets = make_targets(cfg, get_preset(cfg.preset), teacher)
     fake_score = teacher.clone().train()
     generator = teacher.clone().train()
     if init is not None:
@@ -162,7 +166,7 @@ def build_state(cfg: SFDConfig, teacher: Denoiser, device, dist: Dist | None = N
         scalers = {"fake_score": torch.amp.GradScaler(device.type), "generator": torch.amp.GradScaler(device.type)}
     return SFDState(cfg=cfg, teacher=teacher, fake_score=fake_score, generator=generator,
                     generator_ema=generator_ema, opt_fake=opt_fake, opt_gen=opt_gen,
-                    rng=torch.Generator().manual_seed(cfg.seed), targets=ClassTargets(cfg, teacher.num_classes),
+                    rng=torch.Generator().manual_seed(cfg.seed), targets=targets,
                     dist=dist, device=device, sigma_init=sigma_init, judge=judge, fake_train=fake_train,
                     gen_train=gen_train, scalers=scalers, frozen_unused=frozen)
 

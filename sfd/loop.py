@@ -113,6 +113,8 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     evaluator = None
     if evaluate:
         from .evaluate.forgetting import ForgetEvaluator
+        if preset.text:                                   # prompts and concepts (sfd.evaluate.concepts)
+            from .evaluate.concepts import ConceptEvaluator as ForgetEvaluator
         evaluator = ForgetEvaluator(preset, judge, teacher, st.targets, cfg.eval_forget_samples,
                                     cfg.eval_remain_per_class, progress=progress and lead, reference=cfg.reference,
                                     dist=dist, device=device)
@@ -195,7 +197,7 @@ def _write_outputs(out_dir: Path, cfg, preset, teacher, st, evaluator, history, 
 
     extra = {}
     save_denoiser(out_dir / "generator.safetensors", st.generator_ema, {
-        "generator": {"sigma_init": st.sigma_init, "forget": cfg.forget, "override": cfg.override,
+        "generator": {"sigma_init": st.sigma_init, "forget": cfg.forget_concepts or cfg.forget, "override": cfg.override,
                       "preset": cfg.preset, "one_step": True}})
     if evaluate and evaluator is not None:
         if measure_speed:
@@ -205,10 +207,13 @@ def _write_outputs(out_dir: Path, cfg, preset, teacher, st, evaluator, history, 
             extra.update(throughput(gen_fn, teacher, preset.img_shape, batch=batch, device=device, repeats=2))
         imgs, nrow = evaluator.grid_images(generator_fn=gen_fn)
         save_grid(out_dir / "samples_generator.png", imgs, nrow)
-        from .evaluate.forgetting import first_per_class
-        idx = first_per_class(evaluator.teacher_labels, range(preset.num_classes), nrow)
-        save_grid(out_dir / "samples_teacher.png", evaluator.teacher_images[idx], nrow)
-        plot_history(history, out_dir / "curves.png", title=f"SFD {cfg.preset}: forget {cfg.forget} -> {cfg.override}")
+        if hasattr(evaluator, "teacher_grid"):           # text presets: the same prompts from the teacher
+            save_grid(out_dir / "samples_teacher.png", *evaluator.teacher_grid(teacher))
+        else:
+            from .evaluate.forgetting import first_per_class
+            idx = first_per_class(evaluator.teacher_labels, range(preset.num_classes), nrow)
+            save_grid(out_dir / "samples_teacher.png", evaluator.teacher_images[idx], nrow)
+        plot_history(history, out_dir / "curves.png", title=f"SFD {cfg.preset}: forget {cfg.forget_concepts or cfg.forget} -> {cfg.override}")
     metrics = {**(history[-1] if history else {}), **extra, "sigma_init_resolved": st.sigma_init,
                "config": cfg.to_dict()}
     write_json(out_dir / "history.json", history)

@@ -28,6 +28,11 @@ class Preset:
         return len(self.class_names)
 
     @property
+    def text(self) -> bool:
+        """Text-to-image preset: conditions are prompts (concept targets), not class ids."""
+        return self.extra.get("conditioning") == "text"
+
+    @property
     def weights_dir(self) -> Path:
         return WEIGHTS_DIR / self.name
 
@@ -42,6 +47,9 @@ class Preset:
         """(images in [-1, 1] of shape (N, C, H, W), int64 labels): embedded, or fetched (cifar10, stl10)."""
         if self.name == "digits":
             return _digits(split)
+        if self.name == "colordigits":
+            from .colordigits import real_data     # labels: digit * 5 + colour
+            return real_data(split)
         if self.name in ("cifar10", "stl10"):
             from .datasets import load_real        # the official archive in $SFD_HOME (`sfd fetch`)
             return load_real(self.name, split)
@@ -70,6 +78,10 @@ def _digits(split: str):
 PRESETS: dict[str, Preset] = {
     "digits": Preset("digits", tuple(str(i) for i in range(10)), (1, 8, 8), embedded=True,
                      notes="scikit-learn's 8x8 handwritten digits (1,797 images), bundled teacher and classifier"),
+    "colordigits": Preset("colordigits", (), (3, 8, 8), embedded=True,
+                          notes="text-to-image: the 8x8 digits in five ink colours with captions; bundled "
+                                "text-conditioned teacher (diffusers pipeline folder) and two-headed judge",
+                          extra={"conditioning": "text", "teacher": "teacher"}),
     "cifar10": Preset("cifar10", ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                                   "ship", "truck"), (3, 32, 32),
                       notes="bring a teacher: official SFD DDPM checkpoint, NVIDIA EDM .pkl or diffusers UNet folder"),

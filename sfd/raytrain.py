@@ -23,7 +23,9 @@ from pathlib import Path
 REPORT_KEYS = ("iteration", "kimg", "train_seconds", "wall_seconds", "loss_fake_score", "loss_generator", "ua",
                "override_rate", "forget_prob_mean", "forget_entropy_mean", "remaining_accuracy",
                "remaining_accuracy_teacher", "fd_remaining", "fd_remaining_teacher", "fd_forget_vs_override",
-               "fd_override_teacher", "fd_ratio", "override_fd_ratio")
+               "fd_override_teacher", "fd_ratio", "override_fd_ratio", "ua_heldout", "override_rate_heldout",
+               "prompt_accuracy_remaining", "prompt_accuracy_remaining_teacher", "leakage_accuracy",
+               "leakage_accuracy_teacher", "other_attribute_accuracy", "other_attribute_accuracy_heldout")
 
 
 def train_fn_per_worker(config: dict) -> None:

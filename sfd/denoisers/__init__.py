@@ -97,7 +97,7 @@ def load_teacher(preset, path=None, device="cpu", **options) -> Denoiser:
         if not preset.embedded:
             raise CheckpointError(f"preset '{preset.name}' has no bundled teacher; pass --teacher PATH in one "
                                   f"of these formats:\n{describe_formats()}")
-        path = preset.weights_dir / "teacher.safetensors"
+        path = preset.weights_dir / preset.extra.get("teacher", "teacher.safetensors")
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"missing teacher file: {path}")

@@ -46,3 +46,11 @@ ARCHS["diffusers-unet2d"] = build_diffusers_from_spec
 def describe_formats() -> str:
     """Human-readable list of the accepted teacher formats."""
     return "\n".join(f"  {name}: {FORMAT_HELP.get(name, '')}" for name in TEACHER_LOADERS)
+
+from .text_unet import ARCH as _TEXT_ARCH, build_text_unet_from_spec, is_text_pipeline_folder, load_text_pipeline  # noqa: E402
+
+FORMAT_HELP["diffusers-text2image"] = ("text-to-image pipeline folder in the diffusers layout (model_index.json, unet/ "
+                                       "UNet2DConditionModel, text_encoder/ CLIPTextModel, tokenizer/, scheduler/; "
+                                       "safetensors; a Stable Diffusion folder's vae/ is not used), loaded locally only")
+TEACHER_LOADERS["diffusers-text2image"] = (is_text_pipeline_folder, load_text_pipeline)
+ARCHS[_TEXT_ARCH] = build_text_unet_from_spec

@@ -36,6 +36,9 @@ def load_judge(preset, path=None, device="cpu", fid_weights=None):
         return load_real_judge(path, fid_weights, device=device)
     tensors, meta = load_tensors(Path(path), device)
     spec = meta.get("judge")
+    if isinstance(spec, dict) and spec.get("arch") == "colordigits-cnn":
+        from .concepts import load_colordigits_judge
+        return load_colordigits_judge(path, device)
     if not spec or spec.get("arch") != "digits-cnn":
         raise CheckpointError(f"{path} is not an sfd classifier file (metadata 'judge' missing or unknown)")
     model = DigitsCNN(**spec["config"])

@@ -282,7 +282,7 @@ def evaluate_run(run_dir, seed: int = 777, device="auto", forget_samples: int | 
     sigma_cfg = metrics.get("sigma_init_resolved", cfg.sigma_init)
     diffs = [f"{key}: generator {mine!r} vs metrics.json {theirs!r}"
              for key, mine, theirs in (("preset", gmeta.get("preset"), cfg.preset),
-                                       ("forget", gmeta.get("forget"), cfg.forget),
+                                       ("forget", gmeta.get("forget"), cfg.forget_concepts or cfg.forget),
                                        ("override", gmeta.get("override"), cfg.override))
              if mine is not None and mine != theirs]
     s_gen = gmeta.get("sigma_init")
@@ -302,6 +302,13 @@ def evaluate_run(run_dir, seed: int = 777, device="auto", forget_samples: int | 
     judge = judge if judge is not None else load_judge(preset, cfg.classifier, device, cfg.fid_weights)
     gen = load_denoiser(run_dir / "generator.safetensors", device).eval()
     sigma_init = float(s_gen if s_gen is not None else cfg.sigma_init)
+    if preset.text:                     # concept targets: the teacher gets the run's prompt table
+        from ..concepts import make_targets
+        from .concepts import ConceptEvaluator
+        ev = ConceptEvaluator(preset, judge, teacher, make_targets(cfg.validate(preset), preset, teacher),
+                              cfg.eval_forget_samples, cfg.eval_remain_per_class, seed=seed, progress=progress,
+                              device=device)
+        return {**ev(lambda z, c: one_step(gen, z.to(device), c.to(device), sigma_init)), "seed": seed}
     ev = ForgetEvaluator(preset, judge, teacher, ClassTargets(cfg.validate(preset), preset.num_classes),
                          cfg.eval_forget_samples, cfg.eval_remain_per_class, seed=seed, progress=progress,
                          reference=cfg.reference, device=device)
