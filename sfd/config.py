@@ -338,13 +338,12 @@ HELP = {
     "preset": "dataset preset",
     "forget": "class id(s) to forget (repeat the flag or give '0,3')",
     "override": "override per forget class: a class id ('1', or '1,2' aligned with --forget), "
-                "'random' (a uniform remaining class per sample) or 'classifier' (pseudo-label)",
+                "'random' (a uniform remaining class per sample) or 'classifier' (pseudo-label); text presets: "
+                "override concept(s), e.g. 'one' or 'one,blue', or 'next'",
     "override_draw": "how 'random' draws a forget sample's override class: 'sample' (the reference: "
                      "independently per sample, which pulls the one-step generator towards a blend of all "
                      "classes) or 'latent' (a fixed function of the sample's latent, so distinct regions of "
                      "the latent space become distinct classes)",
-                "'random' (a uniform remaining class per sample) or 'classifier' (pseudo-label); text presets: "
-                "override concept(s), e.g. 'one' or 'one,blue', or 'next'",
     "forget_concepts": "text presets: concept(s) to forget from every prompt (--forget fills it there)",
     "concept_synonyms": "text presets: concept -> synonyms forgotten with it (from a --targets-file)",
     "prompt_templates": "text presets: training prompt templates with {color} {word} {num} (from a --targets-file)",
