@@ -198,7 +198,7 @@ def draw_batch(st: SFDState, stage1: bool, sigma_dist: str) -> Batch:
     sigma = sample_sigma(sigma_dist, n, cfg.sigma_min, cfg.sigma_max, generator=rng)
     noise = torch.randn((n, *shape), generator=rng)
     seed = int(torch.randint(0, 2**62, (1,), generator=rng))
-    if st.targets.latent_draw:          # 'random' tied to each forget sample's latent
+    if getattr(st.targets, "latent_draw", False):     # 'random' tied to each forget sample's latent (class targets)
         c_o = st.targets.latent_override(z[B_r:])
     sr, sf = dist.local(B_r), dist.local(B_f)
     pick = torch.cat([torch.arange(B_r)[sr], B_r + torch.arange(B_f)[sf]])
