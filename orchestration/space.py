@@ -91,7 +91,7 @@ def load_space(path) -> SearchSpace:
     defaults = {**defaults, **trial}
     try:
         # type, finiteness and range of every default (the targets' forget/override: validate_plan)
-        SFDConfig.from_dict({**defaults, "preset": preset}).validate()
+        SFDConfig.from_dict({**stand_in_target(preset), **defaults, "preset": preset}).validate()
     except (TypeError, ValueError) as e:
         raise ValueError(f"search space {path}: defaults: {e}") from None
     params = doc.get("search") or {}
@@ -124,6 +124,18 @@ def load_space(path) -> SearchSpace:
     return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), float(stage1_kimg), str(path))
 
 
+def stand_in_target(preset: str) -> dict:
+    """A target to check a space's defaults with on their own (each real target: validate_plan): a
+    text preset's defaults name no concept, and validate needs one."""
+    from sfd.presets import PRESETS
+    p = PRESETS.get(preset)
+    if p is None or not p.text:
+        return {}
+    from sfd.concepts import _preset_vocab
+    names = _preset_vocab(p)[0]
+    return {"forget_concepts": names[:1], "override": "next"} if names else {}
+
+
 def validate_plan(targets, spaces: dict, overrides: dict) -> None:
     """The whole sweep checked through :meth:`SFDConfig.validate` before Ray starts: for every
     target, its space's defaults and, for each searched setting, both bounds of a range and
@@ -132,7 +144,7 @@ def validate_plan(targets, spaces: dict, overrides: dict) -> None:
     for t in targets:
         space = spaces[t.preset]
         where = f"search space {space.source or t.preset}"
-        fixed = {**overrides, "forget": list(t.forget), "override": t.override}
+        fixed = {**overrides, **t.config_overrides()}
         try:
             base = space.baseline().replace(**fixed).validate()
         except (TypeError, ValueError) as e:

@@ -399,9 +399,10 @@ def test_failed_trial_records_the_root_cause_not_rays_banner(tmp_path, monkeypat
     assert run.data.tags["error"].startswith(want)
 
 
-def test_early_failure_ends_the_sweep_run_failed(tmp_path, env):
-    """A --storage that cannot hold Ray's experiment (a regular file) fails after the sweep's MLflow
-    run was opened: the run ends FAILED, not RUNNING, and the message names the path."""
+def test_bad_storage_is_refused_before_anything_starts(tmp_path, env):
+    """A --storage that cannot hold Ray's experiment (a regular file) is refused by the storage probe
+    before the sweep opens an MLflow run or writes its record: exit 2, the message names the path,
+    no run exists (so none is left RUNNING) and --out holds nothing."""
     storage = tmp_path / "not-a-folder"
     storage.write_text("a file\n")
     out = tmp_path / "sweep"
@@ -410,9 +411,8 @@ def test_early_failure_ends_the_sweep_run_failed(tmp_path, env):
                        timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith("sweep.py: error: ") and str(storage) in r.stderr
-    _, runs = _runs(out)
-    assert [x.info.status for x in runs["sweep"]] == ["FAILED"] and runs["sweep"][0].data.tags["status"] == "failed"
-    assert not runs["trial"] and json.loads((out / "sweep.json").read_text())["status"] == "failed"
+    assert not (out / "sweep.json").exists() and not (out / "mlflow.db").exists()
+    assert storage.read_text() == "a file\n"
 
 
 def test_dry_run_reports_an_out_holding_another_sweep_and_changes_nothing(tmp_path, capsys):
