@@ -227,7 +227,7 @@ class ConceptEvaluator:
         if path.is_file():
             try:
                 return load_tensors(path)[0]["x"]
-            except Exception:            # a damaged cache entry is recomputed
+            except CheckpointError:      # a damaged cache entry is recomputed
                 pass
         x = heun_samples(teacher, ids, self.seed, progress=progress)
         if self.dist.lead:
@@ -235,10 +235,8 @@ class ConceptEvaluator:
         return x
 
     def noise(self, a: int, b: int) -> torch.Tensor:
-        from .forgetting import CHUNK
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + a // CHUNK)
-        off = a % CHUNK
-        return torch.randn((CHUNK, *self.preset.img_shape), generator=g)[off: off + b - a]
+        from .forgetting import chunk_noise
+        return chunk_noise(self.seed, a, b, self.preset.img_shape)
 
     @torch.no_grad()
     def _outputs(self, generator_fn):

@@ -84,15 +84,21 @@ def fetch_reference(path: Path) -> bool:
     return True
 
 
+def chunk_noise(seed: int, a: int, b: int, shape) -> torch.Tensor:
+    """z of rows a..b (within one chunk): chunk a // CHUNK has its own seeded noise, so any process
+    and any number of ranks draw the same rows."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + a // CHUNK)
+    off = a % CHUNK
+    return torch.randn((CHUNK, *shape), generator=g)[off: off + b - a]
+
+
 def teacher_chunk(teacher, labels: torch.Tensor, a: int, b: int, steps: int = 18, seed: int = 1234,
                   device=None) -> torch.Tensor:
     """Rows a..b (within one chunk) of the reference samples: chunk a // CHUNK has its own seeded noise,
     so any process computes the same rows."""
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     sigmas = karras_sigmas(steps, max(teacher.sigma_min, 0.002), min(teacher.sigma_max, 80.0), device=device)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + a // CHUNK)
-    off = a % CHUNK
-    z = torch.randn((CHUNK, *teacher.img_shape), generator=g)[off: off + b - a].to(device)
+    z = chunk_noise(seed, a, b, teacher.img_shape).to(device)
     return sample_heun(teacher, z * float(sigmas[0]), sigmas, labels[a:b].to(device)).cpu()
 
 
@@ -193,9 +199,7 @@ class ForgetEvaluator:
 
     def noise(self, a: int, b: int) -> torch.Tensor:
         """z of rows a..b (within one chunk): every chunk has its own seeded noise."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + a // CHUNK)
-        off = a % CHUNK
-        return torch.randn((CHUNK, *self.preset.img_shape), generator=g)[off: off + b - a]
+        return chunk_noise(self.seed, a, b, self.preset.img_shape)
 
     @torch.no_grad()
     def _outputs(self, generator_fn):
