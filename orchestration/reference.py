@@ -86,6 +86,26 @@ def _assemble(storage_uri: str, name: str, num_classes: int, per_class: int, *pa
     return {"rows": len(x), "shape": list(x.shape[1:])}
 
 
+def local_copy(preset_name: str, name: str, rows: int):
+    """An intact file named ``name`` this machine already has -- this node's cache (an earlier run
+    or sweep) or the one bundled with the preset (``sfd/weights/<preset>/reference/``) -- else None.
+    The name is the key (teacher digest + sampler settings), so any such file holds the same rows."""
+    from sfd.evaluate.forgetting import cache_dir
+    from sfd.io import CheckpointError, load_tensors
+    from sfd.presets import get_preset
+
+    for path in (cache_dir() / name, get_preset(preset_name).weights_dir / SUBDIR / name):
+        if not path.is_file():
+            continue
+        try:
+            t, _ = load_tensors(path)
+        except CheckpointError:
+            continue                              # damaged: not used (sampled afresh instead)
+        if len(t.get("x", ())) == rows and len(t.get("labels", ())) == rows:
+            return path
+    return None
+
+
 def ensure_reference(storage_uri: str, preset_name: str, teacher_path, per_class: int, *, steps: int = 18,
                      seed: int = 1234, num_cpus: float = 1.0, num_gpus: float = 0.0, max_tasks: int | None = None,
                      log=print) -> dict:
@@ -107,6 +127,11 @@ def ensure_reference(storage_uri: str, preset_name: str, teacher_path, per_class
         log(f"[sweep] teacher reference samples for {preset_name}: reusing {info['uri']}")
         return {**info, "reused": True, "tasks": 0, "seconds": time.time() - t0}
     n = get_preset(preset_name).num_classes * per_class
+    have = local_copy(preset_name, name, n)
+    if have is not None:                          # the same key on this machine: copied, not sampled
+        store.upload_file(have, f"{SUBDIR}/{name}")
+        log(f"[sweep] teacher reference samples for {preset_name}: copied {have} -> {info['uri']}")
+        return {**info, "reused": True, "tasks": 0, "seconds": time.time() - t0, "copied_from": str(have)}
     chunks = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
     if max_tasks is None:
         res = ray.cluster_resources()

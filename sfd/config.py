@@ -15,9 +15,10 @@ from dataclasses import dataclass, field, fields
 OVERRIDE_POLICIES = ("random", "classifier")
 SIGMA_DISTS = ("loguniform", "vp-t", "edm")
 FAKE_SIGMA_DISTS = ("same", *SIGMA_DISTS, "lognormal")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 REDUCTIONS = ("sum", "mean")
 OVERRIDE_DRAWS = ("sample", "latent")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -62,6 +63,9 @@ class SFDConfig:
     # optimisation ------------------------------------------------------------------------
     lr_fake: float = 1e-4
     lr_gen: float = 1e-4
+    # 'constant' (the reference) or 'cosine': both rates decay to lr_final_ratio x over the budget
+    lr_schedule: str = "constant"
+    lr_final_ratio: float = 0.1
     adam_beta1: float = 0.0
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -121,7 +125,7 @@ class SFDConfig:
                                      f"remaining class, 'random' or 'classifier'")
         for name, allowed in (("sigma_dist", SIGMA_DISTS), ("sigma_dist_fake", FAKE_SIGMA_DISTS),
                               ("precision", PRECISIONS), ("fake_score_reduction", REDUCTIONS),
-                              ("override_draw", OVERRIDE_DRAWS)):
+                              ("override_draw", OVERRIDE_DRAWS), ("lr_schedule", LR_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r} must be one of {allowed}")
         for name, (lo, lo_open, hi, hi_open, fix) in RANGES.items():
@@ -178,11 +182,11 @@ def _flag(name: str) -> str:
 
 
 FLOAT_FIELDS = ("alpha", "lambda_fake_remain", "lambda_fake_forget", "lambda_gen_remain", "lambda_gen_forget",
-                "guidance", "sigma_init", "sigma_min", "sigma_max", "lr_fake", "lr_gen", "adam_beta1", "adam_beta2",
+                "guidance", "sigma_init", "sigma_min", "sigma_max", "lr_fake", "lr_gen", "lr_final_ratio", "adam_beta1", "adam_beta2",
                 "adam_eps", "grad_clip", "ema_halflife_kimg", "ema_rampup_ratio", "ema_beta", "budget_kimg",
                 "max_seconds", "stage1_kimg", "eval_every_kimg", "checkpoint_every_kimg")
 INT_FIELDS = ("batch_remain", "batch_forget", "eval_forget_samples", "eval_remain_per_class", "seed")
-STR_FIELDS = ("preset", "override", "override_draw", "sigma_dist", "sigma_dist_fake", "fake_score_reduction", "device", "precision")
+STR_FIELDS = ("preset", "override", "override_draw", "lr_schedule", "sigma_dist", "sigma_dist_fake", "fake_score_reduction", "device", "precision")
 PATH_FIELDS = ("teacher", "classifier", "fid_weights", "reference", "init_from")
 BIG = 10**9
 
@@ -199,6 +203,7 @@ RANGES = {
     "sigma_max": (0.0, True, 1000.0, False, "a noise level in (0, 1000], e.g. 13.1"),
     "lr_fake": (0.0, True, 1.0, False, "a learning rate in (0, 1], e.g. 1e-4"),
     "lr_gen": (0.0, True, 1.0, False, "a learning rate in (0, 1], e.g. 1e-4"),
+    "lr_final_ratio": (0.0, False, 1.0, False, "a ratio in [0, 1], e.g. 0.1"),
     "adam_beta1": (0.0, False, 1.0, True, "a value in [0, 1)"),
     "adam_beta2": (0.0, False, 1.0, True, "a value in [0, 1)"),
     "adam_eps": (0.0, True, 1.0, False, "a small epsilon in (0, 1], e.g. 1e-8"),
@@ -329,7 +334,7 @@ def config_for_preset(preset: str, **changes) -> SFDConfig:
 
 TUNABLE = ("alpha", "lambda_fake_remain", "lambda_fake_forget", "lambda_gen_remain", "lambda_gen_forget",
            "sigma_init", "sigma_min", "sigma_max", "sigma_dist", "sigma_dist_fake", "lr_fake", "lr_gen",
-           "ema_halflife_kimg", "ema_beta", "guidance", "batch_remain", "batch_forget")
+           "lr_schedule", "lr_final_ratio", "ema_halflife_kimg", "ema_beta", "guidance", "batch_remain", "batch_forget")
 
 
 # One line of help per setting, shown by `sfd forget --help` (flags are generated from the
@@ -367,6 +372,10 @@ HELP = {
     "sigma_max": "largest noise level of both steps",
     "lr_fake": "Adam learning rate of the fake score",
     "lr_gen": "Adam learning rate of the generator",
+    "lr_schedule": "learning rates over the run: 'constant' (the reference) or 'cosine' (a named deviation: "
+                   "both decay along a half cosine to lr_final_ratio times their value at the budget's end, so a "
+                   "short stage 2 can forget fast early and settle late)",
+    "lr_final_ratio": "with --lr-schedule cosine: the learning rates' final fraction (default 0.1)",
     "adam_beta1": "Adam beta1", "adam_beta2": "Adam beta2", "adam_eps": "Adam epsilon",
     "grad_clip": "clip gradients by value (0 disables)",
     "batch_remain": "global batch of the remain branch",
@@ -378,7 +387,8 @@ HELP = {
                        "lognormal (SiD: EDM's ln sigma ~ N(-1.2, 1.2^2))",
     "fake_score_reduction": "fake-score loss over pixels: 'sum' (reference) or 'mean' (C*H*W times smaller)",
     "precision": "network passes in fp32, bf16 or fp16 autocast; weights, optimiser and losses stay fp32 "
-                 "(fp16 adds a gradient scaler)",
+                 "(fp16 adds a gradient scaler); 'auto': bf16 where the device has native bf16 kernels (CUDA, "
+                 "CPUs with AVX512-BF16/AMX), else fp32 -- metrics.json records it as precision_resolved",
     "grad_checkpointing": "recompute activations in the backward pass to save memory (DDPM, EDM and diffusers "
                           "backbones)",
     "budget_kimg": "training length in thousands of generator images",

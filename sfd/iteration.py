@@ -55,6 +55,27 @@ class SFDDivergedError(FloatingPointError):
     """A loss became NaN or infinite; earlier checkpoints are left untouched."""
 
 
+def native_bf16(device) -> bool:
+    """Whether ``device`` runs bf16 matrix/convolution kernels natively (CUDA with bf16 support; a CPU
+    with AVX512-BF16 or AMX, which oneDNN uses): there bf16 autocast is faster, elsewhere emulated."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device) -> str:
+    """``auto`` -> ``bf16`` where the device has native bf16 kernels, else ``fp32``; others unchanged."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def one_step(generator: Denoiser, z: torch.Tensor, cond: torch.Tensor, sigma_init: float) -> torch.Tensor:
     """G(z, c) = D_theta(sigma_init z, sigma_init, c): the one-step generator (SFD.md section 3)."""
     return generator(z * sigma_init, sigma_init, cond)
@@ -80,6 +101,7 @@ class SFDState:
     gen_train: Callable = None           # the generator's training pass
     scalers: dict = field(default_factory=dict)
     frozen_unused: list = field(default_factory=list)
+    precision: str = "fp32"              # cfg.precision with 'auto' resolved for this device
     iteration: int = 0
 
     @property
@@ -87,13 +109,13 @@ class SFDState:
         return self.cfg.batch_remain + self.cfg.batch_forget
 
     def autocast(self):
-        if self.cfg.precision == "fp32":
+        if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.cfg.precision])
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
 
     def full(self, t: torch.Tensor) -> torch.Tensor:
         """A network output back in fp32 for the losses (autocast returns bf16/fp16)."""
-        return t if self.cfg.precision == "fp32" else t.float()
+        return t if self.precision == "fp32" else t.float()
 
     def modules(self) -> dict:
         return {"generator": self.generator, "generator_ema": self.generator_ema, "fake_score": self.fake_score}
@@ -162,13 +184,14 @@ def build_state(cfg: SFDConfig, teacher: Denoiser, device, dist: Dist | None = N
         fake_train = DDP(fake_score, device_ids=ids, forward_sync_buffers=False)
         gen_train = DDP(generator, device_ids=ids, forward_sync_buffers=False)
     scalers = {}
-    if cfg.precision == "fp16":
+    precision = resolve_precision(cfg.precision, device)
+    if precision == "fp16":
         scalers = {"fake_score": torch.amp.GradScaler(device.type), "generator": torch.amp.GradScaler(device.type)}
     return SFDState(cfg=cfg, teacher=teacher, fake_score=fake_score, generator=generator,
                     generator_ema=generator_ema, opt_fake=opt_fake, opt_gen=opt_gen,
                     rng=torch.Generator().manual_seed(cfg.seed), targets=targets,
                     dist=dist, device=device, sigma_init=sigma_init, judge=judge, fake_train=fake_train,
-                    gen_train=gen_train, scalers=scalers, frozen_unused=frozen)
+                    gen_train=gen_train, scalers=scalers, frozen_unused=frozen, precision=precision)
 
 
 @dataclass
@@ -254,6 +277,10 @@ def sfd_iteration(st: SFDState, stage1: bool = False, grads_hook=None, loss_hook
     backward pass (the tests use both).
     """
     cfg = st.cfg
+    f = lr_factor(cfg, st.iteration)
+    for opt, lr in ((st.opt_fake, cfg.lr_fake), (st.opt_gen, cfg.lr_gen)):
+        for group in opt.param_groups:
+            group["lr"] = lr * f
     lam_ff = 0.0 if stage1 else cfg.lambda_fake_forget
     lam_gf = 0.0 if stage1 else cfg.lambda_gen_forget
     fake_dist = cfg.sigma_dist if cfg.sigma_dist_fake == "same" else cfg.sigma_dist_fake
@@ -313,6 +340,20 @@ def sfd_iteration(st: SFDState, stage1: bool = False, grads_hook=None, loss_hook
     st.iteration += 1
     ema_update(st.generator_ema, st.generator, current_ema_beta(cfg, st.iteration))
     return loss_fake_all, loss_gen_all
+
+
+def total_iterations(cfg: SFDConfig) -> int:
+    """Iterations of the whole budget (rounded first: 9 x 0.016 kimg is 9 iterations, not 10)."""
+    return math.ceil(round(cfg.budget_kimg * 1000 / (cfg.batch_remain + cfg.batch_forget), 6))
+
+
+def lr_factor(cfg: SFDConfig, iteration: int) -> float:
+    """Multiplier of both learning rates before iteration ``iteration + 1``: 1 for ``constant``
+    (the reference); for ``cosine`` a half cosine from 1 to ``lr_final_ratio`` over the budget."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    frac = min(1.0, iteration / max(1, total_iterations(cfg)))
+    return cfg.lr_final_ratio + (1.0 - cfg.lr_final_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 def current_ema_beta(cfg: SFDConfig, iteration: int) -> float:

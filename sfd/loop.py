@@ -24,7 +24,7 @@ from .config import SFDConfig
 from .denoisers import Denoiser, load_teacher, save_denoiser
 from .distributed import Dist
 from .io import CheckpointError, load_tensors, load_state_strict, write_json
-from .iteration import SFDDivergedError, build_state, one_step, sfd_iteration
+from .iteration import SFDDivergedError, build_state, one_step, sfd_iteration, total_iterations
 from .presets import get_preset
 from .rundir import RESUMABLE_CHANGES, plan_run_dir  # RESUMABLE_CHANGES re-exported for importers
 from .utils import pick_device
@@ -120,7 +120,7 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
                                     dist=dist, device=device)
 
     imgs_per_iter = st.imgs_per_iter
-    total_iters = math.ceil(round(cfg.budget_kimg * 1000 / imgs_per_iter, 6))   # 9*0.016 kimg is 9 its
+    total_iters = total_iterations(cfg)
     eval_every = max(1, round(cfg.eval_every_kimg * 1000 / imgs_per_iter))
     ckpt_every = max(1, round(cfg.checkpoint_every_kimg * 1000 / imgs_per_iter))
 
@@ -183,6 +183,7 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     final = dict(history[-1]) if history else {}
     final["stopped_early"] = stopped_early
     final["sigma_init_resolved"] = st.sigma_init
+    final["precision_resolved"] = st.precision
     if lead:
         final.update(_write_outputs(out_dir, cfg, preset, teacher, st, evaluator, history, gen_fn, device,
                                     evaluate, measure_speed))
@@ -215,6 +216,7 @@ def _write_outputs(out_dir: Path, cfg, preset, teacher, st, evaluator, history, 
             save_grid(out_dir / "samples_teacher.png", evaluator.teacher_images[idx], nrow)
         plot_history(history, out_dir / "curves.png", title=f"SFD {cfg.preset}: forget {cfg.forget_concepts or cfg.forget} -> {cfg.override}")
     metrics = {**(history[-1] if history else {}), **extra, "sigma_init_resolved": st.sigma_init,
+               "precision_resolved": st.precision,
                "config": cfg.to_dict()}
     write_json(out_dir / "history.json", history)
     write_json(out_dir / "metrics.json", metrics)

@@ -203,6 +203,15 @@ def test_two_node_sweep_keeps_everything_in_s3(tmp_path, moto_s3, mlflow_s3, ray
     assert torch.equal(tensors["labels"], labels)
     assert torch.allclose(tensors["x"], x, atol=1e-5), (tensors["x"] - x).abs().max()
 
+    # a sweep on another storage, on a driver whose cache holds that key: copied there, nothing sampled
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        other = ensure_reference(f"s3://{bucket}/other", "digits", None, 60, log=lambda *_: None)
+    finally:
+        ray.shutdown()
+    assert other["reused"] and other["tasks"] == 0 and other["copied_from"] == str(tmp_path / "cache" / other["name"])
+    assert _bucket_keys(bucket, "other/reference/") == [f"other/reference/{other['name']}"]
+
 
 @pytest.mark.parametrize("argv, needle", [
     (["--reference-cpus", "0"], "--reference-cpus must be > 0"),

@@ -35,6 +35,21 @@ def test_fp32_is_not_autocast(teacher):
     assert set(seen) == {torch.float32}
 
 
+def test_auto_precision_follows_the_devices_native_bf16(teacher, monkeypatch):
+    import sfd.iteration as it
+    for native, expect in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(it, "native_bf16", lambda device, native=native: native)
+        st = build_state(SFDConfig(batch_remain=4, batch_forget=4, device="cpu", precision="auto"),
+                         copy.deepcopy(teacher), "cpu")
+        seen = conv_dtypes(st.generator)
+        sfd_iteration(st)
+        assert st.precision == ("bf16" if native else "fp32") and set(seen) == {expect}
+    # this machine's own answer matches what oneDNN reports (no patch)
+    monkeypatch.undo()
+    assert it.resolve_precision("auto", "cpu") == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
+    assert it.resolve_precision("fp16", "cpu") == "fp16"
+
+
 def test_grad_checkpointing_same_step_and_clear_error_without_support(teacher):
     from sfd.denoisers.ddpm import ConditionalDDPMUNet, VPDenoiser
 

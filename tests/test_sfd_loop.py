@@ -1,6 +1,7 @@
 """The SFD loop (SFD.md sections 3-5): frozen teacher, conditioning of each branch, resume,
 divergence, bad inputs, several forget pairs, two-stage runs, and one real forgetting check."""
 import copy
+import math
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -461,3 +462,37 @@ def test_resume_refuses_a_changed_configuration(teacher, tmp_path):
     with pytest.raises(ValueError, match=r"lr_gen: checkpoint 0.0001 vs now 0.001"):
         train_sfd(cfg.replace(lr_gen=1e-3, budget_kimg=round(4 * KIMG_PER_IT, 9)), tmp_path,
                   teacher=copy.deepcopy(teacher), evaluate=False, progress=False, resume=True)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_sets_the_rates_each_iteration(teacher, tmp_path, monkeypatch, schedule):
+    """'constant' keeps both rates (the reference); 'cosine' starts at them and ends at lr_final_ratio x."""
+    seen = []
+    real = sfd.iteration.generator_loss
+
+    def spy(*a, **k):                     # runs inside the iteration, after the rates were set
+        seen.append((st_opt["fake"].param_groups[0]["lr"], st_opt["gen"].param_groups[0]["lr"]))
+        return real(*a, **k)
+
+    st_opt = {}
+    real_build = sfd.loop.build_state
+
+    def build(*a, **k):
+        st = real_build(*a, **k)
+        st_opt.update(fake=st.opt_fake, gen=st.opt_gen)
+        return st
+
+    monkeypatch.setattr(sfd.iteration, "generator_loss", spy)
+    monkeypatch.setattr(sfd.loop, "build_state", build)
+    cfg = tiny(9, lr_fake=2e-4, lr_gen=1e-4, lr_schedule=schedule, lr_final_ratio=0.1)
+    train_sfd(cfg, tmp_path, teacher=copy.deepcopy(teacher), evaluate=False, progress=False)
+    assert len(seen) == 9
+    assert seen[0] == pytest.approx((2e-4, 1e-4))
+    if schedule == "constant":
+        assert all(s == pytest.approx((2e-4, 1e-4)) for s in seen)
+    else:
+        # iteration i (0-based) uses the factor at i/9: strictly decreasing towards 0.1 (reached at 9/9)
+        fac = [s[1] / 1e-4 for s in seen]
+        assert all(a > b for a, b in zip(fac, fac[1:]))
+        assert fac[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 8 / 9)))
+        assert [s[0] / 2e-4 for s in seen] == pytest.approx(fac)
