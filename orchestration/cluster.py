@@ -97,15 +97,25 @@ def storage_callback(base_cls, storage_uri: str):
 
 
 # -- the sweep driver's hooks (orchestration/sweep.py calls each once) ---------------------------------
-def runtime_env(storage_uri: str) -> dict:
+# Ray Train settings of the sweep's trials, unless the user set them: its controller polls the
+# workers (and forwards their reports to Tune) every 2 s by default, a wait every trial pays at its
+# start and end; on a machine of its own (no --address: no spot nodes to be reclaimed) the
+# preemption watcher is one more actor process per trial with nothing to watch.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def runtime_env(storage_uri: str, local: bool = False) -> dict:
     """Ray runtime environment of the sweep: every node's trials read the reference samples from the
-    storage ($SFD_REFERENCE_STORE); the driver (later re-evaluations) too."""
+    storage ($SFD_REFERENCE_STORE); the driver (later re-evaluations) too. Ray Train's settings above
+    go to every worker (a value already in the environment wins)."""
     import os
 
     from orchestration.reference import SUBDIR
     from orchestration.storage import Storage
     os.environ["SFD_REFERENCE_STORE"] = Storage.from_uri(storage_uri).child_uri(SUBDIR)
-    return {"env_vars": {"SFD_REFERENCE_STORE": os.environ["SFD_REFERENCE_STORE"]}}
+    env = {k: os.environ.get(k, v) for k, v in {**TRAIN_ENV, **(LOCAL_TRAIN_ENV if local else {})}.items()}
+    return {"env_vars": {"SFD_REFERENCE_STORE": os.environ["SFD_REFERENCE_STORE"], **env}}
 
 
 def make_references(a, spaces, overrides, storage_uri: str, log=print) -> None:

@@ -9,7 +9,7 @@ import yaml
 from sfd.config import TUNABLE, SFDConfig, spaces_dir
 
 SPACE_DIR = spaces_dir()
-TRIAL_KEYS = {"budget_kimg", "max_seconds", "eval_every_kimg", "checkpoint_every_kimg", "eval_forget_samples",
+TRIAL_KEYS = {"budget_kimg", "max_seconds", "eval_every_kimg", "checkpoint_every_kimg", "eval_forget_samples", "eval_at_start",
               "eval_remain_per_class"}
 TYPES = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "int": ("low", "high"), "choice": ("values",)}
 

@@ -81,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPUs per Ray Train worker; > 0 uses CUDA and NCCL (default: 0, CPU with gloo)")
     p.add_argument("--ua-threshold", type=float, default=0.99, help="UA a trial needs to be 'best' (default: 0.99)")
-    p.add_argument("--max-override-fd-ratio", type=float, default=10.0,
-                   help="diversity limit on the overridden class's FD ratio (its FD to the override's real "
-                        "images over the teacher's own) for the best trial; a collapse onto one template "
-                        "measures ~50x, short diverse runs 1-9x (default: 10)")
+    p.add_argument("--max-override-fd-ratio", type=float, default=3.0,
+                   help="quality limit on the overridden class's FD ratio (its FD to the override's real "
+                        "images over the teacher's own) for the best trial: trials within it are preferred; a "
+                        "collapse onto one template measures ~50x, blends still in transit 5-20x (default: 3)")
     p.add_argument("--fresh-seed", type=int, default=4242,
                    help="re-evaluate each target's best and baseline trial on fresh samples of this seed (columns "
                         "*_fresh; the search-time minimum of noisy figures flatters the winner); -1 skips it")
@@ -601,7 +601,7 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
     status, ray_started, df, rows = "failed", False, None, []
     from orchestration import cluster as clu          # [cluster] storage, reference samples, placement
     try:
-        runtime_env = clu.runtime_env(storage)
+        runtime_env = clu.runtime_env(storage, local=not a.address)
         if a.address:
             ray.init(address=a.address, log_to_driver=a.verbose, runtime_env=runtime_env)
         else:

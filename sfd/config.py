@@ -80,6 +80,7 @@ class SFDConfig:
     max_seconds: float = 0.0            # wall-clock cap; 0 means none
     stage1_kimg: float = 0.0            # two-stage: distil with lambda_*_forget = 0 first
     eval_every_kimg: float = 5.0
+    eval_at_start: bool = True          # also evaluate the starting point (iteration 0)
     checkpoint_every_kimg: float = 10.0
     eval_forget_samples: int = 1000     # UA is measured on this many forget-class samples
     eval_remain_per_class: int = 200    # FD over the remaining classes at this count per class
@@ -249,8 +250,9 @@ def check_types(cfg: "SFDConfig") -> None:
             raise bad(name, v, "a path (a string) or null")
         if isinstance(v, str) and not v.strip():
             raise ValueError(f"{name}: empty path — give a file or folder, or leave it out")
-    if not isinstance(cfg.grad_checkpointing, bool):
-        raise bad("grad_checkpointing", cfg.grad_checkpointing, "true or false")
+    for name in ("grad_checkpointing", "eval_at_start"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise bad(name, getattr(cfg, name), "true or false")
     for name in ("forget_concepts", "prompt_templates"):
         v = getattr(cfg, name)
         if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
@@ -395,6 +397,8 @@ HELP = {
     "max_seconds": "stop after this much training time (0: no limit)",
     "stage1_kimg": "two-stage: distil all classes with the forget weights at 0 for this many kimg first",
     "eval_every_kimg": "evaluate UA / FD every this many kimg",
+    "eval_at_start": "evaluate the starting point too (a sweep's trials of one target all start from the same "
+                     "stage 1, so their space's trial block turns it off)",
     "checkpoint_every_kimg": "write a checkpoint every this many kimg",
     "eval_forget_samples": "forget-class samples for UA",
     "eval_remain_per_class": "samples per remaining class for FD (the teacher is measured at the same count)",

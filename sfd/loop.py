@@ -141,7 +141,7 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
 
     bar = tqdm(total=total_iters, initial=st.iteration, desc=f"SFD forget {st.targets.describe()}", unit="it",
                disable=not (progress and lead), dynamic_ncols=True)
-    if st.iteration == 0:
+    if st.iteration == 0 and cfg.eval_at_start:
         m0 = run_eval()
         history.append(m0)
         if callback:
