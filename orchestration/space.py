@@ -21,6 +21,7 @@ class SearchSpace:
     params: dict
     override: str = "next"
     stage1_kimg: float = 0.0          # budget of the shared stage 1 (0: trials start from the teacher)
+    trials_per_target: int = 3        # the sweep's default --trials-per-target for this preset
     source: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -62,13 +63,17 @@ def load_space(path) -> SearchSpace:
         raise ValueError(f"search space {path} is not valid YAML: {e}") from None
     if not isinstance(doc, dict):
         raise ValueError(f"search space {path}: expected a mapping with 'preset', 'defaults', 'search'")
-    unknown = sorted(set(doc) - {"preset", "defaults", "trial", "search", "override", "stage1_kimg", "stage1"})
+    unknown = sorted(set(doc) - {"preset", "defaults", "trial", "search", "override", "stage1_kimg", "stage1",
+                              "trials_per_target"})
     if unknown:
         raise ValueError(f"search space {path}: unknown top-level key(s) {unknown}; allowed: preset, defaults, "
-                         f"trial, search, override, stage1_kimg, stage1")
+                         f"trial, search, override, stage1_kimg, stage1, trials_per_target")
     stage1_kimg = doc.get("stage1_kimg", 0)
     if not isinstance(stage1_kimg, (int, float)) or isinstance(stage1_kimg, bool) or not stage1_kimg >= 0:
         raise ValueError(f"search space {path}: stage1_kimg must be a number >= 0, got {stage1_kimg!r}")
+    trials = doc.get("trials_per_target", 3)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ValueError(f"search space {path}: trials_per_target must be a whole number >= 1, got {trials!r}")
     preset = doc.get("preset")
     if not isinstance(preset, str):
         raise ValueError(f"search space {path}: 'preset' must name a preset")
@@ -121,7 +126,8 @@ def load_space(path) -> SearchSpace:
             if not lo <= base[key] <= hi:
                 raise ValueError(f"{where}: the default {key}={base[key]} lies outside [{lo}, {hi}]; the baseline "
                                  f"trial must be a point of the space")
-    return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), float(stage1_kimg), str(path))
+    return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), float(stage1_kimg), trials,
+                       str(path))
 
 
 def stand_in_target(preset: str) -> dict:

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", help="search-space YAML (default: search_spaces/<preset>.yaml)")
     p.add_argument("--out", default="runs/sweep", help="output folder (default: runs/sweep)")
     p.add_argument("--trials-per-target", type=int, default=None,
-                   help="trials per target, the baseline included (default: 3; 9 with --budget long)")
+                   help="trials per target, the baseline included (default: the search space's trials_per_target -- "
+                        "digits 2, others 3 -- and 3x that with --budget long)")
     p.add_argument("--budget-kimg", type=float, default=None,
                    help="training length of every trial in kimg (default: the space's defaults)")
     p.add_argument("--budget", choices=["quick", "long"], default="quick",
@@ -153,7 +154,8 @@ def check_flags(a) -> None:
         need(finite(a.budget_kimg) and a.budget_kimg > 0, "--budget-kimg", a.budget_kimg, "a positive budget in kimg")
     if a.stage1_kimg is not None:
         need(finite(a.stage1_kimg) and a.stage1_kimg >= 0, "--stage1-kimg", a.stage1_kimg, "kimg >= 0 (0: no stage 1)")
-    need(a.trials_per_target >= 1, "--trials-per-target", a.trials_per_target, "at least 1")
+    need(a.trials_per_target is None or a.trials_per_target >= 1, "--trials-per-target", a.trials_per_target,
+         "at least 1")
     need(a.max_concurrent >= 0, "--max-concurrent", a.max_concurrent, "a number of trials >= 0 (0: as resources allow)")
     need(a.workers_per_trial >= 1, "--workers-per-trial", a.workers_per_trial, "at least 1")
     need(finite(a.cpus_per_worker) and a.cpus_per_worker > 0, "--cpus-per-worker", a.cpus_per_worker, "CPUs > 0")
@@ -350,10 +352,13 @@ def summarize_only(a) -> int:
     return 0 if (df["best_trial"] != "").all() else 1
 
 
-def apply_budget(a) -> None:
-    """--budget long: 3x the trials unless --trials-per-target was given (4x the kimg: resolve)."""
+def apply_budget(a, spaces=None) -> None:
+    """Trials per target unless --trials-per-target was given: the spaces' ``trials_per_target`` (the
+    largest when several presets are swept; 3 without spaces), 3x with --budget long (4x the kimg:
+    resolve)."""
     if a.trials_per_target is None:
-        a.trials_per_target = 9 if a.budget == "long" else 3
+        base = max((s.trials_per_target for s in (spaces or {}).values()), default=3)
+        a.trials_per_target = 3 * base if a.budget == "long" else base
 
 
 SWEEP_FILE = "sweep.json"
@@ -434,10 +439,11 @@ def main(argv=None) -> int:
             return _error(str(e))
     if not a.targets and not a.targets_file:
         return _error("--targets is required — give forget targets, e.g. --targets all_digits_classes")
-    apply_budget(a)
     try:
         check_flags(a)
         targets, spaces, overrides = resolve(a)
+        apply_budget(a, spaces)
+        check_flags(a)
         if not a.reference_cpus > 0 or (a.reference_gpus is not None and not a.reference_gpus >= 0):   # [cluster]
             raise ValueError(f"--reference-cpus must be > 0 and --reference-gpus >= 0, got {a.reference_cpus} and "
                              f"{a.reference_gpus} — give a positive CPU count and a GPU count >= 0")
@@ -647,8 +653,10 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
                 print("[sweep] --resume: no Tune state was saved; the trials it had asked for start again", flush=True)
             tuner = tune.Tuner(
                 trainable, param_space={"sweep": sweep_cfg},
+                # reuse_actors: a finished trial's driver process runs the next trial (the trial function only
+                # drives its Ray Train job), so each trial does not pay a fresh process and its imports
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n_trials,
-                                            max_concurrent_trials=max_conc),
+                                            max_concurrent_trials=max_conc, reuse_actors=True),
                 run_config=tune.RunConfig(name=record["tune_name"], storage_path=storage, callbacks=[callback],
                                           verbose=0),
             )

@@ -131,18 +131,18 @@ def test_budget_long_and_explicit_overrides():
 
     def resolved(*flags):
         a = build_parser().parse_args(["--targets", "digits:1", *flags])
-        apply_budget(a)
         targets, spaces, overrides = resolve(a)
+        apply_budget(a, spaces)
         kimg = overrides.get("budget_kimg", spaces["digits"].baseline().budget_kimg)
         return a.trials_per_target, kimg
 
     quick_trials, quick_kimg = resolved()
-    assert (quick_trials, quick_kimg) == (3, 20)
+    assert (quick_trials, quick_kimg) == (2, 20)                 # digits.yaml: trials_per_target 2
     assert resolved("--budget", "quick") == (quick_trials, quick_kimg)
     assert resolved("--budget", "long") == (3 * quick_trials, 4 * quick_kimg)
     assert resolved("--budget", "long", "--trials-per-target", "3", "--budget-kimg", "7") == (3, 7)
     assert resolved("--budget", "long", "--trials-per-target", "5") == (5, 4 * quick_kimg)
-    assert resolved("--budget", "long", "--budget-kimg", "7") == (9, 7)
+    assert resolved("--budget", "long", "--budget-kimg", "7") == (3 * quick_trials, 7)
 
 
 def _artist(ax, gid):
