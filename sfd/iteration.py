@@ -137,7 +137,8 @@ def build_state(cfg: SFDConfig, teacher: Denoiser, device, dist: Dist | None = N
     targets = make_targets(cfg, get_preset(cfg.preset), teacher)
     if cfg.lora_rank:                      # two adapters on the one frozen teacher UNet
         from .denoisers.lora import add_lora
-        fake_score, generator = (v.train() for v in add_lora(teacher, ("fake_score", "generator"), cfg.lora_rank))
+        fake_score, generator = (v.train() for v in add_lora(teacher, ("fake_score", "generator"), cfg.lora_rank,
+                                                                cfg.seed))
     else:
         fake_score = teacher.clone().train()
         generator = teacher.clone().train()

@@ -44,14 +44,16 @@ class AdapterHost:
         self.state = OFF
         self.names: list[str] = []
 
-    def add(self, name: str, rank: int) -> None:
+    def add(self, name: str, rank: int, seed: int = 0) -> None:
         from peft import LoraConfig, inject_adapter_in_model
         if name in self.names:
             raise ValueError(f"LoRA adapter {name!r} exists already")
         cfg = LoraConfig(r=int(rank), lora_alpha=int(rank), target_modules=list(LORA_TARGETS), lora_dropout=0.0,
                          init_lora_weights=True)          # B = 0: the adapter starts as the teacher
-        with warnings.catch_warnings():          # several adapters on one model is the point here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        # peft draws lora_A from the global RNG: seed it, so a run (and its resumption) is reproducible
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")   # several adapters: the point
+            torch.manual_seed(int(seed) * 1009 + len(self.names))
             inject_adapter_in_model(cfg, self.unet, adapter_name=name)
         self.layers = _tuner_layers(self.unet)
         if not self.layers:
@@ -109,13 +111,13 @@ class LoRAView(Denoiser):
     on the same base, starting from this one's weights.
     """
 
-    def __init__(self, base, name: str, rank: int):
+    def __init__(self, base, name: str, rank: int, seed: int = 0):
         super().__init__()
         self.base = Shared(base)
         self.name = name
         self.rank = int(rank)
         host = base.adapters
-        host.add(name, rank)
+        host.add(name, rank, seed)
         self.lora = nn.ModuleDict(host.adapter_modules(name))
         for p in self.lora.parameters():
             p.requires_grad_(True)
@@ -180,8 +182,8 @@ class LoRAView(Denoiser):
         return unet
 
 
-def add_lora(base, names=("fake_score", "generator"), rank: int = 8):
+def add_lora(base, names=("fake_score", "generator"), rank: int = 8, seed: int = 0):
     """Give ``base`` (a text UNet denoiser, the frozen teacher) an adapter host and one view per name."""
     if getattr(base, "adapters", None) is None:
         base.adapters = AdapterHost(base.unet)
-    return [LoRAView(base, n, rank) for n in names]
+    return [LoRAView(base, n, rank, seed) for n in names]
