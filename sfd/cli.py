@@ -444,6 +444,9 @@ def cmd_bench(a) -> int:
         raise UsageError(f"--threads {a.threads} is invalid — give a count >= 1 (or 0: all cores)")
     if a.batch < 2:
         raise UsageError(f"--batch {a.batch} is invalid — give at least 2 (both branches)")
+    if a.iteration and a.arch == "sd15" and not (a.memory_limit_gb > 0 and a.lora_rank >= 1):
+        raise UsageError(f"--memory-limit-gb {a.memory_limit_gb} / --lora-rank {a.lora_rank}: give a limit > 0 GiB "
+                         f"and a rank >= 1")
     digits = get_preset("digits")
     classes = parse_classes(a.classes, digits, "--classes")
     for c in classes:
@@ -640,8 +643,14 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--iteration", action="store_true",
                     help="instead: time and peak memory of one SFD iteration of a full-size backbone with random "
                          "weights, without and with gradient checkpointing (each in a fresh process)")
-    it.add_argument("--arch", default="ddpm-cifar10", choices=["ddpm-cifar10", "digits"],
-                    help="backbone for --iteration (default: ddpm-cifar10, the 38.6 M-parameter reference UNet)")
+    it.add_argument("--arch", default="ddpm-cifar10", choices=["ddpm-cifar10", "digits", "sd15"],
+                    help="backbone for --iteration (default: ddpm-cifar10, the 38.6 M-parameter reference UNet; sd15: "
+                         "Stable Diffusion 1.5's 860 M-parameter UNet at 64x64 latents, full fine-tuning in fp32 vs "
+                         "LoRA on the shared UNet + bf16 + gradient checkpointing, the SD recipe's guidance)")
+    it.add_argument("--lora-rank", type=int, default=8, help="sd15: LoRA rank of the second variant (default: 8)")
+    it.add_argument("--memory-limit-gb", type=float, default=14.0,
+                    help="sd15: address-space limit of each measuring process in GiB; a variant that needs more "
+                         "fails cleanly and is reported as not fitting (default: 14)")
     it.add_argument("--batch", type=int, default=8, help="global batch (both branches) for --iteration (default: 8)")
     it.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                     help="precision for --iteration (default: fp32)")

@@ -76,6 +76,9 @@ def _preset_vocab(preset):
     if preset.name == "colordigits":
         from . import colordigits as cd
         return cd.concept_names(), dict(cd.BUILTIN_SYNONYMS), cd.concept_attribute
+    if preset.extra.get("latent"):                    # sd: one built-in concept; celebrities are named freely
+        from .sd import NUDITY
+        return [NUDITY], {}, (lambda c: None)
     return [], {}, (lambda c: None)
 
 

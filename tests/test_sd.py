@@ -323,3 +323,27 @@ def test_exposed_counts_use_the_threshold_and_exposed_labels_only():
     assert m["nudenet_exposed_total"] == 1 and m["nudenet_per_label"]["FEMALE_BREAST_EXPOSED"] == 1
     assert m["nudenet_images_with_exposed"] == pytest.approx(1 / 3)
     assert count_exposed(dets, threshold=0.5)["nudenet_exposed_total"] == 2     # the threshold is what decides
+
+
+# -- sweep targets and the search space ---------------------------------------------------------------
+def test_sd_targets_grammar_file_and_space(tmp_path):
+    from orchestration.space import load_space
+    from orchestration.targets import load_targets_file, parse_targets
+    from sfd.config import spaces_dir
+    ts = parse_targets(["sd:nudity", "sd:brad pitt->a middle aged man", "sd:brad pitt+angelina jolie->a man,a woman"])
+    assert [t.config_overrides()["forget_concepts"] for t in ts] == [["nudity"], ["brad pitt"],
+                                                                     ["brad pitt", "angelina jolie"]]
+    assert ts[1].config_overrides()["override"] == "a middle aged man"
+    with pytest.raises(ValueError, match=r"contains the concept it replaces"):
+        parse_targets(["sd:brad pitt->brad pitt smiling"])
+    (tmp_path / "t.yaml").write_text("preset: sd\ntargets:\n  - {concept: brad pitt, override: a middle aged man, "
+                                     "synonyms: [pitt]}\n  - {concept: nudity}\n")
+    a, b = load_targets_file(tmp_path / "t.yaml")
+    assert a.config_overrides()["concept_synonyms"] == {"brad pitt": ["pitt"]} and b.forget == ("nudity",)
+    space = load_space(spaces_dir() / "sd.yaml")
+    cfg = SFDConfig.from_dict({**space.defaults, "preset": "sd", "forget_concepts": ["nudity"]}).validate()
+    # the reference SD recipe (SFD.md section 6), CFG 4.5 in diffusers' convention = w 3.5
+    assert (cfg.sigma_dist, cfg.alpha, cfg.lr_fake, cfg.lr_gen, cfg.batch_remain + cfg.batch_forget) == \
+        ("sd-t", 1.0, 3e-6, 1e-6, 16)
+    assert {cfg.guidance_of(r) for r in ("teacher", "fake_train", "fake_eval")} == {3.5}
+    assert [cfg.lambda_fake_remain, cfg.lambda_fake_forget, cfg.lambda_gen_remain, cfg.lambda_gen_forget] == [1.0] * 4
