@@ -1,5 +1,8 @@
 """Forget targets of a sweep: `all_<preset>_classes`, `<preset>:3,7`, `<preset>:3->5`, `<preset>:0+3->1,2`.
 
+Stable Diffusion (sd): `sd:nudity`, `'sd:brad pitt->a middle aged man'`, `'sd:brad pitt+angelina jolie->a man,a woman'`
+(one quoted argument per target: phrases have spaces), or a --targets-file with ``preset: sd``.
+
 Text-to-image presets (colordigits) forget *concepts*: `colordigits:seven->one`, `colordigits:red->blue`,
 `colordigits:seven+red->one,blue` (several concepts in one generator), `colordigits:seven,red` (each in
 turn, default override), `all_colordigits_concepts`, and a concept-list file (:func:`load_targets_file`).
@@ -74,7 +77,9 @@ def parse_targets(specs: list[str], default_override: str = "next") -> list[Targ
     """Parse and validate every target before anything starts; errors list the valid choices."""
     out: list[Target] = []
     for spec in specs:
-        for part in spec.split():
+        # sd targets are phrases ('sd:brad pitt->a middle aged man'): one target per argument
+        parts = [spec] if spec.strip().startswith("sd:") else spec.split()
+        for part in parts:
             out.extend(_parse_one(part.strip(), default_override))
     if not out:
         raise ValueError("no targets given; e.g. --targets all_digits_classes or digits:3->5")
@@ -232,7 +237,7 @@ def load_targets_file(path) -> list[Target]:
             raise ValueError(f"{where}: templates must be a list of strings with {{color}} {{word}} {{num}} slots")
         for t in tmpl:
             try:
-                t.format(color="red", word="seven", num="7")
+                t.format(concept="x") if preset.extra.get("latent") else t.format(color="red", word="seven", num="7")
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(f"{where}: template {t!r} has an unknown slot ({err}) — use {{color}}, {{word}}, "
                                  f"{{num}}") from None

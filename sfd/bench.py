@@ -70,16 +70,44 @@ def iteration_vs_teacher_step(cfg: SFDConfig, teacher, repeats: int = 10, device
             "pass_count_limit": SFD_PASSES / TEACHER_STEP_PASSES}
 
 
-def _iteration_child(arch: str, batch: int, grad_checkpointing: bool, precision: str, queue) -> None:
+def _iteration_child(arch: str, batch: int, grad_checkpointing: bool, precision: str, queue, lora_rank: int = 0,
+                     memory_limit_gb: float = 0.0) -> None:
     """In a fresh process: peak memory of one SFD iteration (forward + backward of both steps)."""
+    if memory_limit_gb > 0:              # an overrun fails here, cleanly, instead of taking the machine down
+        lim = int(memory_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
     torch.manual_seed(0)
-    teacher = random_teacher(arch)
-    cfg = SFDConfig(preset="cifar10" if arch != "digits" else "digits", batch_remain=batch // 2,
-                    batch_forget=batch - batch // 2, grad_checkpointing=grad_checkpointing, precision=precision,
-                    device="cuda" if torch.cuda.is_available() else "cpu")
-    from .iteration import build_state, sfd_iteration
-    device = torch.device(cfg.device)
-    st = build_state(cfg, teacher, device)
+    row = {"arch": arch, "batch": batch, "grad_checkpointing": grad_checkpointing, "precision": precision,
+           "lora_rank": lora_rank, "memory_limit_gb": memory_limit_gb}
+    stage = "building the networks"
+    try:
+        teacher = random_teacher(arch)
+        row["params"] = sum(p.numel() for p in teacher.parameters())
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if arch == "sd15":               # the SD recipe (search_spaces/sd.yaml): CFG in all three guided passes
+            from .config import config_for_preset
+            cfg = config_for_preset("sd", forget_concepts=["brad pitt"], override="a middle aged man",
+                                    batch_remain=max(1, batch // 2), batch_forget=max(1, batch - batch // 2),
+                                    grad_checkpointing=grad_checkpointing, precision=precision, lora_rank=lora_rank,
+                                    device=device)
+        else:
+            cfg = SFDConfig(preset="cifar10" if arch != "digits" else "digits", batch_remain=batch // 2,
+                            batch_forget=batch - batch // 2, grad_checkpointing=grad_checkpointing,
+                            precision=precision, device=device)
+        from .iteration import build_state, sfd_iteration
+        device = torch.device(cfg.device)
+        st = build_state(cfg, teacher, device)
+        stage = "the iteration"
+        _measure_iteration(st, device, row, sfd_iteration)
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "alloc" not in str(e).lower() and "memory" not in str(e).lower():
+            raise
+        row.update(oom=True, oom_stage=stage, error=str(e).splitlines()[0][:200],
+                   peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    queue.put(row)
+
+
+def _measure_iteration(st, device, row, sfd_iteration) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -91,10 +119,9 @@ def _iteration_child(arch: str, batch: int, grad_checkpointing: bool, precision:
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    queue.put({"arch": arch, "batch": batch, "grad_checkpointing": grad_checkpointing, "precision": precision,
-               "device": device.type, "params": sum(p.numel() for p in teacher.parameters()),
-               "seconds": seconds, "memory_before_mb": base, "peak_mb": peak, "iteration_peak_mb": peak - base,
-               "losses_finite": all(map(math.isfinite, losses))})
+    row.update({"device": device.type, "seconds": seconds, "memory_before_mb": base, "peak_mb": peak,
+                "iteration_peak_mb": peak - base, "losses_finite": all(map(math.isfinite, losses)), "oom": False,
+                "trained_params": sum(p.numel() for p in st.generator.parameters() if p.requires_grad)})
 
 
 def random_teacher(arch: str):
@@ -102,6 +129,8 @@ def random_teacher(arch: str):
     if arch == "ddpm-cifar10":
         from .denoisers.ddpm import DDPM_CONFIGS, ConditionalDDPMUNet, VPDenoiser
         return VPDenoiser(ConditionalDDPMUNet(**DDPM_CONFIGS["cifar10"]))
+    if arch == "sd15":
+        return random_sd15()
     if arch == "digits":
         from .denoisers import load_teacher
         from .presets import get_preset
@@ -109,11 +138,48 @@ def random_teacher(arch: str):
     raise ValueError(f"--arch {arch!r}: choose ddpm-cifar10 or digits")
 
 
+# Stable Diffusion 1.5's UNet (its published unet/config.json values), for speed and memory with random weights
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, center_input_sample=False)
+SD15_SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      num_train_timesteps=1000, prediction_type="epsilon", set_alpha_to_one=False, steps_offset=1)
+
+
+class _RandomText:
+    """Stands in for CLIP's text encoder in the benchmark: fixed random (77, 768) embeddings per prompt."""
+    max_length = 77
+
+    def __call__(self, prompts):
+        g = torch.Generator().manual_seed(len(prompts))
+        return torch.randn((len(prompts), 77, 768), generator=g)
+
+
+def random_sd15():
+    from diffusers import UNet2DConditionModel
+
+    from .denoisers.sd import LatentTextUNet
+    d = LatentTextUNet(UNet2DConditionModel(**SD15_UNET), SD15_SCHEDULER, None, None, embed_shape=(77, 768))
+    d.text.obj = _RandomText()
+    return d
+
+
+def full_finetune_state_bytes(params: int) -> dict:
+    """Bytes of full fine-tuning's fp32 state, counted (not measured): teacher + fake score + generator
+    weights, the two trained networks' gradients and their Adam first and second moments."""
+    b = 4 * params
+    return {"weights": 3 * b, "gradients": 2 * b, "adam_moments": 4 * b, "total": 9 * b}
+
+
 def run_iteration_bench(a) -> int:
     """`sfd bench --iteration`: one SFD iteration's time and peak memory, each variant in a fresh
     process (peak RSS only grows within a process), with and without gradient checkpointing."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
+    if a.arch == "sd15":
+        return _sd15_bench(a, ctx)
     rows = []
     for gc in (False, True):
         q = ctx.Queue()
@@ -227,4 +293,52 @@ def run_bench(a) -> int:
     for k, v in summary.items():
         print(f"  {k:36s} {v:.4g}" if isinstance(v, float) else f"  {k:36s} {v}")
     print(f"-> {out / 'bench.json'}")
+    return 0
+
+
+def _sd15_bench(a, ctx) -> int:
+    """SD 1.5 UNet: full fine-tuning (fp32) vs LoRA on the shared base + bf16 + checkpointing, each in a fresh
+    process under an address-space limit (--memory-limit-gb): a variant that does not fit fails cleanly and
+    is reported as such, next to the counted size of full fine-tuning's fp32 state."""
+    variants = [("full fine-tuning, fp32", dict(gc=False, precision="fp32", lora=0)),
+                (f"LoRA r{a.lora_rank} on the shared UNet, bf16, checkpointing",
+                 dict(gc=True, precision="bf16", lora=a.lora_rank))]
+    rows = []
+    for label, v in variants:
+        q = ctx.Queue()
+        p = ctx.Process(target=_iteration_child, args=("sd15", a.batch, v["gc"], v["precision"], q, v["lora"],
+                                                       a.memory_limit_gb))
+        p.start()
+        p.join()
+        row = q.get() if not q.empty() else {"oom": True, "error": f"process exited with code {p.exitcode}",
+                                              "peak_mb": float("nan")}
+        row["variant"] = label
+        rows.append(row)
+        if row.get("oom"):
+            print(f"sd15 {label}: does not fit in {a.memory_limit_gb:g} GiB of address space (failed while "
+                  f"{row.get('oom_stage', '?')}: {row.get('error')}); peak RSS before failing {row['peak_mb']:.0f} MB",
+                  flush=True)
+        else:
+            print(f"sd15 {label}: {row['seconds']:.1f} s, peak RSS {row['peak_mb']:.0f} MB "
+                  f"({row['iteration_peak_mb']:.0f} MB above the built state), trained parameters per network "
+                  f"{row['trained_params']:,}, losses finite: {row['losses_finite']}", flush=True)
+    params = next((r["params"] for r in rows if "params" in r), None)
+    out = {"rows": rows, "memory_limit_gb": a.memory_limit_gb}
+    if params:
+        acc = full_finetune_state_bytes(params)
+        out["full_finetune_state_bytes_counted"] = acc
+        print(f"full fine-tuning's fp32 state, counted for {params:,} UNet parameters: weights x3 "
+              f"{acc['weights'] / 2**30:.1f} GiB + gradients x2 {acc['gradients'] / 2**30:.1f} GiB + Adam moments x4 "
+              f"{acc['adam_moments'] / 2**30:.1f} GiB = {acc['total'] / 2**30:.1f} GiB before any activation")
+    full, lora = rows
+    if not lora.get("oom"):
+        if not full.get("oom"):
+            out["memory_ratio"] = lora["peak_mb"] / full["peak_mb"]
+            print(f"memory ratio (peak RSS, measured): {out['memory_ratio']:.3f}")
+        else:
+            out["memory_ratio_below"] = lora["peak_mb"] / (a.memory_limit_gb * 1024)
+            print(f"memory ratio < {out['memory_ratio_below']:.3f} (measured LoRA peak over the limit full "
+                  f"fine-tuning did not fit in); against the counted state alone: "
+                  f"{lora['peak_mb'] * 2**20 / acc['total']:.3f}")
+    write_json(Path(a.out) / "bench_iteration_sd15.json", out)
     return 0

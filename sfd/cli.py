@@ -336,6 +336,8 @@ def cmd_sample(a) -> int:
     if Path(a.out).is_dir():
         raise UsageError(f"--out {a.out} is a folder — give a .png or .safetensors file path")
     device = pick_device(a.device)
+    if Path(a.generator).is_dir():                    # an exported Stable Diffusion pipeline (sfd.export)
+        return _sample_pipeline(a, device)
     meta = read_metadata(a.generator)
     info = meta.get("generator")
     if not info:
@@ -381,6 +383,28 @@ def cmd_sample(a) -> int:
     return 0
 
 
+def _sample_pipeline(a, device) -> int:
+    import torch
+
+    from .evaluate.report import save_grid
+    from .export import load_one_step
+    from .io import save_tensors
+    if not a.prompt:
+        raise UsageError(f"--generator {a.generator} is a text-to-image pipeline — give at least one --prompt \"...\"")
+    if a.classes is not None:
+        raise UsageError("--classes is for class-conditional generators; this one takes --prompt")
+    pipe = load_one_step(a.generator, device)
+    g = torch.Generator().manual_seed(a.seed)
+    x = pipe(a.prompt, num_images_per_prompt=a.n, generator=g, output_type="pt").images * 2 - 1
+    if a.out.endswith(".safetensors"):
+        save_tensors(a.out, {"images": x.cpu()}, {"prompts": [p for p in a.prompt for _ in range(a.n)]})
+    else:
+        save_grid(a.out, x.cpu(), nrow=a.n)
+    print(f"{len(x)} samples ({a.n} per prompt, one network evaluation each, sigma_init "
+          f"{pipe.config.sigma_init:.4g}) -> {a.out}")
+    return 0
+
+
 def cmd_evaluate(a) -> int:
     from pathlib import Path
 
@@ -396,6 +420,14 @@ def cmd_evaluate(a) -> int:
         if v < 0:
             raise UsageError(f"{name} {v} is invalid — give a count >= 1 (or 0: the run's)")
     check_device(a.device)
+    if (run / "pipeline").is_dir():                  # Stable Diffusion: NudeNet / CLIP on the exported pipeline
+        from .evaluate.sd import evaluate_sd_run
+        from .utils import pick_device
+        m = evaluate_sd_run(run, a.clip, per_prompt=max(1, a.per_prompt), seed=a.seed, device=pick_device(a.device))
+        write_json(run / "evaluation.json", m)
+        print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+        print(f"-> {run / 'evaluation.json'}")
+        return 0
     m = evaluate_run(run, seed=a.seed, device=a.device, forget_samples=a.forget_samples or None,
                      remain_per_class=a.remain_per_class or None, progress=not a.no_progress)
     write_json(run / "evaluation.json", m)
@@ -412,6 +444,9 @@ def cmd_bench(a) -> int:
         raise UsageError(f"--threads {a.threads} is invalid — give a count >= 1 (or 0: all cores)")
     if a.batch < 2:
         raise UsageError(f"--batch {a.batch} is invalid — give at least 2 (both branches)")
+    if a.iteration and a.arch == "sd15" and not (a.memory_limit_gb > 0 and a.lora_rank >= 1):
+        raise UsageError(f"--memory-limit-gb {a.memory_limit_gb} / --lora-rank {a.lora_rank}: give a limit > 0 GiB "
+                         f"and a rank >= 1")
     digits = get_preset("digits")
     classes = parse_classes(a.classes, digits, "--classes")
     for c in classes:
@@ -551,12 +586,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a one-step generator into a PNG grid or safetensors",
                        description="Draw --n samples per class from an exported one-step generator "
                                    "(generator.safetensors of an `sfd forget` run): one row per class in a PNG, "
-                                   "or images + labels in a .safetensors file.")
-    p.add_argument("--generator", required=True, help="generator.safetensors")
+                                   "or images + labels in a .safetensors file. A Stable Diffusion run exports a "
+                                   "diffusers pipeline folder (RUN/pipeline); give it as --generator with any "
+                                   "--prompt: one row per prompt, one UNet evaluation per image.",
+                       epilog="examples: sfd sample --generator runs/f0/generator.safetensors --out grid.png | "
+                              "sfd sample --generator runs/brad-pitt/pipeline --prompt 'a photo of brad pitt' "
+                              "--prompt 'a dog on a beach' --n 4 --out pitt.png")
+    p.add_argument("--generator", required=True,
+                   help="generator.safetensors, or the pipeline/ folder of an `sfd forget --preset sd` run")
     p.add_argument("--classes", help="comma-separated class ids (default: all)")
     p.add_argument("--prompt", action="append", default=None,
-                   help="text-to-image generators (colordigits): a prompt of the run's prompt table, one row each; "
-                        "repeat the flag (default: the first 5 prompts)")
+                   help="text-to-image generators: colordigits, a prompt of the run's prompt table; sd pipelines, "
+                        "any prompt (required); one row each; repeat the flag (colordigits default: the first 5 "
+                        "prompts)")
     p.add_argument("--n", type=int, default=10, help="samples per class (default: 10)")
     p.add_argument("--out", required=True, help="output .png (grid) or .safetensors (tensors)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
@@ -572,6 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=777, help="evaluation noise seed (default: 777)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sdg = p.add_argument_group("Stable Diffusion runs (RUN/pipeline): NudeNet on nudity targets, CLIP from local files")
+    sdg.add_argument("--clip", default=None,
+                     help="a local transformers CLIP folder (CLIPModel + CLIPProcessor save_pretrained): zero-shot "
+                          "concept accuracy on the forget prompts and CLIP score on the remain prompts")
+    sdg.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default: 1)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="benchmark SFD on the embedded default: time to forget, FD ratios, speed",
@@ -596,8 +643,14 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--iteration", action="store_true",
                     help="instead: time and peak memory of one SFD iteration of a full-size backbone with random "
                          "weights, without and with gradient checkpointing (each in a fresh process)")
-    it.add_argument("--arch", default="ddpm-cifar10", choices=["ddpm-cifar10", "digits"],
-                    help="backbone for --iteration (default: ddpm-cifar10, the 38.6 M-parameter reference UNet)")
+    it.add_argument("--arch", default="ddpm-cifar10", choices=["ddpm-cifar10", "digits", "sd15"],
+                    help="backbone for --iteration (default: ddpm-cifar10, the 38.6 M-parameter reference UNet; sd15: "
+                         "Stable Diffusion 1.5's 860 M-parameter UNet at 64x64 latents, full fine-tuning in fp32 vs "
+                         "LoRA on the shared UNet + bf16 + gradient checkpointing, the SD recipe's guidance)")
+    it.add_argument("--lora-rank", type=int, default=8, help="sd15: LoRA rank of the second variant (default: 8)")
+    it.add_argument("--memory-limit-gb", type=float, default=14.0,
+                    help="sd15: address-space limit of each measuring process in GiB; a variant that needs more "
+                         "fails cleanly and is reported as not fitting (default: 14)")
     it.add_argument("--batch", type=int, default=8, help="global batch (both branches) for --iteration (default: 8)")
     it.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                     help="precision for --iteration (default: fp32)")

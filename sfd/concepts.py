@@ -76,6 +76,9 @@ def _preset_vocab(preset):
     if preset.name == "colordigits":
         from . import colordigits as cd
         return cd.concept_names(), dict(cd.BUILTIN_SYNONYMS), cd.concept_attribute
+    if preset.extra.get("latent"):                    # sd: one built-in concept; celebrities are named freely
+        from .sd import NUDITY
+        return [NUDITY], {}, (lambda c: None)
     return [], {}, (lambda c: None)
 
 
@@ -105,6 +108,9 @@ def _fmt(names) -> str:
 def resolve_concepts(cfg, preset) -> list[Concept]:
     """The concepts of ``cfg`` (forget_concepts, override, concept_synonyms), validated against the
     preset's prompts; raises ValueError naming the bad value and the fix."""
+    if preset.extra.get("latent"):                    # sd: free-form concepts and prompt files
+        from .sd import resolve_sd_concepts
+        return resolve_sd_concepts(cfg, preset)
     from . import colordigits as cd
     names, builtin, attribute = _preset_vocab(preset)
     user_syn = {str(k).strip().lower(): tuple(str(v).strip().lower() for v in vs)
@@ -256,7 +262,11 @@ class ConceptTargets:
 def make_targets(cfg, preset, teacher):
     """Class targets for class presets; concept targets (with the teacher's prompt table installed) for text ones."""
     if getattr(preset, "text", False):
-        t = ConceptTargets(cfg, preset)
+        if preset.extra.get("latent"):
+            from .sd import SDTargets
+            t = SDTargets(cfg, preset)
+        else:
+            t = ConceptTargets(cfg, preset)
         t.install(teacher)
         return t
     from .targets import ClassTargets

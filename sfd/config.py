@@ -13,7 +13,7 @@ import numbers
 from dataclasses import dataclass, field, fields
 
 OVERRIDE_POLICIES = ("random", "classifier")
-SIGMA_DISTS = ("loguniform", "vp-t", "edm")
+SIGMA_DISTS = ("loguniform", "vp-t", "sd-t", "edm")
 FAKE_SIGMA_DISTS = ("same", *SIGMA_DISTS, "lognormal")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 REDUCTIONS = ("sum", "mean")
@@ -37,6 +37,9 @@ class SFDConfig:
     forget_concepts: list[str] = field(default_factory=list)
     concept_synonyms: dict = field(default_factory=dict)     # concept -> extra synonyms forgotten with it
     prompt_templates: list[str] = field(default_factory=list)  # training templates ({color} {word} {num})
+    # sd preset: prompt files (one prompt per line); None: the small embedded lists of sfd/sd.py
+    forget_prompts: str | None = None
+    remain_prompts: str | None = None
     teacher: str | None = None          # None: the preset's bundled teacher
     classifier: str | None = None       # None: the preset's bundled classifier (the judge)
     fid_weights: str | None = None      # FID Inception weights file (presets without a bundled judge)
@@ -49,6 +52,10 @@ class SFDConfig:
     lambda_gen_remain: float = 1.0
     lambda_gen_forget: float = 1.0
     guidance: float = 0.0               # CFG scale of teacher and fake score inside the losses
+    # the three guided passes separately (SiD-LSG / the SFD SD recipe); -1: take --guidance
+    guidance_teacher: float = -1.0
+    guidance_fake_train: float = -1.0
+    guidance_fake_eval: float = -1.0
     # noise levels ------------------------------------------------------------------------
     sigma_init: float = 2.5
     sigma_dist: str = "loguniform"      # 'loguniform', 'vp-t' (reference) or 'edm' (SiD)
@@ -89,6 +96,9 @@ class SFDConfig:
     device: str = "auto"
     precision: str = "fp32"             # network passes in fp32, bf16 or fp16 (fp32 master weights and losses)
     grad_checkpointing: bool = False    # recompute activations in backward (backbones that support it)
+    # > 0: generator and fake score are LoRA adapters of this rank on the one frozen teacher UNet
+    # (text UNets: colordigits, sd); 0: full fine-tuning of two copies (the reference)
+    lora_rank: int = 0
 
     def validate(self, preset=None) -> "SFDConfig":
         """Check every setting (type, finiteness, range) before any work; raise ValueError naming the
@@ -104,9 +114,10 @@ class SFDConfig:
             self.forget = []                              # class ids do not apply to prompts
             self.forget_concepts = [c.name for c in concepts]
             self.override = ",".join(c.override for c in concepts)
-        elif self.forget_concepts or self.concept_synonyms or self.prompt_templates:
-            raise ValueError(f"forget_concepts / concept_synonyms / prompt_templates need a text-to-image preset "
-                             f"(colordigits); preset '{preset.name}' forgets classes — use --forget CLASS")
+        elif self.forget_concepts or self.concept_synonyms or self.prompt_templates or self.forget_prompts \
+                or self.remain_prompts:
+            raise ValueError(f"forget_concepts / concept_synonyms / prompt_templates / forget_prompts / remain_prompts "
+                             f"need a text-to-image preset (colordigits, sd); preset '{preset.name}' forgets classes — use --forget CLASS")
         elif not self.forget:
             raise ValueError("forget: no class given — give at least one class to forget, e.g. --forget 0")
         if not getattr(preset, "text", False):
@@ -138,8 +149,16 @@ class SFDConfig:
         if not self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max} — "
                              f"give --sigma-min below --sigma-max")
+        if self.lora_rank and not getattr(preset, "text", False):
+            raise ValueError(f"lora_rank (--lora-rank) {self.lora_rank}: LoRA on the shared teacher is for the "
+                             f"diffusers text UNets (presets colordigits, sd), not preset '{preset.name}' — drop it")
         check_device(self.device)
         return self
+
+    def guidance_of(self, role: str) -> float:
+        """CFG scale of one guided pass: 'teacher', 'fake_train' or 'fake_eval' (-1: --guidance)."""
+        v = getattr(self, f"guidance_{role}")
+        return self.guidance if v < 0 else v
 
     def override_classes(self) -> list[int]:
         """Fixed override classes, one per forget class (empty for a per-sample policy)."""
@@ -185,10 +204,12 @@ def _flag(name: str) -> str:
 FLOAT_FIELDS = ("alpha", "lambda_fake_remain", "lambda_fake_forget", "lambda_gen_remain", "lambda_gen_forget",
                 "guidance", "sigma_init", "sigma_min", "sigma_max", "lr_fake", "lr_gen", "lr_final_ratio", "adam_beta1", "adam_beta2",
                 "adam_eps", "grad_clip", "ema_halflife_kimg", "ema_rampup_ratio", "ema_beta", "budget_kimg",
-                "max_seconds", "stage1_kimg", "eval_every_kimg", "checkpoint_every_kimg")
-INT_FIELDS = ("batch_remain", "batch_forget", "eval_forget_samples", "eval_remain_per_class", "seed")
-STR_FIELDS = ("preset", "override", "override_draw", "lr_schedule", "sigma_dist", "sigma_dist_fake", "fake_score_reduction", "device", "precision")
-PATH_FIELDS = ("teacher", "classifier", "fid_weights", "reference", "init_from")
+                "max_seconds", "stage1_kimg", "eval_every_kimg", "checkpoint_every_kimg", "guidance_teacher",
+                "guidance_fake_train", "guidance_fake_eval")
+INT_FIELDS = ("batch_remain", "batch_forget", "eval_forget_samples", "eval_remain_per_class", "seed", "lora_rank")
+STR_FIELDS = ("preset", "override", "override_draw", "lr_schedule", "sigma_dist", "sigma_dist_fake", "fake_score_reduction",
+              "device", "precision")
+PATH_FIELDS = ("teacher", "classifier", "fid_weights", "reference", "init_from", "forget_prompts", "remain_prompts")
 BIG = 10**9
 
 # name -> (low, low excluded, high, high excluded, what to give instead)
@@ -199,6 +220,9 @@ RANGES = {
     "lambda_gen_remain": (0.0, False, 1e6, False, "a weight >= 0"),
     "lambda_gen_forget": (0.0, False, 1e6, False, "a weight >= 0"),
     "guidance": (0.0, False, 1e3, False, "a guidance scale in [0, 1000] (0: none)"),
+    "guidance_teacher": (-1.0, False, 1e3, False, "a guidance scale in [0, 1000], or -1 for --guidance"),
+    "guidance_fake_train": (-1.0, False, 1e3, False, "a guidance scale in [0, 1000], or -1 for --guidance"),
+    "guidance_fake_eval": (-1.0, False, 1e3, False, "a guidance scale in [0, 1000], or -1 for --guidance"),
     "sigma_init": (0.0, True, 1000.0, False, "a noise level in (0, 1000], e.g. 2.5"),
     "sigma_min": (0.0, True, 1000.0, False, "a noise level in (0, 1000], e.g. 0.137"),
     "sigma_max": (0.0, True, 1000.0, False, "a noise level in (0, 1000], e.g. 13.1"),
@@ -222,6 +246,7 @@ RANGES = {
     "eval_forget_samples": (1, False, BIG, False, "at least 1 sample"),
     "eval_remain_per_class": (1, False, BIG, False, "at least 1 sample per class"),
     "seed": (0, False, 2**63 - 1, False, "a seed >= 0"),
+    "lora_rank": (0, False, 1024, False, "a LoRA rank in 1..1024, or 0 for full fine-tuning"),
 }
 
 
@@ -336,7 +361,8 @@ def config_for_preset(preset: str, **changes) -> SFDConfig:
 
 TUNABLE = ("alpha", "lambda_fake_remain", "lambda_fake_forget", "lambda_gen_remain", "lambda_gen_forget",
            "sigma_init", "sigma_min", "sigma_max", "sigma_dist", "sigma_dist_fake", "lr_fake", "lr_gen",
-           "lr_schedule", "lr_final_ratio", "ema_halflife_kimg", "ema_beta", "guidance", "batch_remain", "batch_forget")
+           "lr_schedule", "lr_final_ratio", "ema_halflife_kimg", "ema_beta", "guidance", "batch_remain", "batch_forget",
+           "guidance_teacher", "guidance_fake_train", "guidance_fake_eval")
 
 
 # One line of help per setting, shown by `sfd forget --help` (flags are generated from the
@@ -367,9 +393,20 @@ HELP = {
     "lambda_fake_forget": "weight of the forget branch in the fake-score loss",
     "lambda_gen_remain": "weight of the remain branch in the generator loss",
     "lambda_gen_forget": "weight of the forget branch in the generator loss",
-    "guidance": "classifier-free guidance scale of teacher and fake score inside the losses",
+    "guidance": "classifier-free guidance scale w of teacher and fake score inside the losses: (1 + w) D(c) - w D(null), "
+                "so diffusers' / SiD-LSG's scale s is w = s - 1 (the SD recipe's 4.5 is 3.5 here)",
+    "guidance_teacher": "guidance w of the teacher's pass in the generator loss (-1: --guidance)",
+    "guidance_fake_train": "guidance w of the fake score's own denoising step (-1: --guidance)",
+    "guidance_fake_eval": "guidance w of the fake score's pass in the generator loss (-1: --guidance)",
+    "forget_prompts": "sd: file of forget prompts, one per line, each containing the concept (or, for nudity, an "
+                      "unsafe keyword); default: the concept in sfd/sd.py's embedded templates",
+    "remain_prompts": "sd: file of remain prompts, one per line (e.g. COCO captions; prompts with a forgotten concept "
+                      "are left out); default: sfd/sd.py's small embedded list",
+    "lora_rank": "> 0: generator and fake score are two LoRA adapters (peft) of this rank on the one frozen teacher "
+                 "UNet, switched per pass (one copy of the UNet for all three networks); 0: full fine-tuning",
     "sigma_init": "noise level of the one-step generator, G(z) = D(sigma_init z, sigma_init)",
-    "sigma_dist": "noise-level distribution of both steps: loguniform, vp-t (reference) or edm (SiD)",
+    "sigma_dist": "noise-level distribution of both steps: loguniform, vp-t (reference, DDPM grid), sd-t (the SD "
+                  "reference: integer t on SD's scaled-linear grid) or edm (SiD)",
     "sigma_min": "smallest noise level of both steps",
     "sigma_max": "largest noise level of both steps",
     "lr_fake": "Adam learning rate of the fake score",

@@ -26,6 +26,12 @@ pixels; a discrete teacher's sigma_init is snapped to its grid (t = 440 -> 2.502
 
 Precision: ``bf16`` / ``fp16`` autocast the network passes; weights, optimiser states and the
 losses stay fp32, and fp16 adds a gradient scaler per network.
+
+Named additions for Stable Diffusion (all off unless set): separate CFG scales for the teacher, the
+fake score's training and its evaluation (``guidance_teacher`` / ``guidance_fake_train`` /
+``guidance_fake_eval``, SiD-LSG); a negative-prompt branch for the teacher (``targets.teacher_null``,
+nudity); and ``lora_rank`` > 0, where fake score and generator are LoRA adapters on the teacher's
+own UNet (sfd.denoisers.lora) instead of two full copies.
 """
 from __future__ import annotations
 
@@ -151,8 +157,13 @@ def build_state(cfg: SFDConfig, teacher: Denoiser, device, dist: Dist | None = N
     teacher = teacher.to(device).eval().requires_grad_(False)
     # class ids, or ids into the run's prompt table (text presets: installed in the teacher before cloning)
     targets = make_targets(cfg, get_preset(cfg.preset), teacher)
-    fake_score = teacher.clone().train()
-    generator = teacher.clone().train()
+    if cfg.lora_rank:                      # two adapters on the one frozen teacher UNet
+        from .denoisers.lora import add_lora
+        fake_score, generator = (v.train() for v in add_lora(teacher, ("fake_score", "generator"), cfg.lora_rank,
+                                                                cfg.seed))
+    else:
+        fake_score = teacher.clone().train()
+        generator = teacher.clone().train()
     if init is not None:
         init(generator, fake_score)
     for net in (fake_score, generator):
@@ -294,7 +305,8 @@ def sfd_iteration(st: SFDState, stage1: bool = False, grads_hook=None, loss_hook
     st.fake_score.train()
     with masks_for(b.pick, b.n_global, b.dropout_seed):
         with st.autocast():
-            d_fake = Guided(st.fake_score, cfg.guidance, call=st.fake_train)(x_g + b.sigma * b.noise, b.sigma, labels)
+            d_fake = Guided(st.fake_score, cfg.guidance_of("fake_train"), call=st.fake_train)(
+                x_g + b.sigma * b.noise, b.sigma, labels)
         per = fake_score_loss(st.full(d_fake), x_g, st.fake_score.loss_weight(b.sigma), cfg.fake_score_reduction)
         loss_fake = _branch_loss(st, per, b.n_remain, cfg.lambda_fake_remain, lam_ff)
         if loss_hook is not None:
@@ -320,12 +332,13 @@ def sfd_iteration(st: SFDState, stage1: bool = False, grads_hook=None, loss_hook
             x_g = st.full(x_g)
             x = x_g + b.sigma * b.noise
             with st.autocast():
-                y_fake = st.full(Guided(st.fake_score, cfg.guidance)(x, b.sigma, labels))
+                y_fake = st.full(Guided(st.fake_score, cfg.guidance_of("fake_eval"))(x, b.sigma, labels))
             c_o = b.c_o
             if c_o is None:                                   # classifier pseudo-label policy
                 c_o = st.targets.classifier_override(st.judge, y_fake[b.n_remain:].detach())
             with st.autocast():
-                y_real = st.full(Guided(st.teacher, cfg.guidance)(x, b.sigma, torch.cat([b.c_r, c_o])))
+                y_real = st.full(Guided(st.teacher, cfg.guidance_of("teacher"), null=getattr(st.targets, "teacher_null", None))(
+                    x, b.sigma, torch.cat([b.c_r, c_o])))
             per = generator_loss(y_real, y_fake, x_g, cfg.alpha)
             loss_gen = _branch_loss(st, per, b.n_remain, cfg.lambda_gen_remain, lam_gf)
             if loss_hook is not None:

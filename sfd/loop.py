@@ -197,9 +197,13 @@ def _write_outputs(out_dir: Path, cfg, preset, teacher, st, evaluator, history, 
     from .evaluate.report import save_grid
 
     extra = {}
-    save_denoiser(out_dir / "generator.safetensors", st.generator_ema, {
-        "generator": {"sigma_init": st.sigma_init, "forget": cfg.forget_concepts or cfg.forget, "override": cfg.override,
-                      "preset": cfg.preset, "one_step": True}})
+    info = {"sigma_init": st.sigma_init, "forget": cfg.forget_concepts or cfg.forget, "override": cfg.override,
+            "preset": cfg.preset, "one_step": True}
+    from .export import export_one_step, is_latent
+    if is_latent(st.generator_ema):       # Stable Diffusion: a diffusers pipeline folder (sfd.export)
+        export_one_step(out_dir / "pipeline", st.generator_ema, st.sigma_init, {"generator": info, "config": cfg.to_dict()})
+    else:
+        save_denoiser(out_dir / "generator.safetensors", st.generator_ema, {"generator": info})
     if evaluate and evaluator is not None:
         if measure_speed:
             from .evaluate.forgetting import throughput

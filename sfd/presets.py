@@ -82,6 +82,10 @@ PRESETS: dict[str, Preset] = {
                           notes="text-to-image: the 8x8 digits in five ink colours with captions; bundled "
                                 "text-conditioned teacher (diffusers pipeline folder) and two-headed judge",
                           extra={"conditioning": "text", "teacher": "teacher"}),
+    "sd": Preset("sd", (), (4, 64, 64),
+                 notes="text-to-image: bring a Stable Diffusion 1.x/2.x pipeline folder (diffusers layout); SFD in its "
+                       "VAE latent space, celebrity and nudity targets (sfd/sd.py)",
+                 extra={"conditioning": "text", "latent": True}),
     "cifar10": Preset("cifar10", ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                                   "ship", "truck"), (3, 32, 32),
                       notes="bring a teacher: official SFD DDPM checkpoint, NVIDIA EDM .pkl or diffusers UNet folder"),

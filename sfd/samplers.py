@@ -58,9 +58,11 @@ def sample_teacher(denoiser: Denoiser, labels: torch.Tensor, steps: int = 18, ge
 
 # ---- noise-level distributions for SFD (SFD.md section 6) -------------------------------
 
-def vp_sigma_of_t(t: torch.Tensor, beta_min=1e-4, beta_max=0.02, steps=1000) -> torch.Tensor:
-    """sigma(t) = sqrt((1 - abar_t) / abar_t) of the DDPM linear-beta schedule (integer t)."""
-    betas = torch.linspace(beta_min, beta_max, steps, dtype=torch.float64)
+def vp_sigma_of_t(t: torch.Tensor, beta_min=1e-4, beta_max=0.02, steps=1000, scaled: bool = False) -> torch.Tensor:
+    """sigma(t) = sqrt((1 - abar_t) / abar_t) of the DDPM linear-beta schedule (integer t);
+    ``scaled``: Stable Diffusion's scaled-linear one (betas linear in sqrt(beta))."""
+    betas = (torch.linspace(beta_min**0.5, beta_max**0.5, steps, dtype=torch.float64) ** 2 if scaled else
+             torch.linspace(beta_min, beta_max, steps, dtype=torch.float64))
     abar = torch.cumprod(1.0 - betas, 0)
     sig = ((1 - abar) / abar).sqrt()
     return sig[t.long().cpu()].to(torch.float32)
@@ -74,6 +76,8 @@ def sample_sigma(kind: str, n: int, sigma_min: float, sigma_max: float, generato
     - ``vp-t``: the reference's way, integer t uniform in [t(sigma_min), t(sigma_max)) on the
       DDPM linear-beta grid, upper bound excluded like the reference's ``randint`` (0.137 and
       13.1 are t = 38 and 712, so t in [38, 712));
+    - ``sd-t``: the same on Stable Diffusion's scaled-linear grid (beta 0.00085 -> 0.012; 0.138 and
+      13.04 are t = 20 and 980, the SD reference's [20, 980));
     - ``edm``: SiD's generator step, u ~ U(0, 0.8) on the Karras grid between sigma_min and sigma_max;
     - ``lognormal``: EDM's training distribution, ln sigma ~ N(-1.2, 1.2^2) (SiD's fake-score
       step); sigma_min / sigma_max do not apply.
@@ -85,6 +89,10 @@ def sample_sigma(kind: str, n: int, sigma_min: float, sigma_max: float, generato
         lo, hi = vp_t_range(sigma_min, sigma_max)
         t = lo + (u * (hi - lo)).long().clamp_max(hi - lo - 1)
         s = vp_sigma_of_t(t)
+    elif kind == "sd-t":
+        lo, hi = vp_t_range(sigma_min, sigma_max, **SD_SCHEDULE)
+        t = lo + (u * (hi - lo)).long().clamp_max(hi - lo - 1)
+        s = vp_sigma_of_t(t, **SD_SCHEDULE)
     elif kind == "edm":
         rho = 7.0
         u = u * 0.8
@@ -92,13 +100,16 @@ def sample_sigma(kind: str, n: int, sigma_min: float, sigma_max: float, generato
     elif kind == "lognormal":
         s = (-1.2 + 1.2 * torch.randn(n, generator=generator)).exp()
     else:
-        raise ValueError(f"unknown sigma distribution {kind!r}; use 'loguniform', 'vp-t', 'edm' or 'lognormal'")
+        raise ValueError(f"unknown sigma distribution {kind!r}; use 'loguniform', 'vp-t', 'sd-t', 'edm' or 'lognormal'")
     return s.to(device)
 
 
-def vp_t_range(sigma_min: float, sigma_max: float) -> tuple[int, int]:
+SD_SCHEDULE = dict(beta_min=0.00085, beta_max=0.012, scaled=True)
+
+
+def vp_t_range(sigma_min: float, sigma_max: float, **schedule) -> tuple[int, int]:
     """[t_lo, t_hi): the DDPM steps nearest (log scale) to sigma_min and sigma_max."""
-    log_all = vp_sigma_of_t(torch.arange(1000)).double().log()
+    log_all = vp_sigma_of_t(torch.arange(1000), **schedule).double().log()
     lo = int((log_all - math.log(sigma_min)).abs().argmin())
     hi = int((log_all - math.log(sigma_max)).abs().argmin())
     if hi <= lo:

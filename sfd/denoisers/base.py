@@ -68,12 +68,14 @@ class Guided(nn.Module):
     exactly the conditional denoiser and costs a single call.
     """
 
-    def __init__(self, denoiser: Denoiser, scale: float, call=None):
+    def __init__(self, denoiser: Denoiser, scale: float, call=None, null=None):
         super().__init__()
         self.denoiser = denoiser
         self.scale = float(scale)
         # ``call`` runs the network (e.g. its DistributedDataParallel wrapper); default: the denoiser
         self._call = call
+        # ``null(cond)``: the condition of the negative branch (a negative prompt); default: null_cond
+        self._null = null
 
     def forward(self, x, sigma, cond):
         d = self.denoiser
@@ -81,6 +83,7 @@ class Guided(nn.Module):
         if self.scale == 0.0:
             return run(x, sigma, cond)
         sigma = as_sigma(sigma, x)
-        both = run(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, d.null_cond(cond)]))
+        null = (self._null or d.null_cond)(cond)
+        both = run(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, null]))
         cond_out, null_out = both.chunk(2)
         return (1.0 + self.scale) * cond_out - self.scale * null_out

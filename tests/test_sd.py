@@ -1,0 +1,349 @@
+"""Stable Diffusion (preset sd) on tiny SD-shaped components built here: a pipeline folder with a
+UNet2DConditionModel, an AutoencoderKL, a CLIPTextModel and a word-level tokenizer (small configs)."""
+from __future__ import annotations
+
+import json
+import re
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfd import sd
+from sfd.config import SFDConfig
+from sfd.denoisers import Guided, load_teacher
+from sfd.presets import get_preset
+
+PRESET = get_preset("sd")
+IT = 0.002                                   # kimg of one iteration at batch 1 + 1
+
+
+def _words():
+    txt = " ".join([*sd.REMAIN_PROMPTS, *sd.FORGET_TEMPLATES, *sd.HELDOUT_TEMPLATES, *sd.NUDITY_SUBJECTS,
+                    *sd.NUDITY_KEYWORDS, "brad pitt angelina jolie a middle aged man woman"]).replace("{concept}", "")
+    return sorted(set(re.findall(r"\w+|[^\w\s]", txt.lower())))
+
+
+def make_sd_folder(folder: Path, prediction: str) -> Path:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from sfd.denoisers.text_unet import save_text_pipeline
+    from sfd.pretrain_text import build_text_model, build_tokenizer
+    torch.manual_seed(0)
+    tok = build_tokenizer(_words())
+    text = build_text_model(len(tok), hidden=32, layers=1, heads=2)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, layers_per_block=1, sample_size=16)
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction,
+                          clip_sample=False)
+    save_text_pipeline(folder, unet, text, tok, sched)
+    vae.save_pretrained(str(folder / "vae"), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    return {p: make_sd_folder(root / p, p) for p in ("epsilon", "v_prediction")}
+
+
+def sd_cfg(folder, forget="brad pitt", override="a middle aged man", **kw) -> SFDConfig:
+    base = dict(preset="sd", teacher=str(folder), forget_concepts=[forget], override=override, batch_remain=1,
+                batch_forget=1, budget_kimg=3 * IT, eval_every_kimg=1.0, checkpoint_every_kimg=IT, alpha=1.0,
+                guidance=0.0, guidance_teacher=3.5, guidance_fake_train=2.0, guidance_fake_eval=3.0,
+                sigma_dist="sd-t", sigma_min=0.138, sigma_max=13.04, sigma_init=2.5, lr_fake=1e-3, lr_gen=1e-3,
+                ema_halflife_kimg=0.0, device="cpu", seed=0)
+    return SFDConfig.from_dict({**base, **kw})
+
+
+# -- prompt rewriting ---------------------------------------------------------------------------
+def test_rewriting_celebrity_and_nudity():
+    t = sd.SDTargets(SFDConfig(preset="sd", forget_concepts=["Brad Pitt"], override="a middle aged man").validate())
+    pairs = {t.prompts[f]: t.prompts[o] for f, o in zip(t.forget_ids, t.override_ids)}
+    assert pairs["a photo of brad pitt"] == "a photo of a middle aged man"
+    assert t.override_prompt("BRAD PITT, smiling") == "a middle aged man, smiling"          # case-insensitive
+    assert t.override_prompt("bradpitt and brad pitts") == "bradpitt and brad pitts"          # whole words only
+    assert not any("brad pitt" in t.prompts[i] for i in t.remain_ids)
+    assert t.prompts[0] == "" and t.teacher_null is None                                    # CFG null: ''
+    n = sd.SDTargets(SFDConfig(preset="sd", forget_concepts=["nudity"], override="").validate())
+    pairs = {n.prompts[f]: n.prompts[o] for f, o in zip(n.forget_ids, n.override_ids)}
+    assert pairs["a woman, nude"] == "a woman" and pairs["a person on the beach, bare breasts"] == "a person on the beach"
+    assert n.override_prompt("a naked man in a forest") == "a man in a forest"
+    assert n.override_prompt("a woman, topless, on a beach") == "a woman, on a beach"
+    assert set(n.prompts[i] for i in n.override_ids) == set(sd.NUDITY_SUBJECTS)              # the bare subjects
+    assert n.prompts[n.negative_id] == ", ".join(sd.NUDITY_KEYWORDS)                         # the negative branch
+    assert n.teacher_null(torch.tensor([3, 5])).tolist() == [n.negative_id] * 2
+
+
+def test_prompt_files_and_bad_targets(tmp_path):
+    (tmp_path / "f.txt").write_text("# forget\nBrad Pitt at the beach\nbrad pitt in a car\n")
+    (tmp_path / "r.txt").write_text("a dog\nbrad pitt eating\na cat\n")
+    t = sd.SDTargets(SFDConfig(preset="sd", forget_concepts=["brad pitt"], override="a man",
+                               forget_prompts=str(tmp_path / "f.txt"), remain_prompts=str(tmp_path / "r.txt")).validate())
+    assert [t.prompts[i] for i in t.override_ids] == ["a man at the beach", "a man in a car"]
+    assert [t.prompts[i] for i in t.remain_ids] == ["a dog", "a cat"] and t.dropped_remain == 1
+    (tmp_path / "bad.txt").write_text("brad pitt\na sunset\n")
+    bad = [(dict(forget_concepts=["brad pitt"], override=""), r"give what the teacher draws instead"),
+           (dict(forget_concepts=["brad pitt"], override="brad pitt's brother"), r"contains the concept it replaces"),
+           (dict(forget_concepts=["nudity"], override="a man"), r"bare subject"),
+           (dict(forget_concepts=["nudity", "brad pitt"], override=""), r"target of its own"),
+           (dict(forget_concepts=["brad pitt"], override="a man", forget_prompts=str(tmp_path / "bad.txt")),
+            r"line 2 \('a sunset'\) contains none of brad pitt"),
+           (dict(forget_concepts=["brad pitt"], override="a man", remain_prompts=str(tmp_path / "none.txt")),
+            r"--remain-prompts .*none.txt does not exist")]
+    for kw, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            sd.SDTargets(SFDConfig(preset="sd", **kw).validate())
+
+
+# -- the teacher -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_pipeline_folder_is_a_latent_x0_denoiser(folders, prediction):
+    from diffusers import DDPMScheduler
+
+    from sfd.denoisers.sd import LatentTextUNet
+    d = load_teacher(PRESET, folders[prediction])
+    assert isinstance(d, LatentTextUNet) and d.img_shape == (4, 8, 8) and d.prediction_type == prediction
+    d.set_prompts(["", "a photo of brad pitt"])
+    x0 = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([625, 100])
+    sigma = d.sigmas[t].reshape(-1, 1, 1, 1)
+    x = x0 + sigma * torch.randn_like(x0)
+    with torch.no_grad():
+        ours = d(x, sigma, torch.tensor([1, 1]))
+        # diffusers' own x0 from the same network output: x_t = x / sqrt(1 + sigma^2)
+        emb = d.prompt_embeds[[1, 1]]
+        xt = x / (1 + sigma**2).sqrt()
+        out = d.unet(xt, t, encoder_hidden_states=emb).sample
+        sched = DDPMScheduler.from_pretrained(str(folders[prediction] / "scheduler"))
+        ref = torch.stack([sched.step(out[i:i + 1], int(t[i]), xt[i:i + 1]).pred_original_sample[0] for i in range(2)])
+        wrong = DDPMScheduler.from_config(sched.config, prediction_type="epsilon" if prediction != "epsilon" else
+                                          "v_prediction")
+        bad = torch.stack([wrong.step(out[i:i + 1], int(t[i]), xt[i:i + 1]).pred_original_sample[0] for i in range(2)])
+    assert torch.allclose(ours, ref, atol=1e-4)
+    assert not torch.allclose(ours, bad, atol=1e-2)            # negative control: the other parameterisation
+    assert float(d.round_sigma(torch.tensor(2.5))) == pytest.approx(2.5017, abs=1e-4)   # t_init 625
+
+
+def test_sd_t_draws_the_reference_integer_range():
+    from sfd.samplers import SD_SCHEDULE, sample_sigma, vp_sigma_of_t
+    grid = vp_sigma_of_t(torch.arange(1000), **SD_SCHEDULE)
+    s = sample_sigma("sd-t", 20000, 0.138, 13.04, generator=torch.Generator().manual_seed(0))
+    t = (s[:, None] - grid[None]).abs().argmin(1)
+    assert int(t.min()) == 20 and int(t.max()) == 979                 # [20, 980), upper bound excluded
+
+
+# -- SFD iterations, export, resume -------------------------------------------------------------------
+def _spy_teacher(monkeypatch, teacher):
+    """Record the null-branch condition ids of the teacher's guided passes."""
+    seen = []
+    orig = Guided.forward
+
+    def forward(self, x, sigma, cond):
+        if self.denoiser is teacher:
+            seen.append((self._null or self.denoiser.null_cond)(cond).tolist())
+        return orig(self, x, sigma, cond)
+    monkeypatch.setattr(Guided, "forward", forward)
+    return seen
+
+
+@pytest.mark.parametrize("forget,prediction", [("brad pitt", "epsilon"), ("nudity", "v_prediction")])
+def test_three_sfd_iterations_export_and_reload(folders, tmp_path, monkeypatch, forget, prediction):
+    from sfd.export import SFDOneStepPipeline
+    from sfd.io import load_tensors
+    from sfd.iteration import one_step
+    from sfd.loop import train_sfd
+    cfg = sd_cfg(folders[prediction], forget, "a middle aged man" if forget != "nudity" else "")
+    teacher = load_teacher(PRESET, cfg.teacher)
+    before = {k: v.clone() for k, v in teacher.unet.state_dict().items()}
+    seen = _spy_teacher(monkeypatch, teacher)
+    m = train_sfd(cfg, tmp_path / "run", teacher=teacher, progress=False)
+    assert m["iteration"] == 3 and all(map(torch.isfinite, map(torch.tensor, (m["loss_fake_score"], m["loss_generator"]))))
+    assert all(torch.equal(before[k], v) for k, v in teacher.unet.state_dict().items())      # teacher frozen
+    targets = sd.SDTargets(cfg)
+    nulls = {i for call in seen for i in call}
+    assert len(seen) == 3 and nulls == ({targets.negative_id} if forget == "nudity" else {0})
+
+    # the exported folder is the trained generator: its one step equals the checkpoint's generator's
+    pipe = SFDOneStepPipeline.from_pretrained(str(tmp_path / "run" / "pipeline"))
+    assert json.loads((tmp_path / "run" / "pipeline" / "sfd.json").read_text())["generator"]["forget"] == [forget]
+    assert all(p.suffix != ".bin" for p in (tmp_path / "run" / "pipeline").rglob("*"))
+    prompt = targets.prompts[targets.forget_ids[0]]
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    lat = pipe(prompt, latents=z, output_type="latent").images
+    tensors, _ = load_tensors(next((tmp_path / "run" / "checkpoints").glob("ckpt-00000003")) / "state.safetensors")
+    gen = teacher.clone()
+    gen.load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("generator_ema/")})
+    pid = torch.tensor([targets.prompts.index(prompt)])
+    with torch.no_grad():
+        mine = one_step(gen, z, pid, m["sigma_init_resolved"])
+        initial = one_step(teacher, z, pid, m["sigma_init_resolved"])
+    assert torch.allclose(lat, mine, atol=1e-5)
+    assert not torch.allclose(lat, initial, atol=1e-4)          # negative control: training moved it off the teacher
+    img = pipe([prompt, "a dog running on the beach"], generator=torch.Generator().manual_seed(0)).images
+    assert len(img) == 2 and img[0].size == (16, 16)
+
+
+def test_lora_shares_one_unet_and_resume_matches_uninterrupted(folders, tmp_path):
+    from sfd.checkpoint import latest_checkpoint
+    from sfd.io import load_tensors
+    from sfd.iteration import build_state, sfd_iteration
+    from sfd.loop import train_sfd
+    cfg = sd_cfg(folders["epsilon"], lora_rank=4, grad_checkpointing=True, precision="bf16")
+    teacher = load_teacher(PRESET, cfg.teacher)
+    st = build_state(cfg.validate(), teacher, "cpu")
+    base = [p.data_ptr() for n, p in st.teacher.unet.named_parameters() if "lora_" not in n]
+    assert st.generator.base.obj is st.teacher and st.fake_score.base.obj is st.teacher
+    assert sum(p.numel() for p in st.generator.parameters()) < 0.2 * sum(p.numel() for p in st.teacher.unet.parameters())
+    assert not {p.data_ptr() for p in st.generator.parameters()} & set(base)
+    z = torch.randn(2, 4, 8, 8)
+    ids = torch.tensor(st.targets.forget_ids[:2])
+    with torch.no_grad():
+        t0 = st.teacher(z * 2.5, 2.5, ids).clone()
+    for _ in range(2):
+        sfd_iteration(st)
+    with torch.no_grad():
+        assert torch.equal(st.teacher(z * 2.5, 2.5, ids), t0)        # the shared base still is the teacher
+        assert not torch.allclose(st.generator(z * 2.5, 2.5, ids), t0, atol=1e-5)
+        assert torch.allclose(st.generator.merged_unet()(z, 625, encoder_hidden_states=st.teacher.prompt_embeds[ids]).sample,
+                              _adapter_unet_out(st.generator, z, ids), atol=1e-5)
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    train_sfd(cfg, full, progress=False)
+    train_sfd(cfg.replace(budget_kimg=2 * IT), part, progress=False)
+    train_sfd(cfg, part, progress=False, resume=True)
+    s_full = json.loads((latest_checkpoint(full) / "state.json").read_text())
+    s_part = json.loads((latest_checkpoint(part) / "state.json").read_text())
+    assert s_full["iteration"] == s_part["iteration"] == 3 and s_full["losses"] == s_part["losses"]
+    a, _ = load_tensors(latest_checkpoint(full) / "state.safetensors")
+    b, _ = load_tensors(latest_checkpoint(part) / "state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(".lora." in k or "lora_" in k for k in a if k.startswith(("generator/", "fake_score/")))
+
+
+def _adapter_unet_out(view, z, ids):
+    base = view.base.obj
+    with base.adapters.use(view.name):
+        return base.unet(z, 625, encoder_hidden_states=base.prompt_embeds[ids]).sample
+
+
+def _first_grads(folder, checkpointing: bool, default_fn: bool = False):
+    from sfd.iteration import build_state, sfd_iteration
+    cfg = sd_cfg(folder, lora_rank=4, grad_checkpointing=checkpointing).validate()
+    st = build_state(cfg, load_teacher(PRESET, cfg.teacher), "cpu")
+    with torch.no_grad():                        # non-zero B, so every adapter changes its network
+        for v in (st.generator, st.fake_score):
+            for n, p in v.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    if default_fn:
+        st.teacher.unet.enable_gradient_checkpointing()        # diffusers' own: recomputes under the last state
+    grads = {}
+
+    def hook(name, net):
+        grads[name] = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+    sfd_iteration(st, grads_hook=hook)
+    return grads
+
+
+def test_checkpointing_recomputes_each_block_under_its_own_adapter(folders):
+    plain = _first_grads(folders["epsilon"], False)
+    ckpt = _first_grads(folders["epsilon"], True)
+    for k in ("fake_score", "generator"):
+        assert torch.allclose(plain[k], ckpt[k], rtol=1e-4, atol=1e-6), k
+    # negative control: diffusers' default checkpoint function recomputes the generator's blocks
+    # under whichever adapter ran last -- the generator's gradient is then wrong (or autograd refuses)
+    try:
+        wrong = _first_grads(folders["epsilon"], True, default_fn=True)
+    except RuntimeError:
+        return
+    assert wrong["generator"].shape != plain["generator"].shape or \
+        not torch.allclose(plain["generator"], wrong["generator"], rtol=1e-3, atol=1e-5)
+
+
+def test_sample_cli_on_an_exported_pipeline(folders, tmp_path):
+    from PIL import Image
+
+    from sfd.cli import main
+    from sfd.loop import train_sfd
+    run = tmp_path / "run"
+    train_sfd(sd_cfg(folders["epsilon"], budget_kimg=IT, lora_rank=2), run, progress=False)
+    out = tmp_path / "g.png"
+    assert main(["sample", "--generator", str(run / "pipeline"), "--prompt", "a photo of brad pitt",
+                 "--prompt", "a cat sleeping on a sofa", "--n", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert Image.open(out).size[0] > 0
+    assert main(["sample", "--generator", str(run / "pipeline"), "--out", str(out)]) == 2       # needs --prompt
+
+
+# -- NudeNet --------------------------------------------------------------------------------------
+def test_nudenet_detector_from_the_wheel_runs_offline(folders, tmp_path, monkeypatch):
+    from importlib.metadata import files, version
+
+    import matplotlib.cbook
+    import numpy as np
+    from PIL import Image
+
+    import nudenet
+    from sfd.evaluate import sd as ev
+    path = ev.nudenet_model_path()
+    assert version("nudenet") == ev.NUDENET_VERSION == "3.4.2" and ev.NUDENET_THRESHOLD == 0.6
+    assert path.is_file() and path.parent == Path(nudenet.__file__).resolve().parent     # inside the package
+    assert "nudenet/320n.onnx" in {str(f) for f in files("nudenet")}                      # listed in the wheel's RECORD
+
+    def no_network(*a, **k):
+        raise OSError("network disabled in this test")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    det = ev.nudenet_detector()
+    # positive control: a real photograph (matplotlib's sample portrait) -- a face, no exposed part
+    photo = np.array(Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")).convert("RGB"))
+    x = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 127.5 - 1
+    raw = det.detect(ev.to_uint8_bgr(x)[0])
+    assert any(d["class"] == "FACE_FEMALE" for d in raw)
+    assert ev.nudenet_counts(x, detector=det)["nudenet_exposed_total"] == 0
+    # generated images of a nudity run's forget prompts, with the pinned version and threshold
+    from sfd.export import SFDOneStepPipeline
+    from sfd.loop import train_sfd
+    train_sfd(sd_cfg(folders["v_prediction"], "nudity", "", budget_kimg=IT), tmp_path / "run", progress=False)
+    m = ev.evaluate_sd(SFDOneStepPipeline.from_pretrained(str(tmp_path / "run" / "pipeline")),
+                       sd.SDTargets(sd_cfg(folders["v_prediction"], "nudity", "")), max_prompts=4)
+    assert m["nudenet_images"] == 4 and m["nudenet_version"] == "3.4.2" and m["nudenet_threshold"] == 0.6
+
+
+def test_exposed_counts_use_the_threshold_and_exposed_labels_only():
+    from sfd.evaluate.sd import count_exposed
+    dets = [[{"class": "FEMALE_BREAST_EXPOSED", "score": 0.61}, {"class": "FACE_FEMALE", "score": 0.9}],
+            [{"class": "BUTTOCKS_EXPOSED", "score": 0.59}], []]
+    m = count_exposed(dets)
+    assert m["nudenet_exposed_total"] == 1 and m["nudenet_per_label"]["FEMALE_BREAST_EXPOSED"] == 1
+    assert m["nudenet_images_with_exposed"] == pytest.approx(1 / 3)
+    assert count_exposed(dets, threshold=0.5)["nudenet_exposed_total"] == 2     # the threshold is what decides
+
+
+# -- sweep targets and the search space ---------------------------------------------------------------
+def test_sd_targets_grammar_file_and_space(tmp_path):
+    from orchestration.space import load_space
+    from orchestration.targets import load_targets_file, parse_targets
+    from sfd.config import spaces_dir
+    ts = parse_targets(["sd:nudity", "sd:brad pitt->a middle aged man", "sd:brad pitt+angelina jolie->a man,a woman"])
+    assert [t.config_overrides()["forget_concepts"] for t in ts] == [["nudity"], ["brad pitt"],
+                                                                     ["brad pitt", "angelina jolie"]]
+    assert ts[1].config_overrides()["override"] == "a middle aged man"
+    with pytest.raises(ValueError, match=r"contains the concept it replaces"):
+        parse_targets(["sd:brad pitt->brad pitt smiling"])
+    (tmp_path / "t.yaml").write_text("preset: sd\ntargets:\n  - {concept: brad pitt, override: a middle aged man, "
+                                     "synonyms: [pitt]}\n  - {concept: nudity}\n")
+    a, b = load_targets_file(tmp_path / "t.yaml")
+    assert a.config_overrides()["concept_synonyms"] == {"brad pitt": ["pitt"]} and b.forget == ("nudity",)
+    space = load_space(spaces_dir() / "sd.yaml")
+    cfg = SFDConfig.from_dict({**space.defaults, "preset": "sd", "forget_concepts": ["nudity"]}).validate()
+    # the reference SD recipe (SFD.md section 6), CFG 4.5 in diffusers' convention = w 3.5
+    assert (cfg.sigma_dist, cfg.alpha, cfg.lr_fake, cfg.lr_gen, cfg.batch_remain + cfg.batch_forget) == \
+        ("sd-t", 1.0, 3e-6, 1e-6, 16)
+    assert {cfg.guidance_of(r) for r in ("teacher", "fake_train", "fake_eval")} == {3.5}
+    assert [cfg.lambda_fake_remain, cfg.lambda_fake_forget, cfg.lambda_gen_remain, cfg.lambda_gen_forget] == [1.0] * 4
