@@ -233,7 +233,8 @@ def test_resume_with_changed_settings_is_refused_unchanged(run_copy, capsys):
     before = digest(run_copy)
     err = cli_error(capsys, ["forget", "--resume", "--batch-remain", "4", "--batch-forget", "4", "--lr-gen", "0.001",
                              "--device", "cpu", "--no-progress", "--out", str(run_copy)])
-    assert "lr_gen: checkpoint 0.0001 vs now 0.001" in err
+    saved = json.loads((run_copy / "run.json").read_text())["config"]["lr_gen"]
+    assert saved != 0.001 and f"lr_gen: checkpoint {saved!r} vs now 0.001" in err
     assert digest(run_copy) == before
 
 
