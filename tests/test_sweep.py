@@ -31,7 +31,7 @@ def test_targets_all_classes_and_pairs():
 
 
 @pytest.mark.parametrize("spec, needle", [
-    ("all_mnist_classes", "valid presets: cifar10, colordigits, digits, stl10"),
+    ("all_mnist_classes", "valid presets: cifar10, colordigits, digits, sd, stl10"),
     ("digits:11", "class 11 is not a class of preset 'digits'"),
     ("digits:3->3", "override class 3 is itself forgotten"),
     ("digits", "not understood"),
