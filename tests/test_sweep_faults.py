@@ -156,7 +156,7 @@ SPACE_CASES = [
     (lambda d: d["defaults"].update(batch_remain=64.5), "batch_remain 64.5"),
     (lambda d: d["defaults"].update(lr_gen=-1e-4), "lr_gen (--lr-gen) -0.0001 is out of range"),
     (lambda d: d["defaults"].update(eval_forget_samples=0), "eval_forget_samples"),
-    (lambda d: d["search"].update(lr_gen={"type": "uniform", "low": -1e-3, "high": 2e-4}), "lr_gen low=-0.001"),
+    (lambda d: d["search"].update(lr_gen={"type": "uniform", "low": -1e-3, "high": 1e-3}), "lr_gen low=-0.001"),
     (lambda d: d["search"].update(ema_beta={"type": "uniform", "low": 0.0, "high": 1.5}), "ema_beta high=1.5"),
     (lambda d: d["search"].update(sigma_dist={"type": "choice", "values": ["loguniform", "gaussian"]}),
      "sigma_dist='gaussian'"),
