@@ -91,17 +91,17 @@ def local_copy(preset_name: str, name: str, rows: int):
     or sweep) or the one bundled with the preset (``sfd/weights/<preset>/reference/``) -- else None.
     The name is the key (teacher digest + sampler settings), so any such file holds the same rows."""
     from sfd.evaluate.forgetting import cache_dir
-    from sfd.io import CheckpointError, load_tensors
+    from sfd.io import CheckpointError, tensor_shapes
     from sfd.presets import get_preset
 
     for path in (cache_dir() / name, get_preset(preset_name).weights_dir / SUBDIR / name):
         if not path.is_file():
             continue
-        try:
-            t, _ = load_tensors(path)
+        try:                                      # the header only: the driver reads no images
+            shapes = tensor_shapes(path)
         except CheckpointError:
             continue                              # damaged: not used (sampled afresh instead)
-        if len(t.get("x", ())) == rows and len(t.get("labels", ())) == rows:
+        if shapes.get("x", (0,))[0] == rows and shapes.get("labels", (0,))[0] == rows:
             return path
     return None
 

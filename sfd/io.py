@@ -90,6 +90,16 @@ def read_metadata_raw(path) -> dict:
                               f"Re-create it (see its manifest JSON for the command) or restore it.") from e
 
 
+def tensor_shapes(path) -> dict[str, tuple]:
+    """Name -> shape of every tensor in a safetensors file, from its header only (no tensor is read)."""
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"corrupted or unreadable weight file {path}: {e}") from e
+
+
 def read_metadata(path) -> dict:
     """The JSON-decoded metadata of a safetensors file, without reading its tensors."""
     path = Path(path)

@@ -37,5 +37,8 @@ def test_local_copy_prefers_an_intact_cache_entry_then_the_bundled_file(teacher,
     assert local_copy("digits", name, 10 * PER_CLASS) == bundled(teacher)          # empty cache
     (tmp_path / name).write_bytes(b"not a safetensors file")                      # damaged cache entry
     assert local_copy("digits", name, 10 * PER_CLASS) == bundled(teacher)
+    whole = bundled(teacher).read_bytes()                                         # truncated cache entry
+    (tmp_path / name).write_bytes(whole[: len(whole) // 2])
+    assert local_copy("digits", name, 10 * PER_CLASS) == bundled(teacher)
     assert local_copy("digits", name, 10 * PER_CLASS + 1) is None                 # wrong row count: not used
     assert local_copy("digits", name.replace("1000x10", "999x10"), 9990) is None  # another key: nothing
