@@ -22,6 +22,8 @@ class Target:
     override: str                # class ids "5" / "1,2", or a policy: random / classifier; concepts "one,blue"
     synonyms: tuple = ()         # text presets: ((concept, (synonym, ...)), ...) forgotten with the concept
     templates: tuple = ()        # text presets: training prompt templates (default: the preset's)
+    remain_prompts: str | None = None   # sd: prompt files (one prompt per line), absolute paths
+    forget_prompts: str | None = None
 
     @property
     def concepts(self) -> bool:
@@ -31,8 +33,12 @@ class Target:
         """The SFD settings that make a run forget this target."""
         if not self.concepts:
             return {"forget": list(self.forget), "override": self.override}
-        return {"forget_concepts": list(self.forget), "override": self.override,
-                "concept_synonyms": {k: list(v) for k, v in self.synonyms}, "prompt_templates": list(self.templates)}
+        out = {"forget_concepts": list(self.forget), "override": self.override,
+               "concept_synonyms": {k: list(v) for k, v in self.synonyms}, "prompt_templates": list(self.templates)}
+        for key in ("remain_prompts", "forget_prompts"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        return out
 
     @property
     def name(self) -> str:
@@ -165,17 +171,24 @@ def _concept_default(override: str) -> str:
     return "next" if override in ("random", "classifier") or override.isdigit() else override
 
 
-def _make_concepts(preset, forget: tuple, override: str, spec: str, synonyms=(), templates=()) -> Target:
-    """A concept target, validated (and its concepts and overrides canonical) like the run will be."""
+def _make_concepts(preset, forget: tuple, override: str, spec: str, synonyms=(), templates=(),
+                   prompt_files: dict | None = None) -> Target:
+    """A concept target, validated (and its concepts and overrides canonical) like the run will be;
+    sd prompt files are read now (every forget line must hold the concept), not in a trial."""
     from sfd.config import SFDConfig
     forget = tuple(str(c).strip() for c in forget)
+    files = {k: v for k, v in (prompt_files or {}).items() if v}
     try:
         cfg = SFDConfig(preset=preset.name, forget_concepts=list(forget), override=str(override),
                         concept_synonyms={k: list(v) for k, v in synonyms},
-                        prompt_templates=list(templates)).validate(preset)
+                        prompt_templates=list(templates), **files).validate(preset)
+        if preset.extra.get("latent"):
+            from sfd.sd import SDTargets
+            SDTargets(cfg, preset)
     except ValueError as e:
         raise ValueError(f"target {spec!r}: {e}") from None
-    return Target(preset.name, tuple(cfg.forget_concepts), cfg.override, tuple(synonyms), tuple(templates))
+    return Target(preset.name, tuple(cfg.forget_concepts), cfg.override, tuple(synonyms), tuple(templates),
+                  files.get("remain_prompts"), files.get("forget_prompts"))
 
 
 def load_targets_file(path) -> list[Target]:
@@ -190,6 +203,10 @@ def load_targets_file(path) -> list[Target]:
 
     ``synonyms`` is a list (one concept) or a mapping concept -> list; an entry may carry its own
     ``templates``. Every entry is validated before anything starts.
+
+    ``preset: sd`` also takes prompt files, at the top (every target) or per entry, relative to the
+    YAML file's folder: ``remain_prompts: coco_captions.txt`` and ``forget_prompts: pitt_prompts.txt``
+    (one prompt per line; every forget line must contain the entry's concept).
     """
     from pathlib import Path
 
@@ -205,22 +222,43 @@ def load_targets_file(path) -> list[Target]:
     if not isinstance(doc, dict) or not isinstance(doc.get("targets"), list) or not doc["targets"]:
         raise ValueError(f"--targets-file {path}: expected a mapping with a non-empty 'targets' list "
                          f"(entries: concept, override, optional synonyms and templates)")
-    unknown = sorted(set(doc) - {"preset", "templates", "targets"})
+    prompt_keys = ("remain_prompts", "forget_prompts")
+    unknown = sorted(set(doc) - {"preset", "templates", "targets", *prompt_keys})
     if unknown:
-        raise ValueError(f"--targets-file {path}: unknown key(s) {unknown} — use preset, templates, targets")
+        raise ValueError(f"--targets-file {path}: unknown key(s) {unknown} — use preset, templates, targets "
+                         f"(sd: also remain_prompts, forget_prompts)")
     preset = _preset(str(doc.get("preset", "colordigits")), str(path))
     if not preset.text:
         raise ValueError(f"--targets-file {path}: preset '{preset.name}' forgets classes; concept files are for "
                          f"text-to-image presets (colordigits) — use --targets {preset.name}:3->5")
     templates = doc.get("templates") or []
+
+    def prompt_file(value, key: str, where: str) -> str | None:
+        if value is None:
+            return None
+        if not preset.extra.get("latent"):
+            raise ValueError(f"{where}: {key} is for preset sd (prompt files); preset '{preset.name}' builds its "
+                             f"prompts from templates — drop {key}")
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where}: {key} {value!r} must be a path to a text file (one prompt per line)")
+        p = Path(value).expanduser()
+        p = p if p.is_absolute() else path.parent / p            # relative to the YAML file, not the cwd
+        if not p.is_file():
+            raise ValueError(f"{where}: {key} {value!r} ({p}) does not exist — give a text file with one prompt "
+                             f"per line, relative to {path.parent} or absolute")
+        return str(p.resolve())
+
+    top_files = {k: prompt_file(doc.get(k), k, f"--targets-file {path}") for k in prompt_keys}
     out = []
     for i, e in enumerate(doc["targets"]):
         where = f"{path} targets[{i}]"
         if not isinstance(e, dict) or "concept" not in e:
             raise ValueError(f"{where}: each entry needs 'concept' (and optional override, synonyms, templates)")
-        bad = sorted(set(e) - {"concept", "override", "synonyms", "templates"})
+        bad = sorted(set(e) - {"concept", "override", "synonyms", "templates", *prompt_keys})
         if bad:
-            raise ValueError(f"{where}: unknown key(s) {bad} — use concept, override, synonyms, templates")
+            raise ValueError(f"{where}: unknown key(s) {bad} — use concept, override, synonyms, templates "
+                             f"(sd: also remain_prompts, forget_prompts)")
+        files = {k: prompt_file(e[k], k, where) if k in e else top_files[k] for k in prompt_keys}
         concepts = e["concept"] if isinstance(e["concept"], list) else [e["concept"]]
         override = e.get("override", "next")
         override = ",".join(map(str, override)) if isinstance(override, list) else str(override)
@@ -241,5 +279,5 @@ def load_targets_file(path) -> list[Target]:
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(f"{where}: template {t!r} has an unknown slot ({err}) — use {{color}}, {{word}}, "
                                  f"{{num}}") from None
-        out.append(_make_concepts(preset, tuple(map(str, concepts)), override, where, syn_t, tuple(tmpl)))
+        out.append(_make_concepts(preset, tuple(map(str, concepts)), override, where, syn_t, tuple(tmpl), files))
     return out

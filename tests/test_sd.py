@@ -347,3 +347,39 @@ def test_sd_targets_grammar_file_and_space(tmp_path):
         ("sd-t", 1.0, 3e-6, 1e-6, 16)
     assert {cfg.guidance_of(r) for r in ("teacher", "fake_train", "fake_eval")} == {3.5}
     assert [cfg.lambda_fake_remain, cfg.lambda_fake_forget, cfg.lambda_gen_remain, cfg.lambda_gen_forget] == [1.0] * 4
+
+
+def test_targets_file_prompt_file_keys(tmp_path):
+    from orchestration.targets import load_targets_file
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "coco.txt").write_text("a dog on a beach\nbrad pitt eating\na cat on a sofa\n")
+    (tmp_path / "prompts" / "pitt.txt").write_text("brad pitt at a premiere\na photo of brad pitt\n")
+    (tmp_path / "jolie.txt").write_text("angelina jolie in a car\n")
+    (tmp_path / "t.yaml").write_text(
+        "preset: sd\nremain_prompts: prompts/coco.txt\ntargets:\n"
+        "  - {concept: brad pitt, override: a middle aged man, forget_prompts: prompts/pitt.txt}\n"
+        "  - {concept: angelina jolie, override: a woman, forget_prompts: jolie.txt, remain_prompts: null}\n"
+        "  - {concept: nudity}\n")
+    a, b, c = load_targets_file(tmp_path / "t.yaml")
+    ov = a.config_overrides()
+    # relative to the YAML file's folder, whatever the working directory
+    assert ov["remain_prompts"] == str((tmp_path / "prompts" / "coco.txt").resolve())
+    assert ov["forget_prompts"] == str((tmp_path / "prompts" / "pitt.txt").resolve())
+    assert "remain_prompts" not in b.config_overrides()             # null in the entry: the embedded list
+    assert c.config_overrides()["remain_prompts"] == ov["remain_prompts"] and "forget_prompts" not in c.config_overrides()
+    # what a trial builds from the overrides reads those files
+    t = sd.SDTargets(SFDConfig.from_dict({"preset": "sd", **ov}).validate())
+    assert [t.prompts[i] for i in t.forget_ids] == ["brad pitt at a premiere", "a photo of brad pitt"]
+    assert [t.prompts[i] for i in t.remain_ids] == ["a dog on a beach", "a cat on a sofa"]
+    # bad files are refused before anything starts, naming the entry and the file
+    bad = [("  - {concept: brad pitt, override: a man, forget_prompts: missing.txt}\n", r"targets\[0\].*missing.txt"),
+           ("  - {concept: brad pitt, override: a man, forget_prompts: jolie.txt}\n",
+            r"targets\[0\].*line 1 \('angelina jolie in a car'\) contains none of brad pitt"),
+           ("  - {concept: brad pitt, override: a man, remain_prompts: 3}\n", r"must be a path")]
+    for entry, msg in bad:
+        (tmp_path / "bad.yaml").write_text("preset: sd\ntargets:\n" + entry)
+        with pytest.raises(ValueError, match=msg):
+            load_targets_file(tmp_path / "bad.yaml")
+    (tmp_path / "cd.yaml").write_text("preset: colordigits\nremain_prompts: jolie.txt\ntargets:\n  - {concept: red}\n")
+    with pytest.raises(ValueError, match=r"remain_prompts is for preset sd"):
+        load_targets_file(tmp_path / "cd.yaml")
