@@ -259,7 +259,7 @@ def check_models(targets, spaces, overrides) -> None:
         preset = get_preset(name)
         base = spaces[name].baseline().replace(**{k: v for k, v in overrides.items()
                                                   if k in ("teacher", "classifier", "fid_weights", "reference")})
-        load_teacher(preset, base.teacher)             # a bad teacher fails now
+        load_teacher(preset, base.teacher, allow_download=base.allow_download)             # a bad teacher fails now
         if not can_evaluate(preset, base):
             raise ValueError(f"the sweep optimises UA and FD, so preset '{name}' needs --classifier (ResNet-34), "
                              f"--fid-weights (FID Inception) and --reference (real images per class)")
@@ -497,7 +497,7 @@ def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Pat
     base = space.baseline()
     cfg = stage1_config(preset_name, kimg, a.seed, **models, eval_forget_samples=base.eval_forget_samples,
                         eval_remain_per_class=base.eval_remain_per_class)
-    key = stage1_key(cfg, load_teacher(preset, cfg.teacher))
+    key = stage1_key(cfg, load_teacher(preset, cfg.teacher, allow_download=cfg.allow_download))
     dest = out / "stage1" / key
     if is_stage1(dest):
         print(f"[sweep] stage 1 for {preset_name}: {dest} (key {key})", flush=True)
@@ -522,7 +522,7 @@ def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Pat
         raise result.error
     from sfd.evaluate.forgetting import teacher_fingerprint
     extra = {"command": "orchestration/sweep.py (shared stage 1)", "wall_seconds": round(time.time() - t0, 1)}
-    fingerprint = teacher_fingerprint(load_teacher(preset, cfg.teacher))
+    fingerprint = teacher_fingerprint(load_teacher(preset, cfg.teacher, allow_download=cfg.allow_download))
     for where in (dest, cache_root() / key):
         export_stage1(dest / "run", where, key, cfg, extra, teacher_fingerprint=fingerprint)
     print(f"[sweep] stage 1 for {preset_name}: done in {time.time() - t0:.0f} s -> {dest}", flush=True)

@@ -142,7 +142,7 @@ def fill_cached_assets(cfg, command: str = "forget"):
     from .presets import get_preset
 
     preset = get_preset(cfg.preset)
-    if preset.embedded:
+    if preset.embedded or preset.extra.get("latent"):     # sd: a pipeline folder, judged by CLIP / NudeNet
         return cfg
     judge = ("classifier", "fid_weights", "reference")
     given = {k: getattr(cfg, k) for k in ("teacher", *judge)}

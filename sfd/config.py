@@ -41,6 +41,8 @@ class SFDConfig:
     forget_prompts: str | None = None
     remain_prompts: str | None = None
     teacher: str | None = None          # None: the preset's bundled teacher
+    # a Hugging Face hub id as --teacher is fetched (diffusers' download, safetensors) only when allowed
+    allow_download: bool = False
     classifier: str | None = None       # None: the preset's bundled classifier (the judge)
     fid_weights: str | None = None      # FID Inception weights file (presets without a bundled judge)
     reference: str | None = None        # real images per class: folder of class folders, or .npz
@@ -275,7 +277,7 @@ def check_types(cfg: "SFDConfig") -> None:
             raise bad(name, v, "a path (a string) or null")
         if isinstance(v, str) and not v.strip():
             raise ValueError(f"{name}: empty path — give a file or folder, or leave it out")
-    for name in ("grad_checkpointing", "eval_at_start"):
+    for name in ("grad_checkpointing", "eval_at_start", "allow_download"):
         if not isinstance(getattr(cfg, name), bool):
             raise bad(name, getattr(cfg, name), "true or false")
     for name in ("forget_concepts", "prompt_templates"):
@@ -380,7 +382,11 @@ HELP = {
     "forget_concepts": "text presets: concept(s) to forget from every prompt (--forget fills it there)",
     "concept_synonyms": "text presets: concept -> synonyms forgotten with it (from a --targets-file)",
     "prompt_templates": "text presets: training prompt templates with {color} {word} {num} (from a --targets-file)",
-    "teacher": "teacher checkpoint (default: the preset's bundled teacher)",
+    "teacher": "teacher checkpoint (default: the preset's bundled teacher); sd: a local pipeline folder, or a "
+               "Hugging Face hub id with --allow-download",
+    "allow_download": "let --teacher be a Hugging Face hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5): "
+                      "diffusers downloads the pipeline's safetensors into its cache once; without it sfd reads "
+                      "local files only and refuses a hub id",
     "classifier": "classifier / feature network for UA and FD (default: the preset's bundled one)",
     "fid_weights": "FID Inception weights file (pt_inception-2015-12-05-*.pth) for presets without a bundled "
                    "judge; with --classifier (a ResNet-34 state dict) and --reference it enables UA/FD",

@@ -77,7 +77,7 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     # the run folder: decided (read-only) before any work, acted on by the lead once the models load
     plan = plan_run_dir(out_dir, cfg.to_dict(), resume=resume, overwrite=overwrite) if lead else None
 
-    teacher = teacher if teacher is not None else load_teacher(preset, cfg.teacher, device)
+    teacher = teacher if teacher is not None else load_teacher(preset, cfg.teacher, device, allow_download=cfg.allow_download)
     from .evaluate import can_evaluate, load_judge
     if evaluate and judge is None and not can_evaluate(preset, cfg):
         evaluate = False

@@ -97,7 +97,7 @@ def distil(preset_name: str, kimg: float, out, *, seed: int = 0, progress: bool 
 
     preset = get_preset(preset_name)
     cfg = stage1_config(preset_name, kimg, seed, **changes)
-    teacher = teacher_module if teacher_module is not None else load_teacher(preset, cfg.teacher)
+    teacher = teacher_module if teacher_module is not None else load_teacher(preset, cfg.teacher, allow_download=cfg.allow_download)
     key = stage1_key(cfg, teacher)
     t0 = time.time()
     train_sfd(cfg, Path(out) / "run", teacher=teacher, progress=progress, measure_speed=False, resume=True)

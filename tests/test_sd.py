@@ -383,3 +383,94 @@ def test_targets_file_prompt_file_keys(tmp_path):
     (tmp_path / "cd.yaml").write_text("preset: colordigits\nremain_prompts: jolie.txt\ntargets:\n  - {concept: red}\n")
     with pytest.raises(ValueError, match=r"remain_prompts is for preset sd"):
         load_targets_file(tmp_path / "cd.yaml")
+
+
+# -- loading: .bin only through weights_only, hub ids only when allowed ----------------------------------
+class _Payload:
+    """Pickles as a call of Path.touch: what a malicious .bin would run on an unsafe torch.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _to_bin(folder: Path, sub: str, name: str, payload=None) -> None:
+    from safetensors.torch import load_file
+    st = next((folder / sub).glob("*.safetensors"))
+    state = load_file(str(st))
+    if payload is not None:
+        state["payload"] = payload
+    torch.save(state, folder / sub / name)
+    st.unlink()
+
+
+def test_bin_weights_load_only_through_weights_only(folders, tmp_path, capsys):
+    import shutil
+
+    from sfd.cli import main
+    from sfd.io import CheckpointError
+    src = folders["epsilon"]
+    good = tmp_path / "bin"
+    shutil.copytree(src, good)
+    _to_bin(good, "unet", "diffusion_pytorch_model.bin")
+    _to_bin(good, "text_encoder", "pytorch_model.bin")
+    _to_bin(good, "vae", "diffusion_pytorch_model.bin")
+    assert not list(good.rglob("*.safetensors"))
+    a, b = load_teacher(PRESET, src), load_teacher(PRESET, good)
+    for d in (a, b):
+        d.set_prompts(["", "a photo of brad pitt"])
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(a(z * 2.5, 2.5, torch.tensor([1, 0])), b(z * 2.5, 2.5, torch.tensor([1, 0])))
+        assert torch.equal(a.decode(z), b.decode(z))
+        assert torch.equal(a.prompt_embeds, b.prompt_embeds)
+
+    evil = tmp_path / "evil"
+    shutil.copytree(src, evil)
+    marker = tmp_path / "code-ran"
+    _to_bin(evil, "text_encoder", "pytorch_model.bin", payload=_Payload(marker))
+    # the payload is real: an unsafe load runs it
+    torch.load(evil / "text_encoder" / "pytorch_model.bin", weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: refused — torch.load\(weights_only=True\)"):
+        load_teacher(PRESET, evil)
+    assert not marker.exists()
+    rc = main(["forget", "--preset", "sd", "--teacher", str(evil), "--forget", "brad pitt", "--override", "a man",
+               "--device", "cpu", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("sfd: error: ") and "never runs code" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_hub_id_needs_allow_download(folders, tmp_path, capsys, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    from sfd.cli import main
+    from sfd.denoisers.sd import LatentTextUNet
+    from sfd.io import CheckpointError
+    calls = []
+
+    def no_network(*a, **k):
+        calls.append("socket")
+        raise OSError("network disabled in this test")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.chdir(tmp_path)
+    rc = main(["forget", "--preset", "sd", "--teacher", "some-org/stable-diffusion-x", "--forget", "brad pitt",
+               "--override", "a man", "--device", "cpu", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "some-org/stable-diffusion-x" in err and "--allow-download" in err and "Traceback" not in err
+    with pytest.raises(CheckpointError, match=r"downloads nothing unless"):
+        load_teacher(PRESET, "some-org/stable-diffusion-x")
+    assert calls == []                                                     # nothing tried the network
+
+    # with the flag: diffusers' download (monkeypatched: no network in tests) gives the folder sfd reads
+    def download(cls, repo_id, **kw):
+        calls.append((repo_id, kw))
+        return str(folders["epsilon"])
+    monkeypatch.setattr(DiffusionPipeline, "download", classmethod(download))
+    d = load_teacher(PRESET, "some-org/stable-diffusion-x", allow_download=True)
+    assert isinstance(d, LatentTextUNet) and calls == [("some-org/stable-diffusion-x", {"use_safetensors": True})]
+    assert SFDConfig(preset="sd", allow_download=True, forget_concepts=["nudity"], override="").validate().allow_download

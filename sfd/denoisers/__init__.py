@@ -7,6 +7,7 @@ a loader in ``TEACHER_LOADERS``.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -89,8 +90,32 @@ TEACHER_LOADERS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def load_teacher(preset, path=None, device="cpu", **options) -> Denoiser:
-    """The frozen teacher for ``preset``: the bundled one, or the file/folder at ``path``."""
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_hub_id(path, allow_download: bool = False) -> Path:
+    """``path`` itself, or -- for a Hugging Face hub id, only with ``allow_download`` -- the local folder
+    diffusers downloads it to (its cache; safetensors only; no pipeline code is fetched or run)."""
+    p = Path(path)
+    if p.exists() or not HUB_ID.fullmatch(str(path)) or p.suffix in (".safetensors", ".pt", ".pth", ".pkl", ".ckpt",
+                                                                      ".bin", ".npz"):
+        return p
+    if not allow_download:
+        raise CheckpointError(f"--teacher {path}: no such local file or folder, and sfd downloads nothing unless "
+                              f"you allow it — give the local pipeline folder, or pass --allow-download to let "
+                              f"diffusers fetch the hub id {str(path)!r} (safetensors) into its cache")
+    from diffusers import DiffusionPipeline
+    try:
+        return Path(DiffusionPipeline.download(str(path), use_safetensors=True))
+    except Exception as e:                  # offline, unknown id, gated repository, ...
+        raise CheckpointError(f"--teacher {path}: diffusers could not download it ({type(e).__name__}: {e}) — "
+                              f"check the id and the network, or download the folder yourself and pass its "
+                              f"path") from None
+
+
+def load_teacher(preset, path=None, device="cpu", allow_download: bool = False, **options) -> Denoiser:
+    """The frozen teacher for ``preset``: the bundled one, or the file/folder at ``path`` (a hub id only
+    with ``allow_download``)."""
     from .formats import describe_formats
 
     if path is None:
@@ -98,7 +123,7 @@ def load_teacher(preset, path=None, device="cpu", **options) -> Denoiser:
             raise CheckpointError(f"preset '{preset.name}' has no bundled teacher; pass --teacher PATH in one "
                                   f"of these formats:\n{describe_formats()}")
         path = preset.weights_dir / preset.extra.get("teacher", "teacher.safetensors")
-    path = Path(path)
+    path = resolve_hub_id(path, allow_download)
     if not path.exists():
         raise CheckpointError(f"missing teacher file: {path}")
     for name, (recognise, loader) in TEACHER_LOADERS.items():

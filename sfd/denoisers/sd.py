@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..io import CheckpointError
-from .text_unet import Shared, TextUNetDenoiser, load_text_components
+from .text_unet import Shared, TextUNetDenoiser, load_component, load_text_components
 
 
 class LatentTextUNet(TextUNetDenoiser):
@@ -56,7 +56,7 @@ def decode_latents(vae, latents: torch.Tensor, batch: int = 4) -> torch.Tensor:
 
 def load_sd_pipeline(path, preset=None, device="cpu", **_ignored) -> LatentTextUNet:
     """The SD teacher from a local pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/);
-    safetensors only, never a download."""
+    safetensors (a ``.bin`` only through ``torch.load(weights_only=True)``), never a download."""
     from diffusers import AutoencoderKL
     path = Path(path)
     if not (path / "vae" / "config.json").is_file():
@@ -64,9 +64,5 @@ def load_sd_pipeline(path, preset=None, device="cpu", **_ignored) -> LatentTextU
                               f"vae/, text_encoder/, tokenizer/, scheduler/), e.g. one saved by diffusers' "
                               f"StableDiffusionPipeline.save_pretrained")
     unet, text, sched = load_text_components(path, device)
-    try:
-        vae = AutoencoderKL.from_pretrained(str(path / "vae"), local_files_only=True, use_safetensors=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot load the AutoencoderKL in {path / 'vae'} (safetensors only): {e}") from e
-    vae = vae.to(device).eval().requires_grad_(False)
+    vae = load_component(AutoencoderKL, path / "vae", "AutoencoderKL").to(device).eval().requires_grad_(False)
     return LatentTextUNet(unet, sched, text, vae).to(device).eval()

@@ -230,8 +230,59 @@ def is_text_pipeline_folder(path) -> bool:
         return False
 
 
+def safe_torch_load(path) -> dict:
+    """A ``.bin`` state dict through ``torch.load(weights_only=True)``: tensors and plain containers only.
+    A pickle that would build any other object (a callable, a class) is refused; its code never runs."""
+    import pickle
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as e:
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused — torch.load(weights_only=True) found more than tensors in it "
+                              f"({why}); sfd never runs code from a checkpoint. Give the folder's weights as "
+                              f"safetensors (save_pretrained(..., safe_serialization=True)) or a plain state dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors) — give the model's "
+                              f"weights as saved by save_pretrained")
+    return state
+
+
+def load_component(cls, folder, what: str):
+    """A diffusers / transformers model from a local folder: its safetensors through ``from_pretrained``
+    (local files only), else a single ``.bin`` through :func:`safe_torch_load` into the model its
+    config.json describes. Never a download, never code from a file."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        try:
+            return cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot load the {what} in {folder} (safetensors): {e}") from e
+    bins = sorted(folder.glob("*.bin"))
+    if not bins:
+        raise CheckpointError(f"{folder}: no weights — the {what} needs *.safetensors (or one .bin state dict) "
+                              f"beside its config.json")
+    if len(bins) > 1:
+        raise CheckpointError(f"{folder}: {len(bins)} .bin files ({', '.join(b.name for b in bins)}) — sharded "
+                              f".bin weights are not read; convert the {what} to safetensors")
+    state = safe_torch_load(bins[0])
+    try:
+        if hasattr(cls, "config_class") and hasattr(cls, "base_model_prefix"):      # transformers
+            model = cls(cls.config_class.from_pretrained(str(folder), local_files_only=True))
+        else:                                                                        # diffusers
+            model = cls.from_config(cls.load_config(str(folder), local_files_only=True))
+    except Exception as e:
+        raise CheckpointError(f"cannot build the {what} from {folder / 'config.json'}: {e}") from e
+    # old transformers checkpoints carry the position_ids buffer, newer models do not persist it
+    state = {k: v for k, v in state.items() if not (k.endswith("position_ids") and k not in model.state_dict())}
+    from ..io import load_state_strict
+    load_state_strict(model, state, bins[0])
+    return model
+
+
 def load_text_components(path, device="cpu"):
-    """(unet, TextEncoder, scheduler config) from a local pipeline folder; safetensors only, no download."""
+    """(unet, TextEncoder, scheduler config) from a local pipeline folder; safetensors (or a ``.bin`` read
+    with ``weights_only``), no download."""
     from diffusers import UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
     from transformers.utils import logging as hf_logging
@@ -246,12 +297,9 @@ def load_text_components(path, device="cpu"):
     if missing:
         raise CheckpointError(f"{path}: missing {', '.join(missing)} — a pipeline folder needs unet/, text_encoder/, "
                               f"tokenizer/ and scheduler/ (the diffusers layout)")
+    unet = load_component(UNet2DConditionModel, path / "unet", "UNet2DConditionModel")
+    enc = load_component(CLIPTextModel, path / "text_encoder", "text encoder (CLIPTextModel)")
     try:
-        unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True, use_safetensors=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot load the UNet2DConditionModel in {path / 'unet'} (safetensors only): {e}") from e
-    try:
-        enc = CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot load the text encoder / tokenizer in {path}: {e}") from e

@@ -302,7 +302,7 @@ def evaluate_run(run_dir, seed: int = 777, device="auto", forget_samples: int | 
         cfg.eval_remain_per_class = remain_per_class
     device = pick_device(device)
     preset = get_preset(cfg.preset)
-    teacher = teacher if teacher is not None else load_teacher(preset, cfg.teacher, device)
+    teacher = teacher if teacher is not None else load_teacher(preset, cfg.teacher, device, allow_download=cfg.allow_download)
     judge = judge if judge is not None else load_judge(preset, cfg.classifier, device, cfg.fid_weights)
     gen = load_denoiser(run_dir / "generator.safetensors", device).eval()
     sigma_init = float(s_gen if s_gen is not None else cfg.sigma_init)
