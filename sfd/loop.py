@@ -113,11 +113,15 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     evaluator = None
     if evaluate:
         from .evaluate.forgetting import ForgetEvaluator
+        extra = {}
         if preset.text:                                   # prompts and concepts (sfd.evaluate.concepts)
             from .evaluate.concepts import ConceptEvaluator as ForgetEvaluator
+        if preset.extra.get("latent"):                    # Stable Diffusion: FD vs the teacher's samples, CLIP, NudeNet
+            from .evaluate.sd import SDEvaluator as ForgetEvaluator
+            extra = {"guidance": cfg.guidance_of("teacher")}
         evaluator = ForgetEvaluator(preset, judge, teacher, st.targets, cfg.eval_forget_samples,
                                     cfg.eval_remain_per_class, progress=progress and lead, reference=cfg.reference,
-                                    dist=dist, device=device)
+                                    dist=dist, device=device, **extra)
 
     imgs_per_iter = st.imgs_per_iter
     total_iters = total_iterations(cfg)
@@ -209,7 +213,8 @@ def _write_outputs(out_dir: Path, cfg, preset, teacher, st, evaluator, history, 
             from .evaluate.forgetting import throughput
             # at the training batch: on a CPU the teacher's 35-call sampler on large backbones is slow
             batch = min(500, cfg.batch_remain + cfg.batch_forget)
-            extra.update(throughput(gen_fn, teacher, preset.img_shape, batch=batch, device=device, repeats=2))
+            shape = teacher.img_shape if preset.extra.get("latent") else preset.img_shape    # sd: the UNet's latents
+            extra.update(throughput(gen_fn, teacher, shape, batch=batch, device=device, repeats=2))
         imgs, nrow = evaluator.grid_images(generator_fn=gen_fn)
         save_grid(out_dir / "samples_generator.png", imgs, nrow)
         if hasattr(evaluator, "teacher_grid"):           # text presets: the same prompts from the teacher

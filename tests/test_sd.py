@@ -58,7 +58,7 @@ def sd_cfg(folder, forget="brad pitt", override="a middle aged man", **kw) -> SF
                 batch_forget=1, budget_kimg=3 * IT, eval_every_kimg=1.0, checkpoint_every_kimg=IT, alpha=1.0,
                 guidance=0.0, guidance_teacher=3.5, guidance_fake_train=2.0, guidance_fake_eval=3.0,
                 sigma_dist="sd-t", sigma_min=0.138, sigma_max=13.04, sigma_init=2.5, lr_fake=1e-3, lr_gen=1e-3,
-                ema_halflife_kimg=0.0, device="cpu", seed=0)
+                ema_halflife_kimg=0.0, device="cpu", seed=0, eval_forget_samples=2, eval_remain_per_class=1)
     return SFDConfig.from_dict({**base, **kw})
 
 
@@ -163,7 +163,7 @@ def test_three_sfd_iterations_export_and_reload(folders, tmp_path, monkeypatch, 
     teacher = load_teacher(PRESET, cfg.teacher)
     before = {k: v.clone() for k, v in teacher.unet.state_dict().items()}
     seen = _spy_teacher(monkeypatch, teacher)
-    m = train_sfd(cfg, tmp_path / "run", teacher=teacher, progress=False)
+    m = train_sfd(cfg, tmp_path / "run", teacher=teacher, progress=False, evaluate=False)   # the spy counts SFD passes only
     assert m["iteration"] == 3 and all(map(torch.isfinite, map(torch.tensor, (m["loss_fake_score"], m["loss_generator"]))))
     assert all(torch.equal(before[k], v) for k, v in teacher.unet.state_dict().items())      # teacher frozen
     targets = sd.SDTargets(cfg)
@@ -474,3 +474,166 @@ def test_hub_id_needs_allow_download(folders, tmp_path, capsys, monkeypatch):
     d = load_teacher(PRESET, "some-org/stable-diffusion-x", allow_download=True)
     assert isinstance(d, LatentTextUNet) and calls == [("some-org/stable-diffusion-x", {"use_safetensors": True})]
     assert SFDConfig(preset="sd", allow_download=True, forget_concepts=["nudity"], override="").validate().allow_download
+
+
+# -- judging: a tiny CLIP judge built here, FD against the teacher inside the loop ---------------------------
+CLIP_TEXTS = {"a photo of brad pitt": (1, -1, -1), "a photo of a middle aged man": (-1, -1, 1),
+              "a dog running on the beach": (-1, 1, -1)}
+
+
+def _colour_images(rgb, n, seed=0, size=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(n, 3, size, size)
+    return (0.7 * x + 0.3 * torch.randn(n, 3, size, size, generator=g)).clamp(-1, 1)
+
+
+def make_clip_judge(folder: Path, steps: int = 40) -> Path:
+    """A tiny transformers CLIPModel + CLIPProcessor (character-level CLIP tokenizer), trained for a few steps so
+    red images are 'brad pitt', blue ones 'a middle aged man' and green ones 'a dog running on the beach'."""
+    import string
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(string.ascii_lowercase + string.digits + ",.'-")
+    vocab = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=64)
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                            crop_size={"height": 16, "width": 16}), tokenizer=tok)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=4), projection_dim=16))
+    texts = list(CLIP_TEXTS)
+    ids = tok(texts, padding="max_length", truncation=True, return_tensors="pt")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for s in range(steps):
+        x = torch.cat([_colour_images(CLIP_TEXTS[t], 4, seed=s) for t in texts])
+        px = proc(images=list(((x + 1) * 127.5).round().to(torch.uint8)), return_tensors="pt")["pixel_values"]
+        logits = model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, pixel_values=px).logits_per_image
+        loss = torch.nn.functional.cross_entropy(logits, torch.arange(3).repeat_interleave(4))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    proc.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return make_clip_judge(tmp_path_factory.mktemp("clip") / "clip")
+
+
+class _PaintingPipe:
+    """Stands in for an exported pipeline: paints each prompt's image in a colour the test decides."""
+
+    def __init__(self, colour_of):
+        self.colour_of = colour_of
+
+    def __call__(self, prompts, num_images_per_prompt=1, generator=None, output_type="pt"):
+        from types import SimpleNamespace
+        rows = [p for p in prompts for _ in range(num_images_per_prompt)]
+        x = torch.cat([_colour_images(self.colour_of(p), 1, seed=i) for i, p in enumerate(rows)])
+        return SimpleNamespace(images=(x + 1) / 2)
+
+
+def test_clip_judge_concept_accuracy_and_clip_score(clip_dir, monkeypatch):
+    from sfd.evaluate.sd import ClipJudge, evaluate_sd
+
+    def no_network(*a, **k):
+        raise OSError("network disabled in this test")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    judge = ClipJudge(clip_dir)                                  # local files only
+    red, blue, green = CLIP_TEXTS.values()
+    assert judge.concept_accuracy(_colour_images(red, 8, 9), "brad pitt", ["a middle aged man"]) == 1.0
+    assert judge.concept_accuracy(_colour_images(blue, 8, 9), "brad pitt", ["a middle aged man"]) == 0.0
+    dog = ["a dog running on the beach"] * 8
+    assert judge.clip_score(_colour_images(green, 8, 9), dog) > judge.clip_score(_colour_images(red, 8, 9), dog) + 20
+
+    targets = sd.SDTargets(SFDConfig(preset="sd", forget_concepts=["brad pitt"], override="a middle aged man").validate())
+
+    def painter(forgotten: bool, remain_ok: bool = True):
+        def colour(p):
+            if "brad pitt" in p:
+                return blue if forgotten else red
+            return green if remain_ok else red
+        return _PaintingPipe(colour)
+    before = evaluate_sd(painter(False), targets, judge)
+    after = evaluate_sd(painter(True), targets, judge)
+    assert before["concept_accuracy"] == 1.0 and before["ua_clip"] == 0.0
+    assert after["concept_accuracy"] == 0.0 and after["ua_clip"] == 1.0
+    assert before["n_forget_images"] == len(targets.forget_ids)
+    damaged = evaluate_sd(painter(True, remain_ok=False), targets, judge)
+    assert after["clip_score_remain"] > damaged["clip_score_remain"] + 10     # off-prompt remain images score lower
+    # a judge folder whose text tower projects every prompt to 0 tells nothing apart: the 1 / 0 split is gone
+    broken = Path(str(clip_dir) + "-text-zeroed")
+    from transformers import CLIPModel, CLIPProcessor
+    m = CLIPModel.from_pretrained(str(clip_dir), local_files_only=True)
+    with torch.no_grad():
+        m.text_projection.weight.zero_()
+    m.save_pretrained(str(broken))
+    CLIPProcessor.from_pretrained(str(clip_dir)).save_pretrained(str(broken))
+    j2 = ClipJudge(broken)
+    accs = [j2.concept_accuracy(_colour_images(c, 8, 9), "brad pitt", ["a middle aged man"]) for c in (red, blue)]
+    assert accs[0] == accs[1]
+
+
+def test_sd_evaluator_fd_against_the_teacher_and_ua(folders, clip_dir):
+    from sfd.evaluate.sd import ClipJudge, SDEvaluator, teacher_samples
+    teacher = load_teacher(PRESET, folders["epsilon"])
+    targets = sd.SDTargets(sd_cfg(folders["epsilon"]))
+    targets.install(teacher)
+    ev = SDEvaluator(PRESET, None, teacher, targets, forget_samples=6, remain_per_class=1, guidance=1.0)
+    # a generator that samples like the teacher (a third teacher set) sits at the teacher's own floor; the
+    # same samples shifted by one standard deviation of the teacher's latents are far off it
+    std = float(ev.teacher_remain.std())
+    as_teacher = ev(lambda z, c: teacher_samples(teacher, c.cpu(), seed=123, guidance=1.0))
+    shifted = ev(lambda z, c: teacher_samples(teacher, c.cpu(), seed=123, guidance=1.0) + std)
+    assert as_teacher["fd_features"].startswith("clean latents") and "fd_remaining_clip" not in as_teacher
+    assert 0.5 < as_teacher["fd_ratio"] == as_teacher["fd_ratio_latent"] < 2.0
+    assert shifted["fd_ratio"] > 3 * as_teacher["fd_ratio"]
+    assert shifted["override_fd_ratio"] > 3 * as_teacher["override_fd_ratio"]
+    assert as_teacher["n_remaining_samples"] == len(targets.remain_ids) and as_teacher["n_forget_samples"] == 6
+
+    # with a CLIP judge: CLIP-space FD, CLIP score and UA; a decoder painting 'brad pitt' red shows UA moving
+    class Painter:
+        def decode(self, lat):
+            red, blue, green = CLIP_TEXTS.values()
+            return torch.cat([_colour_images({1: red, -1: blue, 0: green}[int(torch.sign(v[0].mean().round()))], 1, i)
+                              for i, v in enumerate(lat)])
+    ev = SDEvaluator(PRESET, ClipJudge(clip_dir), teacher, targets, forget_samples=6, remain_per_class=1)
+    ev.decoder = Painter()
+    forget = set(targets.forget_ids)
+
+    def gen(mark):
+        return lambda z, c: torch.stack([torch.full(z.shape[1:], float(mark if int(i) in forget else 0)) for i in c])
+    kept, forgot = ev(gen(1)), ev(gen(-1))
+    assert kept["ua"] == kept["ua_clip"] == 0.0 and forgot["ua"] == 1.0
+    assert forgot["fd_features"].startswith("CLIP") and forgot["fd_ratio"] == forgot["fd_ratio_clip"]
+    assert forgot["clip_score_remain"] > 40 and {"fd_ratio_latent", "clip_score_remain_teacher"} <= set(forgot)
+
+
+def test_sd_run_reports_fd_and_concept_figures_in_the_loop(folders, clip_dir, tmp_path):
+    from sfd.cli import main
+    from sfd.loop import train_sfd
+    seen = []
+    cfg = sd_cfg(folders["epsilon"], classifier=str(clip_dir), eval_forget_samples=4, eval_remain_per_class=1,
+                 eval_every_kimg=2 * IT)
+    train_sfd(cfg, tmp_path / "run", progress=False, callback=lambda m, c: seen.append(m))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for k in ("fd_remaining", "fd_remaining_teacher", "fd_ratio", "fd_ratio_latent", "fd_ratio_clip", "override_fd_ratio",
+              "ua", "concept_accuracy", "clip_score_remain", "clip_score_remain_teacher"):
+        assert k in m and m[k] == m[k], k                                  # present and not NaN
+    assert 0.0 <= m["ua"] <= 1.0 and m["fd_remaining_teacher"] > 0
+    assert [h["iteration"] for h in seen] == [0, 2, 3]                      # at the start, at eval_every, at the end
+    assert all("fd_ratio" in h and "ua" in h for h in seen)
+    assert (tmp_path / "run" / "samples_teacher.png").is_file() and (tmp_path / "run" / "samples_generator.png").is_file()
+    # the exported pipeline re-judged from local files by `sfd evaluate --clip`
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--clip", str(clip_dir), "--device", "cpu"]) == 0
+    e = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert 0.0 <= e["concept_accuracy"] <= 1.0 and e["clip_score_remain"] >= 0

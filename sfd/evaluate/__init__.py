@@ -17,12 +17,16 @@ def save_judge(path, model: DigitsCNN, extra: dict | None = None) -> None:
 
 def can_evaluate(preset, cfg) -> bool:
     """Whether UA/FD can be measured: a bundled judge, or classifier + FID weights + reference given."""
-    return preset.embedded or bool(cfg.classifier and cfg.fid_weights and cfg.reference)
+    # sd: FD against the teacher's own samples needs no file (a CLIP judge adds UA and CLIP features)
+    return preset.embedded or bool(preset.extra.get("latent")) or bool(cfg.classifier and cfg.fid_weights and cfg.reference)
 
 
 def load_judge(preset, path=None, device="cpu", fid_weights=None):
     """The preset's judge: the bundled CNN for embedded presets; for real datasets a ResNet-34
     classifier file (UA) plus the FID Inception weights (features)."""
+    if preset.extra.get("latent"):              # sd: --classifier is a local transformers CLIP folder (or none)
+        from .sd import ClipJudge
+        return ClipJudge(path, device) if path else None
     if path is None:
         if not preset.embedded:
             raise CheckpointError(f"preset '{preset.name}' has no bundled classifier; pass --classifier PATH "
