@@ -185,8 +185,9 @@ def resolve(a):
     file_targets = load_targets_file(a.targets_file) if getattr(a, "targets_file", None) else []
     names = [t.preset for t in file_targets[:1]]
     for spec in a.targets or []:
-        for part in spec.split():
-            name = preset_of(part)
+        # sd targets are phrases with spaces ('sd:brad pitt->a middle aged man'): one target per argument
+        for part in [spec] if spec.strip().startswith("sd:") else spec.split():
+            name = preset_of(part.strip())
             get_preset(name)                       # unknown preset: error listing the valid ones
             if name not in names:
                 names.append(name)
@@ -212,7 +213,17 @@ def resolve(a):
     if len(real) > 1:
         raise ValueError(f"one real-dataset preset per sweep (the files are shared by every trial); got "
                          f"{', '.join(real)} — run one sweep per preset")
-    if real:
+    if real and get_preset(real[0]).extra.get("latent"):
+        # sd: the user's pipeline folder; FD is against the teacher's own samples, UA from CLIP or NudeNet
+        if not files["teacher"]:
+            raise ValueError("preset sd has no bundled teacher — pass --teacher PIPELINE_DIR (a Stable Diffusion "
+                             "pipeline folder in the diffusers layout)")
+        concept = [t.name for t in targets if t.preset == real[0] and "nudity" not in t.forget]
+        if concept and not files["classifier"]:
+            raise ValueError(f"the sweep optimises UA, and sd concept targets ({', '.join(concept)}) are judged by "
+                             f"CLIP — pass --classifier CLIP_DIR (a local transformers CLIPModel + CLIPProcessor "
+                             f"folder); nudity targets are judged by NudeNet and need none")
+    elif real:
         from sfd import assets
         paths, missing = assets.resolve(real[0], files)
         if missing:

@@ -637,3 +637,23 @@ def test_sd_run_reports_fd_and_concept_figures_in_the_loop(folders, clip_dir, tm
     assert main(["evaluate", "--run", str(tmp_path / "run"), "--clip", str(clip_dir), "--device", "cpu"]) == 0
     e = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     assert 0.0 <= e["concept_accuracy"] <= 1.0 and e["clip_score_remain"] >= 0
+
+
+def test_sd_sweep_plans_with_a_clip_judge_and_checks_its_models(folders, clip_dir, tmp_path, capsys):
+    from orchestration import sweep
+    from sfd.evaluate.sd import ClipJudge
+    t = folders["epsilon"]
+    base = ["--teacher", str(t), "--dry-run", "--out", str(tmp_path / "sweep")]
+    assert sweep.main(["--targets", "sd:brad pitt->a middle aged man", *base]) == 2
+    err = capsys.readouterr().err
+    assert "--classifier CLIP_DIR" in err and "sd:brad pitt->a middle aged man" in err
+    assert sweep.main(["--targets", "sd:nudity", *base]) == 0                     # NudeNet judges nudity
+    assert sweep.main(["--targets", "sd:brad pitt->a middle aged man", "--classifier", str(clip_dir), *base]) == 0
+    a = sweep.build_parser().parse_args(["--targets", "sd:brad pitt->a middle aged man", "--classifier",
+                                         str(clip_dir), "--teacher", str(t), "--out", str(tmp_path / "s")])
+    targets, spaces, overrides = sweep.resolve(a)
+    sweep.check_models(targets, spaces, overrides)                               # teacher + CLIP judge load
+    from sfd.evaluate import can_evaluate, load_judge
+    cfg = spaces["sd"].baseline().replace(**{k: v for k, v in overrides.items() if k != "seed"})
+    assert can_evaluate(PRESET, cfg) and isinstance(load_judge(PRESET, cfg.classifier), ClipJudge)
+    assert (cfg.eval_forget_samples, cfg.eval_remain_per_class) == (64, 4)
