@@ -314,6 +314,45 @@ def cmd_distil(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    import shutil
+    from pathlib import Path
+
+    from .export import export_class_run, load_class_pipeline
+
+    run, out = Path(a.run), Path(a.out)
+    if run.is_file() and run.suffix == ".safetensors":
+        gen = run
+    elif run.is_dir():
+        gen = run / "generator.safetensors"
+    else:
+        raise UsageError(f"--run {run} does not exist — give the --out folder of an `sfd forget` run")
+    if out.exists() and any(out.iterdir()) and not a.overwrite:
+        raise UsageError(f"--out {out} exists and is not empty — choose another folder, or pass --overwrite to "
+                         f"replace it")
+    if out.resolve() == run.resolve():
+        raise UsageError(f"--out {out} is the run folder itself — export to a folder of its own")
+    if run.is_dir() and (run / "pipeline" / "model_index.json").is_file():      # sd: already a diffusers folder
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(run / "pipeline", out)
+        print(f"{run / 'pipeline'} (a Stable Diffusion one-step pipeline) -> {out}\n"
+              f"  from sfd.export import SFDOneStepPipeline\n"
+              f"  image = SFDOneStepPipeline.from_pretrained({str(out)!r})(\"a photo of ...\").images[0]")
+        return 0
+    if not gen.is_file():
+        raise UsageError(f"--run {run} holds no generator.safetensors — give the folder of a finished `sfd forget` "
+                         f"run (or its generator.safetensors)")
+    export_class_run(gen, out)
+    pipe = load_class_pipeline(out)                 # what the user will do: it must load and sample
+    pipe(class_labels=[0], output_type="pt")
+    print(f"{gen} -> {out} (SFDClassPipeline: {pipe.num_classes} classes, one network evaluation per image, "
+          f"sigma_init {pipe.denoiser.config.sigma_init:.4g}; safetensors)\n"
+          f"  from sfd.export import SFDClassPipeline\n"
+          f"  images = SFDClassPipeline.from_pretrained({str(out)!r})(class_labels=[3, 4]).images")
+    return 0
+
+
 def cmd_sample(a) -> int:
     import torch
 
@@ -604,6 +643,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write a run's one-step generator as a diffusers pipeline folder",
+                       description="Write the one-step generator of an `sfd forget` run as a folder a diffusers user "
+                                   "loads and samples in two lines (safetensors, no code in the folder):\n\n"
+                                   "  from sfd.export import SFDClassPipeline\n"
+                                   "  images = SFDClassPipeline.from_pretrained(OUT)(class_labels=[3, 4]).images\n\n"
+                                   "OUT holds model_index.json and denoiser/ (SFDOneStepGenerator, a diffusers "
+                                   "ModelMixin: config.json = the sfd architecture description and sigma_init, "
+                                   "diffusion_pytorch_model.safetensors). Call options: num_images_per_label, "
+                                   "generator (a torch.Generator), latents (N, C, H, W noise), output_type "
+                                   "'pil' | 'np' | 'pt' (images in [0, 1]) | 'raw' ([-1, 1]). A Stable Diffusion run "
+                                   "already wrote RUN/pipeline (SFDOneStepPipeline, text prompts); it is copied.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example: sfd export --run runs/forget0 --out exported/forget0")
+    p.add_argument("--run", required=True, help="run folder of `sfd forget` (or its generator.safetensors)")
+    p.add_argument("--out", required=True, help="folder to write (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="re-evaluate a finished run (UA, FD vs the teacher at equal counts)",
                        description="Evaluate the generator of an `sfd forget` run folder with the run's classifier "

@@ -1,5 +1,13 @@
 """The one-step generator as a diffusers pipeline folder: load and sample it in two lines.
 
+Class-conditional runs (``sfd export --run RUN --out DIR``: digits, cifar10, stl10, any sfd backbone)::
+
+    from sfd.export import SFDClassPipeline
+    images = SFDClassPipeline.from_pretrained("exported/forget0")(class_labels=[3, 4]).images
+
+(``model_index.json`` + ``denoiser/`` = :class:`SFDOneStepGenerator`, a diffusers ``ModelMixin`` whose config
+is the sfd architecture description and sigma_init, weights in safetensors.) Stable Diffusion runs:
+
     from sfd.export import SFDOneStepPipeline
     image = SFDOneStepPipeline.from_pretrained("runs/brad-pitt/pipeline")("a photo of brad pitt").images[0]
 
@@ -130,3 +138,125 @@ def load_one_step(folder, device="cpu") -> SFDOneStepPipeline:
                               f"pipeline/ folder of an `sfd forget --preset sd` run")
     pipe = SFDOneStepPipeline.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
     return pipe.to(device)
+
+
+# -- class-conditional generators -----------------------------------------------------------------------
+from diffusers import ConfigMixin, ModelMixin                     # noqa: E402
+from diffusers.configuration_utils import register_to_config    # noqa: E402
+
+
+class SFDOneStepGenerator(ModelMixin, ConfigMixin):
+    """G(z, c) = D(sigma_init z, sigma_init, c) of any sfd backbone, rebuilt from its JSON description (``spec``:
+    the ``denoiser`` metadata of generator.safetensors) -- no code comes from the folder."""
+
+    @register_to_config
+    def __init__(self, spec: dict, sigma_init: float = 2.5, class_names: list | None = None,
+                 info: dict | None = None):
+        super().__init__()
+        from .denoisers import build_denoiser
+        self.denoiser = build_denoiser(dict(spec))
+
+    def forward(self, z: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        from .iteration import one_step
+        return one_step(self.denoiser, z, class_labels, float(self.config.sigma_init))
+
+
+class SFDClassPipeline(DiffusionPipeline):
+    """A one-step SFD generator for class labels: ``pipe(class_labels=[3, 4]).images`` (no sampling loop)."""
+
+    def __init__(self, denoiser: SFDOneStepGenerator):
+        super().__init__()
+        self.register_modules(denoiser=denoiser)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        # buffers an sfd backbone computes in __init__ (noise schedules) must be real tensors, not meta ones
+        kwargs.setdefault("low_cpu_mem_usage", False)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.denoiser.denoiser.num_classes)
+
+    @torch.no_grad()
+    def __call__(self, class_labels, num_images_per_label: int = 1, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True):
+        """``class_labels``: ints (or a 1-D tensor) in [0, num_classes); ``output_type`` 'pil', 'np' or 'pt'
+        (images in [0, 1]), or 'raw' (the generator's output in [-1, 1], unclipped)."""
+        labels = torch.as_tensor(class_labels if not isinstance(class_labels, int) else [class_labels])
+        n = self.num_classes
+        if labels.ndim != 1 or len(labels) == 0 or labels.is_floating_point() or \
+                (n and not bool(((labels >= 0) & (labels < n)).all())):
+            raise ValueError(f"class_labels {class_labels!r}: give class ids in 0..{n - 1} (a list of ints)")
+        labels = labels.long().repeat_interleave(int(num_images_per_label))
+        d = self.denoiser
+        shape = (len(labels), *d.denoiser.img_shape)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit {shape} — give (N, C, H, W) noise")
+        x = d(latents.to(d.device, d.dtype), labels.to(d.device)).float().cpu()
+        if output_type == "raw":
+            images = x
+        else:
+            images = ((x + 1) / 2).clamp(0, 1)
+            if output_type in ("np", "pil"):
+                images = images.permute(0, 2, 3, 1).numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+            elif output_type != "pt":
+                raise ValueError(f"output_type {output_type!r}: give 'pil', 'np', 'pt' or 'raw'")
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def export_class_run(generator_file, folder) -> Path:
+    """generator.safetensors of a class-conditional run -> an SFDClassPipeline folder, written atomically."""
+    from .denoisers import load_denoiser
+    from .io import read_metadata
+    meta = read_metadata(generator_file)
+    info = meta.get("generator") if isinstance(meta.get("generator"), dict) else None
+    if info is None or "sigma_init" not in info:
+        raise CheckpointError(f"{generator_file} is not an sfd one-step generator (no 'generator' metadata with "
+                              f"sigma_init) — give the run folder of `sfd forget`")
+    d = load_denoiser(generator_file)
+    names = None
+    try:
+        from .presets import get_preset
+        names = list(get_preset(str(info.get("preset"))).class_names) or None
+    except ValueError:
+        pass
+    model = SFDOneStepGenerator(spec=dict(d.spec), sigma_init=float(info["sigma_init"]), class_names=names,
+                                info={k: info[k] for k in ("forget", "override", "preset") if k in info})
+    model.denoiser.load_state_dict(d.state_dict(), strict=True)
+    pipe = SFDClassPipeline(denoiser=model.eval())
+    return _write_atomically(folder, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True))
+
+
+def _write_atomically(folder, write) -> Path:
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(tmp)
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_class_pipeline(folder, device="cpu") -> SFDClassPipeline:
+    """An exported class-conditional folder, local files only, safetensors only."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file() or not (folder / "denoiser" / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not an exported sfd class pipeline (model_index.json + denoiser/) — "
+                              f"write one with `sfd export --run RUN --out {folder}`")
+    return SFDClassPipeline.from_pretrained(str(folder), local_files_only=True, use_safetensors=True).to(device)
