@@ -496,3 +496,14 @@ def test_lr_schedule_sets_the_rates_each_iteration(teacher, tmp_path, monkeypatc
         assert all(a > b for a, b in zip(fac, fac[1:]))
         assert fac[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 8 / 9)))
         assert [s[0] / 2e-4 for s in seen] == pytest.approx(fac)
+
+
+@pytest.mark.parametrize("iters,every,expected", [(9, 4, [0, 4, 9]), (10, 4, [0, 4, 8, 10]), (8, 4, [0, 4, 8]), (3, 1, [0, 1, 2, 3])])
+def test_an_evaluation_due_just_before_the_end_is_left_to_the_final_one(teacher, tmp_path, iters, every, expected):
+    """The loop evaluates every ``every`` iterations and at the end, except a scheduled evaluation less
+    than half an interval before the end (the budget's rounding: 20 kimg at 128 images per iteration is
+    157 iterations, so not at 156 and again at 157)."""
+    seen = []
+    train_sfd(tiny(iters, every=every), tmp_path / "run", teacher=copy.deepcopy(teacher), evaluate=False,
+              progress=False, callback=lambda m, ckpt: seen.append(m["iteration"]))
+    assert seen == expected

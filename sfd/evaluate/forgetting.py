@@ -103,24 +103,30 @@ def teacher_chunk(teacher, labels: torch.Tensor, a: int, b: int, steps: int = 18
 
 
 def teacher_samples(teacher, num_classes: int, per_class: int, steps: int = 18, seed: int = 1234,
-                    progress: bool = False, dist=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+                    progress: bool = False, dist=None, device=None,
+                    bundled: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, labels): ``per_class`` Heun samples of every class, cached on disk (and fetched from the
-    sweep's reference store when there is one); sharded over ranks."""
+    sweep's reference store when there is one, or read from ``bundled``, the folder of reference files
+    shipped with an embedded preset); sharded over ranks."""
     dist = dist or Dist()
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
-    path = cache_dir() / reference_name(teacher_fingerprint(teacher), num_classes, per_class, steps, seed)
+    name = reference_name(teacher_fingerprint(teacher), num_classes, per_class, steps, seed)
+    path = cache_dir() / name
     cached = None
     if not path.is_file():
         fetch_reference(path)
-    if path.is_file():
-        try:
-            t, _ = load_tensors(path)
-            cached = t["x"], t["labels"]
-        except CheckpointError:
-            cached = None                         # a damaged cache entry is recomputed
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    # the name is the key (teacher digest + sampler settings): any intact file of that name holds these rows
+    for candidate in (path, *([Path(bundled) / name] if bundled is not None else [])):
+        if cached is None and candidate.is_file():
+            try:
+                t, _ = load_tensors(candidate)
+                if torch.equal(t["labels"], labels) and len(t["x"]) == len(labels):
+                    cached = t["x"], t["labels"]
+            except (CheckpointError, KeyError):
+                cached = None                     # a damaged entry is recomputed (the cache) or skipped
     if dist.all_true(cached is not None, device):
         return cached
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
     bar = tqdm(total=len(labels), disable=not progress, desc=f"teacher {steps}-step Heun", unit="img")
 
     def sample(a, b):
@@ -157,8 +163,9 @@ class ForgetEvaluator:
         self.seed = seed
         self.ref = RealReference.from_preset(preset, judge, reference) if self.dist.lead else None
         per_class = max(remain_per_class, forget_samples)
+        bundle = preset.weights_dir / "reference" if preset.embedded else None
         tx, tl = teacher_samples(teacher, preset.num_classes, per_class, progress=progress, dist=self.dist,
-                                 device=self.device)
+                                 device=self.device, bundled=bundle)
         # Fixed evaluation inputs: the same labels (and per-chunk noise) at every evaluation of a run.
         nf = len(targets.forget)
         self.forget_labels = torch.tensor(targets.forget).repeat_interleave(
