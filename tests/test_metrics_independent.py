@@ -147,3 +147,33 @@ def test_inception_score_matches_numpy(n, splits):
     want = _is_numpy(logits.numpy(), splits)
     assert got[0] == pytest.approx(want[0], rel=1e-9) and got[1] == pytest.approx(want[1], rel=1e-7, abs=1e-12)
     assert 1.0 < got[0] < 1008
+
+
+# --------------------------------------------------------------------------- the teacher's floors
+
+def test_teacher_floors_average_every_disjoint_set_of_equal_count(digits, teacher, judge, tmp_path, monkeypatch):
+    """fd_remaining_teacher / fd_override_teacher: the teacher's FD at the generator's sample count,
+    averaged over every disjoint set of that count its samples hold (recomputed here by hand)."""
+    from sfd.config import SFDConfig
+    from sfd.evaluate.forgetting import ForgetEvaluator, teacher_samples
+    from sfd.evaluate.metrics import judge_outputs
+    from sfd.evaluate.report import RealReference
+    from sfd.targets import ClassTargets
+
+    monkeypatch.setenv("SFD_CACHE", str(tmp_path))
+    cfg = SFDConfig(forget=[2], override="5", device="cpu").validate(digits)
+    ev = ForgetEvaluator(digits, judge, teacher, ClassTargets(cfg, 10), forget_samples=12, remain_per_class=4)
+    x, labels = teacher_samples(teacher, 10, 12)                 # 12 per class: 3 sets of 4, 1 of 12
+    _, _, feats = judge_outputs(judge, x)
+    real = RealReference.from_preset(digits, judge)
+    remain = [c for c in range(10) if c != 2]
+
+    def rows(classes, n, k):
+        return np.concatenate([np.nonzero(labels.numpy() == c)[0][k * n:(k + 1) * n] for c in classes])
+
+    sets = [frechet_distance(feats[rows(remain, 4, k)], real.of(remain)) for k in range(3)]
+    assert ev.teacher["teacher_floor_sets"] == 3
+    assert ev.teacher["fd_remaining_teacher"] == pytest.approx(np.mean(sets), rel=1e-6)
+    assert max(sets) - min(sets) > 1e-3 * np.mean(sets)          # the sets differ: the mean is not any one
+    assert ev.teacher["fd_override_teacher"] == pytest.approx(
+        frechet_distance(feats[rows([5], 12, 0)], real.of([5])), rel=1e-6)
