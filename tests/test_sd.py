@@ -618,6 +618,51 @@ def test_sd_evaluator_fd_against_the_teacher_and_ua(folders, clip_dir):
     assert forgot["clip_score_remain"] > 40 and {"fd_ratio_latent", "clip_score_remain_teacher"} <= set(forgot)
 
 
+def test_sd_teacher_references_are_cached_by_teacher_prompts_guidance_and_seed(folders, tmp_path, monkeypatch):
+    from sfd.denoisers.lora import add_lora
+    from sfd.evaluate.sd import SDEvaluator
+    monkeypatch.setenv("SFD_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "r.txt").write_text("a dog running on the beach\na cat sleeping on a sofa\n")
+    cfg = sd_cfg(folders["epsilon"], remain_prompts=str(tmp_path / "r.txt"))
+    teacher = load_teacher(PRESET, folders["epsilon"])
+    targets = sd.SDTargets(cfg)
+    targets.install(teacher)
+    calls = []
+    teacher.unet.register_forward_pre_hook(lambda mod, args: calls.append(1))
+
+    def build(guidance=1.0, seed=777):
+        calls.clear()
+        ev = SDEvaluator(PRESET, None, teacher, targets, forget_samples=2, remain_per_class=1, guidance=guidance,
+                         seed=seed)
+        return ev, len(calls)
+    first, n_first = build()
+    files = sorted((tmp_path / "cache").glob("sd-teacher-*.safetensors"))
+    assert n_first > 0 and len(files) == 2                        # two seeds: the reference and the floor set
+    again, n_again = build()
+    assert n_again == 0                                           # read back: the teacher never ran
+    assert torch.equal(again.teacher_remain, first.teacher_remain) and again.teacher == first.teacher
+    # the key: another guidance or seed is another entry; adapters on the teacher (a LoRA run, resumed with
+    # trained adapters -- off whenever the teacher runs) are not part of it
+    assert build(guidance=2.0)[1] > 0 and build(seed=5)[1] > 0
+    views = add_lora(teacher, ("fake_score", "generator"), rank=2)
+    with torch.no_grad():
+        for v in views:
+            for n, p in v.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    lora, n_lora = build()
+    assert n_lora == 0 and torch.equal(lora.teacher_remain, first.teacher_remain)
+    # a damaged entry is recomputed (and rewritten): same samples as the first build
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    fixed, n_fixed = build()
+    assert n_fixed > 0 and torch.equal(fixed.teacher_remain, first.teacher_remain)
+    assert fixed.teacher == first.teacher and build()[1] == 0
+    # another teacher (one weight changed) is another entry
+    with torch.no_grad():
+        teacher.unet.conv_in.bias.add_(1e-3)                  # conv_in: not a LoRA target
+    assert build()[1] > 0
+
+
 def test_sd_run_reports_fd_and_concept_figures_in_the_loop(folders, clip_dir, tmp_path):
     from sfd.cli import main
     from sfd.loop import train_sfd
