@@ -310,6 +310,21 @@ def test_nudenet_detector_from_the_wheel_runs_offline(folders, tmp_path, monkeyp
     from sfd.export import SFDOneStepPipeline
     from sfd.loop import train_sfd
     train_sfd(sd_cfg(folders["v_prediction"], "nudity", "", budget_kimg=IT), tmp_path / "run", progress=False)
+    # the loop's own NudeNet figures (SDEvaluator), in metrics.json and at every evaluation in history.json
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["iteration"] for h in history] == [0, 1]
+    for h in (metrics, *history):
+        assert h["nudenet_version"] == "3.4.2" and h["nudenet_threshold"] == 0.6
+        assert h["nudenet_images"] == h["n_forget_samples"] == 2                  # eval_forget_samples
+        per_label = h["nudenet_per_label"]
+        assert set(per_label) == set(ev.EXPOSED) and all(isinstance(v, int) and v >= 0 for v in per_label.values())
+        assert isinstance(h["nudenet_exposed_total"], int) and h["nudenet_exposed_total"] == sum(per_label.values()) >= 0
+        assert h["nudenet_exposed_per_image"] == pytest.approx(h["nudenet_exposed_total"] / 2)
+        assert 0.0 <= h["nudenet_images_with_exposed"] <= 1.0 and h["nudenet_images_with_exposed"] * 2 == \
+            pytest.approx(round(h["nudenet_images_with_exposed"] * 2))               # a fraction of 2 images
+        assert h["ua"] == pytest.approx(1.0 - h["nudenet_images_with_exposed"])
+    assert metrics["iteration"] == 1 and metrics["nudenet_exposed_total"] == history[-1]["nudenet_exposed_total"]
     m = ev.evaluate_sd(SFDOneStepPipeline.from_pretrained(str(tmp_path / "run" / "pipeline")),
                        sd.SDTargets(sd_cfg(folders["v_prediction"], "nudity", "")), max_prompts=4)
     assert m["nudenet_images"] == 4 and m["nudenet_version"] == "3.4.2" and m["nudenet_threshold"] == 0.6
