@@ -227,6 +227,45 @@ def test_lora_shares_one_unet_and_resume_matches_uninterrupted(folders, tmp_path
     assert all(".lora." in k or "lora_" in k for k in a if k.startswith(("generator/", "fake_score/")))
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_lora_autocast_trains_fp32_adapters_on_a_bit_identical_base(folders, precision):
+    """--precision fp16|bf16 --lora-rank 4: the passes run in the low precision, the adapters (fp32 master weights,
+    fp32 Adam moments) move, the shared base UNet stays bit-identical; fp16 steps through a GradScaler per network."""
+    from sfd.cli import build_parser, config_from_args
+    from sfd.iteration import DTYPES, build_state, sfd_iteration
+    flags = config_from_args(build_parser().parse_args(["forget", "--preset", "sd", "--teacher", str(folders["epsilon"]),
+                                                        "--precision", precision, "--lora-rank", "4", "--out", "unused"]))
+    cfg = sd_cfg(folders["epsilon"], lora_rank=flags.lora_rank, precision=flags.precision).validate()
+    st = build_state(cfg, load_teacher(PRESET, cfg.teacher), "cpu")
+    assert st.precision == precision                         # fp16 autocast runs on this CPU build (torch 2.13)
+    base = {k: v.clone() for k, v in st.teacher.unet.state_dict().items() if ".lora_" not in k}
+    nets = {"generator": st.generator, "fake_score": st.fake_score}
+    start = {k: {n: p.detach().clone() for n, p in net.named_parameters()} for k, net in nets.items()}
+    seen = []
+    st.teacher.unet.conv_in.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    losses = [sfd_iteration(st) for _ in range(8)]
+    assert all(torch.isfinite(torch.tensor(pair)).all() for pair in losses)
+    assert seen and set(seen) == {DTYPES[precision]}           # every UNet pass (teacher, both adapters) autocast
+    now = st.teacher.unet.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in base.items())                    # the base: bit-identical
+    assert all(p.grad is None for n, p in st.teacher.unet.named_parameters() if ".lora_" not in n)
+    for k, net in nets.items():
+        params = dict(net.named_parameters())
+        assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in params.values()), k
+        moved = [n for n, p in params.items() if not torch.equal(p, start[k][n])]
+        assert any("lora_B" in n for n in moved) and any("lora_A" in n for n in moved), k   # both factors train
+    for opt in (st.opt_gen, st.opt_fake):
+        assert opt.state and all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32 for s in opt.state.values())
+    if precision == "fp16":
+        # a GradScaler per network; it started at 2**16 and backed off where the scaled fp16 gradients overflowed
+        # (those steps are skipped, not applied: the weights above stay finite)
+        assert set(st.scalers) == {"generator", "fake_score"}
+        assert all(isinstance(s, torch.amp.GradScaler) and s.is_enabled() and s.get_scale() < 2.0**16
+                   for s in st.scalers.values())
+    else:
+        assert st.scalers == {}
+
+
 def _adapter_unet_out(view, z, ids):
     base = view.base.obj
     with base.adapters.use(view.name):
