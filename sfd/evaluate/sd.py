@@ -181,6 +181,9 @@ def teacher_samples(teacher, ids: torch.Tensor, seed: int, guidance: float = 0.0
     return torch.cat(out) if out else torch.zeros(0, *teacher.img_shape)
 
 
+REFERENCE_FORMAT = 1               # part of the cache key: bump it when teacher_samples draws differently
+
+
 def base_fingerprint(teacher) -> str:
     """Digest of the teacher's UNet weights alone: LoRA adapters (off whenever the teacher runs) are left out and
     peft's ``base_layer`` names read as the plain ones, so a LoRA run, its resumption with trained adapters and a
@@ -214,7 +217,7 @@ def reference_key(teacher, ids: torch.Tensor, seed: int, guidance: float, null=N
     p = next(teacher.parameters())
     emb = hashlib.sha256(teacher.prompt_embeds[used.to(teacher.prompt_embeds.device)].detach().float().cpu()
                          .contiguous().numpy().tobytes()).hexdigest()[:16]
-    desc = {"teacher": digest or base_fingerprint(teacher), "prompt_embeds": emb,
+    desc = {"format": REFERENCE_FORMAT, "teacher": digest or base_fingerprint(teacher), "prompt_embeds": emb,
             "teacher_config": teacher.spec["config"], "img_shape": list(teacher.img_shape),
             "sigma_range": [float(teacher.sigma_min), float(teacher.sigma_max)],
             "prompts": prompts, "negative_prompts": negative, "guidance": float(guidance), "count": len(ids),
@@ -226,7 +229,7 @@ def reference_key(teacher, ids: torch.Tensor, seed: int, guidance: float, null=N
 def cached_teacher_samples(teacher, ids: torch.Tensor, seed: int, guidance: float = 0.0, null=None,
                            steps: int = EVAL_TEACHER_STEPS, batch: int = 16, digest: str | None = None) -> torch.Tensor:
     """:func:`teacher_samples`, kept in sfd's cache dir ($SFD_CACHE) under :func:`reference_key`: written
-    atomically; an entry that does not load or does not match (shape, not finite) is recomputed."""
+    atomically; an entry that does not load or does not match (key, rows, shape; not finite) is recomputed."""
     from ..io import CheckpointError, load_tensors, save_tensors
     from .forgetting import cache_dir
     key, desc = reference_key(teacher, ids, seed, guidance, null, steps, batch, digest)
@@ -234,8 +237,10 @@ def cached_teacher_samples(teacher, ids: torch.Tensor, seed: int, guidance: floa
     shape = (len(ids), *teacher.img_shape)
     if path.is_file():
         try:
-            x = load_tensors(path)[0]["x"]
-            if tuple(x.shape) == shape and bool(torch.isfinite(x).all()):
+            t, meta = load_tensors(path)
+            x = t["x"]
+            if (meta.get("key") == key and torch.equal(t["ids"], ids.long().cpu()) and tuple(x.shape) == shape
+                    and bool(torch.isfinite(x).all())):
                 return x
         except (CheckpointError, KeyError):
             pass                               # a damaged cache entry is recomputed
