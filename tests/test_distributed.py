@@ -10,6 +10,9 @@ One Ray Train fit runs every 2-worker phase (Ray start-up costs more than the ph
   worker's UA/FD.
 Adam hides a global gradient scale (its step is scale-invariant), so the checks compare
 gradients, not losses.
+
+LoRA on the shared Stable Diffusion UNet (generator and fake score as two adapters, each view its own DDP
+module) runs on 2 gloo ranks spawned by its test through a rendezvous file, without Ray.
 """
 from __future__ import annotations
 
