@@ -10,6 +10,9 @@ One Ray Train fit runs every 2-worker phase (Ray start-up costs more than the ph
   worker's UA/FD.
 Adam hides a global gradient scale (its step is scale-invariant), so the checks compare
 gradients, not losses.
+
+LoRA on the shared Stable Diffusion UNet (generator and fake score as two adapters, each view its own DDP
+module) runs on 2 gloo ranks spawned by its test through a rendezvous file, without Ray.
 """
 from __future__ import annotations
 
@@ -262,3 +265,73 @@ def test_sfd_forget_num_workers_runs_on_ray_train(tmp_path):
     assert m["iteration"] == 2 and 0 <= m["ua"] <= 1 and m["fd_ratio"] > 0
     assert (tmp_path / "run" / "generator.safetensors").is_file()
     assert "ua" in r.stdout
+
+
+# -- LoRA on the shared SD UNet under DDP (2 gloo ranks spawned here: no Ray) ----------------------------
+LORA_ITERS = 3
+
+
+def run_lora_case(folder, dist: Dist, checkpointing: bool = False) -> dict:
+    """LORA_ITERS iterations of a LoRA run (global batch 2 + 2) on tiny SD components, in float64 (see
+    run_case); the adapters' parameters, the base UNet's digest and the losses."""
+    from test_sd import PRESET, sd_cfg
+
+    from sfd.denoisers import load_teacher
+    from sfd.evaluate.sd import base_fingerprint
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        cfg = sd_cfg(folder, lora_rank=4, batch_remain=2, batch_forget=2, grad_checkpointing=checkpointing).validate()
+        teacher = load_teacher(PRESET, cfg.teacher).to(torch.float64)
+        base0 = base_fingerprint(teacher)
+        st = build_state(cfg, teacher, "cpu", dist)
+        losses = [sfd_iteration(st) for _ in range(LORA_ITERS)]
+        out = {f"param/{name}/{n}": p.detach().clone() for name, net in st.modules().items()
+               for n, p in net.named_parameters()}
+        out["losses"] = torch.tensor(losses, dtype=torch.float64)
+        out["base_same"] = torch.tensor(base_fingerprint(teacher) == base0)
+        out["wrapped"] = torch.tensor(st.fake_train is not st.fake_score and st.gen_train is not st.generator)
+        return out
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def _lora_rank(rank: int, world: int, folder: str, out: str) -> None:
+    """One spawned rank: a gloo process group through a rendezvous file, then run_lora_case without and with
+    gradient checkpointing (one spawn for both: starting the processes costs more than the runs)."""
+    import datetime
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=120))
+    try:
+        for ckpt in (False, True):
+            save_tensors(Path(out) / f"lora-ckpt{int(ckpt)}-rank{rank}.safetensors",
+                         run_lora_case(Path(folder), Dist.current(), ckpt))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_lora_adapters_under_two_rank_ddp_equal_one_rank(tmp_path):
+    """Generator and fake score as two LoRA adapters on the one UNet, each wrapped in DDP on 2 gloo ranks: after
+    3 iterations both ranks hold the same adapters (generator, fake score and EMA), equal to one rank's with the
+    same global batch (float64: to 1e-9, as the Ray test above), and the shared base is unchanged -- also with
+    gradient checkpointing, which recomputes each block under its own adapter inside DDP's backward."""
+    import torch.multiprocessing as mp
+    from test_sd import make_sd_folder
+    folder = make_sd_folder(tmp_path / "sd", "epsilon")
+    mp.spawn(_lora_rank, args=(2, str(folder), str(tmp_path)), nprocs=2, join=True)
+    for ckpt in (False, True):
+        r0, _ = load_tensors(tmp_path / f"lora-ckpt{int(ckpt)}-rank0.safetensors")
+        r1, _ = load_tensors(tmp_path / f"lora-ckpt{int(ckpt)}-rank1.safetensors")
+        one = run_lora_case(folder, Dist(), ckpt)
+        assert bool(r0["wrapped"]) and bool(r1["wrapped"]) and not bool(one["wrapped"])      # DDP on 2 ranks only
+        assert bool(r0["base_same"]) and bool(r1["base_same"]) and bool(one["base_same"])
+        keys = sorted(k for k in one if k.startswith("param/"))
+        assert keys == sorted(k for k in r0 if k.startswith("param/")) and all("lora_" in k for k in keys)
+        assert {k.split("/")[1] for k in keys} == {"generator", "generator_ema", "fake_score"}
+        for k in keys:
+            assert torch.equal(r0[k], r1[k]), (ckpt, k)                              # the ranks agree exactly
+        assert torch.allclose(r0["losses"], one["losses"], rtol=1e-9, atol=1e-9), ckpt
+        worst = max(float((r0[k] - one[k]).abs().max()) for k in keys)
+        moved = max(float(one[k].abs().max()) for k in keys if "lora_B" in k)           # lora_B starts at 0
+        assert worst <= 1e-9 and moved > 1e-4, (ckpt, worst, moved)

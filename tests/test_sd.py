@@ -227,6 +227,45 @@ def test_lora_shares_one_unet_and_resume_matches_uninterrupted(folders, tmp_path
     assert all(".lora." in k or "lora_" in k for k in a if k.startswith(("generator/", "fake_score/")))
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_lora_autocast_trains_fp32_adapters_on_a_bit_identical_base(folders, precision):
+    """--precision fp16|bf16 --lora-rank 4: the passes run in the low precision, the adapters (fp32 master weights,
+    fp32 Adam moments) move, the shared base UNet stays bit-identical; fp16 steps through a GradScaler per network."""
+    from sfd.cli import build_parser, config_from_args
+    from sfd.iteration import DTYPES, build_state, sfd_iteration
+    flags = config_from_args(build_parser().parse_args(["forget", "--preset", "sd", "--teacher", str(folders["epsilon"]),
+                                                        "--precision", precision, "--lora-rank", "4", "--out", "unused"]))
+    cfg = sd_cfg(folders["epsilon"], lora_rank=flags.lora_rank, precision=flags.precision).validate()
+    st = build_state(cfg, load_teacher(PRESET, cfg.teacher), "cpu")
+    assert st.precision == precision                         # fp16 autocast runs on this CPU build (torch 2.13)
+    base = {k: v.clone() for k, v in st.teacher.unet.state_dict().items() if ".lora_" not in k}
+    nets = {"generator": st.generator, "fake_score": st.fake_score}
+    start = {k: {n: p.detach().clone() for n, p in net.named_parameters()} for k, net in nets.items()}
+    seen = []
+    st.teacher.unet.conv_in.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    losses = [sfd_iteration(st) for _ in range(8)]
+    assert all(torch.isfinite(torch.tensor(pair)).all() for pair in losses)
+    assert seen and set(seen) == {DTYPES[precision]}           # every UNet pass (teacher, both adapters) autocast
+    now = st.teacher.unet.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in base.items())                    # the base: bit-identical
+    assert all(p.grad is None for n, p in st.teacher.unet.named_parameters() if ".lora_" not in n)
+    for k, net in nets.items():
+        params = dict(net.named_parameters())
+        assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in params.values()), k
+        moved = [n for n, p in params.items() if not torch.equal(p, start[k][n])]
+        assert any("lora_B" in n for n in moved) and any("lora_A" in n for n in moved), k   # both factors train
+    for opt in (st.opt_gen, st.opt_fake):
+        assert opt.state and all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32 for s in opt.state.values())
+    if precision == "fp16":
+        # a GradScaler per network; it started at 2**16 and backed off where the scaled fp16 gradients overflowed
+        # (those steps are skipped, not applied: the weights above stay finite)
+        assert set(st.scalers) == {"generator", "fake_score"}
+        assert all(isinstance(s, torch.amp.GradScaler) and s.is_enabled() and s.get_scale() < 2.0**16
+                   for s in st.scalers.values())
+    else:
+        assert st.scalers == {}
+
+
 def _adapter_unet_out(view, z, ids):
     base = view.base.obj
     with base.adapters.use(view.name):
@@ -310,6 +349,21 @@ def test_nudenet_detector_from_the_wheel_runs_offline(folders, tmp_path, monkeyp
     from sfd.export import SFDOneStepPipeline
     from sfd.loop import train_sfd
     train_sfd(sd_cfg(folders["v_prediction"], "nudity", "", budget_kimg=IT), tmp_path / "run", progress=False)
+    # the loop's own NudeNet figures (SDEvaluator), in metrics.json and at every evaluation in history.json
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["iteration"] for h in history] == [0, 1]
+    for h in (metrics, *history):
+        assert h["nudenet_version"] == "3.4.2" and h["nudenet_threshold"] == 0.6
+        assert h["nudenet_images"] == h["n_forget_samples"] == 2                  # eval_forget_samples
+        per_label = h["nudenet_per_label"]
+        assert set(per_label) == set(ev.EXPOSED) and all(isinstance(v, int) and v >= 0 for v in per_label.values())
+        assert isinstance(h["nudenet_exposed_total"], int) and h["nudenet_exposed_total"] == sum(per_label.values()) >= 0
+        assert h["nudenet_exposed_per_image"] == pytest.approx(h["nudenet_exposed_total"] / 2)
+        assert 0.0 <= h["nudenet_images_with_exposed"] <= 1.0 and h["nudenet_images_with_exposed"] * 2 == \
+            pytest.approx(round(h["nudenet_images_with_exposed"] * 2))               # a fraction of 2 images
+        assert h["ua"] == pytest.approx(1.0 - h["nudenet_images_with_exposed"])
+    assert metrics["iteration"] == 1 and metrics["nudenet_exposed_total"] == history[-1]["nudenet_exposed_total"]
     m = ev.evaluate_sd(SFDOneStepPipeline.from_pretrained(str(tmp_path / "run" / "pipeline")),
                        sd.SDTargets(sd_cfg(folders["v_prediction"], "nudity", "")), max_prompts=4)
     assert m["nudenet_images"] == 4 and m["nudenet_version"] == "3.4.2" and m["nudenet_threshold"] == 0.6
@@ -616,6 +670,51 @@ def test_sd_evaluator_fd_against_the_teacher_and_ua(folders, clip_dir):
     assert kept["ua"] == kept["ua_clip"] == 0.0 and forgot["ua"] == 1.0
     assert forgot["fd_features"].startswith("CLIP") and forgot["fd_ratio"] == forgot["fd_ratio_clip"]
     assert forgot["clip_score_remain"] > 40 and {"fd_ratio_latent", "clip_score_remain_teacher"} <= set(forgot)
+
+
+def test_sd_teacher_references_are_cached_by_teacher_prompts_guidance_and_seed(folders, tmp_path, monkeypatch):
+    from sfd.denoisers.lora import add_lora
+    from sfd.evaluate.sd import SDEvaluator
+    monkeypatch.setenv("SFD_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "r.txt").write_text("a dog running on the beach\na cat sleeping on a sofa\n")
+    cfg = sd_cfg(folders["epsilon"], remain_prompts=str(tmp_path / "r.txt"))
+    teacher = load_teacher(PRESET, folders["epsilon"])
+    targets = sd.SDTargets(cfg)
+    targets.install(teacher)
+    calls = []
+    teacher.unet.register_forward_pre_hook(lambda mod, args: calls.append(1))
+
+    def build(guidance=1.0, seed=777):
+        calls.clear()
+        ev = SDEvaluator(PRESET, None, teacher, targets, forget_samples=2, remain_per_class=1, guidance=guidance,
+                         seed=seed)
+        return ev, len(calls)
+    first, n_first = build()
+    files = sorted((tmp_path / "cache").glob("sd-teacher-*.safetensors"))
+    assert n_first > 0 and len(files) == 2                        # two seeds: the reference and the floor set
+    again, n_again = build()
+    assert n_again == 0                                           # read back: the teacher never ran
+    assert torch.equal(again.teacher_remain, first.teacher_remain) and again.teacher == first.teacher
+    # the key: another guidance or seed is another entry; adapters on the teacher (a LoRA run, resumed with
+    # trained adapters -- off whenever the teacher runs) are not part of it
+    assert build(guidance=2.0)[1] > 0 and build(seed=5)[1] > 0
+    views = add_lora(teacher, ("fake_score", "generator"), rank=2)
+    with torch.no_grad():
+        for v in views:
+            for n, p in v.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    lora, n_lora = build()
+    assert n_lora == 0 and torch.equal(lora.teacher_remain, first.teacher_remain)
+    # a damaged entry is recomputed (and rewritten): same samples as the first build
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    fixed, n_fixed = build()
+    assert n_fixed > 0 and torch.equal(fixed.teacher_remain, first.teacher_remain)
+    assert fixed.teacher == first.teacher and build()[1] == 0
+    # another teacher (one weight changed) is another entry
+    with torch.no_grad():
+        teacher.unet.conv_in.bias.add_(1e-3)                  # conv_in: not a LoRA target
+    assert build()[1] > 0
 
 
 def test_sd_run_reports_fd_and_concept_figures_in_the_loop(folders, clip_dir, tmp_path):

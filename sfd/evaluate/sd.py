@@ -181,6 +181,75 @@ def teacher_samples(teacher, ids: torch.Tensor, seed: int, guidance: float = 0.0
     return torch.cat(out) if out else torch.zeros(0, *teacher.img_shape)
 
 
+REFERENCE_FORMAT = 1               # part of the cache key: bump it when teacher_samples draws differently
+
+
+def base_fingerprint(teacher) -> str:
+    """Digest of the teacher's UNet weights alone: LoRA adapters (off whenever the teacher runs) are left out and
+    peft's ``base_layer`` names read as the plain ones, so a LoRA run, its resumption with trained adapters and a
+    full fine-tuning run of one teacher share it. The prompt table is not in it (the reference key hashes the
+    embeddings of the prompts it uses)."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted((k.replace(".base_layer.", "."), v) for k, v in teacher.unet.state_dict().items()
+                       if ".lora_" not in k):
+        h.update(k.encode())
+        h.update(str(v.dtype).encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def reference_key(teacher, ids: torch.Tensor, seed: int, guidance: float, null=None, steps: int = EVAL_TEACHER_STEPS,
+                  batch: int = 16, digest: str | None = None) -> tuple[str, dict]:
+    """(key, description) of the teacher's reference samples for ``ids``: the UNet's digest, its schedule and
+    shapes, the prompts (text and embedding) of every row and of its negative branch, guidance, count, sampler
+    steps, batch (each batch has its own seeded noise), seed, device type and dtype."""
+    import hashlib
+    import json
+    ids = ids.long().cpu()
+    used = ids
+    prompts = [teacher.prompts[int(i)] for i in ids]
+    negative = None
+    if float(guidance) != 0.0:
+        neg = (null or teacher.null_cond)(ids).long().cpu()
+        negative = [teacher.prompts[int(i)] for i in neg]
+        used = torch.cat([ids, neg])
+    p = next(teacher.parameters())
+    emb = hashlib.sha256(teacher.prompt_embeds[used.to(teacher.prompt_embeds.device)].detach().float().cpu()
+                         .contiguous().numpy().tobytes()).hexdigest()[:16]
+    desc = {"format": REFERENCE_FORMAT, "teacher": digest or base_fingerprint(teacher), "prompt_embeds": emb,
+            "teacher_config": teacher.spec["config"], "img_shape": list(teacher.img_shape),
+            "sigma_range": [float(teacher.sigma_min), float(teacher.sigma_max)],
+            "prompts": prompts, "negative_prompts": negative, "guidance": float(guidance), "count": len(ids),
+            "steps": int(steps), "batch": int(batch), "seed": int(seed), "device": p.device.type, "dtype": str(p.dtype)}
+    key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return key, desc
+
+
+def cached_teacher_samples(teacher, ids: torch.Tensor, seed: int, guidance: float = 0.0, null=None,
+                           steps: int = EVAL_TEACHER_STEPS, batch: int = 16, digest: str | None = None) -> torch.Tensor:
+    """:func:`teacher_samples`, kept in sfd's cache dir ($SFD_CACHE) under :func:`reference_key`: written
+    atomically; an entry that does not load or does not match (key, rows, shape; not finite) is recomputed."""
+    from ..io import CheckpointError, load_tensors, save_tensors
+    from .forgetting import cache_dir
+    key, desc = reference_key(teacher, ids, seed, guidance, null, steps, batch, digest)
+    path = cache_dir() / f"sd-teacher-{desc['teacher']}-{key}-n{len(ids)}-heun{steps}-s{seed}.safetensors"
+    shape = (len(ids), *teacher.img_shape)
+    if path.is_file():
+        try:
+            t, meta = load_tensors(path)
+            x = t["x"]
+            if (meta.get("key") == key and torch.equal(t["ids"], ids.long().cpu()) and tuple(x.shape) == shape
+                    and bool(torch.isfinite(x).all())):
+                return x
+        except (CheckpointError, KeyError):
+            pass                               # a damaged cache entry is recomputed
+    x = teacher_samples(teacher, ids, seed, guidance, null, steps, batch)
+    save_tensors(path, {"x": x, "ids": ids.long().cpu()}, {"key": key, "teacher": desc["teacher"],
+                                                          "guidance": desc["guidance"], "steps": steps, "seed": seed})
+    return x
+
+
 class SDEvaluator:
     """The sd run's figures at every evaluation, from fixed rows and seeded noise (what the loop and the sweep
     read; `sfd evaluate --run` re-judges the exported pipeline).
@@ -223,8 +292,10 @@ class SDEvaluator:
             return
         n = len(self.remain_rows)
         t_ids = torch.cat([self.remain_rows, self.override_rows])
-        a = teacher_samples(teacher, t_ids, seed, self.guidance, self.null)
-        b = teacher_samples(teacher, t_ids, seed + 1, self.guidance, self.null)
+        # cached on disk (sfd's cache dir): the 2 x (remain + override) Heun samples cost 23 UNet calls each
+        self.digest = base_fingerprint(teacher)
+        a = cached_teacher_samples(teacher, t_ids, seed, self.guidance, self.null, digest=self.digest)
+        b = cached_teacher_samples(teacher, t_ids, seed + 1, self.guidance, self.null, digest=self.digest)
         self.teacher_remain, self.teacher_override = a[:n], a[n:]
         self.ref = {"latent": (latent_features(a[:n]), latent_features(a[n:]))}
         floor = {"latent": (latent_features(b[:n]), latent_features(b[n:]))}
@@ -308,4 +379,5 @@ class SDEvaluator:
     @torch.no_grad()
     def teacher_grid(self, teacher, per: int = 4):
         ids = self.grid_ids(per)
-        return self._decode(teacher_samples(teacher, ids, self.seed, self.guidance, self.null)), len(ids)
+        return self._decode(cached_teacher_samples(teacher, ids, self.seed, self.guidance, self.null,
+                                                   digest=getattr(self, "digest", None))), len(ids)
