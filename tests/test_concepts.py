@@ -232,10 +232,10 @@ def test_stable_diffusion_shaped_folder_loads_without_vae(tmp_path):
     from sfd.io import CheckpointError
     with pytest.raises(CheckpointError, match="does not fit preset 'colordigits'.*latent"):
         load_text_pipeline(folder, PRESET)
-    # safetensors only: a folder whose UNet weights are a pickle is refused
+    # a .bin is read only through torch.load(weights_only=True): one that is not a torch file is refused
     w = next((folder / "unet").glob("*.safetensors"))
     w.rename(w.with_suffix(".bin"))
-    with pytest.raises(CheckpointError, match="safetensors only"):
+    with pytest.raises(CheckpointError, match=r"refused — torch.load\(weights_only=True\) cannot read it"):
         load_text_pipeline(folder)
 
 

@@ -238,8 +238,8 @@ def safe_torch_load(path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as e:
         why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused — torch.load(weights_only=True) found more than tensors in it "
-                              f"({why}); sfd never runs code from a checkpoint. Give the folder's weights as "
+        raise CheckpointError(f"{path}: refused — torch.load(weights_only=True) cannot read it as tensors "
+                              f"only ({why}); sfd never runs code from a checkpoint. Give the folder's weights as "
                               f"safetensors (save_pretrained(..., safe_serialization=True)) or a plain state dict")
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
