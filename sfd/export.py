@@ -111,23 +111,11 @@ def export_one_step(folder, generator, sigma_init: float, info: dict | None = No
     scheduler = sched_cls.from_config(base.scheduler_config)
     pipe = SFDOneStepPipeline(unet=unet, vae=vae, text_encoder=text.model, tokenizer=text.tokenizer,
                               scheduler=scheduler, sigma_init=float(sigma_init))
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         write_json(tmp / "sfd.json", {"sigma_init": float(sigma_init), "one_step": True, **(info or {})})
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return _write_atomically(folder, write)
 
 
 def load_one_step(folder, device="cpu") -> SFDOneStepPipeline:
