@@ -84,6 +84,21 @@ def root_cause(err, max_lines: int = 3) -> str:
     return "\n".join(kept[:max_lines])[:1000]
 
 
+def _stored_config(result) -> dict:
+    """The trial's config from its folder's params.json: a Tune experiment restored with
+    ``resume_errored=False`` hands back its failed trials without their config."""
+    if not result.path:
+        return {}
+    import pyarrow.fs as pafs
+    fs = getattr(result, "filesystem", None) or pafs.LocalFileSystem()
+    try:
+        with fs.open_input_stream(result.path.rstrip("/") + "/params.json") as f:
+            cfg = json.loads(f.read())
+    except (OSError, ValueError):                 # no or unreadable params.json: nothing to tell
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def trial_rows(result_grid, targets: dict, out_dir: Path, outcome: dict, errors: dict | None = None,
                notes: dict | None = None) -> list[dict]:
     """One row per Tune trial with what happened to it: ``outcome`` (trial id -> finished / stopped /
@@ -92,7 +107,7 @@ def trial_rows(result_grid, targets: dict, out_dir: Path, outcome: dict, errors:
     errors, notes = errors or {}, notes or {}
     rows = []
     for r in result_grid:
-        cfg = r.config or {}
+        cfg = r.config or _stored_config(r)
         if "target" not in cfg:
             continue
         m = dict(r.metrics or {})

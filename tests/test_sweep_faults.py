@@ -385,8 +385,17 @@ def test_failed_trial_records_the_root_cause_not_rays_banner(tmp_path, monkeypat
                                                "workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}},
             run_config=tune.RunConfig(name="t", storage_path=str(tmp_path / "ray"), callbacks=[callback], verbose=0),
         ).fit()
+        # `sweep.py --resume` restores the experiment with resume_errored=False: Tune hands the failed
+        # trial back without its config; its row must still be there, failed, with the same cause
+        restored = tune.Tuner.restore(str(tmp_path / "ray" / "t"), trainable=tune.with_resources(
+            run_trial, tune.PlacementGroupFactory([{"memory": 2**20}])), resume_unfinished=True,
+            resume_errored=False, restart_errored=False).fit()
     finally:
         ray.shutdown()
+    assert [r.config for r in restored] == [None]             # what Tune gives back
+    again = trial_rows(restored, {target.name: target}, out, {}, {})
+    assert [r["status"] for r in again] == ["failed"] and again[0]["error"].startswith(
+        f"CheckpointError: corrupted or unreadable weight file {bad}"), again
     raw = str(grid[0].error)
     assert "ray::ImplicitFunc.train()" in raw                 # what the table used to hold
     want = f"CheckpointError: corrupted or unreadable weight file {bad}"
