@@ -123,8 +123,9 @@ def teacher_samples(teacher, num_classes: int, per_class: int, steps: int = 18, 
                 t, _ = load_tensors(candidate)
                 if torch.equal(t["labels"], labels) and len(t["x"]) == len(labels):
                     cached = t["x"], t["labels"]
-            except (CheckpointError, KeyError):
-                cached = None                     # a damaged entry is recomputed (the cache) or skipped
+            except (CheckpointError, KeyError) as e:  # a damaged entry is recomputed (the cache) or skipped
+                print(f"note: teacher reference {candidate} is damaged ({type(e).__name__}: {e}); not used",
+                      flush=True)
     if dist.all_true(cached is not None, device):
         return cached
     bar = tqdm(total=len(labels), disable=not progress, desc=f"teacher {steps}-step Heun", unit="img")

@@ -242,8 +242,9 @@ def cached_teacher_samples(teacher, ids: torch.Tensor, seed: int, guidance: floa
             if (meta.get("key") == key and torch.equal(t["ids"], ids.long().cpu()) and tuple(x.shape) == shape
                     and bool(torch.isfinite(x).all())):
                 return x
-        except (CheckpointError, KeyError):
-            pass                               # a damaged cache entry is recomputed
+        except (CheckpointError, KeyError) as e:
+            print(f"note: cached teacher samples {path} are damaged ({type(e).__name__}: {e}); recomputing",
+                  flush=True)
     x = teacher_samples(teacher, ids, seed, guidance, null, steps, batch)
     save_tensors(path, {"x": x, "ids": ids.long().cpu()}, {"key": key, "teacher": desc["teacher"],
                                                           "guidance": desc["guidance"], "steps": steps, "seed": seed})
