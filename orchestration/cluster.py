@@ -23,26 +23,34 @@ _KEY = "_sfd_cluster"
 
 def worker_fn(config: dict) -> None:
     """Ray Train per-worker function: the wrapped trainer's own, in a node-local folder, then upload."""
-    import ray
     import ray.train
 
     extra = config[_KEY]
     inner = {k: v for k, v in config.items() if k != _KEY}
-    rank = ray.train.get_context().get_world_rank()
+    run_with_outputs(extra["train_fn"], inner, rank=ray.train.get_context().get_world_rank(),
+                     outputs_uri=extra.get("outputs_uri"), scratch_rel=extra["scratch_rel"])
+
+
+def run_with_outputs(fn, config: dict, *, rank: int, outputs_uri: str | None, scratch_rel: str) -> None:
+    """``fn(config)``; with ``outputs_uri``, in a node-local run folder whose contents rank 0 uploads
+    there when ``fn`` ends (also after a failure: what there is, for a look), every rank recording its
+    node in ``workers/rank-<r>.json``."""
+    import ray
+
     store = None
-    if extra.get("outputs_uri"):
+    if outputs_uri:
         from orchestration.storage import Storage, scratch_root
-        store = Storage.from_uri(extra["outputs_uri"])
-        inner["run_dir"] = str(scratch_root() / extra["scratch_rel"])
-        Path(inner["run_dir"]).mkdir(parents=True, exist_ok=True)
+        store = Storage.from_uri(outputs_uri)
+        config = {**config, "run_dir": str(scratch_root() / scratch_rel)}
+        Path(config["run_dir"]).mkdir(parents=True, exist_ok=True)
         where = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
-                 "run_dir": inner["run_dir"]}
+                 "run_dir": config["run_dir"]}
         store.write_bytes(f"workers/rank-{rank}.json", json.dumps(where).encode())
     try:
-        extra["train_fn"](inner)
+        fn(config)
     finally:
-        if store is not None and rank == 0 and Path(inner["run_dir"]).is_dir():
-            store.upload_dir(inner["run_dir"], "")     # also after a failure: what there is, for a look
+        if store is not None and rank == 0 and Path(config["run_dir"]).is_dir():
+            store.upload_dir(config["run_dir"], "")
 
 
 def for_cluster(trainer, *, placement: str = "pack", outputs_uri: str | None = None, scratch_rel: str = ""):

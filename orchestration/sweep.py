@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=0,
                    help="trials running at once (default: as many as the cluster's CPUs/GPUs allow)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
+    p.add_argument("--trial-runner", choices=["auto", "train", "tune"], default="auto",
+                   help="how a trial runs: 'train' as a Ray Train job (TorchTrainer: a controller and "
+                        "--workers-per-trial worker actors, DDP), 'tune' inside the Tune trial's own process (one "
+                        "worker; no Ray Train processes to start, ~20 s less per trial on 2 CPUs; the next trial "
+                        "reuses the process), 'auto' = tune for 1 worker per trial, train for more (default: auto)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray Train worker (default: 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPUs per Ray Train worker; > 0 uses CUDA and NCCL (default: 0, CPU with gloo)")
@@ -170,6 +175,11 @@ def check_flags(a) -> None:
     if a.num_cpus is not None:
         need(a.num_cpus >= 1, "--num-cpus", a.num_cpus, "at least 1 CPU")
     need(a.max_failures >= -1, "--max-failures", a.max_failures, "restarts >= 0, or -1 for no limit")
+    from orchestration.trial import resolve_runner
+    try:
+        a.trial_runner = resolve_runner(a.trial_runner, a.workers_per_trial)
+    except ValueError as e:
+        raise SweepError(str(e)) from None
     if a.resume and a.overwrite:
         raise SweepError("--resume and --overwrite contradict each other — give one of them")
 
@@ -384,7 +394,8 @@ def _error(msg: str) -> int:
 
 def sweep_plan_key(a, targets) -> dict:
     """What a resumed sweep must share with the one it continues."""
-    return {"targets": [t.name for t in targets], "trials_per_target": a.trials_per_target, "seed": a.seed}
+    return {"targets": [t.name for t in targets], "trials_per_target": a.trials_per_target, "seed": a.seed,
+            "trial_runner": a.trial_runner}
 
 
 def claim_out(a, targets, dry_run: bool = False) -> dict:
@@ -427,10 +438,12 @@ def claim_out(a, targets, dry_run: bool = False) -> dict:
     if rec is None:
         raise SweepError(f"--resume: {out} holds an earlier sweep ({', '.join(held)}) without a {SWEEP_FILE}, so it "
                          f"cannot be resumed — pass --overwrite to move it aside, or choose another --out")
-    changed = [f"{k}: {rec.get(k)!r} in {out.name} vs {v!r} now" for k, v in key.items() if rec.get(k) != v]
+    # (a record written before --trial-runner existed ran every trial on Ray Train)
+    changed = [f"{k}: {rec.get(k, 'train' if k == 'trial_runner' else None)!r} in {out.name} vs {v!r} now"
+               for k, v in key.items() if rec.get(k, "train" if k == "trial_runner" else None) != v]
     if changed:
         raise SweepError(f"--resume: the sweep in {out} was planned differently ({'; '.join(changed)}) — resume it "
-                         f"with its own --targets/--trials-per-target/--seed, or choose another --out")
+                         f"with its own --targets/--trials-per-target/--seed/--trial-runner, or choose another --out")
     return rec
 
 
@@ -583,7 +596,7 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
     from orchestration.results import summarise, trial_rows
     from orchestration.search import PerTargetSearch
     from orchestration.tracking import MLflowSweep, MLflowTuneCallback
-    from orchestration.trial import run_trial
+    from orchestration.trial import run_trial, trial_resources
 
     out = Path(a.out).resolve()
     aside = record.pop("_move_aside", None)
@@ -632,7 +645,7 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
         n_trials = len(targets) * a.trials_per_target
         print(f"[sweep] {len(targets)} targets x {a.trials_per_target} trials = {n_trials} trials, up to {max_conc} "
               f"at once ({a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU, {a.gpus_per_worker} GPU per "
-              f"trial); MLflow: {uri}", flush=True)
+              f"trial, {'in the Tune trial' if a.trial_runner == 'tune' else 'on Ray Train'}); MLflow: {uri}", flush=True)
 
         clu.make_references(a, spaces, overrides, storage, log=lambda m: print(m, flush=True))  # [cluster] Ray tasks
         for name, space in spaces.items():
@@ -649,9 +662,16 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
         scheduler = make_scheduler(stopper)
         sweep_cfg = {"out": str(out), "storage": storage, "workers_per_trial": a.workers_per_trial,
                      "cpus_per_worker": a.cpus_per_worker, "gpus_per_worker": a.gpus_per_worker,
-                     "max_failures": a.max_failures, **clu.trial_config(a, storage, out)}      # [cluster]
-        # The trial function only drives its Ray Train job; the workers hold the resources.
-        trainable = tune.with_resources(run_trial, tune.PlacementGroupFactory([{"memory": 2**20}]))
+                     "max_failures": a.max_failures, "trial_runner": a.trial_runner,
+                     **clu.trial_config(a, storage, out)}      # [cluster]
+        # --trial-runner train: the trial function only drives its Ray Train job, whose workers hold the
+        # resources; tune: the trial's own process trains and holds them
+        trainable = tune.with_resources(run_trial, tune.PlacementGroupFactory(
+            [trial_resources(a.trial_runner, a.cpus_per_worker, a.gpus_per_worker)]))
+        # in the trial's process, Tune itself keeps the two newest checkpoints and retries a failed trial
+        in_tune = a.trial_runner == "tune"
+        tune_ckpt = tune.CheckpointConfig(num_to_keep=2) if in_tune else None
+        tune_fail = tune.FailureConfig(max_failures=a.max_failures) if in_tune else None
         exp_path = f"{storage.rstrip('/')}/{record['tune_name']}"
         if resuming and tune.Tuner.can_restore(exp_path):
             print(f"[sweep] --resume: restoring the Tune experiment {exp_path}", flush=True)
@@ -664,12 +684,12 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
                 print("[sweep] --resume: no Tune state was saved; the trials it had asked for start again", flush=True)
             tuner = tune.Tuner(
                 trainable, param_space={"sweep": sweep_cfg},
-                # reuse_actors: a finished trial's driver process runs the next trial (the trial function only
-                # drives its Ray Train job), so each trial does not pay a fresh process and its imports
+                # reuse_actors: a finished trial's process runs the next trial, so each trial does not pay a
+                # fresh process and its imports (with --trial-runner tune: torch, sfd and the loop's own)
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n_trials,
                                             max_concurrent_trials=max_conc, reuse_actors=True),
                 run_config=tune.RunConfig(name=record["tune_name"], storage_path=storage, callbacks=[callback],
-                                          verbose=0),
+                                          checkpoint_config=tune_ckpt, failure_config=tune_fail, verbose=0),
             )
         signal.signal(signal.SIGUSR1, lambda *_: None)     # until Tune installs its own stop handler
         state["in_tune"] = True

@@ -28,9 +28,11 @@ REPORT_KEYS = ("iteration", "kimg", "train_seconds", "wall_seconds", "loss_fake_
                "leakage_accuracy_teacher", "other_attribute_accuracy", "other_attribute_accuracy_heldout")
 
 
-def train_fn_per_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
+def run_reporting(config: dict, *, device: str, rank: int, stored, send) -> None:
+    """The body of every runner of one SFD run: threads, a restart from ``stored`` (the runner's copy
+    of the last checkpoint, or None), :func:`sfd.loop.train_sfd`, and each report through
+    ``send(metrics, checkpoint_dir_or_None)``. Ray Train's workers and the in-trial runner
+    (:func:`train_fn_in_tune`) differ only in what they pass here."""
     import torch
 
     from sfd.config import SFDConfig
@@ -39,11 +41,9 @@ def train_fn_per_worker(config: dict) -> None:
     threads = int(config.get("threads_per_worker") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    cfg = SFDConfig.from_dict({**config["sfd"], "device": str(ray.train.torch.get_device())})
-    rank = ray.train.get_context().get_world_rank()
+    cfg = SFDConfig.from_dict({**config["sfd"], "device": device})
     resume = bool(config.get("resume", True))
-    stored = ray.train.get_checkpoint()
-    if stored is not None:               # a restart: continue from Ray's copy of the last checkpoint
+    if stored is not None:               # a restart: continue from the runner's copy of the last checkpoint
         with stored.as_directory() as d:
             restore_into_run_dir(d, config["run_dir"], record=rank == 0)
         resume = True
@@ -52,8 +52,7 @@ def train_fn_per_worker(config: dict) -> None:
 
     def report(metrics: dict, checkpoint_dir) -> None:
         clean = {k: float(metrics[k]) for k in REPORT_KEYS if k in metrics and metrics[k] is not None}
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir and rank == 0 else None
-        ray.train.report(clean, checkpoint=ckpt)
+        send(clean, checkpoint_dir if rank == 0 else None)
         reports.append(clean)
 
     final = train_sfd(cfg, config["run_dir"], callback=report, resume=resume,
@@ -63,6 +62,41 @@ def train_fn_per_worker(config: dict) -> None:
         # restarted from the run's final checkpoint (it was killed after saving it): nothing was left
         # to train, so the loop reported nothing; the final metrics still reach Tune and the tracker
         report(final, None)
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Ray Train's per-worker function (gloo on CPU, NCCL on GPU, set up by Ray Train)."""
+    import ray.train
+    import ray.train.torch
+
+    def send(metrics, checkpoint_dir):
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    run_reporting(config, device=str(ray.train.torch.get_device()), rank=ray.train.get_context().get_world_rank(),
+                  stored=ray.train.get_checkpoint(), send=send)
+
+
+def train_fn_in_tune(config: dict) -> None:
+    """The same run inside a Ray Tune trial's own process (``--trial-runner tune``): one worker, no
+    Ray Train controller or worker actors; reports and checkpoints go to Tune itself, and a trial
+    that Tune restarts (``FailureConfig``, ``--resume``) continues from ``ray.tune.get_checkpoint()``."""
+    import ray.tune
+    import torch
+
+    def send(metrics, checkpoint_dir):
+        ckpt = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=ckpt)
+
+    device = "cuda" if float(config.get("gpus", 0) or 0) > 0 and torch.cuda.is_available() else "cpu"
+    run_reporting(config, device=device, rank=0, stored=ray.tune.get_checkpoint(), send=send)
+
+
+def train_loop_config(sfd_config: dict, run_dir, *, cpus_per_worker: float = 1.0, resume: bool = True,
+                      progress: bool = False, measure_speed: bool = False) -> dict:
+    """What either runner's function takes."""
+    return {"sfd": sfd_config, "run_dir": str(run_dir), "resume": resume, "progress": progress,
+            "measure_speed": measure_speed, "threads_per_worker": max(1, math.floor(cpus_per_worker))}
 
 
 def restore_into_run_dir(ckpt_dir, run_dir, record: bool = True) -> int:
@@ -127,9 +161,8 @@ def make_trainer(sfd_config: dict, run_dir, *, num_workers: int = 1, cpus_per_wo
         resources["GPU"] = gpus_per_worker
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"sfd": sfd_config, "run_dir": str(run_dir), "resume": resume, "progress": progress,
-                           "measure_speed": measure_speed,
-                           "threads_per_worker": max(1, math.floor(cpus_per_worker))},
+        train_loop_config=train_loop_config(sfd_config, run_dir, cpus_per_worker=cpus_per_worker, resume=resume,
+                                            progress=progress, measure_speed=measure_speed),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
