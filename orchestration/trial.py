@@ -29,12 +29,12 @@ def resolve_runner(runner: str, workers_per_trial: int) -> str:
     """``auto`` -> ``tune`` for one worker per trial, ``train`` for more; ``tune`` with more than one
     worker is refused (DDP needs Ray Train's worker group)."""
     if runner not in RUNNERS:
-        raise ValueError(f"--trial-runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+        raise ValueError(f"--trial-runner {runner!r} is unknown — give one of {', '.join(RUNNERS)}")
     if runner == "auto":
         return "tune" if workers_per_trial == 1 else "train"
     if runner == "tune" and workers_per_trial != 1:
         raise ValueError(f"--trial-runner tune runs one worker per trial, got --workers-per-trial "
-                         f"{workers_per_trial}: use --trial-runner train (or auto) for data-parallel trials")
+                         f"{workers_per_trial} — use --trial-runner train (or auto) for data-parallel trials")
     return runner
 
 

@@ -4,8 +4,10 @@
   nothing in --out touched), and so is an --out holding another sweep;
 - SIGINT and SIGTERM end a running sweep cleanly: the cut-off trial marked as such in
   trials.parquet, its MLflow run and the sweep's run KILLED, none left RUNNING;
-- a Ray Train worker killed by PID mid-trial (--max-failures 1): the trial continues from its
-  checkpoint in Ray's storage (the local copy deleted first), in the same MLflow run;
+- the process that trains killed by PID mid-trial (--max-failures 1) -- a Ray Train worker
+  (--trial-runner train) or the Tune trial's own process (tune, the default for one worker): the
+  trial continues from its checkpoint in Ray's storage (the local copy deleted first), in the same
+  MLflow run;
 - the driver killed with SIGKILL, then --resume: every trial exactly once, in trials.parquet, in
   MLflow (FINISHED, none RUNNING) and in the Optuna studies (COMPLETE).
 
@@ -109,12 +111,21 @@ def _trial_dirs(out: Path) -> list[Path]:
 
 
 def _stored(out: Path, trial_id: str) -> bool:
-    """Ray Train committed a checkpoint of the trial to storage (its snapshot names one)."""
+    """A checkpoint of the trial is committed to storage: Ray Train's snapshot names one
+    (--trial-runner train), or Tune's result rows of the trial do (tune)."""
     snap = out / "ray" / f"train-{trial_id}" / "checkpoint_manager_snapshot.json"
     try:
-        return '"checkpoint_dir_name"' in snap.read_text()
+        if '"checkpoint_dir_name"' in snap.read_text():
+            return True
     except OSError:
-        return False
+        pass
+    for rows in (out / "ray").glob(f"tune-*/run_trial_{trial_id}_*/result.json"):
+        try:
+            if any(json.loads(x).get("checkpoint_dir_name") for x in rows.read_text().splitlines() if x.strip()):
+                return True
+        except (OSError, ValueError):
+            pass                                      # being written
+    return False
 
 
 def _finished(log: Path, n: int) -> bool:
@@ -173,6 +184,8 @@ FLAG_CASES = [
     (["--max-failures", "-2"], "--max-failures -2 is invalid"),
     (["--cpus-per-worker", "0"], "--cpus-per-worker 0.0 is invalid"),
     (["--resume", "--overwrite"], "--resume and --overwrite contradict"),
+    (["--trial-runner", "tune", "--workers-per-trial", "2"], "--trial-runner tune runs one worker per trial, got "
+                                                               "--workers-per-trial 2 — use --trial-runner train"),
     (["--space", str(space_path("cifar10"))], "is a search space for preset 'cifar10'"),
 ]
 
@@ -268,20 +281,26 @@ def test_sigint_ends_the_sweep_cleanly_and_overwrite_moves_the_old_one_aside(tmp
     assert len(old) == 1 and _checksums(old[0]) == before
 
 
-def test_worker_killed_mid_trial_resumes_from_storage_then_sigterm(tmp_path, env):
-    """--max-failures 1: the Ray Train worker of the first trial is SIGKILLed after a checkpoint
-    reached Ray's storage and the local copies were deleted; the restarted worker continues from
-    the storage copy; then SIGTERM during the second trial ends the sweep cleanly."""
+# the process that runs train_sfd: a Ray Train worker actor, or the Tune trial's own (function trainable)
+TRAINING_PROCESS = {"train": "RayTrainWorker", "tune": "ImplicitFunc"}
+
+
+@pytest.mark.parametrize("runner", ["train", "tune"])
+def test_worker_killed_mid_trial_resumes_from_storage_then_sigterm(tmp_path, env, runner):
+    """--max-failures 1: the process training the first trial (Ray Train's worker, or the Tune
+    trial's own) is SIGKILLed after a checkpoint reached Ray's storage and the local copies were
+    deleted; the restarted one continues from the storage copy; then SIGTERM during the second trial
+    ends the sweep cleanly."""
     out = tmp_path / "sweep"
     log = tmp_path / "log.txt"
-    proc, f = _start(env["env"], _args(out, env["long"], "--max-failures", "1"), log)
+    proc, f = _start(env["env"], _args(out, env["long"], "--max-failures", "1", "--trial-runner", runner), log)
     try:
         def stored():
             dirs = _trial_dirs(out)
             return bool(dirs) and _stored(out, dirs[0].parent.name)
         _wait(stored, proc, log, 240, "a checkpoint of the first trial in Ray's storage")
         run_dir = _trial_dirs(out)[0].parent
-        workers = [p for p in _children(proc.pid) if "RayTrainWorker" in _cmdline(p)]
+        workers = [p for p in _children(proc.pid) if TRAINING_PROCESS[runner] in _cmdline(p)]
         assert len(workers) == 1, [(p, _cmdline(p)) for p in _children(proc.pid)]
         import shutil
         shutil.rmtree(run_dir / "checkpoints")       # only the storage copy is left to resume from
@@ -354,16 +373,18 @@ def test_sigkill_then_resume_runs_every_trial_exactly_once(tmp_path, env):
 
 # -- a trial that fails inside Ray: the real cause recorded --------------------------------------
 
-def test_failed_trial_records_the_root_cause_not_rays_banner(tmp_path, monkeypatch):
-    """A trial whose worker raises (a corrupt teacher file, found inside the Ray Train worker): its
-    row says failed with the worker's exception, its MLflow run is FAILED with the same error tag."""
+@pytest.mark.parametrize("runner", ["train", "tune"])
+def test_failed_trial_records_the_root_cause_not_rays_banner(tmp_path, monkeypatch, runner):
+    """A trial whose worker raises (a corrupt teacher file, found inside the Ray Train worker or the
+    Tune trial's own process): its row says failed with the worker's exception, its MLflow run is
+    FAILED with the same error tag."""
     import ray
     from ray import tune
 
     from orchestration.results import root_cause, trial_rows
     from orchestration.targets import parse_targets
     from orchestration.tracking import MLflowSweep, MLflowTuneCallback
-    from orchestration.trial import run_trial
+    from orchestration.trial import run_trial, trial_resources
     from sfd.config import config_for_preset
 
     monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "1")
@@ -376,19 +397,21 @@ def test_failed_trial_records_the_root_cause_not_rays_banner(tmp_path, monkeypat
     tracker = MLflowSweep(f"sqlite:///{tmp_path / 'mlflow.db'}", "sfd-sweep")
     tracker.start_parent("sweep-test", {}, {})
     callback = MLflowTuneCallback(tracker, {target.name: target}, out)
+    resources = tune.PlacementGroupFactory([trial_resources(runner, 1, 0)])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         grid = tune.Tuner(
-            tune.with_resources(run_trial, tune.PlacementGroupFactory([{"memory": 2**20}])),
+            tune.with_resources(run_trial, resources),
             param_space={"target": target.name, "target_slug": target.slug, "baseline": True, "params": {},
                          "sfd": cfg, "sweep": {"out": str(out), "storage": str(tmp_path / "ray"),
-                                               "workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}},
+                                               "workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0,
+                                               "trial_runner": runner}},
             run_config=tune.RunConfig(name="t", storage_path=str(tmp_path / "ray"), callbacks=[callback], verbose=0),
         ).fit()
         # `sweep.py --resume` restores the experiment with resume_errored=False: Tune hands the failed
         # trial back without its config; its row must still be there, failed, with the same cause
         restored = tune.Tuner.restore(str(tmp_path / "ray" / "t"), trainable=tune.with_resources(
-            run_trial, tune.PlacementGroupFactory([{"memory": 2**20}])), resume_unfinished=True,
+            run_trial, resources), resume_unfinished=True,
             resume_errored=False, restart_errored=False).fit()
     finally:
         ray.shutdown()
@@ -434,3 +457,30 @@ def test_dry_run_reports_an_out_holding_another_sweep_and_changes_nothing(tmp_pa
     assert main(["--targets", "digits:0", "--out", str(out), "--dry-run", "--overwrite"]) == 0
     assert "would be moved aside" in capsys.readouterr().out
     assert _checksums(out) == before and not list(tmp_path.glob("held.old-*"))
+
+
+# -- the two trial runners --------------------------------------------------------------------
+
+def test_both_trial_runners_train_the_same_trial(tmp_path, env):
+    """--trial-runner train (a Ray Train job) and tune (inside the Tune trial's process) run the same
+    per-worker body: the same trial (same seed, same parameters) gives a byte-identical generator and
+    the same metrics."""
+    import pandas as pd
+    got = {}
+    for runner in ("train", "tune"):
+        out = tmp_path / runner
+        r = subprocess.run([sys.executable, str(REPO / "orchestration" / "sweep.py"), "--targets", "digits:0",
+                            "--trials-per-target", "1", "--space", str(env["tiny"]), "--out", str(out),
+                            "--num-cpus", "2", "--ua-threshold", "0", "--fresh-seed", "-1", "--trial-runner", runner],
+                           cwd=REPO, env=env["env"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert ("in the Tune trial" if runner == "tune" else "on Ray Train") in r.stdout
+        (gen,) = (out / "trials" / SLUG).glob("*/generator.safetensors")
+        row = pd.read_parquet(out / "trials.parquet").iloc[0]
+        got[runner] = (hashlib.sha256(gen.read_bytes()).hexdigest(), row)
+    assert got["train"][0] == got["tune"][0]
+    for k in ("ua", "fd_remaining", "fd_forget_vs_override", "remaining_accuracy", "kimg"):
+        assert got["train"][1][k] == got["tune"][1][k], k
+    assert list((tmp_path / "tune" / "ray").glob("tune-*/run_trial_*/checkpoint_*"))   # tune: in Tune's folder
+    assert not list((tmp_path / "tune" / "ray").glob("train-*"))          # and no Ray Train run
+    assert list((tmp_path / "train" / "ray").glob("train-*/checkpoint_*"))
