@@ -215,6 +215,37 @@ def test_two_node_sweep_keeps_everything_in_s3(tmp_path, moto_s3, mlflow_s3, ray
         f"other/reference/{other['name']}"]
 
 
+def test_one_worker_trials_in_the_tune_process_keep_everything_in_s3(tmp_path, moto_s3, mlflow_s3, ray_two_nodes):
+    """--trial-runner tune (the default for one worker) on the 2-node cluster with S3 storage: Tune's
+    own checkpoints of the trial and its uploaded outputs are in the bucket, the node it ran on is
+    recorded, the driver gets the folder back for the summary; no Ray Train run exists."""
+    import fnmatch
+
+    cluster, nodes = ray_two_nodes
+    bucket = moto_s3["bucket"]
+    uri = f"s3://{bucket}/inline"
+    out = tmp_path / "out"
+    r = sweep(["--targets", "digits:3", "--trials-per-target", "1", "--space", str(tiny_space(tmp_path)),
+               "--storage", uri, "--mlflow-uri", mlflow_s3, "--address", cluster.address, "--out", str(out),
+               "--ua-threshold", "0", "--fresh-seed", "-1", "--no-shared-stage1"], timeout=420)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "in the Tune trial" in r.stdout
+    keys = _bucket_keys(bucket, "inline/")
+
+    def has(pattern):
+        return [k for k in keys if fnmatch.fnmatch(k, pattern)]
+
+    assert has("inline/tune-*/run_trial_*/checkpoint_*/state.safetensors")       # Tune's checkpoints, in S3
+    assert not has("inline/train-*")                                             # no Ray Train run
+    (trial,) = sorted({k.split("/")[3] for k in has("inline/trials/*/*/metrics.json")})
+    for f in ("history.json", "generator.safetensors", "checkpoints/*/state.safetensors"):
+        assert has(f"inline/trials/*/{trial}/{f}"), f
+    (where,) = [json.loads(Storage.from_uri(uri).read_bytes(k[len("inline/"):]))
+                for k in has(f"inline/trials/*/{trial}/workers/rank-*.json")]
+    assert where["rank"] == 0 and where["node_id"] in set(nodes)
+    assert list((out / "trials").glob(f"*/{trial}/generator.safetensors"))
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--reference-cpus", "0"], "--reference-cpus must be > 0"),
     (["--reference-gpus", "-1"], "--reference-gpus >= 0"),
