@@ -62,7 +62,8 @@ class PerTargetSearch(Searcher):
                 study_name=name, storage=self.storage, load_if_exists=True, directions=["minimize", "minimize"],
                 sampler=TPESampler(seed=self.seed + i, multivariate=True))
             if not study.trials:                  # a fresh study: the baseline is its first point
-                study.enqueue_trial(self.spaces[self.targets[name].preset].baseline_point())
+                t = self.targets[name]
+                study.enqueue_trial(self.spaces[t.preset].baseline_point(t.override))
             self.studies[name] = study
 
     def __getstate__(self):
@@ -132,7 +133,7 @@ class PerTargetSearch(Searcher):
     def sfd_config(self, name: str, params: dict) -> dict:
         """The trial's full SFD configuration: preset defaults, searched values, target, overrides."""
         t = self.targets[name]
-        base = self.spaces[t.preset].baseline()
+        base = self.spaces[t.preset].baseline(t.override)
         cfg = base.replace(**{**params, **self.overrides, **t.config_overrides()})
         return cfg.to_dict()
 

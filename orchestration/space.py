@@ -24,9 +24,14 @@ class SearchSpace:
     trials_per_target: int = 3        # the sweep's default --trials-per-target for this preset
     source: str = ""
     extra: dict = field(default_factory=dict)
+    # override policy ('random', ...) -> settings its targets default to on top of `defaults`
+    by_override: dict = field(default_factory=dict)
 
-    def baseline(self) -> SFDConfig:
-        return SFDConfig.from_dict({**self.defaults, "preset": self.preset})
+    def baseline(self, override: str | None = None) -> SFDConfig:
+        """The default configuration; for a target of the ``override`` policy, with that policy's
+        ``override_defaults`` on top (the same defaults `sfd forget` gives that policy)."""
+        extra = self.by_override.get(str(override), {}) if override is not None else {}
+        return SFDConfig.from_dict({**self.defaults, **extra, "preset": self.preset})
 
     def optuna_space(self) -> dict:
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -41,9 +46,9 @@ class SearchSpace:
                 out[k] = CategoricalDistribution(list(p["values"]))
         return out
 
-    def baseline_point(self) -> dict:
+    def baseline_point(self, override: str | None = None) -> dict:
         """The default configuration expressed in the searched parameters (Optuna's first point)."""
-        base = self.baseline().to_dict()
+        base = self.baseline(override).to_dict()
         return {k: base[k] for k in self.params}
 
 
@@ -64,10 +69,10 @@ def load_space(path) -> SearchSpace:
     if not isinstance(doc, dict):
         raise ValueError(f"search space {path}: expected a mapping with 'preset', 'defaults', 'search'")
     unknown = sorted(set(doc) - {"preset", "defaults", "trial", "search", "override", "stage1_kimg", "stage1",
-                              "trials_per_target"})
+                              "trials_per_target", "override_defaults"})
     if unknown:
         raise ValueError(f"search space {path}: unknown top-level key(s) {unknown}; allowed: preset, defaults, "
-                         f"trial, search, override, stage1_kimg, stage1, trials_per_target")
+                         f"trial, search, override, stage1_kimg, stage1, trials_per_target, override_defaults")
     stage1_kimg = doc.get("stage1_kimg", 0)
     if not isinstance(stage1_kimg, (int, float)) or isinstance(stage1_kimg, bool) or not stage1_kimg >= 0:
         raise ValueError(f"search space {path}: stage1_kimg must be a number >= 0, got {stage1_kimg!r}")
@@ -126,8 +131,42 @@ def load_space(path) -> SearchSpace:
             if not lo <= base[key] <= hi:
                 raise ValueError(f"{where}: the default {key}={base[key]} lies outside [{lo}, {hi}]; the baseline "
                                  f"trial must be a point of the space")
+    by_override = _override_defaults(path, doc, preset, defaults, params)
     return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), float(stage1_kimg), trials,
-                       str(path))
+                       str(path), by_override=by_override)
+
+
+def _override_defaults(path, doc: dict, preset: str, defaults: dict, params: dict) -> dict:
+    """``override_defaults``: policy -> SFD settings (not the target, not the trial schedule), each
+    set valid on top of the defaults and, for a searched setting, inside its range (the policy's
+    baseline trial is a point of the space)."""
+    from sfd.config import OVERRIDE_POLICIES
+    block = doc.get("override_defaults") or {}
+    if not isinstance(block, dict):
+        raise ValueError(f"search space {path}: 'override_defaults' must map an override policy to SFD settings")
+    out = {}
+    for policy, extra in block.items():
+        where = f"search space {path}: override_defaults.{policy}"
+        if policy not in OVERRIDE_POLICIES:
+            raise ValueError(f"{where}: not an override policy; give one of {', '.join(OVERRIDE_POLICIES)}")
+        if not isinstance(extra, dict):
+            raise ValueError(f"{where}: must be a mapping of SFD settings")
+        bad = sorted(set(extra) & (TRIAL_KEYS | {"preset", "forget", "override", "forget_concepts"}))
+        if bad:
+            raise ValueError(f"{where}: {bad} cannot differ per policy (the target and the trial schedule)")
+        try:
+            cfg = SFDConfig.from_dict({**stand_in_target(preset), **defaults, **extra, "preset": preset}).validate()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        for key, p in params.items():
+            v = getattr(cfg, key)
+            if key in extra and p["type"] != "choice" and not p["low"] <= v <= p["high"]:
+                raise ValueError(f"{where}: {key}={v} lies outside search.{key} [{p['low']}, {p['high']}]; the "
+                                 f"policy's baseline trial must be a point of the space")
+            if key in extra and p["type"] == "choice" and v not in p["values"]:
+                raise ValueError(f"{where}: {key}={v!r} is not among search.{key}'s values")
+        out[str(policy)] = dict(extra)
+    return out
 
 
 def stand_in_target(preset: str) -> dict:
@@ -152,7 +191,7 @@ def validate_plan(targets, spaces: dict, overrides: dict) -> None:
         where = f"search space {space.source or t.preset}"
         fixed = {**overrides, **t.config_overrides()}
         try:
-            base = space.baseline().replace(**fixed).validate()
+            base = space.baseline(t.override).replace(**fixed).validate()
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: defaults for target {t.name}: {e}") from None
         for key, p in space.params.items():

@@ -259,7 +259,9 @@ def config_from_args(a):
         items = [t.strip() for t in str(given["override"]).split(",")]
         if all(t in p.class_names or t.isdigit() for t in items) and all(items):
             given["override"] = ",".join(str(c) for c in parse_classes(given["override"], p, "--override"))
-    return SFDConfig.from_dict({**preset_defaults(preset), **given})
+    # the policy's own defaults (search_spaces/<preset>.yaml: override_defaults), under the flags given
+    override = given.get("override", preset_defaults(preset).get("override", SFDConfig.override))
+    return SFDConfig.from_dict({**preset_defaults(preset, override), **given})
 
 
 def _fmt(m: dict, keys) -> str:

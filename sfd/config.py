@@ -342,10 +342,26 @@ def preset_block(preset: str, block: str = "defaults") -> dict | None:
     return dict(doc[block])
 
 
-def preset_defaults(preset: str) -> dict:
+def preset_defaults(preset: str, override: str | None = None) -> dict:
     """The ``defaults`` block of ``search_spaces/<preset>.yaml``: what `sfd forget --preset X` and
-    the sweep's baseline trial both start from (SFDConfig's own defaults fill the rest)."""
-    return preset_block(preset, "defaults") or {}
+    the sweep's baseline trial both start from (SFDConfig's own defaults fill the rest); with
+    ``override``, its ``override_defaults`` entry for that policy on top (e.g. 'random')."""
+    base = preset_block(preset, "defaults") or {}
+    if override is None:
+        return base
+    return {**base, **override_defaults(preset).get(str(override), {})}
+
+
+def override_defaults(preset: str) -> dict:
+    """``override_defaults`` of the preset's YAML: policy ('random', 'classifier') -> the settings
+    that policy's runs default to on top of ``defaults`` ({} where there is none)."""
+    import yaml
+    path = spaces_dir() / f"{preset}.yaml"
+    doc = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    block = doc.get("override_defaults") or {}
+    if not isinstance(block, dict) or not all(isinstance(v, dict) for v in block.values()):
+        raise ValueError(f"{path}: 'override_defaults' must map an override policy to a mapping of SFD settings")
+    return {str(k): dict(v) for k, v in block.items()}
 
 
 def preset_stage1_settings(preset: str) -> dict:
@@ -357,8 +373,11 @@ def preset_stage1_settings(preset: str) -> dict:
 
 
 def config_for_preset(preset: str, **changes) -> SFDConfig:
-    """SFDConfig defaults, then the preset's YAML defaults, then ``changes``."""
-    return SFDConfig.from_dict({**preset_defaults(preset), **changes, "preset": preset})
+    """SFDConfig defaults, then the preset's YAML defaults (with its ``override_defaults`` for the
+    override policy the result has), then ``changes``."""
+    base = preset_defaults(preset)
+    override = changes.get("override", base.get("override", SFDConfig.override))
+    return SFDConfig.from_dict({**preset_defaults(preset, override), **changes, "preset": preset})
 
 
 TUNABLE = ("alpha", "lambda_fake_remain", "lambda_fake_forget", "lambda_gen_remain", "lambda_gen_forget",
@@ -373,7 +392,9 @@ HELP = {
     "preset": "dataset preset",
     "forget": "class id(s) to forget (repeat the flag or give '0,3')",
     "override": "override per forget class: a class id ('1', or '1,2' aligned with --forget), "
-                "'random' (a uniform remaining class per sample) or 'classifier' (pseudo-label); text presets: "
+                "'random' (a uniform remaining class per sample) or 'classifier' (pseudo-label) -- a policy may bring "
+                "its own defaults (search_spaces/<preset>.yaml: override_defaults; digits 'random': forget batch "
+                "128, learning rates 3e-4, EMA half-life 3 kimg), under the flags given; text presets: "
                 "override concept(s), e.g. 'one' or 'one,blue', or 'next'",
     "override_draw": "how 'random' draws a forget sample's override class: 'sample' (the reference: "
                      "independently per sample, which pulls the one-step generator towards a blend of all "

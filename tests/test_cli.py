@@ -186,3 +186,39 @@ def test_forget_flags_start_from_the_preset_yaml_defaults():
     block = yaml.safe_load((spaces_dir() / "digits.yaml").read_text())["defaults"]
     assert block["init_from"] == "stage1"
     assert config_from_args(parse(["forget", "--out", "x"])) == SFDConfig(**block).validate()
+
+
+def test_an_override_policy_gets_its_own_defaults_under_the_flags():
+    """digits' `override_defaults: random` (search_spaces/digits.yaml) is what `sfd forget --override
+    random` starts from, on top of `defaults`; a fixed override does not get it; a flag given wins;
+    the sweep's baseline trial of a random target is the same configuration."""
+    import yaml
+
+    from orchestration.search import PerTargetSearch
+    from orchestration.space import load_space, space_path
+    from orchestration.targets import parse_targets
+    from sfd.cli import build_parser, config_from_args
+    from sfd.config import SFDConfig, config_for_preset, spaces_dir
+
+    doc = yaml.safe_load((spaces_dir() / "digits.yaml").read_text())
+    extra = doc["override_defaults"]["random"]
+    assert extra and all(doc["defaults"].get(k, getattr(SFDConfig, k)) != v for k, v in extra.items())
+    parse = build_parser().parse_args
+    rnd = config_from_args(parse(["forget", "--forget", "3", "--override", "random", "--out", "x"]))
+    fixed = config_from_args(parse(["forget", "--forget", "3", "--override", "4", "--out", "x"]))
+    for k, v in extra.items():
+        assert getattr(rnd, k) == v and getattr(fixed, k) == doc["defaults"].get(k, getattr(SFDConfig, k)), k
+    assert rnd == SFDConfig(**{**doc["defaults"], **extra, "forget": [3], "override": "random"}).validate()
+    assert config_for_preset("digits", forget=[3], override="random") == rnd
+    given = config_from_args(parse(["forget", "--forget", "3", "--override", "random", "--batch-forget", "7",
+                                    "--out", "x"]))
+    assert given.batch_forget == 7 and all(getattr(given, k) == v for k, v in extra.items() if k != "batch_forget")
+    # the sweep: a random target's baseline trial (Optuna's first point + the rest of the config)
+    space = load_space(space_path("digits"))
+    target = parse_targets(["digits:3->random"], "next")[0]
+    search = PerTargetSearch([target], {"digits": space}, 2)
+    first = search.suggest("t0")
+    assert first["baseline"]
+    for k, v in extra.items():
+        assert first["sfd"][k] == v, k
+    assert search.studies[target.name].trials[0].params == space.baseline_point("random")

@@ -59,6 +59,10 @@ def test_shipped_spaces_are_valid_and_contain_the_baseline():
     (lambda d: d["search"].update(alpha={"type": "uniform", "low": 2.0, "high": 1.0}), "search.alpha"),
     (lambda d: d["defaults"].update(learning_rate=1), "learning_rate"),
     (lambda d: d.update(serach={}), "serach"),
+    (lambda d: d.update(override_defaults={"randm": {"batch_forget": 128}}), "override_defaults.randm: not an override"),
+    (lambda d: d.update(override_defaults={"random": {"budget_kimg": 5}}), r"override_defaults.random: \['budget_kimg'\]"),
+    (lambda d: d.update(override_defaults={"random": {"lr_gen": 0.5}}), "lr_gen=0.5 lies outside search.lr_gen"),
+    (lambda d: d.update(override_defaults={"random": {"batch_forget": -3}}), "override_defaults.random: batch_forget"),
 ])
 def test_malformed_space_names_the_key(tmp_path, mutate, needle):
     doc = yaml.safe_load(space_path("digits").read_text())
