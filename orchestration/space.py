@@ -163,8 +163,6 @@ def _override_defaults(path, doc: dict, preset: str, defaults: dict, params: dic
             if key in extra and p["type"] != "choice" and not p["low"] <= v <= p["high"]:
                 raise ValueError(f"{where}: {key}={v} lies outside search.{key} [{p['low']}, {p['high']}]; the "
                                  f"policy's baseline trial must be a point of the space")
-            if key in extra and p["type"] == "choice" and v not in p["values"]:
-                raise ValueError(f"{where}: {key}={v!r} is not among search.{key}'s values")
         out[str(policy)] = dict(extra)
     return out
 
