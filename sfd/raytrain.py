@@ -1,9 +1,11 @@
-"""One SFD run on Ray Train: `sfd forget --num-workers N`, and every sweep trial.
+"""One SFD run on Ray: `sfd forget --num-workers N`, and every sweep trial.
 
 ``train_fn_per_worker`` runs :func:`sfd.loop.train_sfd` on each Ray Train worker (Ray Train
 sets up the process group: gloo on CPU, NCCL on GPU); metrics and checkpoints go back through
 ``ray.train.report``. :func:`make_trainer` builds the ``TorchTrainer`` that a sweep trial and a
-single run both fit, so the two run exactly the same thing.
+single run both fit, so the two run exactly the same thing. A one-worker sweep trial may run the
+same body (:func:`run_reporting`) inside its Tune trial instead (:func:`train_fn_in_tune`,
+``sweep.py --trial-runner tune``), reporting to Tune.
 
 Fault tolerance: with ``max_failures`` Ray Train restarts a failed worker group (a lost node, a
 killed process) and the run continues from ``ray.train.get_checkpoint()`` -- the copy in Ray's
