@@ -253,8 +253,11 @@ def print_plan(a, targets, spaces, overrides) -> None:
 
     n = len(targets) * a.trials_per_target
     print(f"[sweep] plan: {len(targets)} target(s) x {a.trials_per_target} trials = {n} trials; out: {a.out}")
+    where = "in the Tune trial's process" if a.trial_runner == "tune" else "as Ray Train jobs"
+    print(f"  trials: {a.workers_per_trial} worker(s) each, run {where} (--trial-runner {a.trial_runner})")
     for t in targets:
-        print(f"  target {t.name}")
+        extra = spaces[t.preset].by_override.get(t.override)
+        print(f"  target {t.name}" + (f" (its policy's defaults: {extra})" if extra else ""))
     for name, sp in spaces.items():
         base = sp.baseline().replace(**{k: v for k, v in overrides.items() if k != "seed"})
         print(f"  space {name}: {sp.source or '(given)'}; searches {', '.join(sorted(sp.params)) or 'nothing'}; "

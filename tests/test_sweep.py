@@ -192,3 +192,17 @@ def test_tiny_sweep_logs_nested_runs_to_a_tracking_server(tmp_path, mlflow_serve
     arts = {a.path for a in client.list_artifacts(trial.info.run_id)}
     assert {"curves.png", "metrics.json", "samples_generator.png"} <= arts
     assert "summary.md" in {a.path for a in client.list_artifacts(parent)}
+
+
+def test_dry_run_names_the_trial_runner_and_a_policys_defaults(tmp_path, capsys):
+    """--dry-run says where the trials run (auto resolved by workers per trial) and which targets get
+    their override policy's defaults."""
+    from orchestration.sweep import main
+    assert main(["--targets", "digits:3", "digits:4->random", "--dry-run", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "trials: 1 worker(s) each, run in the Tune trial's process (--trial-runner tune)" in out
+    extra = load_space(space_path("digits")).by_override["random"]
+    assert f"target digits:4->random (its policy's defaults: {extra})" in out
+    assert "target digits:3->4\n" in out
+    assert main(["--targets", "digits:3", "--workers-per-trial", "2", "--dry-run", "--out", str(tmp_path / "b")]) == 0
+    assert "run as Ray Train jobs (--trial-runner train)" in capsys.readouterr().out
