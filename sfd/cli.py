@@ -244,7 +244,7 @@ def config_from_args(a):
     """SFDConfig from the flags given, over the preset's defaults (one source with the sweep)."""
     from dataclasses import fields
 
-    from .config import SFDConfig, preset_defaults
+    from .config import SFDConfig, config_for_preset, preset_defaults
 
     given = {f.name: getattr(a, f.name) for f in fields(SFDConfig) if getattr(a, f.name, None) is not None}
     preset = given.get("preset", "digits")
@@ -259,9 +259,8 @@ def config_from_args(a):
         items = [t.strip() for t in str(given["override"]).split(",")]
         if all(t in p.class_names or t.isdigit() for t in items) and all(items):
             given["override"] = ",".join(str(c) for c in parse_classes(given["override"], p, "--override"))
-    # the policy's own defaults (search_spaces/<preset>.yaml: override_defaults), under the flags given
-    override = given.get("override", preset_defaults(preset).get("override", SFDConfig.override))
-    return SFDConfig.from_dict({**preset_defaults(preset, override), **given})
+    # with the policy's own defaults (search_spaces/<preset>.yaml: override_defaults), under the flags given
+    return config_for_preset(preset, **{k: v for k, v in given.items() if k != "preset"})
 
 
 def _fmt(m: dict, keys) -> str:

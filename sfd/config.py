@@ -355,12 +355,10 @@ def preset_defaults(preset: str, override: str | None = None) -> dict:
 def override_defaults(preset: str) -> dict:
     """``override_defaults`` of the preset's YAML: policy ('random', 'classifier') -> the settings
     that policy's runs default to on top of ``defaults`` ({} where there is none)."""
-    import yaml
-    path = spaces_dir() / f"{preset}.yaml"
-    doc = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-    block = doc.get("override_defaults") or {}
-    if not isinstance(block, dict) or not all(isinstance(v, dict) for v in block.values()):
-        raise ValueError(f"{path}: 'override_defaults' must map an override policy to a mapping of SFD settings")
+    block = preset_block(preset, "override_defaults") or {}
+    if not all(isinstance(v, dict) for v in block.values()):
+        raise ValueError(f"{spaces_dir() / f'{preset}.yaml'}: 'override_defaults' must map an override policy to "
+                         f"a mapping of SFD settings")
     return {str(k): dict(v) for k, v in block.items()}
 
 
