@@ -94,7 +94,9 @@ def _stored_config(result) -> dict:
     try:
         with fs.open_input_stream(result.path.rstrip("/") + "/params.json") as f:
             cfg = json.loads(f.read())
-    except (OSError, ValueError):                 # no or unreadable params.json: nothing to tell
+    except (OSError, ValueError) as e:
+        print(f"[sweep] note: trial folder {result.path} has no readable params.json ({type(e).__name__}: {e}); "
+              f"its row is left out of trials.parquet", flush=True)
         return {}
     return cfg if isinstance(cfg, dict) else {}
 

@@ -441,9 +441,8 @@ def claim_out(a, targets, dry_run: bool = False) -> dict:
     if rec is None:
         raise SweepError(f"--resume: {out} holds an earlier sweep ({', '.join(held)}) without a {SWEEP_FILE}, so it "
                          f"cannot be resumed — pass --overwrite to move it aside, or choose another --out")
-    # (a record written before --trial-runner existed ran every trial on Ray Train)
-    changed = [f"{k}: {rec.get(k, 'train' if k == 'trial_runner' else None)!r} in {out.name} vs {v!r} now"
-               for k, v in key.items() if rec.get(k, "train" if k == "trial_runner" else None) != v]
+    planned = {"trial_runner": "train", **rec}   # a record from before --trial-runner ran trials on Ray Train
+    changed = [f"{k}: {planned.get(k)!r} in {out.name} vs {v!r} now" for k, v in key.items() if planned.get(k) != v]
     if changed:
         raise SweepError(f"--resume: the sweep in {out} was planned differently ({'; '.join(changed)}) — resume it "
                          f"with its own --targets/--trials-per-target/--seed/--trial-runner, or choose another --out")

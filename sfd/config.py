@@ -374,8 +374,8 @@ def config_for_preset(preset: str, **changes) -> SFDConfig:
     """SFDConfig defaults, then the preset's YAML defaults (with its ``override_defaults`` for the
     override policy the result has), then ``changes``."""
     base = preset_defaults(preset)
-    override = changes.get("override", base.get("override", SFDConfig.override))
-    return SFDConfig.from_dict({**preset_defaults(preset, override), **changes, "preset": preset})
+    policy = override_defaults(preset).get(str(changes.get("override", base.get("override", SFDConfig.override))), {})
+    return SFDConfig.from_dict({**base, **policy, **changes, "preset": preset})
 
 
 TUNABLE = ("alpha", "lambda_fake_remain", "lambda_fake_forget", "lambda_gen_remain", "lambda_gen_forget",

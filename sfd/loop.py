@@ -12,7 +12,6 @@ featurises its share of the samples, rank 0 computes UA/FD from the gathered fea
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Callable

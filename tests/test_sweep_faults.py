@@ -123,8 +123,8 @@ def _stored(out: Path, trial_id: str) -> bool:
         try:
             if any(json.loads(x).get("checkpoint_dir_name") for x in rows.read_text().splitlines() if x.strip()):
                 return True
-        except (OSError, ValueError):
-            pass                                      # being written
+        except (OSError, ValueError):                 # Tune is writing it: look again at the next poll
+            continue
     return False
 
 

@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tqdm.auto import tqdm
@@ -199,17 +200,12 @@ class ForgetEvaluator:
         t_pred, _, t_feats = self._judge(tx[torch.cat(parts)])
         self.teacher = {}
         if self.dist.lead:
-            bounds, start = [], 0
-            for i in parts:
-                bounds.append((start, start + len(i)))
-                start += len(i)
-            feats_of = [t_feats[a:b] for a, b in bounds]
+            feats_of = np.split(t_feats, np.cumsum([len(i) for i in parts])[:-1])
             ref_remain = _stats(self.ref.of(targets.remain))
             fd_r = [frechet_distance(f, ref_remain) for f in feats_of[:len(remain_sets)]]
-            a, b = bounds[0]
             self.teacher = {
                 "fd_remaining_teacher": sum(fd_r) / len(fd_r),
-                "remaining_accuracy_teacher": accuracy(t_pred[a:b], tl[remain_sets[0]]),
+                "remaining_accuracy_teacher": accuracy(t_pred[:len(remain_sets[0])], tl[remain_sets[0]]),
                 "teacher_floor_sets": len(fd_r),
             }
             # the teacher's own FD for the override target, with as many samples as the forget class gets
