@@ -148,7 +148,15 @@ class MLflowSweep:
         model = self.client.create_logged_model(self.experiment_id, name=f"{name}-{ckpt_dir.name}",
                                                 source_run_id=run_id, model_type="sfd-checkpoint",
                                                 tags={"format": "safetensors", "step": str(step)})
-        self.client.log_model_artifacts(model.model_id, str(ckpt_dir))
+        try:
+            self.client.log_model_artifacts(model.model_id, str(ckpt_dir))
+        except FileNotFoundError as e:
+            # the trial removed the folder while it was copied (a newer checkpoint rotated it out, or it was
+            # deleted by hand): that checkpoint is not tracked, the sweep goes on
+            self.client.finalize_logged_model(model.model_id, "FAILED")
+            print(f"[sweep] note: checkpoint {ckpt_dir} vanished while MLflow copied it ({e}); not logged",
+                  flush=True)
+            return None
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step, model_id=model.model_id, run_id=run_id) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]

@@ -264,3 +264,36 @@ def test_studies_resume_from_optunas_storage(tmp_path):
     study = r.studies["digits:3->4"]
     assert [t.values for t in study.trials[:2]] == [[2.0, 1.5], [1.0, 1.0]]
     assert study.trials[1].user_attrs["tune_trial_id"] == "t1"
+
+
+def test_a_checkpoint_removed_while_mlflow_copies_it_is_skipped_not_fatal(tmp_path, capsys, monkeypatch):
+    """The driver logs a trial's checkpoint while the trial may already be rotating it out (or a user
+    deleted it): the copy fails half-way (a file listed, gone when copied); that logged model is marked
+    FAILED, a note names the folder, the next checkpoint is logged as usual (before, the
+    FileNotFoundError ended the whole sweep)."""
+    import shutil
+
+    from orchestration.tracking import MLflowSweep
+    tracker = MLflowSweep(f"sqlite:///{tmp_path / 'mlflow.db'}", "t", artifact_root=(tmp_path / "art").as_uri())
+    run = tracker.client.create_run(tracker.experiment_id).info.run_id
+    ckpts = []
+    for step in (8, 16):
+        d = tmp_path / f"ckpt-{step:08d}"
+        d.mkdir()
+        (d / "state.json").write_text('{"iteration": %d}' % step)
+        (d / "state.safetensors").write_bytes(b"x" * 1000)
+        ckpts.append(d)
+    real_copy = shutil.copy2
+
+    def vanishing(src, dst, **kw):              # the trial removes the folder in the middle of the copy
+        if str(src).startswith(str(ckpts[0])):
+            shutil.rmtree(ckpts[0], ignore_errors=True)
+        return real_copy(src, dst, **kw)
+
+    monkeypatch.setattr(shutil, "copy2", vanishing)
+    assert tracker.log_checkpoint(run, "trial", ckpts[0], 8, {"ua": 1.0}) is None
+    assert f"checkpoint {ckpts[0]} vanished while MLflow copied it" in capsys.readouterr().out
+    model_id = tracker.log_checkpoint(run, "trial", ckpts[1], 16, {"ua": 0.5})
+    models = {m.model_id: m for m in tracker.client.search_logged_models([tracker.experiment_id])}
+    assert len(models) == 2 and str(models[model_id].status).endswith("READY")
+    assert [str(m.status) for k, m in models.items() if k != model_id][0].endswith("FAILED")
