@@ -131,9 +131,9 @@ def make_references(a, spaces, overrides, storage_uri: str, log=print) -> None:
     import time
 
     from orchestration.reference import ensure_reference
-    from sfd.presets import get_preset
+    from sfd.tasks import get_task
     for name, space in spaces.items():
-        if get_preset(name).text:     # prompt-table teachers: each target's evaluator samples its own prompts
+        if not get_task(name).shared_reference:   # each target's evaluator samples its own prompts
             continue
         base = space.baseline()
         cpu0 = time.process_time()

@@ -23,9 +23,8 @@ SUBDIR = "reference"
 
 
 def _load(preset_name: str, teacher_path, device: str):
-    from sfd.denoisers import load_teacher
-    from sfd.presets import get_preset
-    return load_teacher(get_preset(preset_name), teacher_path, device)
+    from sfd.tasks import get_task
+    return get_task(preset_name).load_teacher(teacher_path, device)
 
 
 def _device(num_gpus: float) -> str:

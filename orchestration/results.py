@@ -189,7 +189,7 @@ FRESH_KEYS = ("ua", "fd_ratio", "override_fd_ratio", "remaining_accuracy", "fd_r
 
 def fresh_metrics(row: dict | None, seed: int) -> dict:
     """The trial's generator re-evaluated on fresh noise (``seed``), cached in its run folder."""
-    from sfd.evaluate.forgetting import evaluate_run
+    from sfd.runs import evaluate_run
     from sfd.io import read_json
     if row is None or not (Path(row["run_dir"]) / "generator.safetensors").is_file():
         return {}

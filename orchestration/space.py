@@ -140,7 +140,7 @@ def _override_defaults(path, doc: dict, preset: str, defaults: dict, params: dic
     """``override_defaults``: policy -> SFD settings (not the target, not the trial schedule), each
     set valid on top of the defaults and, for a searched setting, inside its range (the policy's
     baseline trial is a point of the space)."""
-    from sfd.config import OVERRIDE_POLICIES
+    from sfd.tasks.classes import OVERRIDE_POLICIES
     block = doc.get("override_defaults") or {}
     if not isinstance(block, dict):
         raise ValueError(f"search space {path}: 'override_defaults' must map an override policy to SFD settings")
@@ -171,12 +171,8 @@ def stand_in_target(preset: str) -> dict:
     """A target to check a space's defaults with on their own (each real target: validate_plan): a
     text preset's defaults name no concept, and validate needs one."""
     from sfd.presets import PRESETS
-    p = PRESETS.get(preset)
-    if p is None or not p.text:
-        return {}
-    from sfd.concepts import _preset_vocab
-    names = _preset_vocab(p)[0]
-    return {"forget_concepts": names[:1], "override": "next"} if names else {}
+    from sfd.tasks import get_task
+    return get_task(preset).stand_in_target() if preset in PRESETS else {}
 
 
 def validate_plan(targets, spaces: dict, overrides: dict) -> None:

@@ -190,6 +190,7 @@ def resolve(a):
     from orchestration.targets import parse_targets, preset_of
 
     from sfd.presets import get_preset
+    from sfd.tasks import get_task
 
     from orchestration.targets import load_targets_file
     file_targets = load_targets_file(a.targets_file) if getattr(a, "targets_file", None) else []
@@ -223,16 +224,8 @@ def resolve(a):
     if len(real) > 1:
         raise ValueError(f"one real-dataset preset per sweep (the files are shared by every trial); got "
                          f"{', '.join(real)} — run one sweep per preset")
-    if real and get_preset(real[0]).extra.get("latent"):
-        # sd: the user's pipeline folder; FD is against the teacher's own samples, UA from CLIP or NudeNet
-        if not files["teacher"]:
-            raise ValueError("preset sd has no bundled teacher — pass --teacher PIPELINE_DIR (a Stable Diffusion "
-                             "pipeline folder in the diffusers layout)")
-        concept = [t.name for t in targets if t.preset == real[0] and "nudity" not in t.forget]
-        if concept and not files["classifier"]:
-            raise ValueError(f"the sweep optimises UA, and sd concept targets ({', '.join(concept)}) are judged by "
-                             f"CLIP — pass --classifier CLIP_DIR (a local transformers CLIPModel + CLIPProcessor "
-                             f"folder); nudity targets are judged by NudeNet and need none")
+    if real and not get_task(real[0]).uses_fetched_assets():
+        get_task(real[0]).check_sweep_files(files, targets)    # sd: the pipeline folder, CLIP for concept targets
     elif real:
         from sfd import assets
         paths, missing = assets.resolve(real[0], files)
@@ -274,20 +267,19 @@ def print_plan(a, targets, spaces, overrides) -> None:
 
 def check_models(targets, spaces, overrides) -> None:
     """Load each preset's teacher and judge once on the driver: a bad path fails now."""
-    from sfd.denoisers import load_teacher
-    from sfd.evaluate import can_evaluate, load_judge
     from sfd.evaluate.report import check_reference
     from sfd.presets import get_preset
+    from sfd.tasks import get_task
 
     for name in sorted({t.preset for t in targets}):
-        preset = get_preset(name)
+        preset, task = get_preset(name), get_task(name)
         base = spaces[name].baseline().replace(**{k: v for k, v in overrides.items()
                                                   if k in ("teacher", "classifier", "fid_weights", "reference")})
-        load_teacher(preset, base.teacher, allow_download=base.allow_download)             # a bad teacher fails now
-        if not can_evaluate(preset, base):
+        task.load_teacher(base.teacher, allow_download=base.allow_download)             # a bad teacher fails now
+        if not task.can_evaluate(base):
             raise ValueError(f"the sweep optimises UA and FD, so preset '{name}' needs --classifier (ResNet-34), "
                              f"--fid-weights (FID Inception) and --reference (real images per class)")
-        load_judge(preset, base.classifier, fid_weights=base.fid_weights)
+        task.load_judge(base)
         if base.reference:
             check_reference(base.reference, preset)
         # [cluster] the teacher's reference samples are made by Ray tasks in run_sweep (orchestration/reference.py)
@@ -509,9 +501,9 @@ def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Pat
     own Ray Train job; materialised under OUT/stage1/<key> so every node's trials can read it."""
     import shutil
 
-    from sfd.denoisers import load_teacher
     from sfd.presets import get_preset
     from sfd.raytrain import make_trainer
+    from sfd.tasks import get_task
     from sfd.stage1 import (bundled_stage1, cache_root, export_stage1, find_stage1, is_stage1, stage1_config,
                             stage1_key)
 
@@ -523,7 +515,7 @@ def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Pat
     base = space.baseline()
     cfg = stage1_config(preset_name, kimg, a.seed, **models, eval_forget_samples=base.eval_forget_samples,
                         eval_remain_per_class=base.eval_remain_per_class)
-    key = stage1_key(cfg, load_teacher(preset, cfg.teacher, allow_download=cfg.allow_download))
+    key = stage1_key(cfg, get_task(preset).load_teacher(cfg.teacher, allow_download=cfg.allow_download))
     dest = out / "stage1" / key
     if is_stage1(dest):
         print(f"[sweep] stage 1 for {preset_name}: {dest} (key {key})", flush=True)
@@ -548,7 +540,7 @@ def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Pat
         raise result.error
     from sfd.evaluate.forgetting import teacher_fingerprint
     extra = {"command": "orchestration/sweep.py (shared stage 1)", "wall_seconds": round(time.time() - t0, 1)}
-    fingerprint = teacher_fingerprint(load_teacher(preset, cfg.teacher, allow_download=cfg.allow_download))
+    fingerprint = teacher_fingerprint(get_task(preset).load_teacher(cfg.teacher, allow_download=cfg.allow_download))
     for where in (dest, cache_root() / key):
         export_stage1(dest / "run", where, key, cfg, extra, teacher_fingerprint=fingerprint)
     print(f"[sweep] stage 1 for {preset_name}: done in {time.time() - t0:.0f} s -> {dest}", flush=True)

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from sfd.presets import PRESETS, get_preset
+from sfd.tasks import get_task
 
 
 @dataclass(frozen=True)
@@ -25,20 +26,11 @@ class Target:
     remain_prompts: str | None = None   # sd: prompt files (one prompt per line), absolute paths
     forget_prompts: str | None = None
 
-    @property
-    def concepts(self) -> bool:
-        return bool(self.forget) and isinstance(self.forget[0], str)
-
     def config_overrides(self) -> dict:
         """The SFD settings that make a run forget this target."""
-        if not self.concepts:
-            return {"forget": list(self.forget), "override": self.override}
-        out = {"forget_concepts": list(self.forget), "override": self.override,
-               "concept_synonyms": {k: list(v) for k, v in self.synonyms}, "prompt_templates": list(self.templates)}
-        for key in ("remain_prompts", "forget_prompts"):
-            if getattr(self, key):
-                out[key] = getattr(self, key)
-        return out
+        return get_task(self.preset).target_settings(
+            self.forget, self.override, self.synonyms, self.templates,
+            {"remain_prompts": self.remain_prompts, "forget_prompts": self.forget_prompts})
 
     @property
     def name(self) -> str:
@@ -49,23 +41,6 @@ class Target:
     def slug(self) -> str:
         """File- and run-name-safe form."""
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.preset}_forget{'+'.join(map(str, self.forget))}_to_{self.override}")
-
-
-def _resolve_override(preset, forget: tuple[int, ...], override: str) -> str:
-    """'next' -> c + 1; class names ('dog', 'cat,dog') -> ids; policies and ids as given."""
-    if override not in ("next", "random", "classifier"):
-        items = [s.strip() for s in override.split(",")]
-        return ",".join(str(preset.class_names.index(s)) if s in preset.class_names and not s.isdigit() else s
-                        for s in items)
-    if override == "next":
-        nxt = []
-        for c in forget:
-            o = (c + 1) % preset.num_classes
-            while o in forget:
-                o = (o + 1) % preset.num_classes
-            nxt.append(str(o))
-        return ",".join(nxt)
-    return override
 
 
 def preset_of(spec: str) -> str:
@@ -79,12 +54,17 @@ def preset_of(spec: str) -> str:
     return spec.split(":", 1)[0]
 
 
+def _free_text(spec: str) -> bool:
+    name = spec.strip().split(":", 1)[0] if ":" in spec else ""
+    return name in PRESETS and get_task(name).free_text_targets
+
+
 def parse_targets(specs: list[str], default_override: str = "next") -> list[Target]:
     """Parse and validate every target before anything starts; errors list the valid choices."""
     out: list[Target] = []
     for spec in specs:
-        # sd targets are phrases ('sd:brad pitt->a middle aged man'): one target per argument
-        parts = [spec] if spec.strip().startswith("sd:") else spec.split()
+        # free-text targets are phrases ('sd:brad pitt->a middle aged man'): one target per argument
+        parts = [spec] if _free_text(spec) else spec.split()
         for part in parts:
             out.extend(_parse_one(part.strip(), default_override))
     if not out:
@@ -98,36 +78,24 @@ def parse_targets(specs: list[str], default_override: str = "next") -> list[Targ
 
 
 def _parse_one(spec: str, default_override: str) -> list[Target]:
-    m = re.fullmatch(r"all_(\w+?)_concepts", spec)
+    m = re.fullmatch(r"all_(\w+?)_(classes|concepts)", spec)
     if m:
         preset = _preset(m.group(1), spec)
-        if not preset.text:
-            raise ValueError(f"target {spec!r}: preset '{preset.name}' has classes, not concepts — use "
-                             f"all_{preset.name}_classes")
-        from sfd.concepts import _preset_vocab
-        return [_make_concepts(preset, (c,), _concept_default(default_override), spec)
-                for c in _preset_vocab(preset)[0]]
-    m = re.fullmatch(r"all_(\w+?)_classes", spec)
-    if m:
-        preset = _preset(m.group(1), spec)
-        if preset.text:
-            raise ValueError(f"target {spec!r}: preset '{preset.name}' forgets concepts — use "
-                             f"all_{preset.name}_concepts or {preset.name}:seven->one")
-        return [_make(preset, (c,), default_override) for c in range(preset.num_classes)]
+        task = get_task(preset)
+        if m.group(2) != task.noun:
+            raise ValueError(f"target {spec!r}: preset '{preset.name}' forgets {task.noun}, not {m.group(2)} — use "
+                             f"all_{preset.name}_{task.noun}")
+        return [_make(task, (c,), task.target_override(default_override), spec) for c in task.all_forget()]
     if ":" not in spec:
         raise ValueError(f"target {spec!r} is not understood; use all_<preset>_classes, <preset>:3,7, "
                          f"<preset>:3->5 or <preset>:0+3->1,2 (presets: {', '.join(sorted(PRESETS))})")
     name, rest = spec.split(":", 1)
-    preset = _preset(name, spec)
-    if preset.text:
-        if "->" in rest:
-            forget_s, override = rest.split("->", 1)
-            return [_make_concepts(preset, tuple(forget_s.split("+")), override.strip(), spec)]
-        return [_make_concepts(preset, (c,), _concept_default(default_override), spec) for c in rest.split(",")]
+    task = get_task(_preset(name, spec))
     if "->" in rest:
         forget_s, override = rest.split("->", 1)
-        return [_make(preset, _classes(preset, forget_s.split("+"), spec), override.strip())]
-    return [_make(preset, _classes(preset, [c], spec), default_override) for c in rest.split(",")]
+        return [_make(task, task.parse_forget(forget_s.split("+"), spec), override.strip(), spec)]
+    return [_make(task, task.parse_forget([c], spec), task.target_override(default_override), spec)
+            for c in rest.split(",")]
 
 
 def _preset(name: str, spec: str):
@@ -137,57 +105,22 @@ def _preset(name: str, spec: str):
         raise ValueError(f"target {spec!r}: unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}") from None
 
 
-def _classes(preset, items, spec) -> tuple[int, ...]:
-    out = []
-    for s in items:
-        s = s.strip()
-        if s.isdigit():
-            c = int(s)
-        elif s in preset.class_names:
-            c = preset.class_names.index(s)
-        else:
-            c = s
-        try:
-            out.append(preset.check_class(c, "class"))
-        except ValueError as e:
-            raise ValueError(f"target {spec!r}: {e}") from None
-    return tuple(out)
-
-
-def _make(preset, forget: tuple[int, ...], override: str) -> Target:
-    override = _resolve_override(preset, forget, override)
+def _make(task, forget: tuple, override: str, spec: str, synonyms=(), templates=(),
+          prompt_files: dict | None = None) -> Target:
+    """A target, validated (concepts and overrides made canonical) as its runs will be; prompt files are read
+    now (every forget line must hold the concept), not in a trial."""
     from sfd.config import SFDConfig
-    try:
-        SFDConfig(preset=preset.name, forget=list(forget), override=override).validate(preset)
-    except ValueError as e:
-        valid = ", ".join(f"{i}={n}" for i, n in enumerate(preset.class_names))
-        raise ValueError(f"target {preset.name}:{'+'.join(map(str, forget))}->{override}: {e} "
-                         f"(classes of '{preset.name}' by id or name: {valid})") from None
-    return Target(preset.name, forget, override)
-
-
-def _concept_default(override: str) -> str:
-    """Concept targets take 'next' (the next concept of the same kind) unless a concept is given."""
-    return "next" if override in ("random", "classifier") or override.isdigit() else override
-
-
-def _make_concepts(preset, forget: tuple, override: str, spec: str, synonyms=(), templates=(),
-                   prompt_files: dict | None = None) -> Target:
-    """A concept target, validated (and its concepts and overrides canonical) like the run will be;
-    sd prompt files are read now (every forget line must hold the concept), not in a trial."""
-    from sfd.config import SFDConfig
-    forget = tuple(str(c).strip() for c in forget)
+    preset = task.preset
+    override = task.resolve_override(forget, override)
     files = {k: v for k, v in (prompt_files or {}).items() if v}
     try:
-        cfg = SFDConfig(preset=preset.name, forget_concepts=list(forget), override=str(override),
-                        concept_synonyms={k: list(v) for k, v in synonyms},
-                        prompt_templates=list(templates), **files).validate(preset)
-        if preset.extra.get("latent"):
-            from sfd.sd import SDTargets
-            SDTargets(cfg, preset)
+        cfg = SFDConfig(preset=preset.name, **task.target_settings(forget, override, synonyms, templates, files))
+        cfg.validate(preset)
+        task.check_target(cfg)
     except ValueError as e:
-        raise ValueError(f"target {spec!r}: {e}") from None
-    return Target(preset.name, tuple(cfg.forget_concepts), cfg.override, tuple(synonyms), tuple(templates),
+        raise ValueError(task.target_error(spec, forget, override, e)) from None
+    forget = tuple(cfg.forget_concepts) if cfg.forget_concepts else tuple(cfg.forget)
+    return Target(preset.name, forget, cfg.override, tuple(synonyms), tuple(templates),
                   files.get("remain_prompts"), files.get("forget_prompts"))
 
 
@@ -228,7 +161,8 @@ def load_targets_file(path) -> list[Target]:
         raise ValueError(f"--targets-file {path}: unknown key(s) {unknown} — use preset, templates, targets "
                          f"(sd: also remain_prompts, forget_prompts)")
     preset = _preset(str(doc.get("preset", "colordigits")), str(path))
-    if not preset.text:
+    task = get_task(preset)
+    if not task.accepts_targets_file:
         raise ValueError(f"--targets-file {path}: preset '{preset.name}' forgets classes; concept files are for "
                          f"text-to-image presets (colordigits) — use --targets {preset.name}:3->5")
     templates = doc.get("templates") or []
@@ -236,7 +170,7 @@ def load_targets_file(path) -> list[Target]:
     def prompt_file(value, key: str, where: str) -> str | None:
         if value is None:
             return None
-        if not preset.extra.get("latent"):
+        if not task.takes_prompt_files:
             raise ValueError(f"{where}: {key} is for preset sd (prompt files); preset '{preset.name}' builds its "
                              f"prompts from templates — drop {key}")
         if not isinstance(value, str) or not value.strip():
@@ -275,9 +209,8 @@ def load_targets_file(path) -> list[Target]:
             raise ValueError(f"{where}: templates must be a list of strings with {{color}} {{word}} {{num}} slots")
         for t in tmpl:
             try:
-                t.format(concept="x") if preset.extra.get("latent") else t.format(color="red", word="seven", num="7")
-            except (KeyError, IndexError, ValueError) as err:
-                raise ValueError(f"{where}: template {t!r} has an unknown slot ({err}) — use {{color}}, {{word}}, "
-                                 f"{{num}}") from None
-        out.append(_make_concepts(preset, tuple(map(str, concepts)), override, where, syn_t, tuple(tmpl), files))
+                task.check_template(t)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+        out.append(_make(task, task.parse_forget(concepts, where), override, where, syn_t, tuple(tmpl), files))
     return out

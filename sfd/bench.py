@@ -160,7 +160,7 @@ class _RandomText:
 def random_sd15():
     from diffusers import UNet2DConditionModel
 
-    from .denoisers.sd import LatentTextUNet
+    from .denoisers.latent_unet import LatentTextUNet
     d = LatentTextUNet(UNet2DConditionModel(**SD15_UNET), SD15_SCHEDULER, None, None, embed_shape=(77, 768))
     d.text.obj = _RandomText()
     return d

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from . import __version__
 from .presets import PRESETS, get_preset
+from .tasks import get_task
+from .tasks.classes import parse_classes
 
 
 class UsageError(ValueError):
@@ -34,25 +36,6 @@ def _positive_int(name: str, v: int, fix: str = "a whole number >= 1") -> int:
     return v
 
 
-def parse_classes(text, preset, what: str = "--forget") -> list[int]:
-    """Class ids or the preset's class names ('0'..'9' for digits, 'cat' for cifar10), comma-separated."""
-    items = [t.strip() for t in str(text).split(",")]
-    valid = ", ".join(f"{i}={n}" for i, n in enumerate(preset.class_names))
-    if not any(items):
-        raise UsageError(f"{what}: no class given — give class ids or names; valid classes: {valid}")
-    out = []
-    for t in items:
-        if not t:
-            raise UsageError(f"{what} {text!r}: empty entry — give comma-separated classes; valid classes: {valid}")
-        if t in preset.class_names:
-            out.append(preset.class_names.index(t))
-        elif t.isdigit():
-            out.append(int(t))
-        else:
-            raise UsageError(f"{what} {t!r} is not a class of preset '{preset.name}' — valid classes: {valid}")
-    return out
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="digits", choices=sorted(PRESETS),
                    help="dataset preset (default: digits, the embedded 8x8 handwritten digits)")
@@ -62,7 +45,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_classifier(a) -> int:
-    from .pretrain import train_classifier
     preset = get_preset(a.preset)
     if not preset.embedded:
         return _train_resnet_judge(a, preset)
@@ -73,19 +55,8 @@ def cmd_train_classifier(a) -> int:
     a.batch = 128 if a.batch is None else a.batch
     a.lr = 2e-3 if a.lr is None else a.lr
     _check_trainer_args(a)
-    out = a.out
-    if preset.text:
-        from .pretrain_text import train_colordigits_judge
-        m = train_colordigits_judge(preset, out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, device=a.device,
-                                    progress=not a.no_progress)
-        mm = m["metrics"]
-        print(f"classifier: held-out digit accuracy {mm['digit_accuracy']:.4f}, colour {mm['color_accuracy']:.4f}, "
-              f"both {mm['both_accuracy']:.4f} ({mm['n_test']} images), {m['wall_seconds']} s -> {out}")
-        return 0
-    m = train_classifier(preset, out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, device=a.device,
-                         progress=not a.no_progress)
-    print(f"classifier: held-out accuracy {m['metrics']['test_accuracy']:.4f} "
-          f"({m['metrics']['n_test']} images), {m['wall_seconds']} s -> {out}")
+    print(get_task(preset).train_judge(a.out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, device=a.device,
+                                       progress=not a.no_progress))
     return 0
 
 
@@ -142,7 +113,7 @@ def fill_cached_assets(cfg, command: str = "forget"):
     from .presets import get_preset
 
     preset = get_preset(cfg.preset)
-    if preset.embedded or preset.extra.get("latent"):     # sd: a pipeline folder, judged by CLIP / NudeNet
+    if not get_task(preset).uses_fetched_assets():
         return cfg
     judge = ("classifier", "fid_weights", "reference")
     given = {k: getattr(cfg, k) for k in ("teacher", *judge)}
@@ -180,10 +151,9 @@ def _check_trainer_args(a, out_dir=None) -> None:
 
 
 def cmd_pretrain(a) -> int:
-    from .pretrain import train_teacher
-    preset = get_preset(a.preset)
+    task = get_task(a.preset)
     if a.steps is None:
-        a.steps = 4000 if preset.text else 8000
+        a.steps = task.pretrain_steps
     _check_trainer_args(a)
     _positive_int("--channels", a.channels)
     if a.channels > 1024:
@@ -192,23 +162,8 @@ def cmd_pretrain(a) -> int:
     if not (Path(a.out) / "classifier.safetensors").is_file():
         raise UsageError(f"--out {a.out} has no classifier.safetensors — run `sfd train-classifier --out {a.out}` "
                          f"first (the teacher is evaluated with it)")
-    out = a.out
-    if preset.text:
-        from .pretrain_text import train_text_teacher
-        m = train_text_teacher(preset, out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, device=a.device,
-                               progress=not a.no_progress, eval_per_prompt=max(1, a.eval_per_class // 100))
-        mm = m["metrics"]
-        print(f"teacher: {mm['sampler']}: prompt accuracy (digit and colour) training templates "
-              f"{mm['prompt_accuracy_train_templates']:.4f}, held-out templates "
-              f"{mm['prompt_accuracy_heldout_templates']:.4f}; FD per colour {mm['fd_per_color']}; "
-              f"{m['wall_seconds']} s -> {out}/teacher (+ teacher.json)")
-        return 0
-    m = train_teacher(preset, out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, channels=a.channels,
-                      device=a.device, progress=not a.no_progress, eval_per_class=a.eval_per_class)
-    met = m["metrics"]
-    print(f"teacher: {met['sampler']}, {met['samples_per_class']}/class: mean class accuracy "
-          f"{met['mean_class_accuracy']:.4f}, FD all {met['fd_all']:.3f} (real halves {met['fd_real_halves_all']:.3f}); "
-          f"{m['wall_seconds']} s -> {out}")
+    print(task.pretrain(a.out, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, channels=a.channels,
+                        device=a.device, progress=not a.no_progress, eval_per_class=a.eval_per_class))
     return 0
 
 
@@ -244,21 +199,11 @@ def config_from_args(a):
     """SFDConfig from the flags given, over the preset's defaults (one source with the sweep)."""
     from dataclasses import fields
 
-    from .config import SFDConfig, config_for_preset, preset_defaults
+    from .config import SFDConfig, config_for_preset
 
     given = {f.name: getattr(a, f.name) for f in fields(SFDConfig) if getattr(a, f.name, None) is not None}
     preset = given.get("preset", "digits")
-    p = get_preset(preset)
-    if "forget" in given and p.text:          # concepts: words or phrases, comma-separated or repeated
-        given["forget_concepts"] = [t.strip() for item in given.pop("forget") for t in str(item).split(",")]
-    elif "forget" in given:
-        given["forget"] = [c for item in given["forget"] for c in parse_classes(item, p, "--forget")]
-    if p.text:
-        return SFDConfig.from_dict({**preset_defaults(preset), **given})
-    if "override" in given and given["override"] not in ("random", "classifier"):
-        items = [t.strip() for t in str(given["override"]).split(",")]
-        if all(t in p.class_names or t.isdigit() for t in items) and all(items):
-            given["override"] = ",".join(str(c) for c in parse_classes(given["override"], p, "--override"))
+    given = get_task(preset).settings_from_flags(given)
     # with the policy's own defaults (search_spaces/<preset>.yaml: override_defaults), under the flags given
     return config_for_preset(preset, **{k: v for k, v in given.items() if k != "preset"})
 
@@ -449,7 +394,7 @@ def cmd_evaluate(a) -> int:
     from pathlib import Path
 
     from .config import check_device
-    from .evaluate.forgetting import evaluate_run
+    from .runs import evaluate_run
     from .io import write_json
 
     run = Path(a.run)
@@ -460,18 +405,12 @@ def cmd_evaluate(a) -> int:
         if v < 0:
             raise UsageError(f"{name} {v} is invalid — give a count >= 1 (or 0: the run's)")
     check_device(a.device)
-    if (run / "pipeline").is_dir():                  # Stable Diffusion: NudeNet / CLIP on the exported pipeline
-        from .evaluate.sd import evaluate_sd_run
-        from .utils import pick_device
-        m = evaluate_sd_run(run, a.clip, per_prompt=max(1, a.per_prompt), seed=a.seed, device=pick_device(a.device))
-        write_json(run / "evaluation.json", m)
-        print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
-        print(f"-> {run / 'evaluation.json'}")
-        return 0
     m = evaluate_run(run, seed=a.seed, device=a.device, forget_samples=a.forget_samples or None,
-                     remain_per_class=a.remain_per_class or None, progress=not a.no_progress)
+                     remain_per_class=a.remain_per_class or None, progress=not a.no_progress, clip=a.clip,
+                     per_prompt=max(1, a.per_prompt))
     write_json(run / "evaluation.json", m)
-    print(_fmt(m, SUMMARY_KEYS + ("n_forget_samples", "n_remaining_samples")))
+    shown = SUMMARY_KEYS + ("n_forget_samples", "n_remaining_samples")
+    print(_fmt(m, shown) if any(k in m for k in shown) else _fmt(m, m))
     print(f"-> {run / 'evaluation.json'}")
     return 0
 

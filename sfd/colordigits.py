@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .datasets import digits
+
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.12, 0.12),
     "green": (0.12, 1.0, 0.12),
@@ -93,8 +95,7 @@ def render(gray: torch.Tensor, color_idx: torch.Tensor) -> torch.Tensor:
 def real_data(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """(RGB images (N, 3, 8, 8) in [-1, 1], labels digit * 5 + colour): every base image of the digits
     split in every ink colour."""
-    from .presets import _digits
-    gray, digit = _digits(split)
+    gray, digit = digits(split)
     n, k = len(digit), len(COLOR_NAMES)
     colors = torch.arange(k).repeat(n)
     x = render(gray.repeat_interleave(k, dim=0), colors)

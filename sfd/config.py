@@ -12,7 +12,9 @@ import math
 import numbers
 from dataclasses import dataclass, field, fields
 
-OVERRIDE_POLICIES = ("random", "classifier")
+from .presets import get_preset
+from .tasks import get_task
+
 SIGMA_DISTS = ("loguniform", "vp-t", "sd-t", "edm")
 FAKE_SIGMA_DISTS = ("same", *SIGMA_DISTS, "lognormal")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -30,14 +32,14 @@ class SFDConfig:
     override: str = "1"
     # how the 'random' policy draws each forget sample's override class: 'sample' (the reference:
     # independently per sample) or 'latent' (a fixed function of the sample's latent z, so the
-    # one-step generator can map regions of z onto distinct classes; see sfd/targets.py)
+    # one-step generator can map regions of z onto distinct classes; see sfd/tasks/classes.py)
     override_draw: str = "sample"
     # text presets (colordigits): concepts (words / phrases) to forget from every prompt; --override
     # then names override concepts ('one', 'one,blue' aligned, or 'next'); --forget fills this there
     forget_concepts: list[str] = field(default_factory=list)
     concept_synonyms: dict = field(default_factory=dict)     # concept -> extra synonyms forgotten with it
     prompt_templates: list[str] = field(default_factory=list)  # training templates ({color} {word} {num})
-    # sd preset: prompt files (one prompt per line); None: the small embedded lists of sfd/sd.py
+    # sd preset: prompt files (one prompt per line); None: the small embedded lists of sfd/tasks/stable_diffusion.py
     forget_prompts: str | None = None
     remain_prompts: str | None = None
     teacher: str | None = None          # None: the preset's bundled teacher
@@ -105,38 +107,11 @@ class SFDConfig:
     def validate(self, preset=None) -> "SFDConfig":
         """Check every setting (type, finiteness, range) before any work; raise ValueError naming the
         setting, the bad value and the fix."""
-        from .presets import get_preset
         check_types(self)
         preset = preset or get_preset(self.preset)
         if self.init_from in ("none", "teacher", ""):
             self.init_from = None               # start from copies of the teacher
-        if getattr(preset, "text", False):
-            from .concepts import resolve_concepts
-            concepts = resolve_concepts(self, preset)     # raises on unknown / self-overriding / all forgotten
-            self.forget = []                              # class ids do not apply to prompts
-            self.forget_concepts = [c.name for c in concepts]
-            self.override = ",".join(c.override for c in concepts)
-        elif self.forget_concepts or self.concept_synonyms or self.prompt_templates or self.forget_prompts \
-                or self.remain_prompts:
-            raise ValueError(f"forget_concepts / concept_synonyms / prompt_templates / forget_prompts / remain_prompts "
-                             f"need a text-to-image preset (colordigits, sd); preset '{preset.name}' forgets classes — use --forget CLASS")
-        elif not self.forget:
-            raise ValueError("forget: no class given — give at least one class to forget, e.g. --forget 0")
-        if not getattr(preset, "text", False):
-            self.forget = [preset.check_class(c, "forget class") for c in self.forget]
-        if not getattr(preset, "text", False) and len(set(self.forget)) == preset.num_classes:
-            raise ValueError(f"forget: all {preset.num_classes} classes of '{preset.name}' are forgotten; "
-                             f"nothing would remain to override them with")
-        if not getattr(preset, "text", False) and self.override not in OVERRIDE_POLICIES:
-            targets = self.override_classes()
-            if len(targets) not in (1, len(self.forget)):
-                raise ValueError(f"override {self.override!r}: give one class, one per forget class "
-                                 f"({len(self.forget)}), or one of {OVERRIDE_POLICIES}")
-            for c in targets:
-                preset.check_class(c, "override class")
-                if c in self.forget:
-                    raise ValueError(f"override class {c} is itself forgotten ({self.forget}); choose a "
-                                     f"remaining class, 'random' or 'classifier'")
+        get_task(preset).validate(self)         # targets and the settings that depend on the kind of preset
         for name, allowed in (("sigma_dist", SIGMA_DISTS), ("sigma_dist_fake", FAKE_SIGMA_DISTS),
                               ("precision", PRECISIONS), ("fake_score_reduction", REDUCTIONS),
                               ("override_draw", OVERRIDE_DRAWS), ("lr_schedule", LR_SCHEDULES)):
@@ -151,9 +126,6 @@ class SFDConfig:
         if not self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max} — "
                              f"give --sigma-min below --sigma-max")
-        if self.lora_rank and not getattr(preset, "text", False):
-            raise ValueError(f"lora_rank (--lora-rank) {self.lora_rank}: LoRA on the shared teacher is for the "
-                             f"diffusers text UNets (presets colordigits, sd), not preset '{preset.name}' — drop it")
         check_device(self.device)
         return self
 
@@ -161,17 +133,6 @@ class SFDConfig:
         """CFG scale of one guided pass: 'teacher', 'fake_train' or 'fake_eval' (-1: --guidance)."""
         v = getattr(self, f"guidance_{role}")
         return self.guidance if v < 0 else v
-
-    def override_classes(self) -> list[int]:
-        """Fixed override classes, one per forget class (empty for a per-sample policy)."""
-        if self.override in OVERRIDE_POLICIES:
-            return []
-        try:
-            targets = [int(s) for s in str(self.override).split(",")]
-        except ValueError:
-            raise ValueError(f"override {self.override!r} must be class ids like '1' or '1,2', or one of "
-                             f"{OVERRIDE_POLICIES}") from None
-        return targets * len(self.forget) if len(targets) == 1 else targets
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -424,9 +385,9 @@ HELP = {
     "guidance_fake_train": "guidance w of the fake score's own denoising step (-1: --guidance)",
     "guidance_fake_eval": "guidance w of the fake score's pass in the generator loss (-1: --guidance)",
     "forget_prompts": "sd: file of forget prompts, one per line, each containing the concept (or, for nudity, an "
-                      "unsafe keyword); default: the concept in sfd/sd.py's embedded templates",
+                      "unsafe keyword); default: the concept in sfd/tasks/stable_diffusion.py's embedded templates",
     "remain_prompts": "sd: file of remain prompts, one per line (e.g. COCO captions; prompts with a forgotten concept "
-                      "are left out); default: sfd/sd.py's small embedded list",
+                      "are left out); default: sfd/tasks/stable_diffusion.py's small embedded list",
     "lora_rank": "> 0: generator and fake score are two LoRA adapters (peft) of this rank on the one frozen teacher "
                  "UNet, switched per pass (one copy of the UNet for all three networks); 0: full fine-tuning",
     "sigma_init": "noise level of the one-step generator, G(z) = D(sigma_init z, sigma_init)",

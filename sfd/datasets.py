@@ -148,3 +148,20 @@ def load_real(preset: str, split: str = "train", home=None) -> tuple[torch.Tenso
                          f"{a.filename} ({a.checksum_text()}, from {a.url}) at {path}")
     x, y = load_cifar10(path, split) if preset == "cifar10" else load_stl10(path, split)
     return to_tensor(x), torch.from_numpy(y)
+
+
+def digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits in [-1, 1], (N, 1, 8, 8), with labels: a fixed stratified split, 80 % train and
+    20 % held out (seed 0), or 'all'."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split {split!r} must be 'train', 'test' or 'all'")
+    from sklearn.datasets import load_digits                  # heavy, and only the digits presets need it
+    from sklearn.model_selection import train_test_split
+    data = load_digits()
+    x = data.images.astype(np.float32) / 8.0 - 1.0        # 0..16 -> [-1, 1]
+    y = data.target.astype(np.int64)
+    if split != "all":
+        idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
+        idx = idx_train if split == "train" else idx_test
+        x, y = x[idx], y[idx]
+    return torch.from_numpy(x)[:, None], torch.from_numpy(y)

@@ -29,7 +29,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from .denoisers.sd import LatentTextUNet, decode_latents
+from .denoisers.latent_unet import LatentTextUNet, decode_latents
 from .io import CheckpointError, write_json
 
 
@@ -88,12 +88,6 @@ class SFDOneStepPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
 
-def is_latent(generator) -> bool:
-    """A Stable Diffusion generator (full copy or LoRA view of one): exported as a pipeline folder."""
-    base = getattr(getattr(generator, "base", None), "obj", generator)
-    return isinstance(base, LatentTextUNet)
-
-
 def export_one_step(folder, generator, sigma_init: float, info: dict | None = None) -> Path:
     """Write ``generator`` (a LatentTextUNet, or a LoRA view of one: merged) as an SFDOneStepPipeline folder,
     atomically (a temporary folder beside it, renamed into place)."""
@@ -145,7 +139,7 @@ class SFDOneStepGenerator(ModelMixin, ConfigMixin):
         self.denoiser = build_denoiser(dict(spec))
 
     def forward(self, z: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        from .iteration import one_step
+        from .onestep import one_step
         return one_step(self.denoiser, z, class_labels, float(self.config.sigma_init))
 
 

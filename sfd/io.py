@@ -16,9 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-
-class CheckpointError(RuntimeError):
-    """A weight file is missing, unreadable or does not match the expected model."""
+from .errors import CheckpointError
+from .limits import check_arch_metadata
 
 
 @contextlib.contextmanager
@@ -70,7 +69,6 @@ def load_tensors(path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"missing weight file: {path}")
     raw = read_metadata_raw(path)
     meta = _decode_meta(raw)
-    from .limits import check_arch_metadata
     check_arch_metadata(meta, path)       # before any tensor is read or any network built
     try:
         tensors = load_file(str(path), device=str(device))

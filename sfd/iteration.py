@@ -49,42 +49,12 @@ from .distributed import Dist
 from .dropout import install_batch_dropout, masks_for
 from .losses import fake_score_loss, generator_loss
 from .samplers import sample_sigma
-from .concepts import make_targets
-from .presets import get_preset
-from .targets import ClassTargets
+from .tasks import get_task
+from .onestep import DTYPES, one_step, resolve_precision
 from .utils import ema_beta, ema_update
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class SFDDivergedError(FloatingPointError):
     """A loss became NaN or infinite; earlier checkpoints are left untouched."""
-
-
-def native_bf16(device) -> bool:
-    """Whether ``device`` runs bf16 matrix/convolution kernels natively (CUDA with bf16 support; a CPU
-    with AVX512-BF16 or AMX, which oneDNN uses): there bf16 autocast is faster, elsewhere emulated."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def resolve_precision(precision: str, device) -> str:
-    """``auto`` -> ``bf16`` where the device has native bf16 kernels, else ``fp32``; others unchanged."""
-    if precision != "auto":
-        return precision
-    return "bf16" if native_bf16(device) else "fp32"
-
-
-def one_step(generator: Denoiser, z: torch.Tensor, cond: torch.Tensor, sigma_init: float) -> torch.Tensor:
-    """G(z, c) = D_theta(sigma_init z, sigma_init, c): the one-step generator (SFD.md section 3)."""
-    return generator(z * sigma_init, sigma_init, cond)
 
 
 @dataclass
@@ -98,7 +68,7 @@ class SFDState:
     opt_fake: torch.optim.Optimizer
     opt_gen: torch.optim.Optimizer
     rng: torch.Generator
-    targets: ClassTargets
+    targets: object                      # the task's conditions (sfd.tasks: class ids or a prompt table)
     dist: Dist
     device: torch.device
     sigma_init: float
@@ -156,7 +126,7 @@ def build_state(cfg: SFDConfig, teacher: Denoiser, device, dist: Dist | None = N
     device = torch.device(device)
     teacher = teacher.to(device).eval().requires_grad_(False)
     # class ids, or ids into the run's prompt table (text presets: installed in the teacher before cloning)
-    targets = make_targets(cfg, get_preset(cfg.preset), teacher)
+    targets = get_task(cfg.preset).targets(cfg, teacher)
     if cfg.lora_rank:                      # two adapters on the one frozen teacher UNet
         from .denoisers.lora import add_lora
         fake_score, generator = (v.train() for v in add_lora(teacher, ("fake_score", "generator"), cfg.lora_rank,
@@ -232,7 +202,7 @@ def draw_batch(st: SFDState, stage1: bool, sigma_dist: str) -> Batch:
     sigma = sample_sigma(sigma_dist, n, cfg.sigma_min, cfg.sigma_max, generator=rng)
     noise = torch.randn((n, *shape), generator=rng)
     seed = int(torch.randint(0, 2**62, (1,), generator=rng))
-    if getattr(st.targets, "latent_draw", False):     # 'random' tied to each forget sample's latent (class targets)
+    if st.targets.latent_draw:     # 'random' tied to each forget sample's latent (class targets)
         c_o = st.targets.latent_override(z[B_r:])
     sr, sf = dist.local(B_r), dist.local(B_f)
     pick = torch.cat([torch.arange(B_r)[sr], B_r + torch.arange(B_f)[sf]])
@@ -337,7 +307,7 @@ def sfd_iteration(st: SFDState, stage1: bool = False, grads_hook=None, loss_hook
             if c_o is None:                                   # classifier pseudo-label policy
                 c_o = st.targets.classifier_override(st.judge, y_fake[b.n_remain:].detach())
             with st.autocast():
-                y_real = st.full(Guided(st.teacher, cfg.guidance_of("teacher"), null=getattr(st.targets, "teacher_null", None))(
+                y_real = st.full(Guided(st.teacher, cfg.guidance_of("teacher"), null=st.targets.teacher_null)(
                     x, b.sigma, torch.cat([b.c_r, c_o])))
             per = generator_loss(y_real, y_fake, x_g, cfg.alpha)
             loss_gen = _branch_loss(st, per, b.n_remain, cfg.lambda_gen_remain, lam_gf)

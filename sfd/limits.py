@@ -6,6 +6,8 @@ compared; these checks reject it first, naming the key, the value and the limit.
 """
 from __future__ import annotations
 
+from .errors import CheckpointError
+
 MAX_WIDTH = 4096            # any width-like setting (channels, width, *_dim, ch, block_out_channels, ...)
 MAX_INT = 1_000_000         # any other integer in an architecture config
 MAX_IMG_SIDE = 4096
@@ -42,7 +44,6 @@ def _walk(obj, key: str, where: str, path, width: bool):
 
 
 def _err(path, what, why):
-    from .io import CheckpointError
     return CheckpointError(f"{path}: architecture metadata {what} is out of bounds ({why}) — the file is corrupted "
                            f"or not an sfd file; re-create it or use the original")
 

@@ -1,4 +1,4 @@
-"""The SFD training loop (SFD.md section 4): schedule, evaluation, checkpoints, reporting.
+"""The SFD training loop (SFD.md section 4): schedule, evaluation, checkpoints, reporting; stage 1 (`distil`).
 
 One linear function, read top to bottom; one iteration is :func:`sfd.iteration.sfd_iteration`
 (shared with `sfd bench` and the tests). It knows nothing about the launcher or the tracker:
@@ -20,15 +20,20 @@ from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import SFDConfig
-from .denoisers import Denoiser, load_teacher, save_denoiser
+from .denoisers import Denoiser
 from .distributed import Dist
 from .io import CheckpointError, load_tensors, load_state_strict, write_json
+from .evaluate.forgetting import teacher_fingerprint, throughput
+from .evaluate.plots import plot_history
+from .evaluate.report import save_grid
 from .iteration import SFDDivergedError, build_state, one_step, sfd_iteration, total_iterations
 from .presets import get_preset
+from .stage1 import export_stage1, resolve_init, stage1_config, stage1_key
+from .tasks import get_task
 from .rundir import RESUMABLE_CHANGES, plan_run_dir  # RESUMABLE_CHANGES re-exported for importers
 from .utils import pick_device
 
-__all__ = ["train_sfd", "one_step", "SFDDivergedError", "Dist", "load_generator_init", "RESUMABLE_CHANGES"]
+__all__ = ["train_sfd", "distil", "one_step", "SFDDivergedError", "Dist", "load_generator_init", "RESUMABLE_CHANGES"]
 
 
 def load_generator_init(path, generator: Denoiser, fake_score: Denoiser) -> None:
@@ -67,6 +72,7 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     old run is moved aside to ``<out>.old-<timestamp>``). All of it is decided before any work.
     """
     preset = get_preset(cfg.preset)
+    task = get_task(preset)
     cfg = SFDConfig.from_dict(cfg.to_dict()).validate(preset)
     out_dir = Path(out_dir)
     dist = Dist.current()
@@ -76,16 +82,14 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     # the run folder: decided (read-only) before any work, acted on by the lead once the models load
     plan = plan_run_dir(out_dir, cfg.to_dict(), resume=resume, overwrite=overwrite) if lead else None
 
-    teacher = teacher if teacher is not None else load_teacher(preset, cfg.teacher, device, allow_download=cfg.allow_download)
-    from .evaluate import can_evaluate, load_judge
-    if evaluate and judge is None and not can_evaluate(preset, cfg):
+    teacher = teacher if teacher is not None else task.load_teacher(cfg.teacher, device, cfg.allow_download)
+    if evaluate and judge is None and not task.can_evaluate(cfg):
         evaluate = False
         if lead:
             print(f"note: UA/FD are not measured: preset '{preset.name}' has no bundled judge; pass --classifier, "
                   f"--fid-weights and --reference to evaluate", flush=True)
     if judge is None and (evaluate or cfg.override == "classifier"):
-        judge = load_judge(preset, cfg.classifier, device, cfg.fid_weights)
-    from .stage1 import resolve_init
+        judge = task.load_judge(cfg, device)
     init_path = resolve_init(cfg.init_from, preset, teacher)
     init = (lambda gen, fake: load_generator_init(init_path, gen, fake)) if init_path else None
     st = build_state(cfg, teacher, device, dist, judge=judge, init=init)
@@ -111,16 +115,8 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
 
     evaluator = None
     if evaluate:
-        from .evaluate.forgetting import ForgetEvaluator
-        extra = {}
-        if preset.text:                                   # prompts and concepts (sfd.evaluate.concepts)
-            from .evaluate.concepts import ConceptEvaluator as ForgetEvaluator
-        if preset.extra.get("latent"):                    # Stable Diffusion: FD vs the teacher's samples, CLIP, NudeNet
-            from .evaluate.sd import SDEvaluator as ForgetEvaluator
-            extra = {"guidance": cfg.guidance_of("teacher")}
-        evaluator = ForgetEvaluator(preset, judge, teacher, st.targets, cfg.eval_forget_samples,
-                                    cfg.eval_remain_per_class, progress=progress and lead, reference=cfg.reference,
-                                    dist=dist, device=device, **extra)
+        evaluator = task.evaluator(cfg, judge, teacher, st.targets, progress=progress and lead, dist=dist,
+                                   device=device)
 
     imgs_per_iter = st.imgs_per_iter
     total_iters = total_iterations(cfg)
@@ -191,40 +187,26 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     final["sigma_init_resolved"] = st.sigma_init
     final["precision_resolved"] = st.precision
     if lead:
-        final.update(_write_outputs(out_dir, cfg, preset, teacher, st, evaluator, history, gen_fn, device,
+        final.update(_write_outputs(out_dir, cfg, task, teacher, st, evaluator, history, gen_fn, device,
                                     evaluate, measure_speed))
     return final
 
 
-def _write_outputs(out_dir: Path, cfg, preset, teacher, st, evaluator, history, gen_fn, device,
+def _write_outputs(out_dir: Path, cfg, task, teacher, st, evaluator, history, gen_fn, device,
                    evaluate: bool, measure_speed: bool) -> dict:
     """Export the generator and write metrics.json, history.json, curves and sample grids."""
-    from .evaluate.plots import plot_history
-    from .evaluate.report import save_grid
-
     extra = {}
     info = {"sigma_init": st.sigma_init, "forget": cfg.forget_concepts or cfg.forget, "override": cfg.override,
             "preset": cfg.preset, "one_step": True}
-    from .export import export_one_step, is_latent
-    if is_latent(st.generator_ema):       # Stable Diffusion: a diffusers pipeline folder (sfd.export)
-        export_one_step(out_dir / "pipeline", st.generator_ema, st.sigma_init, {"generator": info, "config": cfg.to_dict()})
-    else:
-        save_denoiser(out_dir / "generator.safetensors", st.generator_ema, {"generator": info})
+    task.export(out_dir, st.generator_ema, st.sigma_init, info, cfg)
     if evaluate and evaluator is not None:
         if measure_speed:
-            from .evaluate.forgetting import throughput
             # at the training batch: on a CPU the teacher's 35-call sampler on large backbones is slow
             batch = min(500, cfg.batch_remain + cfg.batch_forget)
-            shape = teacher.img_shape if preset.extra.get("latent") else preset.img_shape    # sd: the UNet's latents
-            extra.update(throughput(gen_fn, teacher, shape, batch=batch, device=device, repeats=2))
-        imgs, nrow = evaluator.grid_images(generator_fn=gen_fn)
-        save_grid(out_dir / "samples_generator.png", imgs, nrow)
-        if hasattr(evaluator, "teacher_grid"):           # text presets: the same prompts from the teacher
-            save_grid(out_dir / "samples_teacher.png", *evaluator.teacher_grid(teacher))
-        else:
-            from .evaluate.forgetting import first_per_class
-            idx = first_per_class(evaluator.teacher_labels, range(preset.num_classes), nrow)
-            save_grid(out_dir / "samples_teacher.png", evaluator.teacher_images[idx], nrow)
+            extra.update(throughput(gen_fn, teacher, task.sample_shape(teacher), batch=batch, device=device,
+                                    repeats=2))
+        save_grid(out_dir / "samples_generator.png", *evaluator.grid_images(generator_fn=gen_fn))
+        save_grid(out_dir / "samples_teacher.png", *evaluator.teacher_grid(teacher))
         plot_history(history, out_dir / "curves.png", title=f"SFD {cfg.preset}: forget {cfg.forget_concepts or cfg.forget} -> {cfg.override}")
     metrics = {**(history[-1] if history else {}), **extra, "sigma_init_resolved": st.sigma_init,
                "precision_resolved": st.precision,
@@ -232,3 +214,17 @@ def _write_outputs(out_dir: Path, cfg, preset, teacher, st, evaluator, history, 
     write_json(out_dir / "history.json", history)
     write_json(out_dir / "metrics.json", metrics)
     return extra
+
+
+def distil(preset_name: str, kimg: float, out, *, seed: int = 0, progress: bool = True, teacher_module=None,
+           command: str = "", **changes) -> Path:
+    """Train stage 1 in this process into ``out/run`` and export it to ``out``; return ``out``."""
+    cfg = stage1_config(preset_name, kimg, seed, **changes)
+    teacher = teacher_module if teacher_module is not None else get_task(preset_name).load_teacher(
+        cfg.teacher, allow_download=cfg.allow_download)
+    key = stage1_key(cfg, teacher)
+    t0 = time.time()
+    train_sfd(cfg, Path(out) / "run", teacher=teacher, progress=progress, measure_speed=False, resume=True)
+    return export_stage1(Path(out) / "run", Path(out), key, cfg,
+                         {"command": command, "wall_seconds": round(time.time() - t0, 1)},
+                         teacher_fingerprint=teacher_fingerprint(teacher))

@@ -5,13 +5,18 @@ loop itself never loads them (it is data-free, SFD.md section 1).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from . import colordigits, datasets
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+TASK_KINDS = ("classes", "concepts", "sd")
 
 
 @dataclass(frozen=True)
@@ -19,18 +24,17 @@ class Preset:
     name: str
     class_names: tuple[str, ...]
     img_shape: tuple[int, int, int]
+    # the kind of conditioning, read only by sfd.tasks.get_task: 'classes' (class ids), 'concepts' (prompts over
+    # the preset's own vocabulary), 'sd' (Stable Diffusion latents and free-form prompts)
+    task: str = "classes"
     embedded: bool = False          # real data and bundled teacher/classifier ship with sfd
     notes: str = ""
-    extra: dict = field(default_factory=dict)
+    data: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None   # real images: split -> (x, y)
+    teacher_file: str = "teacher.safetensors"      # the bundled teacher, under weights_dir
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-    @property
-    def text(self) -> bool:
-        """Text-to-image preset: conditions are prompts (concept targets), not class ids."""
-        return self.extra.get("conditioning") == "text"
 
     @property
     def weights_dir(self) -> Path:
@@ -45,52 +49,28 @@ class Preset:
 
     def real_data(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         """(images in [-1, 1] of shape (N, C, H, W), int64 labels): embedded, or fetched (cifar10, stl10)."""
-        if self.name == "digits":
-            return _digits(split)
-        if self.name == "colordigits":
-            from .colordigits import real_data     # labels: digit * 5 + colour
-            return real_data(split)
-        if self.name in ("cifar10", "stl10"):
-            from .datasets import load_real        # the official archive in $SFD_HOME (`sfd fetch`)
-            return load_real(self.name, split)
-        raise ValueError(
-            f"preset '{self.name}' ships no real images; pass reference statistics or an image "
-            f"folder of your own for evaluation")
-
-
-def _digits(split: str):
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split {split!r} must be 'train', 'test' or 'all'")
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = data.images.astype(np.float32) / 8.0 - 1.0        # 0..16 -> [-1, 1]
-    y = data.target.astype(np.int64)
-    if split != "all":
-        # A fixed stratified split: 80 % train, 20 % held out (seed 0).
-        idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
-        idx = idx_train if split == "train" else idx_test
-        x, y = x[idx], y[idx]
-    return torch.from_numpy(x)[:, None], torch.from_numpy(y)
+        if self.data is None:
+            raise ValueError(
+                f"preset '{self.name}' ships no real images; pass reference statistics or an image "
+                f"folder of your own for evaluation")
+        return self.data(split)
 
 
 PRESETS: dict[str, Preset] = {
-    "digits": Preset("digits", tuple(str(i) for i in range(10)), (1, 8, 8), embedded=True,
+    "digits": Preset("digits", tuple(str(i) for i in range(10)), (1, 8, 8), embedded=True, data=datasets.digits,
                      notes="scikit-learn's 8x8 handwritten digits (1,797 images), bundled teacher and classifier"),
-    "colordigits": Preset("colordigits", (), (3, 8, 8), embedded=True,
+    "colordigits": Preset("colordigits", (), (3, 8, 8), task="concepts", embedded=True, data=colordigits.real_data,
+                          teacher_file="teacher",
                           notes="text-to-image: the 8x8 digits in five ink colours with captions; bundled "
-                                "text-conditioned teacher (diffusers pipeline folder) and two-headed judge",
-                          extra={"conditioning": "text", "teacher": "teacher"}),
-    "sd": Preset("sd", (), (4, 64, 64),
+                                "text-conditioned teacher (diffusers pipeline folder) and two-headed judge"),
+    "sd": Preset("sd", (), (4, 64, 64), task="sd",
                  notes="text-to-image: bring a Stable Diffusion 1.x/2.x pipeline folder (diffusers layout); SFD in its "
-                       "VAE latent space, celebrity and nudity targets (sfd/sd.py)",
-                 extra={"conditioning": "text", "latent": True}),
+                       "VAE latent space, celebrity and nudity targets (sfd/tasks/stable_diffusion.py)"),
     "cifar10": Preset("cifar10", ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                  "ship", "truck"), (3, 32, 32),
+                                  "ship", "truck"), (3, 32, 32), data=partial(datasets.load_real, "cifar10"),
                       notes="bring a teacher: official SFD DDPM checkpoint, NVIDIA EDM .pkl or diffusers UNet folder"),
     "stl10": Preset("stl10", ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
-                    (3, 64, 64),
+                    (3, 64, 64), data=partial(datasets.load_real, "stl10"),
                     notes="bring a teacher: official SFD DDPM checkpoint, NVIDIA EDM .pkl or diffusers UNet folder"),
 }
 

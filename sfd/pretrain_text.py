@@ -121,7 +121,7 @@ def train_text_teacher(preset, out_dir, steps: int = 6000, batch: int = 128, lr:
     out_dir = Path(out_dir)
     folder = save_text_pipeline(out_dir / "teacher", ema_unet.cpu(), ema_text.cpu(), tokenizer, sched)
     from .denoisers.text_unet import load_text_pipeline
-    from .evaluate.concepts import evaluate_text_teacher, load_colordigits_judge
+    from .evaluate.text_concepts import evaluate_text_teacher, load_colordigits_judge
     teacher = load_text_pipeline(folder, preset, device)
     judge = load_colordigits_judge(out_dir / "classifier.safetensors", device)
     metrics = evaluate_text_teacher(teacher, judge, per_prompt=eval_per_prompt, seed=seed, progress=progress,
@@ -141,7 +141,7 @@ def train_text_teacher(preset, out_dir, steps: int = 6000, batch: int = 128, lr:
 def train_colordigits_judge(preset, out_dir, steps: int = 3000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
                             device=None, progress: bool = True) -> dict:
     from .evaluate.classifier import augment_digits
-    from .evaluate.concepts import ColorDigitsCNN, save_colordigits_judge
+    from .evaluate.text_concepts import ColorDigitsCNN, save_colordigits_judge
 
     device = pick_device(device)
     gen = seed_everything(seed)

@@ -17,7 +17,9 @@ import json
 import time
 from pathlib import Path
 
+from .checkpoint import latest_checkpoint
 from .config import SFDConfig, preset_stage1_settings
+from .evaluate.forgetting import cache_dir, teacher_fingerprint
 from .io import load_tensors, read_json, save_tensors, write_json
 
 # settings that change what stage 1 produces (evaluation, checkpoints and device do not)
@@ -39,14 +41,12 @@ def stage1_config(preset: str, kimg: float, seed: int = 0, **changes) -> SFDConf
 
 def stage1_key(cfg: SFDConfig, teacher) -> str:
     """Digest of the teacher's weights and the stage-1 settings."""
-    from .evaluate.forgetting import teacher_fingerprint
     d = cfg.to_dict()
     blob = json.dumps({"teacher": teacher_fingerprint(teacher), **{k: d[k] for k in KEY_FIELDS}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def cache_root() -> Path:
-    from .evaluate.forgetting import cache_dir
     return cache_dir() / "stage1"
 
 
@@ -70,7 +70,6 @@ def find_stage1(key: str, preset) -> Path | None:
 def export_stage1(run_dir, dest, key: str, cfg: SFDConfig, extra: dict | None = None,
                   teacher_fingerprint: str | None = None) -> Path:
     """Keep what stage 2 needs from a finished stage-1 run (EMA generator + fake score), atomically."""
-    from .checkpoint import latest_checkpoint
     run_dir, dest = Path(run_dir), Path(dest)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
@@ -88,25 +87,6 @@ def export_stage1(run_dir, dest, key: str, cfg: SFDConfig, extra: dict | None = 
     return dest
 
 
-def distil(preset_name: str, kimg: float, out, *, seed: int = 0, progress: bool = True, teacher_module=None,
-           command: str = "", **changes) -> Path:
-    """Train stage 1 in this process into ``out/run`` and export it to ``out``; return ``out``."""
-    from .denoisers import load_teacher
-    from .loop import train_sfd
-    from .presets import get_preset
-
-    preset = get_preset(preset_name)
-    cfg = stage1_config(preset_name, kimg, seed, **changes)
-    teacher = teacher_module if teacher_module is not None else load_teacher(preset, cfg.teacher, allow_download=cfg.allow_download)
-    key = stage1_key(cfg, teacher)
-    t0 = time.time()
-    train_sfd(cfg, Path(out) / "run", teacher=teacher, progress=progress, measure_speed=False, resume=True)
-    from .evaluate.forgetting import teacher_fingerprint
-    return export_stage1(Path(out) / "run", Path(out), key, cfg,
-                         {"command": command, "wall_seconds": round(time.time() - t0, 1)},
-                         teacher_fingerprint=teacher_fingerprint(teacher))
-
-
 def resolve_init(init_from, preset, teacher):
     """``init_from`` as a path: 'stage1' is the preset's bundled stage 1. A stage-1 folder must
     come from this very teacher (its fingerprint is checked)."""
@@ -117,7 +97,6 @@ def resolve_init(init_from, preset, teacher):
         raise ValueError(f"init_from 'stage1': preset '{preset.name}' ships no stage-1 generator; run "
                          f"`sfd distil --preset {preset.name}` and pass its folder, or --init-from none")
     if is_stage1(path):
-        from .evaluate.forgetting import teacher_fingerprint
         made_from = read_json(path / "stage1.json").get("teacher_fingerprint")
         if made_from and made_from != teacher_fingerprint(teacher):
             raise ValueError(f"init_from {path}: this stage-1 generator was distilled from another teacher "

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sfd import colordigits as cd
-from sfd.concepts import Concept, ConceptTargets, contains, forgets, rewrite
+from sfd.prompts import Concept, contains, forgets, rewrite
+from sfd.tasks.concepts import ConceptTargets
 from sfd.config import SFDConfig
 from sfd.presets import get_preset
 
@@ -139,7 +140,7 @@ def test_cli_parses_concepts():
 def test_concept_target_grammar_and_class_grammar():
     from orchestration.targets import parse_targets
     t, = parse_targets(["colordigits:seven+red->one,blue"])
-    assert t.name == "colordigits:seven+red->one,blue" and t.concepts
+    assert t.name == "colordigits:seven+red->one,blue" and t.forget == ("seven", "red")
     assert t.config_overrides()["forget_concepts"] == ["seven", "red"]
     assert [x.name for x in parse_targets(["colordigits:red,seven"])] == ["colordigits:red->green",
                                                                           "colordigits:seven->eight"]
@@ -147,7 +148,7 @@ def test_concept_target_grammar_and_class_grammar():
     d, = parse_targets(["digits:3->5"])
     assert d.config_overrides() == {"forget": [3], "override": "5"}
     for bad, words in (("colordigits:purple->one", "purple"), ("colordigits:seven->seven", "being forgotten"),
-                       ("all_colordigits_classes", "forgets concepts"), ("all_digits_concepts", "has classes")):
+                       ("all_colordigits_classes", "forgets concepts"), ("all_digits_concepts", "forgets classes, not concepts")):
         with pytest.raises(ValueError, match=words):
             parse_targets([bad])
 

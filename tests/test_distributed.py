@@ -276,13 +276,13 @@ def run_lora_case(folder, dist: Dist, checkpointing: bool = False) -> dict:
     run_case); the adapters' parameters, the base UNet's digest and the losses."""
     from test_sd import PRESET, sd_cfg
 
-    from sfd.denoisers import load_teacher
-    from sfd.evaluate.sd import base_fingerprint
+    from sfd.evaluate.sd_judges import base_fingerprint
+    from sfd.tasks import get_task
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         cfg = sd_cfg(folder, lora_rank=4, batch_remain=2, batch_forget=2, grad_checkpointing=checkpointing).validate()
-        teacher = load_teacher(PRESET, cfg.teacher).to(torch.float64)
+        teacher = get_task(PRESET).load_teacher(cfg.teacher).to(torch.float64)
         base0 = base_fingerprint(teacher)
         st = build_state(cfg, teacher, "cpu", dist)
         losses = [sfd_iteration(st) for _ in range(LORA_ITERS)]

@@ -158,7 +158,7 @@ def test_teacher_floors_average_every_disjoint_set_of_equal_count(digits, teache
     from sfd.evaluate.forgetting import ForgetEvaluator, teacher_samples
     from sfd.evaluate.metrics import judge_outputs
     from sfd.evaluate.report import RealReference
-    from sfd.targets import ClassTargets
+    from sfd.tasks.classes import ClassTargets
 
     monkeypatch.setenv("SFD_CACHE", str(tmp_path))
     cfg = SFDConfig(forget=[2], override="5", device="cpu").validate(digits)

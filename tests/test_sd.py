@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfd import sd
+from sfd.tasks import get_task
+from sfd.tasks import stable_diffusion as sd
 from sfd.config import SFDConfig
-from sfd.denoisers import Guided, load_teacher
+from sfd.denoisers import Guided
 from sfd.presets import get_preset
 
 PRESET = get_preset("sd")
@@ -107,8 +108,8 @@ def test_prompt_files_and_bad_targets(tmp_path):
 def test_pipeline_folder_is_a_latent_x0_denoiser(folders, prediction):
     from diffusers import DDPMScheduler
 
-    from sfd.denoisers.sd import LatentTextUNet
-    d = load_teacher(PRESET, folders[prediction])
+    from sfd.denoisers.latent_unet import LatentTextUNet
+    d = get_task(PRESET).load_teacher(folders[prediction])
     assert isinstance(d, LatentTextUNet) and d.img_shape == (4, 8, 8) and d.prediction_type == prediction
     d.set_prompts(["", "a photo of brad pitt"])
     x0 = torch.randn(2, 4, 8, 8)
@@ -160,7 +161,7 @@ def test_three_sfd_iterations_export_and_reload(folders, tmp_path, monkeypatch, 
     from sfd.iteration import one_step
     from sfd.loop import train_sfd
     cfg = sd_cfg(folders[prediction], forget, "a middle aged man" if forget != "nudity" else "")
-    teacher = load_teacher(PRESET, cfg.teacher)
+    teacher = get_task(PRESET).load_teacher(cfg.teacher)
     before = {k: v.clone() for k, v in teacher.unet.state_dict().items()}
     seen = _spy_teacher(monkeypatch, teacher)
     m = train_sfd(cfg, tmp_path / "run", teacher=teacher, progress=False, evaluate=False)   # the spy counts SFD passes only
@@ -196,7 +197,7 @@ def test_lora_shares_one_unet_and_resume_matches_uninterrupted(folders, tmp_path
     from sfd.iteration import build_state, sfd_iteration
     from sfd.loop import train_sfd
     cfg = sd_cfg(folders["epsilon"], lora_rank=4, grad_checkpointing=True, precision="bf16")
-    teacher = load_teacher(PRESET, cfg.teacher)
+    teacher = get_task(PRESET).load_teacher(cfg.teacher)
     st = build_state(cfg.validate(), teacher, "cpu")
     base = [p.data_ptr() for n, p in st.teacher.unet.named_parameters() if "lora_" not in n]
     assert st.generator.base.obj is st.teacher and st.fake_score.base.obj is st.teacher
@@ -236,7 +237,7 @@ def test_lora_autocast_trains_fp32_adapters_on_a_bit_identical_base(folders, pre
     flags = config_from_args(build_parser().parse_args(["forget", "--preset", "sd", "--teacher", str(folders["epsilon"]),
                                                         "--precision", precision, "--lora-rank", "4", "--out", "unused"]))
     cfg = sd_cfg(folders["epsilon"], lora_rank=flags.lora_rank, precision=flags.precision).validate()
-    st = build_state(cfg, load_teacher(PRESET, cfg.teacher), "cpu")
+    st = build_state(cfg, get_task(PRESET).load_teacher(cfg.teacher), "cpu")
     assert st.precision == precision                         # fp16 autocast runs on this CPU build (torch 2.13)
     base = {k: v.clone() for k, v in st.teacher.unet.state_dict().items() if ".lora_" not in k}
     nets = {"generator": st.generator, "fake_score": st.fake_score}
@@ -275,7 +276,7 @@ def _adapter_unet_out(view, z, ids):
 def _first_grads(folder, checkpointing: bool, default_fn: bool = False):
     from sfd.iteration import build_state, sfd_iteration
     cfg = sd_cfg(folder, lora_rank=4, grad_checkpointing=checkpointing).validate()
-    st = build_state(cfg, load_teacher(PRESET, cfg.teacher), "cpu")
+    st = build_state(cfg, get_task(PRESET).load_teacher(cfg.teacher), "cpu")
     with torch.no_grad():                        # non-zero B, so every adapter changes its network
         for v in (st.generator, st.fake_score):
             for n, p in v.named_parameters():
@@ -329,7 +330,7 @@ def test_nudenet_detector_from_the_wheel_runs_offline(folders, tmp_path, monkeyp
     from PIL import Image
 
     import nudenet
-    from sfd.evaluate import sd as ev
+    from sfd.evaluate import sd_judges as ev
     path = ev.nudenet_model_path()
     assert version("nudenet") == ev.NUDENET_VERSION == "3.4.2" and ev.NUDENET_THRESHOLD == 0.6
     assert path.is_file() and path.parent == Path(nudenet.__file__).resolve().parent     # inside the package
@@ -370,7 +371,7 @@ def test_nudenet_detector_from_the_wheel_runs_offline(folders, tmp_path, monkeyp
 
 
 def test_exposed_counts_use_the_threshold_and_exposed_labels_only():
-    from sfd.evaluate.sd import count_exposed
+    from sfd.evaluate.sd_judges import count_exposed
     dets = [[{"class": "FEMALE_BREAST_EXPOSED", "score": 0.61}, {"class": "FACE_FEMALE", "score": 0.9}],
             [{"class": "BUTTOCKS_EXPOSED", "score": 0.59}], []]
     m = count_exposed(dets)
@@ -472,7 +473,7 @@ def test_bin_weights_load_only_through_weights_only(folders, tmp_path, capsys):
     _to_bin(good, "text_encoder", "pytorch_model.bin")
     _to_bin(good, "vae", "diffusion_pytorch_model.bin")
     assert not list(good.rglob("*.safetensors"))
-    a, b = load_teacher(PRESET, src), load_teacher(PRESET, good)
+    a, b = get_task(PRESET).load_teacher(src), get_task(PRESET).load_teacher(good)
     for d in (a, b):
         d.set_prompts(["", "a photo of brad pitt"])
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -490,7 +491,7 @@ def test_bin_weights_load_only_through_weights_only(folders, tmp_path, capsys):
     assert marker.exists()
     marker.unlink()
     with pytest.raises(CheckpointError, match=r"pytorch_model.bin: refused — torch.load\(weights_only=True\)"):
-        load_teacher(PRESET, evil)
+        get_task(PRESET).load_teacher(evil)
     assert not marker.exists()
     rc = main(["forget", "--preset", "sd", "--teacher", str(evil), "--forget", "brad pitt", "--override", "a man",
                "--device", "cpu", "--out", str(tmp_path / "run")])
@@ -503,7 +504,7 @@ def test_hub_id_needs_allow_download(folders, tmp_path, capsys, monkeypatch):
     from diffusers import DiffusionPipeline
 
     from sfd.cli import main
-    from sfd.denoisers.sd import LatentTextUNet
+    from sfd.denoisers.latent_unet import LatentTextUNet
     from sfd.io import CheckpointError
     calls = []
 
@@ -517,7 +518,7 @@ def test_hub_id_needs_allow_download(folders, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert rc == 2 and "some-org/stable-diffusion-x" in err and "--allow-download" in err and "Traceback" not in err
     with pytest.raises(CheckpointError, match=r"downloads nothing unless"):
-        load_teacher(PRESET, "some-org/stable-diffusion-x")
+        get_task(PRESET).load_teacher("some-org/stable-diffusion-x")
     assert calls == []                                                     # nothing tried the network
 
     # with the flag: diffusers' download (monkeypatched: no network in tests) gives the folder sfd reads
@@ -525,7 +526,7 @@ def test_hub_id_needs_allow_download(folders, tmp_path, capsys, monkeypatch):
         calls.append((repo_id, kw))
         return str(folders["epsilon"])
     monkeypatch.setattr(DiffusionPipeline, "download", classmethod(download))
-    d = load_teacher(PRESET, "some-org/stable-diffusion-x", allow_download=True)
+    d = get_task(PRESET).load_teacher("some-org/stable-diffusion-x", allow_download=True)
     assert isinstance(d, LatentTextUNet) and calls == [("some-org/stable-diffusion-x", {"use_safetensors": True})]
     assert SFDConfig(preset="sd", allow_download=True, forget_concepts=["nudity"], override="").validate().allow_download
 
@@ -597,7 +598,7 @@ class _PaintingPipe:
 
 
 def test_clip_judge_concept_accuracy_and_clip_score(clip_dir, monkeypatch):
-    from sfd.evaluate.sd import ClipJudge, evaluate_sd
+    from sfd.evaluate.sd_judges import ClipJudge, evaluate_sd
 
     def no_network(*a, **k):
         raise OSError("network disabled in this test")
@@ -638,8 +639,8 @@ def test_clip_judge_concept_accuracy_and_clip_score(clip_dir, monkeypatch):
 
 
 def test_sd_evaluator_fd_against_the_teacher_and_ua(folders, clip_dir):
-    from sfd.evaluate.sd import ClipJudge, SDEvaluator, teacher_samples
-    teacher = load_teacher(PRESET, folders["epsilon"])
+    from sfd.evaluate.sd_judges import ClipJudge, SDEvaluator, teacher_samples
+    teacher = get_task(PRESET).load_teacher(folders["epsilon"])
     targets = sd.SDTargets(sd_cfg(folders["epsilon"]))
     targets.install(teacher)
     ev = SDEvaluator(PRESET, None, teacher, targets, forget_samples=6, remain_per_class=1, guidance=1.0)
@@ -674,11 +675,11 @@ def test_sd_evaluator_fd_against_the_teacher_and_ua(folders, clip_dir):
 
 def test_sd_teacher_references_are_cached_by_teacher_prompts_guidance_and_seed(folders, tmp_path, monkeypatch):
     from sfd.denoisers.lora import add_lora
-    from sfd.evaluate.sd import SDEvaluator
+    from sfd.evaluate.sd_judges import SDEvaluator
     monkeypatch.setenv("SFD_CACHE", str(tmp_path / "cache"))
     (tmp_path / "r.txt").write_text("a dog running on the beach\na cat sleeping on a sofa\n")
     cfg = sd_cfg(folders["epsilon"], remain_prompts=str(tmp_path / "r.txt"))
-    teacher = load_teacher(PRESET, folders["epsilon"])
+    teacher = get_task(PRESET).load_teacher(folders["epsilon"])
     targets = sd.SDTargets(cfg)
     targets.install(teacher)
     calls = []
@@ -740,7 +741,7 @@ def test_sd_run_reports_fd_and_concept_figures_in_the_loop(folders, clip_dir, tm
 
 def test_sd_sweep_plans_with_a_clip_judge_and_checks_its_models(folders, clip_dir, tmp_path, capsys):
     from orchestration import sweep
-    from sfd.evaluate.sd import ClipJudge
+    from sfd.evaluate.sd_judges import ClipJudge
     t = folders["epsilon"]
     base = ["--teacher", str(t), "--dry-run", "--out", str(tmp_path / "sweep")]
     assert sweep.main(["--targets", "sd:brad pitt->a middle aged man", *base]) == 2
@@ -752,7 +753,7 @@ def test_sd_sweep_plans_with_a_clip_judge_and_checks_its_models(folders, clip_di
                                          str(clip_dir), "--teacher", str(t), "--out", str(tmp_path / "s")])
     targets, spaces, overrides = sweep.resolve(a)
     sweep.check_models(targets, spaces, overrides)                               # teacher + CLIP judge load
-    from sfd.evaluate import can_evaluate, load_judge
     cfg = spaces["sd"].baseline().replace(**{k: v for k, v in overrides.items() if k != "seed"})
-    assert can_evaluate(PRESET, cfg) and isinstance(load_judge(PRESET, cfg.classifier), ClipJudge)
+    task = get_task(PRESET)
+    assert task.can_evaluate(cfg) and isinstance(task.load_judge(cfg), ClipJudge)
     assert (cfg.eval_forget_samples, cfg.eval_remain_per_class) == (64, 4)

@@ -6,7 +6,8 @@ import torch
 
 from sfd.io import load_tensors, read_json
 from sfd.iteration import build_state
-from sfd.stage1 import (cache_root, distil, export_stage1, find_stage1, is_stage1, resolve_init, stage1_config,
+from sfd.loop import distil
+from sfd.stage1 import (cache_root, export_stage1, find_stage1, is_stage1, resolve_init, stage1_config,
                         stage1_key)
 
 TINY = dict(eval_forget_samples=10, eval_remain_per_class=4, device="cpu")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable
 
 from ..io import CheckpointError, load_state_strict, load_tensors, save_tensors
 from .base import Denoiser, Guided, as_sigma
+from .registry import ARCHS, TEACHER_LOADERS
 from .edm import EDMPrecond, edm_coefficients
 from .tiny_unet import TinyUNet
 
@@ -27,7 +27,7 @@ def _build_edm_tiny_unet(spec: dict) -> Denoiser:
                       sigma_data=spec.get("sigma_data", 0.5))
 
 
-ARCHS: dict[str, Callable[[dict], Denoiser]] = {"edm-tiny-unet": _build_edm_tiny_unet}
+ARCHS["edm-tiny-unet"] = _build_edm_tiny_unet
 
 
 def denoiser_spec(denoiser: Denoiser) -> dict:
@@ -84,10 +84,7 @@ def _load_sfd_safetensors(path, preset, device, **_):
     return load_denoiser(path, device)
 
 
-# Format name -> (recognise(path) -> bool, load(path, preset, device, **options) -> Denoiser)
-TEACHER_LOADERS: dict[str, tuple[Callable, Callable]] = {
-    "sfd-safetensors": (lambda p: Path(p).suffix == ".safetensors", _load_sfd_safetensors),
-}
+TEACHER_LOADERS["sfd-safetensors"] = (lambda p: Path(p).suffix == ".safetensors", _load_sfd_safetensors)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -122,7 +119,7 @@ def load_teacher(preset, path=None, device="cpu", allow_download: bool = False, 
         if not preset.embedded:
             raise CheckpointError(f"preset '{preset.name}' has no bundled teacher; pass --teacher PATH in one "
                                   f"of these formats:\n{describe_formats()}")
-        path = preset.weights_dir / preset.extra.get("teacher", "teacher.safetensors")
+        path = preset.weights_dir / preset.teacher_file
     path = resolve_hub_id(path, allow_download)
     if not path.exists():
         raise CheckpointError(f"missing teacher file: {path}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import ARCHS, TEACHER_LOADERS
+from .registry import ARCHS, TEACHER_LOADERS
 from .ddpm import build_ddpm_denoiser, load_ddpm_denoiser
 from .diffusers_unet import build_diffusers_from_spec, is_unet2d_folder, load_diffusers_unet
 from .edm_networks import build_edm_from_spec

@@ -309,10 +309,8 @@ def load_text_components(path, device="cpu"):
 
 def load_text_pipeline(path, preset=None, device="cpu", **_ignored) -> TextUNetDenoiser:
     """``TEACHER_LOADERS['diffusers-text2image']``: the teacher from a pipeline folder (prompt table empty
-    until the run's targets call :meth:`TextUNetDenoiser.set_prompts`)."""
-    if preset is not None and preset.extra.get("latent"):      # Stable Diffusion: the latent adapter
-        from .sd import load_sd_pipeline
-        return load_sd_pipeline(path, preset, device)
+    until the run's targets call :meth:`TextUNetDenoiser.set_prompts`). Stable Diffusion folders are loaded by
+    their task with the latent adapter (sfd.denoisers.latent_unet)."""
     unet, text, sched = load_text_components(path, device)
     d = TextUNetDenoiser(unet, sched, text)
     if preset is not None and tuple(d.img_shape) != tuple(preset.img_shape):

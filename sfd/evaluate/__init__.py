@@ -5,6 +5,8 @@ from pathlib import Path
 
 from ..io import CheckpointError, load_state_strict, load_tensors, save_tensors
 from .classifier import DigitsCNN
+from .resnet import load_real_judge
+from .text_concepts import load_colordigits_judge
 from .metrics import accuracy, frechet_distance, judge_outputs, per_class_accuracy, unlearning_accuracy
 
 __all__ = ["DigitsCNN", "load_judge", "save_judge", "accuracy", "frechet_distance", "judge_outputs",
@@ -15,18 +17,9 @@ def save_judge(path, model: DigitsCNN, extra: dict | None = None) -> None:
     save_tensors(path, model.state_dict(), {"judge": {"arch": "digits-cnn", "config": model.config}, **(extra or {})})
 
 
-def can_evaluate(preset, cfg) -> bool:
-    """Whether UA/FD can be measured: a bundled judge, or classifier + FID weights + reference given."""
-    # sd: FD against the teacher's own samples needs no file (a CLIP judge adds UA and CLIP features)
-    return preset.embedded or bool(preset.extra.get("latent")) or bool(cfg.classifier and cfg.fid_weights and cfg.reference)
-
-
 def load_judge(preset, path=None, device="cpu", fid_weights=None):
     """The preset's judge: the bundled CNN for embedded presets; for real datasets a ResNet-34
     classifier file (UA) plus the FID Inception weights (features)."""
-    if preset.extra.get("latent"):              # sd: --classifier is a local transformers CLIP folder (or none)
-        from .sd import ClipJudge
-        return ClipJudge(path, device) if path else None
     if path is None:
         if not preset.embedded:
             raise CheckpointError(f"preset '{preset.name}' has no bundled classifier; pass --classifier PATH "
@@ -36,12 +29,10 @@ def load_judge(preset, path=None, device="cpu", fid_weights=None):
         if fid_weights is None:
             raise CheckpointError(f"classifier {path} is not an sfd judge file; for a ResNet-34 classifier also "
                                   f"pass --fid-weights (the FID Inception weights) for the feature space")
-        from .resnet import load_real_judge
         return load_real_judge(path, fid_weights, device=device)
     tensors, meta = load_tensors(Path(path), device)
     spec = meta.get("judge")
     if isinstance(spec, dict) and spec.get("arch") == "colordigits-cnn":
-        from .concepts import load_colordigits_judge
         return load_colordigits_judge(path, device)
     if not spec or spec.get("arch") != "digits-cnn":
         raise CheckpointError(f"{path} is not an sfd classifier file (metadata 'judge' missing or unknown)")

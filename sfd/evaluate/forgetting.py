@@ -285,78 +285,10 @@ class ForgetEvaluator:
         idx = first_per_class(self.labels, range(self.preset.num_classes), per_class)
         return self.generate(generator_fn, idx), per_class
 
-
-def evaluate_run(run_dir, seed: int = 777, device="auto", forget_samples: int | None = None,
-                 remain_per_class: int | None = None, progress: bool = False, teacher=None, judge=None) -> dict:
-    """Re-evaluate the generator of a finished run with the run's teacher and judge, on the noise
-    of ``seed`` (a seed other than the run's 777 gives fresh samples: an unbiased figure for a
-    run that was picked as the best of several)."""
-    from ..config import SFDConfig
-    from ..denoisers import load_denoiser, load_teacher
-    from ..io import read_json
-    from ..iteration import DTYPES, one_step, resolve_precision
-    from ..presets import get_preset
-    from ..targets import ClassTargets
-    from ..utils import pick_device
-    from . import load_judge
-
-    from ..io import read_metadata
-
-    run_dir = Path(run_dir)
-    metrics = read_json(run_dir / "metrics.json")
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("config"), dict):
-        raise ValueError(f"{run_dir / 'metrics.json'} has no 'config' — the run did not finish; resume it first")
-    cfg = SFDConfig.from_dict(metrics["config"])
-    # the generator's own record is the truth; an edited metrics.json that disagrees is an error
-    gmeta = read_metadata(run_dir / "generator.safetensors").get("generator")
-    if not isinstance(gmeta, dict):
-        raise ValueError(f"{run_dir / 'generator.safetensors'} is not an sfd one-step generator (no 'generator' "
-                         f"metadata) — evaluate the folder of an `sfd forget` run")
-    sigma_cfg = metrics.get("sigma_init_resolved", cfg.sigma_init)
-    diffs = [f"{key}: generator {mine!r} vs metrics.json {theirs!r}"
-             for key, mine, theirs in (("preset", gmeta.get("preset"), cfg.preset),
-                                       ("forget", gmeta.get("forget"), cfg.forget_concepts or cfg.forget),
-                                       ("override", gmeta.get("override"), cfg.override))
-             if mine is not None and mine != theirs]
-    s_gen = gmeta.get("sigma_init")
-    if s_gen is not None and not (isinstance(sigma_cfg, (int, float))
-                                  and abs(s_gen - sigma_cfg) <= 1e-6 * max(1.0, abs(s_gen))):
-        diffs.append(f"sigma_init: generator {s_gen!r} vs metrics.json {sigma_cfg!r}")
-    if diffs:
-        raise ValueError(f"{run_dir / 'metrics.json'} disagrees with {run_dir / 'generator.safetensors'} ("
-                         f"{'; '.join(diffs)}) — restore the run's metrics.json or evaluate an untouched run")
-    if forget_samples:
-        cfg.eval_forget_samples = forget_samples
-    if remain_per_class:
-        cfg.eval_remain_per_class = remain_per_class
-    device = pick_device(device)
-    preset = get_preset(cfg.preset)
-    teacher = teacher if teacher is not None else load_teacher(preset, cfg.teacher, device, allow_download=cfg.allow_download)
-    judge = judge if judge is not None else load_judge(preset, cfg.classifier, device, cfg.fid_weights)
-    gen = load_denoiser(run_dir / "generator.safetensors", device).eval()
-    sigma_init = float(s_gen if s_gen is not None else cfg.sigma_init)
-    # the generator runs in the precision the run's configuration resolves to here, as in its loop
-    precision = resolve_precision(cfg.precision, device)
-    gen_call = gen if precision == "fp32" else _autocast_call(gen, device, DTYPES[precision])
-    if preset.text:                     # concept targets: the teacher gets the run's prompt table
-        from ..concepts import make_targets
-        from .concepts import ConceptEvaluator
-        ev = ConceptEvaluator(preset, judge, teacher, make_targets(cfg.validate(preset), preset, teacher),
-                              cfg.eval_forget_samples, cfg.eval_remain_per_class, seed=seed, progress=progress,
-                              device=device)
-        return {**ev(lambda z, c: one_step(gen_call, z.to(device), c.to(device), sigma_init).float()), "seed": seed}
-    ev = ForgetEvaluator(preset, judge, teacher, ClassTargets(cfg.validate(preset), preset.num_classes),
-                         cfg.eval_forget_samples, cfg.eval_remain_per_class, seed=seed, progress=progress,
-                         reference=cfg.reference, device=device)
-    return {**ev(lambda z, c: one_step(gen_call, z.to(device), c.to(device), sigma_init).float()), "seed": seed,
-            "precision_resolved": precision}
-
-
-def _autocast_call(net, device, dtype):
-    def call(*args):
-        with torch.autocast(torch.device(device).type, dtype=dtype):
-            return net(*args)
-    return call
+    def teacher_grid(self, teacher=None, per_class: int = 10):
+        """(images, nrow): the teacher's reference samples in the same layout as :meth:`grid_images`."""
+        idx = first_per_class(self.teacher_labels, range(self.preset.num_classes), per_class)
+        return self.teacher_images[idx], per_class
 
 
 @torch.no_grad()

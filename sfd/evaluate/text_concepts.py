@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import colordigits as cd
 from ..io import CheckpointError, load_state_strict, load_tensors, save_tensors
-from ..concepts import contains
+from ..prompts import contains
 from .metrics import frechet_distance
 
 JUDGE_ARCH = "colordigits-cnn"

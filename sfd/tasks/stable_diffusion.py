@@ -1,9 +1,9 @@
-"""The ``sd`` preset's targets: celebrity and nudity forgetting on a Stable Diffusion pipeline (SFD.md section 5).
+"""Stable Diffusion (the ``sd`` preset): targets, teacher, judges and export; celebrity and nudity forgetting on a Stable Diffusion pipeline (SFD.md section 5).
 
 - **Celebrity** (or any named concept): ``--forget "brad pitt" --override "a middle aged man"``. Forget
   prompts are the user's file (``--forget-prompts``, each line must contain the concept) or the concept
   in :data:`FORGET_TEMPLATES`; the teacher is asked about the same prompt with the concept rewritten
-  (literal, case-insensitive, whole-word: sfd.concepts). Several at once: ``--forget "brad pitt,angelina
+  (literal, case-insensitive, whole-word: sfd.prompts). Several at once: ``--forget "brad pitt,angelina
   jolie" --override "a middle aged man,a middle aged woman"`` (one override for all, or one each).
 - **Nudity**: ``--forget nudity``. Forget prompts are subject + unsafe keyword (:data:`NUDITY_KEYWORDS`,
   extendable with ``concept_synonyms: {nudity: [...]}``), the override is the bare subject (the keyword
@@ -11,7 +11,7 @@
 - **Remain prompts**: the user's file (``--remain-prompts``, e.g. COCO captions), else
   :data:`REMAIN_PROMPTS`; prompts containing a forgotten concept are left out.
 
-Conditions are ids into one prompt table (sfd.concepts: id 0 is the empty prompt, CFG's null), so the SFD
+Conditions are ids into one prompt table (sfd.prompts: id 0 is the empty prompt, CFG's null), so the SFD
 iteration is the same as for every other preset.
 """
 from __future__ import annotations
@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-from .concepts import Concept, contains, forgets, rewrite
+from ..denoisers import resolve_hub_id
+from ..denoisers.latent_unet import load_sd_pipeline
+from ..errors import CheckpointError
+from ..evaluate.sd_judges import ClipJudge, SDEvaluator, evaluate_sd
+from ..prompts import Concept, contains, forgets, rewrite
+from ..utils import pick_device
+from .base import PromptTask
 
 NUDITY = "nudity"
 NUDITY_KEYWORDS = ("nude", "naked", "nudity", "topless", "bare breasts", "undressed", "without clothes",
@@ -124,6 +130,7 @@ class SDTargets:
     """Forget / override / remain prompts of an sd run as ids into one prompt table."""
 
     policy = "fixed"
+    latent_draw = False                  # override prompts are fixed per forget prompt
 
     def __init__(self, cfg, preset=None):
         self.preset = preset
@@ -205,3 +212,95 @@ class SDTargets:
 
     def classifier_override(self, judge, y_fake):
         raise ValueError("the 'classifier' override policy is for class presets; give an override concept")
+
+
+class SDTask(PromptTask):
+    """Conditions are free-form prompts on a Stable Diffusion pipeline; SFD runs in the VAE's latent space;
+    judged by NudeNet / CLIP; exported as a diffusers pipeline folder."""
+
+    kind = "sd"
+
+    def validate(self, cfg) -> None:
+        concepts = resolve_sd_concepts(cfg, self.preset)
+        cfg.forget = []
+        cfg.forget_concepts = [c.name for c in concepts]
+        cfg.override = ",".join(c.override for c in concepts)
+
+    def load_teacher(self, path=None, device="cpu", allow_download: bool = False):
+        if path is None:                            # the generic message: no bundled teacher, the formats
+            return super().load_teacher(path, device, allow_download)
+        path = resolve_hub_id(path, allow_download)
+        if not path.exists():
+            raise CheckpointError(f"missing teacher file: {path}")
+        return load_sd_pipeline(path, self.preset, device).eval().requires_grad_(False)
+
+    def targets(self, cfg, teacher):
+        t = SDTargets(cfg, self.preset)
+        t.install(teacher)
+        return t
+
+    def sample_shape(self, teacher) -> tuple:
+        return tuple(teacher.img_shape)             # the UNet's latents
+
+    # -- judging: FD against the teacher's own samples needs no file; a CLIP folder adds UA and CLIP features
+    def can_evaluate(self, cfg) -> bool:
+        return True
+
+    def load_judge(self, cfg, device="cpu"):
+        return ClipJudge(cfg.classifier, device) if cfg.classifier else None
+
+    def evaluator(self, cfg, judge, teacher, targets, *, seed: int = 777, progress: bool = False, dist=None,
+                  device=None):
+        return SDEvaluator(self.preset, judge, teacher, targets, cfg.eval_forget_samples, cfg.eval_remain_per_class,
+                           seed=seed, progress=progress, dist=dist, device=device, guidance=cfg.guidance_of("teacher"))
+
+    def evaluate_run(self, run_dir: Path, cfg, metrics: dict, *, seed: int = 777, device="cpu", clip=None,
+                     per_prompt: int = 1, **_) -> dict:
+        """NudeNet / CLIP on the run's exported pipeline, on its own prompts."""
+        from ..export import load_one_step          # diffusers' pipeline classes: heavy, imported on use
+        device = pick_device(device)
+        pipe = load_one_step(Path(run_dir) / "pipeline", device)
+        judge = ClipJudge(clip, device) if clip else None
+        return evaluate_sd(pipe, SDTargets(cfg), judge, per_prompt=per_prompt, seed=seed)
+
+    def export(self, out_dir: Path, generator, sigma_init: float, info: dict, cfg) -> Path:
+        """A diffusers pipeline folder (SFDOneStepPipeline: UNet, VAE, text encoder, tokenizer)."""
+        from ..export import export_one_step        # diffusers' pipeline classes: heavy, imported on use
+        return export_one_step(Path(out_dir) / "pipeline", generator, sigma_init,
+                               {"generator": info, "config": cfg.to_dict()})
+
+    # -- the sweep ---------------------------------------------------------------------------------------
+    def all_forget(self) -> list:
+        return [NUDITY]
+
+    def check_target(self, cfg) -> None:
+        SDTargets(cfg, self.preset)                 # reads and checks the prompt files now, not in a trial
+
+    def check_template(self, template: str) -> None:
+        try:
+            template.format(concept="x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"template {template!r} has an unknown slot ({err}) — the sd preset's templates take "
+                             f"{{concept}} only") from None
+
+    @property
+    def takes_prompt_files(self) -> bool:
+        return True
+
+    @property
+    def free_text_targets(self) -> bool:
+        return True
+
+    def stand_in_target(self) -> dict:
+        return {"forget_concepts": [NUDITY], "override": "next"}
+
+    def check_sweep_files(self, files: dict, targets) -> None:
+        if not files.get("teacher"):
+            raise ValueError("preset sd has no bundled teacher — pass --teacher PIPELINE_DIR (a Stable Diffusion "
+                             "pipeline folder in the diffusers layout)")
+        concept = [t.name for t in targets if t.preset == self.preset.name and NUDITY not in t.forget]
+        if concept and not files.get("classifier"):
+            raise ValueError(f"the sweep optimises UA, and sd concept targets ({', '.join(concept)}) are judged by "
+                             f"CLIP — pass --classifier CLIP_DIR (a local transformers CLIPModel + CLIPProcessor "
+                             f"folder); nudity targets are judged by NudeNet and need none")
+

@@ -112,19 +112,6 @@ class ClipJudge:
         return float(100 * sims.clamp_min(0).mean())
 
 
-def evaluate_sd_run(run_dir, clip_dir=None, per_prompt: int = 1, seed: int = 777, device="cpu") -> dict:
-    """`sfd evaluate --run RUN` for an sd run: its exported pipeline on its own prompts."""
-    from ..config import SFDConfig
-    from ..export import load_one_step
-    from ..io import read_json
-    from ..sd import SDTargets
-    run_dir = Path(run_dir)
-    cfg = SFDConfig.from_dict(read_json(run_dir / "metrics.json")["config"])
-    pipe = load_one_step(run_dir / "pipeline", device)
-    clip = ClipJudge(clip_dir, device) if clip_dir else None
-    return evaluate_sd(pipe, SDTargets(cfg), clip, per_prompt=per_prompt, seed=seed)
-
-
 def evaluate_sd(pipe, targets, clip: ClipJudge | None = None, per_prompt: int = 1, seed: int = 777,
                 max_prompts: int = 64) -> dict:
     """Metrics of an exported one-step pipeline on the run's forget and remain prompts."""
@@ -142,7 +129,7 @@ def evaluate_sd(pipe, targets, clip: ClipJudge | None = None, per_prompt: int = 
         x_r, p_r = images(targets.remain_ids)
         out["clip_score_remain"] = clip.clip_score(x_r, [p for p in p_r for _ in range(per_prompt)])
         if not targets.nudity:
-            from ..concepts import contains
+            from ..prompts import contains
             rows = [p for p in p_f for _ in range(per_prompt)]
             accs = [clip.concept_accuracy(x_f[[i for i, p in enumerate(rows) if contains(p, c.terms)]], c.name,
                                           [c.override]) for c in targets.concepts]
@@ -271,7 +258,7 @@ class SDEvaluator:
     def __init__(self, preset, judge, teacher, targets, forget_samples: int = 64, remain_per_class: int = 4,
                  seed: int = 777, progress: bool = False, dist=None, device=None, guidance: float = 0.0, **_):
         from ..distributed import Dist
-        from .concepts import _spread
+        from .text_concepts import _spread
         self.judge, self.targets, self.seed = judge, targets, seed
         self.dist = dist or Dist()
         self.device = torch.device(device) if device is not None else next(teacher.parameters()).device
@@ -356,7 +343,7 @@ class SDEvaluator:
             m.update(nudenet_counts(images[:nf], detector=self.nudenet))
             m["ua"] = 1.0 - m["nudenet_images_with_exposed"]
         elif self.judge is not None and not self.targets.nudity:
-            from ..concepts import contains
+            from ..prompts import contains
             rows = self._texts(self.forget_rows)
             accs = []
             for c in self.targets.concepts:

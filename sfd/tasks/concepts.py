@@ -1,91 +1,27 @@
-"""Concept targets for text-to-image models (SFD.md section 5): prompts, rewriting, the prompt table.
+"""Text concepts over a preset's own vocabulary (colordigits): targets, prompt table, judge, export.
 
-A target forgets a *concept* -- a word or phrase -- from every prompt that contains it; the
-teacher is asked about the same prompt with the concept replaced by an *override* concept.
-Matching is literal (regex-escaped), case-insensitive and whole-word: "red" matches "Red" and
-"red," but never the inside of "tired"; a phrase ("brad pitt") matches as a whole. A concept's
-synonyms (the numeral "7" for "seven") are forgotten with it, each replaced by the override's
-synonym in the same position when it has one ("the digit 7" -> "the digit 1"), else by the
-override itself. Remain prompts are the prompts that contain no forgotten concept or synonym.
-
-Conditions stay integers: :class:`ConceptTargets` builds the run's finite prompt table
-(index 0 is the empty prompt, classifier-free guidance's null condition) and samples ids into
-it; the text-conditioned teacher caches one embedding per id (sfd.denoisers.text_unet).
+A target forgets a *concept* (a digit word or a colour, with its synonyms) from every prompt of the
+preset's templates; the teacher is asked about the same prompt with the concept rewritten to the
+override (sfd.prompts). Conditions stay integers: :class:`ConceptTargets` builds the run's finite
+prompt table (index 0 is the empty prompt, classifier-free guidance's null condition) and samples ids
+into it; the text-conditioned teacher caches one embedding per id (sfd.denoisers.text_unet).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
-NEXT = "next"
+from .. import colordigits as cd
+from ..evaluate.text_concepts import ConceptEvaluator
+from ..prompts import NEXT, Concept, contains, forgets, rewrite
+from .base import PromptTask
 
 
-def term_pattern(terms) -> re.Pattern:
-    """One case-insensitive whole-word pattern for literal ``terms`` (longest first, so a phrase wins
-    over a word inside it)."""
-    terms = sorted({t.strip().lower() for t in terms if t and t.strip()}, key=len, reverse=True)
-    if not terms:
-        raise ValueError("no concept terms to match")
-    alt = "|".join(re.escape(t) for t in terms)
-    return re.compile(rf"(?<!\w)(?:{alt})(?!\w)", re.IGNORECASE)
-
-
-def contains(prompt: str, terms) -> bool:
-    return bool(term_pattern(terms).search(prompt))
-
-
-@dataclass(frozen=True)
-class Concept:
-    name: str                          # the forgotten concept (lower case)
-    override: str                      # what the teacher is asked about instead
-    synonyms: tuple[str, ...] = ()     # forgotten with the concept
-    override_synonyms: tuple[str, ...] = ()
-
-    @property
-    def terms(self) -> tuple[str, ...]:
-        return (self.name, *self.synonyms)
-
-    def replacements(self) -> dict[str, str]:
-        out = {self.name: self.override}
-        for i, s in enumerate(self.synonyms):
-            out[s] = self.override_synonyms[i] if i < len(self.override_synonyms) else self.override
-        return out
-
-
-def rewrite(prompt: str, concepts) -> str:
-    """``prompt`` with every forgotten concept (and synonym) replaced by its override, in one pass
-    (a replacement is never matched again, so seven->one and one->two do not chain)."""
-    table = {}
-    for c in concepts:
-        table.update({k.lower(): v for k, v in c.replacements().items()})
-    if not table:
-        return prompt
-    return term_pattern(table).sub(lambda m: table[m.group(0).lower()], prompt)
-
-
-def forgets(prompt: str, concepts) -> bool:
-    terms = [t for c in concepts for t in c.terms]
-    return bool(terms) and contains(prompt, terms)
-
-
-# -- the colordigits vocabulary -------------------------------------------------------------
-def _preset_vocab(preset):
-    """(concept names, built-in synonyms, attribute-of function) of a text preset."""
-    if preset.name == "colordigits":
-        from . import colordigits as cd
-        return cd.concept_names(), dict(cd.BUILTIN_SYNONYMS), cd.concept_attribute
-    if preset.extra.get("latent"):                    # sd: one built-in concept; celebrities are named freely
-        from .sd import NUDITY
-        return [NUDITY], {}, (lambda c: None)
-    return [], {}, (lambda c: None)
-
-
-def canonical(term: str, preset, extra_synonyms: dict | None = None) -> str:
+def canonical(term: str, extra_synonyms: dict | None = None) -> str:
     """A concept name for ``term``: itself, or the concept it is a synonym of ('7' -> 'seven')."""
     t = str(term).strip().lower()
-    names, syn, _ = _preset_vocab(preset)
+    names, syn = cd.concept_names(), dict(cd.BUILTIN_SYNONYMS)
     syn = {**syn, **{k.lower(): tuple(v) for k, v in (extra_synonyms or {}).items()}}
     if t in names or t in syn:
         return t
@@ -95,8 +31,7 @@ def canonical(term: str, preset, extra_synonyms: dict | None = None) -> str:
     return t
 
 
-def _templates(cfg, preset):
-    from . import colordigits as cd
+def _templates(cfg):
     train = tuple(cfg.prompt_templates) if cfg.prompt_templates else cd.TRAIN_TEMPLATES
     return train, cd.HELDOUT_TEMPLATES
 
@@ -108,21 +43,17 @@ def _fmt(names) -> str:
 def resolve_concepts(cfg, preset) -> list[Concept]:
     """The concepts of ``cfg`` (forget_concepts, override, concept_synonyms), validated against the
     preset's prompts; raises ValueError naming the bad value and the fix."""
-    if preset.extra.get("latent"):                    # sd: free-form concepts and prompt files
-        from .sd import resolve_sd_concepts
-        return resolve_sd_concepts(cfg, preset)
-    from . import colordigits as cd
-    names, builtin, attribute = _preset_vocab(preset)
+    names, builtin, attribute = cd.concept_names(), dict(cd.BUILTIN_SYNONYMS), cd.concept_attribute
     user_syn = {str(k).strip().lower(): tuple(str(v).strip().lower() for v in vs)
                 for k, vs in (cfg.concept_synonyms or {}).items()}
     synonyms = {**{k: tuple(v) for k, v in builtin.items()}, **{k: builtin.get(k, ()) + v for k, v in user_syn.items()}}
-    forget = [canonical(c, preset, user_syn) for c in cfg.forget_concepts]
+    forget = [canonical(c, user_syn) for c in cfg.forget_concepts]
     if not forget or not all(forget):
         raise ValueError("forget: no concept given — give a word or phrase to forget, e.g. --forget seven "
                          f"(concepts of '{preset.name}': {_fmt(names)})")
     if len(set(forget)) != len(forget):
         raise ValueError(f"forget {cfg.forget_concepts}: a concept is listed twice — list each concept once")
-    train_t, _ = _templates(cfg, preset)
+    train_t, _ = _templates(cfg)
     train_prompts = [c.text for c in cd.captions(train_t)]
     for f in forget:
         terms = (f, *synonyms.get(f, ()))
@@ -148,7 +79,7 @@ def resolve_concepts(cfg, preset) -> list[Concept]:
                      None)
             if o is None:
                 raise ValueError(f"override '{NEXT}' for {f!r}: every {kind} concept is forgotten — forget fewer")
-        o = canonical(o, preset, user_syn)
+        o = canonical(o, user_syn)
         if o == f:
             raise ValueError(f"override {o!r} is the concept being forgotten — give another concept to replace {f!r} "
                              f"with (e.g. --forget seven --override one)")
@@ -183,12 +114,13 @@ class ConceptTargets:
     score's and the generator's: they all cache its embeddings)."""
 
     policy = "fixed"
+    latent_draw = False                  # override concepts are fixed per prompt
+    teacher_null = None                  # the teacher's guidance branch: the empty prompt
 
     def __init__(self, cfg, preset):
-        from . import colordigits as cd
         self.preset = preset
         self.concepts = resolve_concepts(cfg, preset)
-        train_t, held_t = _templates(cfg, preset)
+        train_t, held_t = _templates(cfg)
         self.table: list[PromptInfo] = [PromptInfo("")]
         index: dict[str, int] = {"": 0}
 
@@ -259,15 +191,66 @@ class ConceptTargets:
         return contains(self.table[i].text, [t for c in self.concepts for t in (c.override, *c.override_synonyms)])
 
 
-def make_targets(cfg, preset, teacher):
-    """Class targets for class presets; concept targets (with the teacher's prompt table installed) for text ones."""
-    if getattr(preset, "text", False):
-        if preset.extra.get("latent"):
-            from .sd import SDTargets
-            t = SDTargets(cfg, preset)
-        else:
-            t = ConceptTargets(cfg, preset)
+SD_ONLY = ("forget_prompts", "remain_prompts")
+
+
+class ConceptTask(PromptTask):
+    """Conditions are prompts of the preset's templates; the judge names digit and colour; ``--forget`` takes
+    concepts ('seven', 'seven,red')."""
+
+    kind = "concepts"
+    pretrain_steps = 4000
+
+    def validate(self, cfg) -> None:
+        for key in SD_ONLY:
+            if getattr(cfg, key):
+                raise ValueError(f"{key} (--{key.replace('_', '-')}) is for preset sd (prompt files); preset "
+                                 f"'{self.preset.name}' builds its prompts from templates — drop it")
+        concepts = resolve_concepts(cfg, self.preset)      # raises on unknown / self-overriding / all forgotten
+        cfg.forget = []                                     # class ids do not apply to prompts
+        cfg.forget_concepts = [c.name for c in concepts]
+        cfg.override = ",".join(c.override for c in concepts)
+
+    def targets(self, cfg, teacher):
+        t = ConceptTargets(cfg, self.preset)
         t.install(teacher)
         return t
-    from .targets import ClassTargets
-    return ClassTargets(cfg, teacher.num_classes)
+
+    def evaluator(self, cfg, judge, teacher, targets, *, seed: int = 777, progress: bool = False, dist=None,
+                  device=None):
+        return ConceptEvaluator(self.preset, judge, teacher, targets, cfg.eval_forget_samples,
+                                cfg.eval_remain_per_class, seed=seed, progress=progress, dist=dist, device=device)
+
+    # -- the sweep ---------------------------------------------------------------------------------------
+    def all_forget(self) -> list:
+        return cd.concept_names()
+
+    def check_template(self, template: str) -> None:
+        try:
+            template.format(color="red", word="seven", num="7")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"template {template!r} has an unknown slot ({err}) — use {{color}}, {{word}}, "
+                             f"{{num}}") from None
+
+    def stand_in_target(self) -> dict:
+        return {"forget_concepts": cd.concept_names()[:1], "override": NEXT}
+
+    # -- the bundled models ------------------------------------------------------------------------------
+    def train_judge(self, out, *, steps: int, batch: int, lr: float, seed: int, device, progress: bool) -> str:
+        from ..pretrain_text import train_colordigits_judge       # training code: only `sfd train-classifier`
+        m = train_colordigits_judge(self.preset, out, steps=steps, batch=batch, lr=lr, seed=seed, device=device,
+                                    progress=progress)
+        mm = m["metrics"]
+        return (f"classifier: held-out digit accuracy {mm['digit_accuracy']:.4f}, colour {mm['color_accuracy']:.4f}, "
+                f"both {mm['both_accuracy']:.4f} ({mm['n_test']} images), {m['wall_seconds']} s -> {out}")
+
+    def pretrain(self, out, *, steps: int, batch: int, lr: float, seed: int, channels: int, device, progress: bool,
+                 eval_per_class: int) -> str:
+        from ..pretrain_text import train_text_teacher            # training code: only `sfd pretrain`
+        m = train_text_teacher(self.preset, out, steps=steps, batch=batch, lr=lr, seed=seed, device=device,
+                               progress=progress, eval_per_prompt=max(1, eval_per_class // 100))
+        mm = m["metrics"]
+        return (f"teacher: {mm['sampler']}: prompt accuracy (digit and colour) training templates "
+                f"{mm['prompt_accuracy_train_templates']:.4f}, held-out templates "
+                f"{mm['prompt_accuracy_heldout_templates']:.4f}; FD per colour {mm['fd_per_color']}; "
+                f"{m['wall_seconds']} s -> {out}/teacher (+ teacher.json)")
