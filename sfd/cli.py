@@ -246,7 +246,7 @@ def cmd_forget(a) -> int:
 
 
 def cmd_distil(a) -> int:
-    from .stage1 import distil
+    from .loop import distil
     from .utils import command_line
     if not a.kimg > 0:
         raise ValueError(f"--kimg {a.kimg}: give a positive budget in thousands of images")
