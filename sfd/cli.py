@@ -168,44 +168,67 @@ def cmd_pretrain(a) -> int:
 
 
 def add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
-    """One flag per SFDConfig setting, with its help from sfd.config. A flag left out takes the
-    preset's default (search_spaces/<preset>.yaml, as the sweep's baseline does), else SFDConfig's."""
-    from dataclasses import MISSING, fields
+    """One flag per SFDConfig setting, generated from its declaration in sfd.config (help, type, choices,
+    topic group). A flag left out takes the preset's default (search_spaces/<preset>.yaml, as the sweep's
+    baseline does), else SFDConfig's; `--print-config` says which."""
+    from .config import GROUPS, SETTINGS
 
-    from .config import HELP, SFDConfig
-
-    g = p.add_argument_group("SFD settings (default: the preset's search_spaces/<preset>.yaml 'defaults', "
-                             "else sfd.config.SFDConfig)")
-    for f in fields(SFDConfig):
-        if f.name in skip or f.name in ("forget_concepts", "concept_synonyms", "prompt_templates"):
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    for s in SETTINGS.values():
+        if s.name in skip or not s.flag:
             continue                     # text presets: --forget fills forget_concepts; the others: config files
-        default = f.default if f.default is not MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "forget":
-            g.add_argument(flag, action="append", default=None,
-                           help=f"{HELP[f.name]}; text presets (colordigits): concept(s), e.g. 'seven' or "
+        g, default = groups[s.group], s.default
+        if s.name == "forget":
+            g.add_argument(s.flag_name, action="append", default=None,
+                           help=f"{s.help}; text presets (colordigits): concept(s), e.g. 'seven' or "
                                 f"'seven,red' (default: 0)")
-        elif f.name == "preset":
-            g.add_argument(flag, default=default, choices=sorted(PRESETS), help=f"{HELP[f.name]} (default: {default})")
-        elif isinstance(default, bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{HELP[f.name]} (default: {default})")
-        else:
-            kind = type(default) if default is not None else str
-            g.add_argument(flag, type=kind, default=None, help=f"{HELP[f.name]} (default: {default})")
+        elif s.name == "preset":
+            g.add_argument(s.flag_name, default=None, choices=sorted(PRESETS), help=f"{s.help} (default: {default})")
+        elif s.kind == "bool":
+            g.add_argument(s.flag_name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{s.help} (default: {default})")
+        else:                            # a bad value or choice is SFDConfig.validate's to name (one message)
+            kind = {"float": float, "int": int}.get(s.kind, str)
+            metavar = "{" + ",".join(s.choices) + "}" if s.choices else None
+            g.add_argument(s.flag_name, type=kind, default=None, metavar=metavar, help=f"{s.help} (default: {default})")
 
 
-def config_from_args(a):
-    """SFDConfig from the flags given, over the preset's defaults (one source with the sweep)."""
+def config_from_args(a, sources: dict | None = None):
+    """SFDConfig from the flags given, over the preset's defaults (one source with the sweep);
+    ``sources``, when given, receives for each setting the layer that set it (--print-config)."""
     from dataclasses import fields
 
-    from .config import SFDConfig, config_for_preset
+    from .config import DEFAULT_LAYER, SETTINGS, SFDConfig, layered_config, preset_layers
 
     given = {f.name: getattr(a, f.name) for f in fields(SFDConfig) if getattr(a, f.name, None) is not None}
     preset = given.get("preset", "digits")
     given = get_task(preset).settings_from_flags(given)
+
+    def flag(k):                              # the layer of a setting from the command line: its flag
+        return "--forget" if k == "forget_concepts" else SETTINGS[k].flag_name if k in given else DEFAULT_LAYER
+
     # with the policy's own defaults (search_spaces/<preset>.yaml: override_defaults), under the flags given
-    return config_for_preset(preset, **{k: v for k, v in given.items() if k != "preset"})
+    cfg, where = layered_config(preset_layers(preset, {k: v for k, v in given.items() if k != "preset"}, flag))
+    if sources is not None:
+        sources.update(where)
+    return cfg
+
+
+def print_config(cfg, sources: dict) -> int:
+    """`sfd forget --print-config`: the settings as the run would use them (validated), each with
+    the layer that set it; nothing runs."""
+    from .config import DEFAULT_LAYER, format_config, space_label
+
+    before = cfg.to_dict()
+    cfg.validate(get_preset(cfg.preset))
+    for k, v in cfg.to_dict().items():       # e.g. a text preset's --forget becomes forget_concepts
+        if v != before[k]:
+            sources[k] = f"{sources[k]}, resolved by SFDConfig.validate"
+    print(f"# sfd forget --print-config: the settings this run would use, each with the layer that set it;\n"
+          f"# a later layer wins: {DEFAULT_LAYER} < {space_label(cfg.preset)} defaults < its override_defaults"
+          f"[<policy>]\n#   < flags < the $SFD_HOME cache (teacher and judge files left out)")
+    print("\n".join(format_config(cfg, sources)))
+    return 0
 
 
 def _fmt(m: dict, keys) -> str:
@@ -218,7 +241,16 @@ SUMMARY_KEYS = ("ua", "ua_heldout", "override_rate", "leakage_accuracy", "leakag
 
 
 def cmd_forget(a) -> int:
-    cfg = fill_cached_assets(config_from_args(a))
+    sources = {}
+    cfg = config_from_args(a, sources)
+    before = cfg.to_dict()
+    cfg = fill_cached_assets(cfg)
+    sources.update({k: "the $SFD_HOME cache (sfd fetch)" for k, v in cfg.to_dict().items() if v != before[k]})
+    if a.print_config:
+        return print_config(cfg, sources)
+    if not a.out:
+        raise UsageError("--out is required — give a run folder, e.g. --out runs/forget0 (or --print-config to "
+                         "see the settings without running)")
     if a.num_workers < 1:
         raise UsageError(f"--num-workers {a.num_workers}: give at least 1")
     _finite("--cpus-per-worker", a.cpus_per_worker, low=0.0, low_open=True, fix="a number of CPUs > 0")
@@ -531,14 +563,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "generator, data-free. Writes DIR/metrics.json (UA, FD vs the teacher, ...), "
                                    "history.json, curves.png, samples_teacher.png, samples_generator.png, "
                                    "generator.safetensors and checkpoints/ (resumable with --resume).",
-                       epilog="example: sfd forget --preset digits --forget 0 --override 1 --out runs/forget0")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true",
+                       usage="sfd forget (--out DIR | --print-config) [settings: one flag per section below]",
+                       epilog="examples: sfd forget --preset digits --forget 0 --override 1 --out runs/forget0 | "
+                              "sfd forget --forget 3 --override random --lr-gen 2e-4 --print-config")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, help="run folder (required unless --print-config)")
+    o.add_argument("--resume", action="store_true",
                    help="continue the run in --out (same settings) from its newest intact checkpoint")
-    p.add_argument("--overwrite", action="store_true",
+    o.add_argument("--overwrite", action="store_true",
                    help="--out holds another run: move it aside to <out>.old-<timestamp> (never deleted) and start "
                         "fresh")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    o.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    o.add_argument("--print-config", action="store_true",
+                   help="print the settings the run would use, each with the layer that set it (SFDConfig default, "
+                        "search_spaces/<preset>.yaml defaults, its override_defaults[<policy>], a flag, the "
+                        "$SFD_HOME cache), then exit without running anything")
+    add_config_flags(p)
     r = p.add_argument_group("Ray Train (exactly what a sweep trial runs)")
     r.add_argument("--num-workers", type=int, default=1,
                    help="data-parallel workers; > 1 runs on Ray Train (gloo on CPU, NCCL on GPU), the global batch "
@@ -546,7 +586,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None, help="Ray cluster to join ('auto' or host:port); implies Ray Train")
     r.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray Train worker (default: 1)")
     r.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker (default: 0)")
-    add_config_flags(p)
     p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("distil", help="stage 1: distil the teacher into a one-step generator, forgetting nothing",

@@ -10,99 +10,233 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import typing
 from dataclasses import dataclass, field, fields
 
 from .presets import get_preset
 from .tasks import get_task
 
-SIGMA_DISTS = ("loguniform", "vp-t", "sd-t", "edm")
-FAKE_SIGMA_DISTS = ("same", *SIGMA_DISTS, "lognormal")
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-REDUCTIONS = ("sum", "mean")
-OVERRIDE_DRAWS = ("sample", "latent")
-LR_SCHEDULES = ("constant", "cosine")
+# Topic groups of the settings, in the order `sfd forget --help` and `--print-config` show them.
+GROUPS = {
+    "target": "target: what to forget and what replaces it",
+    "models": "teacher and judge: the networks read and where training starts",
+    "loss": "loss (SFD.md section 4)",
+    "noise": "noise levels",
+    "optim": "optimisation",
+    "schedule": "schedule and evaluation",
+    "run": "run and hardware",
+}
+BIG = 10**9
+
+
+def setting(default=dataclasses.MISSING, *, help: str, group: str, range: tuple | None = None,
+            choices: tuple | None = None, searchable: bool = False, flag: bool = True, factory=None):
+    """One SFDConfig setting, declared once: its default (``factory`` for a list or mapping), one line of
+    help, its topic ``group`` (a key of GROUPS), and either a ``range`` ``(low, high, bounds, fix)`` --
+    ``bounds`` one of '[]', '(]', '[)', '()' (excluded ends round), ``fix`` what to give instead -- or
+    ``choices`` (the allowed strings); ``searchable``: a search space's ``search`` block may vary it;
+    ``flag``: `sfd forget` has a flag for it (else it comes from config files only). The type is the
+    field's annotation. Flags, validation, --help and the search-space checks are generated from this."""
+    if group not in GROUPS:
+        raise TypeError(f"setting group {group!r} is not one of {tuple(GROUPS)}")
+    if range is not None and (len(range) != 4 or range[2] not in ("[]", "(]", "[)", "()")):
+        raise TypeError(f"setting range {range!r} must be (low, high, '[]' | '(]' | '[)' | '()', fix)")
+    meta = {"help": help, "group": group, "range": range, "choices": tuple(choices) if choices else None,
+            "searchable": searchable, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_SIGMA_DISTS = ("loguniform", "vp-t", "sd-t", "edm")
+_GUIDANCE_PASS = (-1.0, 1e3, "[]", "a guidance scale in [0, 1000], or -1 for --guidance")
+_WEIGHT = (0.0, 1e6, "[]", "a weight >= 0")
+_OVERRIDE_HELP = ("override per forget class: a class id ('1', or '1,2' aligned with --forget), 'random' (a uniform "
+                  "remaining class per sample) or 'classifier' (pseudo-label) -- a policy may bring its own defaults "
+                  "(search_spaces/<preset>.yaml: override_defaults; digits 'random': forget batch 128, learning "
+                  "rates 3e-4, EMA half-life 3 kimg), under the flags given; text presets: override concept(s), "
+                  "e.g. 'one' or 'one,blue', or 'next'")
 
 
 @dataclass
 class SFDConfig:
     # what to forget -------------------------------------------------------------------
-    preset: str = "digits"
-    forget: list[int] = field(default_factory=lambda: [0])
+    preset: str = setting("digits", group="target", help="dataset preset")
+    forget: list[int] = setting(factory=lambda: [0], group="target",
+                                help="class id(s) to forget (repeat the flag or give '0,3')")
     # a class id per forget class ("1" or "1,2"), or "random" / "classifier" (SFD.md section 5)
-    override: str = "1"
-    # how the 'random' policy draws each forget sample's override class: 'sample' (the reference:
-    # independently per sample) or 'latent' (a fixed function of the sample's latent z, so the
-    # one-step generator can map regions of z onto distinct classes; see sfd/tasks/classes.py)
-    override_draw: str = "sample"
-    # text presets (colordigits): concepts (words / phrases) to forget from every prompt; --override
-    # then names override concepts ('one', 'one,blue' aligned, or 'next'); --forget fills this there
-    forget_concepts: list[str] = field(default_factory=list)
-    concept_synonyms: dict = field(default_factory=dict)     # concept -> extra synonyms forgotten with it
-    prompt_templates: list[str] = field(default_factory=list)  # training templates ({color} {word} {num})
+    override: str = setting("1", group="target", help=_OVERRIDE_HELP)
+    # see sfd/tasks/classes.py
+    override_draw: str = setting(
+        "sample", group="target", choices=("sample", "latent"),
+        help="how 'random' draws a forget sample's override class: 'sample' (the reference: independently per "
+             "sample, which pulls the one-step generator towards a blend of all classes) or 'latent' (a fixed "
+             "function of the sample's latent, so distinct regions of the latent space become distinct classes)")
+    # text presets (colordigits): --forget fills forget_concepts there; the other two come from a --targets-file
+    forget_concepts: list[str] = setting(
+        factory=list, group="target", flag=False,
+        help="text presets: concept(s) to forget from every prompt (--forget fills it there)")
+    concept_synonyms: dict[str, list[str]] = setting(
+        factory=dict, group="target", flag=False,
+        help="text presets: concept -> synonyms forgotten with it (from a --targets-file)")
+    prompt_templates: list[str] = setting(
+        factory=list, group="target", flag=False,
+        help="text presets: training prompt templates with {color} {word} {num} (from a --targets-file)")
     # sd preset: prompt files (one prompt per line); None: the small embedded lists of sfd/tasks/stable_diffusion.py
-    forget_prompts: str | None = None
-    remain_prompts: str | None = None
-    teacher: str | None = None          # None: the preset's bundled teacher
-    # a Hugging Face hub id as --teacher is fetched (diffusers' download, safetensors) only when allowed
-    allow_download: bool = False
-    classifier: str | None = None       # None: the preset's bundled classifier (the judge)
-    fid_weights: str | None = None      # FID Inception weights file (presets without a bundled judge)
-    reference: str | None = None        # real images per class: folder of class folders, or .npz
-    init_from: str | None = None        # an SFD checkpoint (generator + fake score) to start from
+    forget_prompts: str | None = setting(
+        None, group="target",
+        help="sd: file of forget prompts, one per line, each containing the concept (or, for nudity, an unsafe "
+             "keyword); default: the concept in sfd/tasks/stable_diffusion.py's embedded templates")
+    remain_prompts: str | None = setting(
+        None, group="target",
+        help="sd: file of remain prompts, one per line (e.g. COCO captions; prompts with a forgotten concept are "
+             "left out); default: sfd/tasks/stable_diffusion.py's small embedded list")
+    # teacher and judge ---------------------------------------------------------------
+    teacher: str | None = setting(
+        None, group="models",
+        help="teacher checkpoint (default: the preset's bundled teacher); sd: a local pipeline folder, or a "
+             "Hugging Face hub id with --allow-download")
+    allow_download: bool = setting(
+        False, group="models",
+        help="let --teacher be a Hugging Face hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5): diffusers "
+             "downloads the pipeline's safetensors into its cache once; without it sfd reads local files only and "
+             "refuses a hub id")
+    classifier: str | None = setting(
+        None, group="models",
+        help="classifier / feature network for UA and FD (default: the preset's bundled one)")
+    fid_weights: str | None = setting(
+        None, group="models",
+        help="FID Inception weights file (pt_inception-2015-12-05-*.pth) for presets without a bundled judge; "
+             "with --classifier (a ResNet-34 state dict) and --reference it enables UA/FD")
+    reference: str | None = setting(
+        None, group="models",
+        help="real images for FD: a folder with one sub-folder per class (name or id), or an .npz with 'images' "
+             "(N,H,W,C uint8) and 'labels'")
+    init_from: str | None = setting(
+        None, group="models",
+        help="start generator and fake score from an earlier SFD run, a stage-1 folder (`sfd distil`), 'stage1' "
+             "(the preset's bundled stage 1) or 'none' (copies of the teacher)")
     # loss (SFD.md section 4) ----------------------------------------------------------------
-    alpha: float = 1.2
-    lambda_fake_remain: float = 1.0
-    lambda_fake_forget: float = 1.0
-    lambda_gen_remain: float = 1.0
-    lambda_gen_forget: float = 1.0
-    guidance: float = 0.0               # CFG scale of teacher and fake score inside the losses
+    alpha: float = setting(1.2, group="loss", searchable=True, range=(-1e6, 1e6, "[]", "a finite alpha, e.g. 1.2"),
+                           help="alpha of the SiD/SFD generator loss")
+    lambda_fake_remain: float = setting(1.0, group="loss", searchable=True, range=_WEIGHT,
+                                        help="weight of the remain branch in the fake-score loss")
+    lambda_fake_forget: float = setting(1.0, group="loss", searchable=True, range=_WEIGHT,
+                                        help="weight of the forget branch in the fake-score loss")
+    lambda_gen_remain: float = setting(1.0, group="loss", searchable=True, range=_WEIGHT,
+                                       help="weight of the remain branch in the generator loss")
+    lambda_gen_forget: float = setting(1.0, group="loss", searchable=True, range=_WEIGHT,
+                                       help="weight of the forget branch in the generator loss")
+    guidance: float = setting(
+        0.0, group="loss", searchable=True, range=(0.0, 1e3, "[]", "a guidance scale in [0, 1000] (0: none)"),
+        help="classifier-free guidance scale w of teacher and fake score inside the losses: (1 + w) D(c) - w D(null), "
+             "so diffusers' / SiD-LSG's scale s is w = s - 1 (the SD recipe's 4.5 is 3.5 here)")
     # the three guided passes separately (SiD-LSG / the SFD SD recipe); -1: take --guidance
-    guidance_teacher: float = -1.0
-    guidance_fake_train: float = -1.0
-    guidance_fake_eval: float = -1.0
-    # noise levels ------------------------------------------------------------------------
-    sigma_init: float = 2.5
-    sigma_dist: str = "loguniform"      # 'loguniform', 'vp-t' (reference) or 'edm' (SiD)
-    sigma_min: float = 0.137
-    sigma_max: float = 13.1
-    # the fake-score step's own distribution: 'same' as above, or e.g. 'lognormal' (SiD: EDM's
-    # ln sigma ~ N(-1.2, 1.2^2) for the fake score, the Karras grid for the generator)
-    sigma_dist_fake: str = "same"
+    guidance_teacher: float = setting(-1.0, group="loss", searchable=True, range=_GUIDANCE_PASS,
+                                      help="guidance w of the teacher's pass in the generator loss (-1: --guidance)")
+    guidance_fake_train: float = setting(-1.0, group="loss", searchable=True, range=_GUIDANCE_PASS,
+                                         help="guidance w of the fake score's own denoising step (-1: --guidance)")
+    guidance_fake_eval: float = setting(-1.0, group="loss", searchable=True, range=_GUIDANCE_PASS,
+                                        help="guidance w of the fake score's pass in the generator loss (-1: --guidance)")
     # reference: the fake-score loss sums over pixels; 'mean' divides it by C*H*W (a deviation:
     # with clip-by-value it changes which gradients are clipped)
-    fake_score_reduction: str = "sum"
+    fake_score_reduction: str = setting(
+        "sum", group="loss", choices=("sum", "mean"),
+        help="fake-score loss over pixels: 'sum' (reference) or 'mean' (C*H*W times smaller)")
+    # noise levels ------------------------------------------------------------------------
+    sigma_init: float = setting(2.5, group="noise", searchable=True,
+                                range=(0.0, 1000.0, "(]", "a noise level in (0, 1000], e.g. 2.5"),
+                                help="noise level of the one-step generator, G(z) = D(sigma_init z, sigma_init)")
+    sigma_dist: str = setting(
+        "loguniform", group="noise", searchable=True, choices=_SIGMA_DISTS,
+        help="noise-level distribution of both steps: loguniform, vp-t (reference, DDPM grid), sd-t (the SD "
+             "reference: integer t on SD's scaled-linear grid) or edm (SiD)")
+    sigma_min: float = setting(0.137, group="noise", searchable=True,
+                               range=(0.0, 1000.0, "(]", "a noise level in (0, 1000], e.g. 0.137"),
+                               help="smallest noise level of both steps")
+    sigma_max: float = setting(13.1, group="noise", searchable=True,
+                               range=(0.0, 1000.0, "(]", "a noise level in (0, 1000], e.g. 13.1"),
+                               help="largest noise level of both steps")
+    # the fake-score step's own distribution: 'same' as above, or e.g. 'lognormal' (SiD: EDM's
+    # ln sigma ~ N(-1.2, 1.2^2) for the fake score, the Karras grid for the generator)
+    sigma_dist_fake: str = setting(
+        "same", group="noise", searchable=True, choices=("same", *_SIGMA_DISTS, "lognormal"),
+        help="noise levels of the fake-score step: 'same' as --sigma-dist, or loguniform, vp-t, edm, lognormal "
+             "(SiD: EDM's ln sigma ~ N(-1.2, 1.2^2))")
     # optimisation ------------------------------------------------------------------------
-    lr_fake: float = 1e-4
-    lr_gen: float = 1e-4
-    # 'constant' (the reference) or 'cosine': both rates decay to lr_final_ratio x over the budget
-    lr_schedule: str = "constant"
-    lr_final_ratio: float = 0.1
-    adam_beta1: float = 0.0
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0              # clip gradients by value (reference); 0 disables
-    batch_remain: int = 64
-    batch_forget: int = 64
-    ema_halflife_kimg: float = 5.0      # 0 disables the generator EMA
-    ema_rampup_ratio: float = 0.5       # half-life <= this * kimg so far (SiD/EDM: 0.05); 0: no ramp
-    ema_beta: float = 0.0               # > 0: a constant decay per iteration instead (DDPM reference: 0.9999)
+    lr_fake: float = setting(1e-4, group="optim", searchable=True,
+                             range=(0.0, 1.0, "(]", "a learning rate in (0, 1], e.g. 1e-4"),
+                             help="Adam learning rate of the fake score")
+    lr_gen: float = setting(1e-4, group="optim", searchable=True,
+                            range=(0.0, 1.0, "(]", "a learning rate in (0, 1], e.g. 1e-4"),
+                            help="Adam learning rate of the generator")
+    lr_schedule: str = setting(
+        "constant", group="optim", searchable=True, choices=("constant", "cosine"),
+        help="learning rates over the run: 'constant' (the reference) or 'cosine' (a named deviation: both decay "
+             "along a half cosine to lr_final_ratio times their value at the budget's end, so a short stage 2 can "
+             "forget fast early and settle late)")
+    lr_final_ratio: float = setting(0.1, group="optim", searchable=True,
+                                    range=(0.0, 1.0, "[]", "a ratio in [0, 1], e.g. 0.1"),
+                                    help="with --lr-schedule cosine: the learning rates' final fraction")
+    adam_beta1: float = setting(0.0, group="optim", range=(0.0, 1.0, "[)", "a value in [0, 1)"), help="Adam beta1")
+    adam_beta2: float = setting(0.999, group="optim", range=(0.0, 1.0, "[)", "a value in [0, 1)"), help="Adam beta2")
+    adam_eps: float = setting(1e-8, group="optim", range=(0.0, 1.0, "(]", "a small epsilon in (0, 1], e.g. 1e-8"),
+                              help="Adam epsilon")
+    grad_clip: float = setting(1.0, group="optim", range=(0.0, 1e9, "[]", "a clip value >= 0 (0 disables)"),
+                               help="clip gradients by value (0 disables)")
+    batch_remain: int = setting(64, group="optim", searchable=True,
+                                range=(1, 1_000_000, "[]", "a batch of at least 1"),
+                                help="global batch of the remain branch")
+    batch_forget: int = setting(64, group="optim", searchable=True,
+                                range=(1, 1_000_000, "[]", "a batch of at least 1"),
+                                help="global batch of the forget branch")
+    ema_halflife_kimg: float = setting(5.0, group="optim", searchable=True,
+                                       range=(0.0, 1e9, "[]", "a half-life >= 0 (0 disables the EMA)"),
+                                       help="generator EMA half-life in kimg (0 disables)")
+    ema_rampup_ratio: float = setting(
+        0.5, group="optim", range=(0.0, 1e9, "[]", "a ratio >= 0 (0: no ramp-up)"),
+        help="EMA ramp-up: the half-life is at most this times the kimg trained so far (SiD: 0.05; 0: off)")
+    ema_beta: float = setting(
+        0.0, group="optim", searchable=True, range=(0.0, 1.0, "[)", "a decay in [0, 1) (0: use ema_halflife_kimg)"),
+        help="constant EMA decay per iteration, like the DDPM reference's 0.9999 (0: use the half-life)")
     # schedule ----------------------------------------------------------------------------
-    budget_kimg: float = 40.0           # generator images (both branches) to train for
-    max_seconds: float = 0.0            # wall-clock cap; 0 means none
-    stage1_kimg: float = 0.0            # two-stage: distil with lambda_*_forget = 0 first
-    eval_every_kimg: float = 5.0
-    eval_at_start: bool = True          # also evaluate the starting point (iteration 0)
-    checkpoint_every_kimg: float = 10.0
-    eval_forget_samples: int = 1000     # UA is measured on this many forget-class samples
-    eval_remain_per_class: int = 200    # FD over the remaining classes at this count per class
+    budget_kimg: float = setting(40.0, group="schedule", range=(0.0, 1e9, "(]", "a positive budget in kimg, e.g. 40"),
+                                 help="training length in thousands of generator images (both branches)")
+    max_seconds: float = setting(0.0, group="schedule", range=(0.0, 1e12, "[]", "seconds >= 0 (0: no limit)"),
+                                 help="stop after this much training time (0: no limit)")
+    stage1_kimg: float = setting(
+        0.0, group="schedule", range=(0.0, 1e9, "[]", "kimg >= 0 (0: one stage)"),
+        help="two-stage: distil all classes with the forget weights at 0 for this many kimg first")
+    eval_every_kimg: float = setting(5.0, group="schedule", range=(0.0, 1e9, "(]", "a positive interval in kimg"),
+                                     help="evaluate UA / FD every this many kimg")
+    eval_at_start: bool = setting(
+        True, group="schedule",
+        help="evaluate the starting point too (a sweep's trials of one target all start from the same stage 1, "
+             "so their space's trial block turns it off)")
+    checkpoint_every_kimg: float = setting(10.0, group="schedule",
+                                           range=(0.0, 1e9, "(]", "a positive interval in kimg"),
+                                           help="write a checkpoint every this many kimg")
+    eval_forget_samples: int = setting(1000, group="schedule", range=(1, BIG, "[]", "at least 1 sample"),
+                                       help="forget-class samples for UA")
+    eval_remain_per_class: int = setting(
+        200, group="schedule", range=(1, BIG, "[]", "at least 1 sample per class"),
+        help="samples per remaining class for FD (the teacher is measured at the same count)")
     # run ---------------------------------------------------------------------------------
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"             # network passes in fp32, bf16 or fp16 (fp32 master weights and losses)
-    grad_checkpointing: bool = False    # recompute activations in backward (backbones that support it)
-    # > 0: generator and fake score are LoRA adapters of this rank on the one frozen teacher UNet
-    # (text UNets: colordigits, sd); 0: full fine-tuning of two copies (the reference)
-    lora_rank: int = 0
+    seed: int = setting(0, group="run", range=(0, 2**63 - 1, "[]", "a seed >= 0"), help="random seed")
+    device: str = setting("auto", group="run", help="'auto' (CUDA if present), 'cpu', 'cuda:0', ...")
+    precision: str = setting(
+        "fp32", group="run", choices=("fp32", "bf16", "fp16", "auto"),
+        help="network passes in fp32, bf16 or fp16 autocast; weights, optimiser and losses stay fp32 (fp16 adds a "
+             "gradient scaler); 'auto': bf16 where the device has native bf16 kernels (CUDA, CPUs with "
+             "AVX512-BF16/AMX), else fp32 -- metrics.json records it as precision_resolved")
+    grad_checkpointing: bool = setting(
+        False, group="run",
+        help="recompute activations in the backward pass to save memory (DDPM, EDM and diffusers backbones)")
+    # LoRA on the one frozen teacher UNet is for the text UNets (colordigits, sd); 0 is the reference
+    lora_rank: int = setting(
+        0, group="run", range=(0, 1024, "[]", "a LoRA rank in 1..1024, or 0 for full fine-tuning"),
+        help="> 0: generator and fake score are two LoRA adapters (peft) of this rank on the one frozen teacher "
+             "UNet, switched per pass (one copy of the UNet for all three networks); 0: full fine-tuning")
 
     def validate(self, preset=None) -> "SFDConfig":
         """Check every setting (type, finiteness, range) before any work; raise ValueError naming the
@@ -112,17 +246,9 @@ class SFDConfig:
         if self.init_from in ("none", "teacher", ""):
             self.init_from = None               # start from copies of the teacher
         get_task(preset).validate(self)         # targets and the settings that depend on the kind of preset
-        for name, allowed in (("sigma_dist", SIGMA_DISTS), ("sigma_dist_fake", FAKE_SIGMA_DISTS),
-                              ("precision", PRECISIONS), ("fake_score_reduction", REDUCTIONS),
-                              ("override_draw", OVERRIDE_DRAWS), ("lr_schedule", LR_SCHEDULES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} {getattr(self, name)!r} must be one of {allowed}")
-        for name, (lo, lo_open, hi, hi_open, fix) in RANGES.items():
-            v = getattr(self, name)
-            if not math.isfinite(v):
-                raise ValueError(f"{_flag(name)} {v!r} is not a finite number — give {fix}")
-            if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
-                raise ValueError(f"{_flag(name)} {v!r} is out of range — give {fix}")
+        for s in SETTINGS.values():          # choices and ranges, as each setting declares them
+            if s.choices is not None or s.range is not None:
+                s.check(getattr(self, s.name))
         if not self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max} — "
                              f"give --sigma-min below --sigma-max")
@@ -148,9 +274,9 @@ class SFDConfig:
         if unknown:
             raise ValueError(f"unknown SFD setting(s) {unknown}; known settings: {sorted(known)}")
         d = dict(d)
-        for name in FLOAT_FIELDS:
+        for name, s in SETTINGS.items():
             v = d.get(name)
-            if isinstance(v, int) and not isinstance(v, bool):
+            if s.kind == "float" and isinstance(v, int) and not isinstance(v, bool):
                 d[name] = float(v)
         cfg = cls(**d)
         check_types(cfg)
@@ -164,53 +290,63 @@ def _flag(name: str) -> str:
     return f"{name} (--{name.replace('_', '-')})"
 
 
-FLOAT_FIELDS = ("alpha", "lambda_fake_remain", "lambda_fake_forget", "lambda_gen_remain", "lambda_gen_forget",
-                "guidance", "sigma_init", "sigma_min", "sigma_max", "lr_fake", "lr_gen", "lr_final_ratio", "adam_beta1", "adam_beta2",
-                "adam_eps", "grad_clip", "ema_halflife_kimg", "ema_rampup_ratio", "ema_beta", "budget_kimg",
-                "max_seconds", "stage1_kimg", "eval_every_kimg", "checkpoint_every_kimg", "guidance_teacher",
-                "guidance_fake_train", "guidance_fake_eval")
-INT_FIELDS = ("batch_remain", "batch_forget", "eval_forget_samples", "eval_remain_per_class", "seed", "lora_rank")
-STR_FIELDS = ("preset", "override", "override_draw", "lr_schedule", "sigma_dist", "sigma_dist_fake", "fake_score_reduction",
-              "device", "precision")
-PATH_FIELDS = ("teacher", "classifier", "fid_weights", "reference", "init_from", "forget_prompts", "remain_prompts")
-BIG = 10**9
+@dataclass(frozen=True)
+class Setting:
+    """What SFDConfig declares about one setting (see :func:`setting`), with its type as a ``kind``:
+    'float', 'int', 'bool', 'str', 'path' (str or None), 'ints' (list[int]), 'strs' (list[str]) or
+    'mapping' (dict[str, list[str]])."""
+    name: str
+    kind: str
+    default: object
+    help: str
+    group: str
+    range: tuple | None
+    choices: tuple | None
+    searchable: bool
+    flag: bool
 
-# name -> (low, low excluded, high, high excluded, what to give instead)
-RANGES = {
-    "alpha": (-1e6, False, 1e6, False, "a finite alpha, e.g. 1.2"),
-    "lambda_fake_remain": (0.0, False, 1e6, False, "a weight >= 0"),
-    "lambda_fake_forget": (0.0, False, 1e6, False, "a weight >= 0"),
-    "lambda_gen_remain": (0.0, False, 1e6, False, "a weight >= 0"),
-    "lambda_gen_forget": (0.0, False, 1e6, False, "a weight >= 0"),
-    "guidance": (0.0, False, 1e3, False, "a guidance scale in [0, 1000] (0: none)"),
-    "guidance_teacher": (-1.0, False, 1e3, False, "a guidance scale in [0, 1000], or -1 for --guidance"),
-    "guidance_fake_train": (-1.0, False, 1e3, False, "a guidance scale in [0, 1000], or -1 for --guidance"),
-    "guidance_fake_eval": (-1.0, False, 1e3, False, "a guidance scale in [0, 1000], or -1 for --guidance"),
-    "sigma_init": (0.0, True, 1000.0, False, "a noise level in (0, 1000], e.g. 2.5"),
-    "sigma_min": (0.0, True, 1000.0, False, "a noise level in (0, 1000], e.g. 0.137"),
-    "sigma_max": (0.0, True, 1000.0, False, "a noise level in (0, 1000], e.g. 13.1"),
-    "lr_fake": (0.0, True, 1.0, False, "a learning rate in (0, 1], e.g. 1e-4"),
-    "lr_gen": (0.0, True, 1.0, False, "a learning rate in (0, 1], e.g. 1e-4"),
-    "lr_final_ratio": (0.0, False, 1.0, False, "a ratio in [0, 1], e.g. 0.1"),
-    "adam_beta1": (0.0, False, 1.0, True, "a value in [0, 1)"),
-    "adam_beta2": (0.0, False, 1.0, True, "a value in [0, 1)"),
-    "adam_eps": (0.0, True, 1.0, False, "a small epsilon in (0, 1], e.g. 1e-8"),
-    "grad_clip": (0.0, False, 1e9, False, "a clip value >= 0 (0 disables)"),
-    "ema_halflife_kimg": (0.0, False, 1e9, False, "a half-life >= 0 (0 disables the EMA)"),
-    "ema_rampup_ratio": (0.0, False, 1e9, False, "a ratio >= 0 (0: no ramp-up)"),
-    "ema_beta": (0.0, False, 1.0, True, "a decay in [0, 1) (0: use ema_halflife_kimg)"),
-    "budget_kimg": (0.0, True, 1e9, False, "a positive budget in kimg, e.g. 40"),
-    "max_seconds": (0.0, False, 1e12, False, "seconds >= 0 (0: no limit)"),
-    "stage1_kimg": (0.0, False, 1e9, False, "kimg >= 0 (0: one stage)"),
-    "eval_every_kimg": (0.0, True, 1e9, False, "a positive interval in kimg"),
-    "checkpoint_every_kimg": (0.0, True, 1e9, False, "a positive interval in kimg"),
-    "batch_remain": (1, False, 1_000_000, False, "a batch of at least 1"),
-    "batch_forget": (1, False, 1_000_000, False, "a batch of at least 1"),
-    "eval_forget_samples": (1, False, BIG, False, "at least 1 sample"),
-    "eval_remain_per_class": (1, False, BIG, False, "at least 1 sample per class"),
-    "seed": (0, False, 2**63 - 1, False, "a seed >= 0"),
-    "lora_rank": (0, False, 1024, False, "a LoRA rank in 1..1024, or 0 for full fine-tuning"),
-}
+    @property
+    def flag_name(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, v) -> None:
+        """The declared choices or range (the type is check_types'): ValueError naming the setting,
+        the value and what to give."""
+        if self.choices is not None and v not in self.choices:
+            raise ValueError(f"{self.name} {v!r} must be one of {self.choices}")
+        if self.range is not None:
+            lo, hi, bounds, fix = self.range
+            if not math.isfinite(v):
+                raise ValueError(f"{_flag(self.name)} {v!r} is not a finite number — give {fix}")
+            if (v <= lo if bounds[0] == "(" else v < lo) or (v >= hi if bounds[1] == ")" else v > hi):
+                raise ValueError(f"{_flag(self.name)} {v!r} is out of range — give {fix}")
+
+
+_KINDS = {float: "float", int: "int", bool: "bool", str: "str", str | None: "path", list[int]: "ints",
+          list[str]: "strs", dict[str, list[str]]: "mapping"}
+
+
+def _declared_settings() -> dict[str, Setting]:
+    hints = typing.get_type_hints(SFDConfig)
+    out = {}
+    for f in fields(SFDConfig):
+        if "group" not in f.metadata:
+            raise TypeError(f"SFDConfig.{f.name} is not declared with setting(...)")
+        kind = _KINDS.get(hints[f.name])
+        if kind is None:
+            raise TypeError(f"SFDConfig.{f.name}: type {hints[f.name]} has no kind; known: {list(_KINDS.values())}")
+        m = f.metadata
+        if m["range"] is not None and kind not in ("float", "int"):
+            raise TypeError(f"SFDConfig.{f.name}: a range needs a number, not {kind}")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out[f.name] = Setting(f.name, kind, default, m["help"], m["group"], m["range"], m["choices"],
+                              m["searchable"], m["flag"])
+    return out
+
+
+SETTINGS = _declared_settings()
+# the settings a search space's `search` block may vary (orchestration/space.py)
+TUNABLE = tuple(n for n, s in SETTINGS.items() if s.searchable)
 
 
 def check_types(cfg: "SFDConfig") -> None:
@@ -218,45 +354,43 @@ def check_types(cfg: "SFDConfig") -> None:
     number where a float is expected (a string is an error, even '1e-4'), no bools for numbers."""
     def bad(name, v, want):
         return ValueError(f"{name} {v!r} ({type(v).__name__}) must be {want} — fix the value of {name}")
-    for name in FLOAT_FIELDS:
+    for name, s in SETTINGS.items():
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise bad(name, v, "a number")
-        setattr(cfg, name, float(v))
-    for name in INT_FIELDS:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise bad(name, v, "a whole number (an int)")
-        setattr(cfg, name, int(v))
-    for name in STR_FIELDS:
-        v = getattr(cfg, name)
-        if not isinstance(v, str):
-            raise bad(name, v, "a string")
-    for name in PATH_FIELDS:
-        v = getattr(cfg, name)
-        if v is not None and not isinstance(v, str):
-            raise bad(name, v, "a path (a string) or null")
-        if isinstance(v, str) and not v.strip():
-            raise ValueError(f"{name}: empty path — give a file or folder, or leave it out")
-    for name in ("grad_checkpointing", "eval_at_start", "allow_download"):
-        if not isinstance(getattr(cfg, name), bool):
-            raise bad(name, getattr(cfg, name), "true or false")
-    for name in ("forget_concepts", "prompt_templates"):
-        v = getattr(cfg, name)
-        if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
-            raise bad(name, v, "a list of strings")
-        setattr(cfg, name, list(v))
-    syn = cfg.concept_synonyms
-    if not isinstance(syn, dict) or not all(isinstance(k, str) and isinstance(vs, (list, tuple))
-                                            and all(isinstance(t, str) for t in vs) for k, vs in syn.items()):
-        raise bad("concept_synonyms", syn, "a mapping of concept -> list of synonym strings")
-    cfg.concept_synonyms = {k: list(vs) for k, vs in syn.items()}
-    if not isinstance(cfg.forget, (list, tuple)):
-        raise bad("forget", cfg.forget, "a list of class ids")
-    for c in cfg.forget:
-        if isinstance(c, bool) or not isinstance(c, numbers.Integral):
-            raise bad("forget", c, "a class id (an int)")
-    cfg.forget = [int(c) for c in cfg.forget]
+        if s.kind == "float":
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise bad(name, v, "a number")
+            setattr(cfg, name, float(v))
+        elif s.kind == "int":
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise bad(name, v, "a whole number (an int)")
+            setattr(cfg, name, int(v))
+        elif s.kind == "str":
+            if not isinstance(v, str):
+                raise bad(name, v, "a string")
+        elif s.kind == "path":
+            if v is not None and not isinstance(v, str):
+                raise bad(name, v, "a path (a string) or null")
+            if isinstance(v, str) and not v.strip():
+                raise ValueError(f"{name}: empty path — give a file or folder, or leave it out")
+        elif s.kind == "bool":
+            if not isinstance(v, bool):
+                raise bad(name, v, "true or false")
+        elif s.kind == "strs":
+            if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
+                raise bad(name, v, "a list of strings")
+            setattr(cfg, name, list(v))
+        elif s.kind == "mapping":
+            if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(vs, (list, tuple))
+                                                  and all(isinstance(t, str) for t in vs) for k, vs in v.items()):
+                raise bad(name, v, "a mapping of concept -> list of synonym strings")
+            setattr(cfg, name, {k: list(vs) for k, vs in v.items()})
+        elif s.kind == "ints":
+            if not isinstance(v, (list, tuple)):
+                raise bad(name, v, "a list of class ids")
+            for c in v:
+                if isinstance(c, bool) or not isinstance(c, numbers.Integral):
+                    raise bad(name, c, "a class id (an int)")
+            setattr(cfg, name, [int(c) for c in v])
 
 
 def check_device(name) -> None:
@@ -331,100 +465,64 @@ def preset_stage1_settings(preset: str) -> dict:
     return block if block is not None else preset_defaults(preset)
 
 
+# ---------------------------------------------------------------------------------------
+# layers: where each value of a run's configuration comes from
+
+DEFAULT_LAYER = "SFDConfig default"
+
+
+def space_label(preset: str) -> str:
+    return f"search_spaces/{preset}.yaml"
+
+
+def preset_layers(preset: str, changes: dict, label="config_for_preset") -> list:
+    """The layers of a preset's configuration, in the order they apply (a later one wins), after
+    SFDConfig's own defaults: the preset's YAML ``defaults``, its ``override_defaults`` for the
+    override policy the result has, then ``changes`` (named ``label``, or ``label(setting)``, e.g. its
+    flag). The one place `sfd forget` and config_for_preset layer settings."""
+    base = preset_block(preset, "defaults") or {}
+    policy = str(changes.get("override", base.get("override", SETTINGS["override"].default)))
+    return [(f"{space_label(preset)} defaults", base),
+            (f"{space_label(preset)} override_defaults[{policy}]", override_defaults(preset).get(policy, {})),
+            (label, changes),
+            (label, {"preset": preset})]
+
+
+def layer_sources(layers) -> dict:
+    """Setting -> the label of the last of ``layers`` ((label, settings) pairs) that sets it, else
+    DEFAULT_LAYER."""
+    out = dict.fromkeys(SETTINGS, DEFAULT_LAYER)
+    for label, values in layers:
+        for k in values:
+            out[k] = label(k) if callable(label) else label
+    return out
+
+
+def layered_config(layers) -> tuple[SFDConfig, dict]:
+    """SFDConfig's defaults with ``layers`` applied in order: the configuration and layer_sources."""
+    merged = {}
+    for _, values in layers:
+        merged.update(values)
+    return SFDConfig.from_dict(merged), layer_sources(layers)
+
+
 def config_for_preset(preset: str, **changes) -> SFDConfig:
     """SFDConfig defaults, then the preset's YAML defaults (with its ``override_defaults`` for the
-    override policy the result has), then ``changes``."""
-    base = preset_defaults(preset)
-    policy = override_defaults(preset).get(str(changes.get("override", base.get("override", SFDConfig.override))), {})
-    return SFDConfig.from_dict({**base, **policy, **changes, "preset": preset})
+    override policy the result has), then ``changes`` (:func:`preset_layers`)."""
+    return layered_config(preset_layers(preset, changes))[0]
 
 
-TUNABLE = ("alpha", "lambda_fake_remain", "lambda_fake_forget", "lambda_gen_remain", "lambda_gen_forget",
-           "sigma_init", "sigma_min", "sigma_max", "sigma_dist", "sigma_dist_fake", "lr_fake", "lr_gen",
-           "lr_schedule", "lr_final_ratio", "ema_halflife_kimg", "ema_beta", "guidance", "batch_remain", "batch_forget",
-           "guidance_teacher", "guidance_fake_train", "guidance_fake_eval")
-
-
-# One line of help per setting, shown by `sfd forget --help` (flags are generated from the
-# dataclass, so the CLI never restates a default).
-HELP = {
-    "preset": "dataset preset",
-    "forget": "class id(s) to forget (repeat the flag or give '0,3')",
-    "override": "override per forget class: a class id ('1', or '1,2' aligned with --forget), "
-                "'random' (a uniform remaining class per sample) or 'classifier' (pseudo-label) -- a policy may bring "
-                "its own defaults (search_spaces/<preset>.yaml: override_defaults; digits 'random': forget batch "
-                "128, learning rates 3e-4, EMA half-life 3 kimg), under the flags given; text presets: "
-                "override concept(s), e.g. 'one' or 'one,blue', or 'next'",
-    "override_draw": "how 'random' draws a forget sample's override class: 'sample' (the reference: "
-                     "independently per sample, which pulls the one-step generator towards a blend of all "
-                     "classes) or 'latent' (a fixed function of the sample's latent, so distinct regions of "
-                     "the latent space become distinct classes)",
-    "forget_concepts": "text presets: concept(s) to forget from every prompt (--forget fills it there)",
-    "concept_synonyms": "text presets: concept -> synonyms forgotten with it (from a --targets-file)",
-    "prompt_templates": "text presets: training prompt templates with {color} {word} {num} (from a --targets-file)",
-    "teacher": "teacher checkpoint (default: the preset's bundled teacher); sd: a local pipeline folder, or a "
-               "Hugging Face hub id with --allow-download",
-    "allow_download": "let --teacher be a Hugging Face hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5): "
-                      "diffusers downloads the pipeline's safetensors into its cache once; without it sfd reads "
-                      "local files only and refuses a hub id",
-    "classifier": "classifier / feature network for UA and FD (default: the preset's bundled one)",
-    "fid_weights": "FID Inception weights file (pt_inception-2015-12-05-*.pth) for presets without a bundled "
-                   "judge; with --classifier (a ResNet-34 state dict) and --reference it enables UA/FD",
-    "reference": "real images for FD: a folder with one sub-folder per class (name or id), or an .npz with "
-                 "'images' (N,H,W,C uint8) and 'labels'",
-    "init_from": "start generator and fake score from an earlier SFD run, a stage-1 folder (`sfd distil`), "
-                 "'stage1' (the preset's bundled stage 1) or 'none' (copies of the teacher)",
-    "alpha": "alpha of the SiD/SFD generator loss",
-    "lambda_fake_remain": "weight of the remain branch in the fake-score loss",
-    "lambda_fake_forget": "weight of the forget branch in the fake-score loss",
-    "lambda_gen_remain": "weight of the remain branch in the generator loss",
-    "lambda_gen_forget": "weight of the forget branch in the generator loss",
-    "guidance": "classifier-free guidance scale w of teacher and fake score inside the losses: (1 + w) D(c) - w D(null), "
-                "so diffusers' / SiD-LSG's scale s is w = s - 1 (the SD recipe's 4.5 is 3.5 here)",
-    "guidance_teacher": "guidance w of the teacher's pass in the generator loss (-1: --guidance)",
-    "guidance_fake_train": "guidance w of the fake score's own denoising step (-1: --guidance)",
-    "guidance_fake_eval": "guidance w of the fake score's pass in the generator loss (-1: --guidance)",
-    "forget_prompts": "sd: file of forget prompts, one per line, each containing the concept (or, for nudity, an "
-                      "unsafe keyword); default: the concept in sfd/tasks/stable_diffusion.py's embedded templates",
-    "remain_prompts": "sd: file of remain prompts, one per line (e.g. COCO captions; prompts with a forgotten concept "
-                      "are left out); default: sfd/tasks/stable_diffusion.py's small embedded list",
-    "lora_rank": "> 0: generator and fake score are two LoRA adapters (peft) of this rank on the one frozen teacher "
-                 "UNet, switched per pass (one copy of the UNet for all three networks); 0: full fine-tuning",
-    "sigma_init": "noise level of the one-step generator, G(z) = D(sigma_init z, sigma_init)",
-    "sigma_dist": "noise-level distribution of both steps: loguniform, vp-t (reference, DDPM grid), sd-t (the SD "
-                  "reference: integer t on SD's scaled-linear grid) or edm (SiD)",
-    "sigma_min": "smallest noise level of both steps",
-    "sigma_max": "largest noise level of both steps",
-    "lr_fake": "Adam learning rate of the fake score",
-    "lr_gen": "Adam learning rate of the generator",
-    "lr_schedule": "learning rates over the run: 'constant' (the reference) or 'cosine' (a named deviation: "
-                   "both decay along a half cosine to lr_final_ratio times their value at the budget's end, so a "
-                   "short stage 2 can forget fast early and settle late)",
-    "lr_final_ratio": "with --lr-schedule cosine: the learning rates' final fraction (default 0.1)",
-    "adam_beta1": "Adam beta1", "adam_beta2": "Adam beta2", "adam_eps": "Adam epsilon",
-    "grad_clip": "clip gradients by value (0 disables)",
-    "batch_remain": "global batch of the remain branch",
-    "batch_forget": "global batch of the forget branch",
-    "ema_halflife_kimg": "generator EMA half-life in kimg (0 disables)",
-    "ema_rampup_ratio": "EMA ramp-up: the half-life is at most this times the kimg trained so far (SiD: 0.05; 0: off)",
-    "ema_beta": "constant EMA decay per iteration, like the DDPM reference's 0.9999 (0: use the half-life)",
-    "sigma_dist_fake": "noise levels of the fake-score step: 'same' as --sigma-dist, or loguniform, vp-t, edm, "
-                       "lognormal (SiD: EDM's ln sigma ~ N(-1.2, 1.2^2))",
-    "fake_score_reduction": "fake-score loss over pixels: 'sum' (reference) or 'mean' (C*H*W times smaller)",
-    "precision": "network passes in fp32, bf16 or fp16 autocast; weights, optimiser and losses stay fp32 "
-                 "(fp16 adds a gradient scaler); 'auto': bf16 where the device has native bf16 kernels (CUDA, "
-                 "CPUs with AVX512-BF16/AMX), else fp32 -- metrics.json records it as precision_resolved",
-    "grad_checkpointing": "recompute activations in the backward pass to save memory (DDPM, EDM and diffusers "
-                          "backbones)",
-    "budget_kimg": "training length in thousands of generator images",
-    "max_seconds": "stop after this much training time (0: no limit)",
-    "stage1_kimg": "two-stage: distil all classes with the forget weights at 0 for this many kimg first",
-    "eval_every_kimg": "evaluate UA / FD every this many kimg",
-    "eval_at_start": "evaluate the starting point too (a sweep's trials of one target all start from the same "
-                     "stage 1, so their space's trial block turns it off)",
-    "checkpoint_every_kimg": "write a checkpoint every this many kimg",
-    "eval_forget_samples": "forget-class samples for UA",
-    "eval_remain_per_class": "samples per remaining class for FD (the teacher is measured at the same count)",
-    "seed": "random seed",
-    "device": "'auto' (CUDA if present), 'cpu', 'cuda:0', ...",
-}
+def format_config(cfg: SFDConfig, sources: dict, *, skip_default: bool = False, skip=(), indent: str = "") -> list[str]:
+    """YAML lines ``setting: value  # layer``, one section per topic group (a file of them, comments
+    and all, is valid YAML). ``skip_default``: leave out the settings still at SFDConfig's default;
+    ``skip``: these settings."""
+    import yaml
+    values, lines = cfg.to_dict(), []
+    for key, title in GROUPS.items():
+        rows = [(n, f"{n}: " + yaml.safe_dump(values[n], default_flow_style=True, width=10**9).removesuffix(
+                    "\n...\n").strip()) for n, s in SETTINGS.items() if s.group == key and n not in skip
+                and not (skip_default and sources[n] == DEFAULT_LAYER)]
+        if rows:
+            lines.append(f"{indent}# {title}")
+            lines += [f"{indent}{text:<40s} # {sources[n]}" for n, text in rows]
+    return lines
