@@ -132,10 +132,11 @@ class PerTargetSearch(Searcher):
 
     def sfd_config(self, name: str, params: dict) -> dict:
         """The trial's full SFD configuration: preset defaults, searched values, target, overrides."""
+        from orchestration.space import trial_layers
+        from sfd.config import layered_config
+
         t = self.targets[name]
-        base = self.spaces[t.preset].baseline(t.override)
-        cfg = base.replace(**{**params, **self.overrides, **t.config_overrides()})
-        return cfg.to_dict()
+        return layered_config(trial_layers(self.spaces[t.preset], t, self.overrides, params))[0].to_dict()
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         import math

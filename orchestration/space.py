@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from sfd.config import TUNABLE, SFDConfig, spaces_dir
+from sfd.config import (DEFAULT_LAYER, SETTINGS, TUNABLE, SFDConfig, format_config, layer_sources, layered_config,
+                        spaces_dir)
 
 SPACE_DIR = spaces_dir()
 TRIAL_KEYS = {"budget_kimg", "max_seconds", "eval_every_kimg", "checkpoint_every_kimg", "eval_forget_samples", "eval_at_start",
@@ -26,12 +27,33 @@ class SearchSpace:
     extra: dict = field(default_factory=dict)
     # override policy ('random', ...) -> settings its targets default to on top of `defaults`
     by_override: dict = field(default_factory=dict)
+    # the YAML's own layers of `defaults`, named: [("search_spaces/<preset>.yaml defaults", {...}), (".. trial", {...})]
+    layers: list = field(default_factory=list)
 
     def baseline(self, override: str | None = None) -> SFDConfig:
         """The default configuration; for a target of the ``override`` policy, with that policy's
         ``override_defaults`` on top (the same defaults `sfd forget` gives that policy)."""
-        extra = self.by_override.get(str(override), {}) if override is not None else {}
-        return SFDConfig.from_dict({**self.defaults, **extra, "preset": self.preset})
+        return layered_config(self.baseline_layers(override))[0]
+
+    def baseline_layers(self, override: str | None = None) -> list:
+        """The named layers of :meth:`baseline`, in order: the YAML's ``defaults`` and ``trial`` blocks,
+        what the sweep changed in them since (``--budget long``), the policy's ``override_defaults``."""
+        merged = {}
+        for _, values in self.layers:
+            merged.update(values)
+        changed = {k: v for k, v in self.defaults.items() if k not in merged or merged[k] != v}
+        out = [*self.layers, ("the sweep's --budget long" if self.layers else "the space's defaults", changed)]
+        if override is not None and str(override) in self.by_override:
+            out.append((f"{self.label} override_defaults[{override}]", self.by_override[str(override)]))
+        return [*out, (f"{self.label} preset", {"preset": self.preset})]
+
+    @property
+    def label(self) -> str:
+        """search_spaces/<name>.yaml for a shipped space, else its path."""
+        path = Path(self.source) if self.source else None
+        if path is not None and path.parent.resolve() == SPACE_DIR.resolve():
+            return f"search_spaces/{path.name}"
+        return self.source or f"the {self.preset} space"
 
     def optuna_space(self) -> dict:
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -98,6 +120,8 @@ def load_space(path) -> SearchSpace:
     if not isinstance(trial, dict) or sorted(set(trial) - TRIAL_KEYS):
         raise ValueError(f"search space {path}: 'trial' must be a mapping of schedule settings among "
                          f"{sorted(TRIAL_KEYS)}")
+    label = f"search_spaces/{path.name}" if path.parent.resolve() == SPACE_DIR.resolve() else str(path)
+    layers = [(f"{label} defaults", dict(defaults)), (f"{label} trial", dict(trial))]
     defaults = {**defaults, **trial}
     try:
         # type, finiteness and range of every default (the targets' forget/override: validate_plan)
@@ -119,21 +143,34 @@ def load_space(path) -> SearchSpace:
         if missing or extra:
             raise ValueError(f"{where}: type {p['type']} needs exactly {TYPES[p['type']]} (missing {missing}, "
                              f"unexpected {extra})")
+        s = SETTINGS[key]
+        fits = {"float": ("loguniform", "uniform", "choice"), "int": ("int", "choice")}.get(s.kind, ("choice",))
+        if p["type"] not in fits:
+            raise ValueError(f"{where}: type {p['type']} does not fit {key}, a {s.kind} setting — use "
+                             f"{' or '.join(fits)}")
         if p["type"] == "choice":
             if not isinstance(p["values"], list) or not p["values"]:
                 raise ValueError(f"{where}: 'values' must be a non-empty list")
+            values = [(f"{v!r}", v) for v in p["values"]]
         else:
             lo, hi = p["low"], p["high"]
             if not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)) or not lo < hi:
                 raise ValueError(f"{where}: need numbers low < high, got low={lo!r} high={hi!r}")
             if p["type"] == "loguniform" and lo <= 0:
                 raise ValueError(f"{where}: loguniform needs low > 0, got {lo}")
+            values = [(f"low={lo!r}", lo), (f"high={hi!r}", hi)]
+        for what, v in values:            # inside the setting's declared range / choices (sfd.config)
+            try:
+                s.check(getattr(SFDConfig.from_dict({key: v}), key))     # its type, then its range / choices
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}: {what} is not a valid {key}: {e}") from None
+        if p["type"] != "choice":
             if not lo <= base[key] <= hi:
                 raise ValueError(f"{where}: the default {key}={base[key]} lies outside [{lo}, {hi}]; the baseline "
                                  f"trial must be a point of the space")
     by_override = _override_defaults(path, doc, preset, defaults, params)
     return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), float(stage1_kimg), trials,
-                       str(path), by_override=by_override)
+                       str(path), by_override=by_override, layers=layers)
 
 
 def _override_defaults(path, doc: dict, preset: str, defaults: dict, params: dict) -> dict:
@@ -164,6 +201,37 @@ def _override_defaults(path, doc: dict, preset: str, defaults: dict, params: dic
                 raise ValueError(f"{where}: {key}={v} lies outside search.{key} [{p['low']}, {p['high']}]; the "
                                  f"policy's baseline trial must be a point of the space")
         out[str(policy)] = dict(extra)
+    return out
+
+
+def trial_layers(space: SearchSpace, target, overrides: dict, params: dict, flag_label="the sweep's flags") -> list:
+    """The named layers of a sweep trial's configuration, in order (a later one wins): the space's
+    baseline layers for the target's override policy, the values Optuna drew, the sweep's flags, the
+    target itself. PerTargetSearch builds every trial from them; --dry-run names them."""
+    return [*space.baseline_layers(target.override), ("Optuna", params), (flag_label, overrides),
+            (f"target {target.name}", target.config_overrides())]
+
+
+def describe_baselines(targets, spaces: dict, overrides: dict, flag_label="the sweep's flags") -> list[str]:
+    """--dry-run: each target's baseline trial (Optuna's first point) as it will run: the settings
+    that are not SFDConfig's defaults, each with the layer that set it; a searched setting also names
+    its search range (trials after the baseline draw it). Targets with equal settings share a listing."""
+    listings: dict[tuple, list] = {}
+    for t in targets:
+        space = spaces[t.preset]
+        layers = trial_layers(space, t, overrides, space.baseline_point(t.override), flag_label)
+        cfg = layered_config(layers)[0]
+        sources = layer_sources([layer for layer in layers if layer[0] != "Optuna"])
+        for k, p in space.params.items():
+            where = p["values"] if p["type"] == "choice" else f"[{p['low']}, {p['high']}]"
+            sources[k] += f"; Optuna searches it: search.{k} {p['type']} {where}"
+        lines = format_config(cfg, sources, skip_default=True, skip=set(t.config_overrides()), indent="    ")
+        listings.setdefault(tuple(lines), []).append(t.name)
+    out = []
+    for lines, names in listings.items():
+        out.append(f"  baseline trial of {', '.join(names)} (its forget/override: the target; settings not "
+                   f"listed: {DEFAULT_LAYER}):")
+        out += lines
     return out
 
 

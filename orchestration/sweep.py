@@ -262,6 +262,10 @@ def print_plan(a, targets, spaces, overrides) -> None:
             v = getattr(base, key)
             ok = "ok" if v and Path(v).exists() else "MISSING"
             print(f"  {key:12s} [{ok}] {v}")
+    from orchestration.space import describe_baselines      # each setting of each baseline trial, with its layer
+    flags = {k for k in overrides if k in ("seed", "budget_kimg") or getattr(a, k, None)}
+    print("\n".join(describe_baselines(targets, spaces, overrides, lambda k: f"--{k.replace('_', '-')}" if k in flags
+                                        else "the $SFD_HOME cache (sfd fetch)")))
     print("[sweep] dry run: nothing started (models are loaded and checked when the sweep runs)")
 
 
