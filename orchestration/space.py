@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from sfd.config import (DEFAULT_LAYER, SETTINGS, TUNABLE, SFDConfig, format_config, layer_sources, layered_config,
+from sfd.config import (DEFAULT_LAYER, SETTINGS, SFDConfig, format_config, layer_sources, layered_config,
                         spaces_dir)
 
 SPACE_DIR = spaces_dir()
@@ -134,8 +134,9 @@ def load_space(path) -> SearchSpace:
     base = SFDConfig.from_dict({**defaults, "preset": preset}).to_dict()
     for key, p in params.items():
         where = f"search space {path}: search.{key}"
-        if key not in TUNABLE:
-            raise ValueError(f"{where}: not a tunable SFD setting; tunable: {', '.join(TUNABLE)}")
+        if key not in SETTINGS or not SETTINGS[key].searchable:     # declared searchable=True in sfd/config.py
+            tunable = [n for n, s in SETTINGS.items() if s.searchable]
+            raise ValueError(f"{where}: not a tunable SFD setting; tunable: {', '.join(tunable)}")
         if not isinstance(p, dict) or p.get("type") not in TYPES:
             raise ValueError(f"{where}: needs 'type' among {sorted(TYPES)}")
         missing = [f for f in TYPES[p["type"]] if f not in p]

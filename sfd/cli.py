@@ -564,8 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "history.json, curves.png, samples_teacher.png, samples_generator.png, "
                                    "generator.safetensors and checkpoints/ (resumable with --resume).",
                        usage="sfd forget (--out DIR | --print-config) [settings: one flag per section below]",
-                       epilog="examples: sfd forget --preset digits --forget 0 --override 1 --out runs/forget0 | "
-                              "sfd forget --forget 3 --override random --lr-gen 2e-4 --print-config")
+                       epilog="example: sfd forget --preset digits --forget 0 --override 1 --out runs/forget0 "
+                              "(the same with --print-config instead of --out: what it would run)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="run folder (required unless --print-config)")
     o.add_argument("--resume", action="store_true",

@@ -345,8 +345,6 @@ def _declared_settings() -> dict[str, Setting]:
 
 
 SETTINGS = _declared_settings()
-# the settings a search space's `search` block may vary (orchestration/space.py)
-TUNABLE = tuple(n for n, s in SETTINGS.items() if s.searchable)
 
 
 def check_types(cfg: "SFDConfig") -> None:
