@@ -16,6 +16,9 @@ from pathlib import Path
 
 from ray.tune.search import Searcher
 
+from orchestration.space import trial_layers
+from sfd.config import layered_config
+
 # The trade-off shown in the Pareto plots and tables: forget (UA up), keep quality (remaining
 # FD ratio down), stay diverse on the overridden class (its FD ratio down).
 METRICS = ["ua", "fd_ratio", "override_fd_ratio"]
@@ -132,9 +135,6 @@ class PerTargetSearch(Searcher):
 
     def sfd_config(self, name: str, params: dict) -> dict:
         """The trial's full SFD configuration: preset defaults, searched values, target, overrides."""
-        from orchestration.space import trial_layers
-        from sfd.config import layered_config
-
         t = self.targets[name]
         return layered_config(trial_layers(self.spaces[t.preset], t, self.overrides, params))[0].to_dict()
 

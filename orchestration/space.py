@@ -145,9 +145,9 @@ def load_space(path) -> SearchSpace:
             raise ValueError(f"{where}: type {p['type']} needs exactly {TYPES[p['type']]} (missing {missing}, "
                              f"unexpected {extra})")
         s = SETTINGS[key]
-        fits = {"float": ("loguniform", "uniform", "choice"), "int": ("int", "choice")}.get(s.kind, ("choice",))
+        fits = {"float": ("loguniform", "uniform", "choice"), "int": ("int", "choice")}.get(s.value_type, ("choice",))
         if p["type"] not in fits:
-            raise ValueError(f"{where}: type {p['type']} does not fit {key}, a {s.kind} setting — use "
+            raise ValueError(f"{where}: type {p['type']} does not fit {key}, a {s.value_type} setting — use "
                              f"{' or '.join(fits)}")
         if p["type"] == "choice":
             if not isinstance(p["values"], list) or not p["values"]:

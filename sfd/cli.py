@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .config import DEFAULT_LAYER, GROUPS, SETTINGS, format_config, layered_config, preset_layers, space_label
 from .presets import PRESETS, get_preset
 from .tasks import get_task
 from .tasks.classes import parse_classes
@@ -171,8 +172,6 @@ def add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
     """One flag per SFDConfig setting, generated from its declaration in sfd.config (help, type, choices,
     topic group). A flag left out takes the preset's default (search_spaces/<preset>.yaml, as the sweep's
     baseline does), else SFDConfig's; `--print-config` says which."""
-    from .config import GROUPS, SETTINGS
-
     groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
     for s in SETTINGS.values():
         if s.name in skip or not s.flag:
@@ -184,23 +183,19 @@ def add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
                                 f"'seven,red' (default: 0)")
         elif s.name == "preset":
             g.add_argument(s.flag_name, default=None, choices=sorted(PRESETS), help=f"{s.help} (default: {default})")
-        elif s.kind == "bool":
+        elif s.value_type == "bool":
             g.add_argument(s.flag_name, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{s.help} (default: {default})")
         else:                            # a bad value or choice is SFDConfig.validate's to name (one message)
-            kind = {"float": float, "int": int}.get(s.kind, str)
+            parse = {"float": float, "int": int}.get(s.value_type, str)
             metavar = "{" + ",".join(s.choices) + "}" if s.choices else None
-            g.add_argument(s.flag_name, type=kind, default=None, metavar=metavar, help=f"{s.help} (default: {default})")
+            g.add_argument(s.flag_name, type=parse, default=None, metavar=metavar, help=f"{s.help} (default: {default})")
 
 
 def config_from_args(a, sources: dict | None = None):
     """SFDConfig from the flags given, over the preset's defaults (one source with the sweep);
     ``sources``, when given, receives for each setting the layer that set it (--print-config)."""
-    from dataclasses import fields
-
-    from .config import DEFAULT_LAYER, SETTINGS, SFDConfig, layered_config, preset_layers
-
-    given = {f.name: getattr(a, f.name) for f in fields(SFDConfig) if getattr(a, f.name, None) is not None}
+    given = {n: getattr(a, n) for n in SETTINGS if getattr(a, n, None) is not None}
     preset = given.get("preset", "digits")
     given = get_task(preset).settings_from_flags(given)
 
@@ -217,8 +212,6 @@ def config_from_args(a, sources: dict | None = None):
 def print_config(cfg, sources: dict) -> int:
     """`sfd forget --print-config`: the settings as the run would use them (validated), each with
     the layer that set it; nothing runs."""
-    from .config import DEFAULT_LAYER, format_config, space_label
-
     before = cfg.to_dict()
     cfg.validate(get_preset(cfg.preset))
     for k, v in cfg.to_dict().items():       # e.g. a text preset's --forget becomes forget_concepts

@@ -13,6 +13,8 @@ import numbers
 import typing
 from dataclasses import dataclass, field, fields
 
+import yaml
+
 from .presets import get_preset
 from .tasks import get_task
 
@@ -276,7 +278,7 @@ class SFDConfig:
         d = dict(d)
         for name, s in SETTINGS.items():
             v = d.get(name)
-            if s.kind == "float" and isinstance(v, int) and not isinstance(v, bool):
+            if s.value_type == "float" and isinstance(v, int) and not isinstance(v, bool):
                 d[name] = float(v)
         cfg = cls(**d)
         check_types(cfg)
@@ -292,11 +294,11 @@ def _flag(name: str) -> str:
 
 @dataclass(frozen=True)
 class Setting:
-    """What SFDConfig declares about one setting (see :func:`setting`), with its type as a ``kind``:
+    """What SFDConfig declares about one setting (see :func:`setting`), with its type as ``value_type``:
     'float', 'int', 'bool', 'str', 'path' (str or None), 'ints' (list[int]), 'strs' (list[str]) or
     'mapping' (dict[str, list[str]])."""
     name: str
-    kind: str
+    value_type: str
     default: object
     help: str
     group: str
@@ -322,7 +324,7 @@ class Setting:
                 raise ValueError(f"{_flag(self.name)} {v!r} is out of range — give {fix}")
 
 
-_KINDS = {float: "float", int: "int", bool: "bool", str: "str", str | None: "path", list[int]: "ints",
+_VALUE_TYPES = {float: "float", int: "int", bool: "bool", str: "str", str | None: "path", list[int]: "ints",
           list[str]: "strs", dict[str, list[str]]: "mapping"}
 
 
@@ -332,14 +334,14 @@ def _declared_settings() -> dict[str, Setting]:
     for f in fields(SFDConfig):
         if "group" not in f.metadata:
             raise TypeError(f"SFDConfig.{f.name} is not declared with setting(...)")
-        kind = _KINDS.get(hints[f.name])
-        if kind is None:
-            raise TypeError(f"SFDConfig.{f.name}: type {hints[f.name]} has no kind; known: {list(_KINDS.values())}")
+        value_type = _VALUE_TYPES.get(hints[f.name])
+        if value_type is None:
+            raise TypeError(f"SFDConfig.{f.name}: type {hints[f.name]} is not one of {list(_VALUE_TYPES)}")
         m = f.metadata
-        if m["range"] is not None and kind not in ("float", "int"):
-            raise TypeError(f"SFDConfig.{f.name}: a range needs a number, not {kind}")
+        if m["range"] is not None and value_type not in ("float", "int"):
+            raise TypeError(f"SFDConfig.{f.name}: a range needs a number, not {value_type}")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out[f.name] = Setting(f.name, kind, default, m["help"], m["group"], m["range"], m["choices"],
+        out[f.name] = Setting(f.name, value_type, default, m["help"], m["group"], m["range"], m["choices"],
                               m["searchable"], m["flag"])
     return out
 
@@ -354,35 +356,35 @@ def check_types(cfg: "SFDConfig") -> None:
         return ValueError(f"{name} {v!r} ({type(v).__name__}) must be {want} — fix the value of {name}")
     for name, s in SETTINGS.items():
         v = getattr(cfg, name)
-        if s.kind == "float":
+        if s.value_type == "float":
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise bad(name, v, "a number")
             setattr(cfg, name, float(v))
-        elif s.kind == "int":
+        elif s.value_type == "int":
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise bad(name, v, "a whole number (an int)")
             setattr(cfg, name, int(v))
-        elif s.kind == "str":
+        elif s.value_type == "str":
             if not isinstance(v, str):
                 raise bad(name, v, "a string")
-        elif s.kind == "path":
+        elif s.value_type == "path":
             if v is not None and not isinstance(v, str):
                 raise bad(name, v, "a path (a string) or null")
             if isinstance(v, str) and not v.strip():
                 raise ValueError(f"{name}: empty path — give a file or folder, or leave it out")
-        elif s.kind == "bool":
+        elif s.value_type == "bool":
             if not isinstance(v, bool):
                 raise bad(name, v, "true or false")
-        elif s.kind == "strs":
+        elif s.value_type == "strs":
             if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
                 raise bad(name, v, "a list of strings")
             setattr(cfg, name, list(v))
-        elif s.kind == "mapping":
+        elif s.value_type == "mapping":
             if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(vs, (list, tuple))
                                                   and all(isinstance(t, str) for t in vs) for k, vs in v.items()):
                 raise bad(name, v, "a mapping of concept -> list of synonym strings")
             setattr(cfg, name, {k: list(vs) for k, vs in v.items()})
-        elif s.kind == "ints":
+        elif s.value_type == "ints":
             if not isinstance(v, (list, tuple)):
                 raise bad(name, v, "a list of class ids")
             for c in v:
@@ -423,7 +425,6 @@ def spaces_dir():
 
 def preset_block(preset: str, block: str = "defaults") -> dict | None:
     """A settings block of ``search_spaces/<preset>.yaml`` (None where the file or block is absent)."""
-    import yaml
     path = spaces_dir() / f"{preset}.yaml"
     if not path.is_file():
         return None
@@ -514,7 +515,6 @@ def format_config(cfg: SFDConfig, sources: dict, *, skip_default: bool = False, 
     """YAML lines ``setting: value  # layer``, one section per topic group (a file of them, comments
     and all, is valid YAML). ``skip_default``: leave out the settings still at SFDConfig's default;
     ``skip``: these settings."""
-    import yaml
     values, lines = cfg.to_dict(), []
     for key, title in GROUPS.items():
         rows = [(n, f"{n}: " + yaml.safe_dump(values[n], default_flow_style=True, width=10**9).removesuffix(

@@ -7,6 +7,7 @@ import re
 import pytest
 import yaml
 
+import sfd.cli as cli
 import sfd.config as config
 from orchestration.space import load_space, space_path
 from sfd.cli import build_parser, config_from_args, main
@@ -121,6 +122,7 @@ def test_print_config_detects_a_swapped_layer_order(capsys, monkeypatch):
         return [layers[1], layers[0], *layers[2:]]
 
     monkeypatch.setattr(config, "preset_layers", swapped)
+    monkeypatch.setattr(cli, "preset_layers", swapped)             # the CLI's own name for it
     assert main(ARGS) == 0
     printed = _printed(capsys.readouterr().out)
     assert printed["lr_fake"] == (5e-4, "search_spaces/digits.yaml defaults")
