@@ -12,6 +12,7 @@ from sfd.config import (DEFAULT_LAYER, SETTINGS, SFDConfig, format_config, layer
 SPACE_DIR = spaces_dir()
 TRIAL_KEYS = {"budget_kimg", "max_seconds", "eval_every_kimg", "checkpoint_every_kimg", "eval_forget_samples", "eval_at_start",
               "eval_remain_per_class"}
+OPTUNA_LAYER = "Optuna"           # the layer of a trial's searched values
 TYPES = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "int": ("low", "high"), "choice": ("values",)}
 
 
@@ -209,7 +210,7 @@ def trial_layers(space: SearchSpace, target, overrides: dict, params: dict, flag
     """The named layers of a sweep trial's configuration, in order (a later one wins): the space's
     baseline layers for the target's override policy, the values Optuna drew, the sweep's flags, the
     target itself. PerTargetSearch builds every trial from them; --dry-run names them."""
-    return [*space.baseline_layers(target.override), ("Optuna", params), (flag_label, overrides),
+    return [*space.baseline_layers(target.override), (OPTUNA_LAYER, params), (flag_label, overrides),
             (f"target {target.name}", target.config_overrides())]
 
 
@@ -222,7 +223,7 @@ def describe_baselines(targets, spaces: dict, overrides: dict, flag_label="the s
         space = spaces[t.preset]
         layers = trial_layers(space, t, overrides, space.baseline_point(t.override), flag_label)
         cfg = layered_config(layers)[0]
-        sources = layer_sources([layer for layer in layers if layer[0] != "Optuna"])
+        sources = layer_sources([layer for layer in layers if layer[0] != OPTUNA_LAYER])
         for k, p in space.params.items():
             where = p["values"] if p["type"] == "choice" else f"[{p['low']}, {p['high']}]"
             sources[k] += f"; Optuna searches it: search.{k} {p['type']} {where}"

@@ -325,7 +325,7 @@ class Setting:
 
 
 _VALUE_TYPES = {float: "float", int: "int", bool: "bool", str: "str", str | None: "path", list[int]: "ints",
-          list[str]: "strs", dict[str, list[str]]: "mapping"}
+                list[str]: "strs", dict[str, list[str]]: "mapping"}
 
 
 def _declared_settings() -> dict[str, Setting]:
