@@ -287,6 +287,10 @@ def _run_teacher(generator_file: Path, info: dict, cfg: dict):
     from .denoisers import load_teacher
     from .presets import get_preset
     name = cfg.get("preset") or info.get("preset")
+    if not name:
+        raise CheckpointError(f"{generator_file} has no run.json beside it and names no preset, so the teacher whose "
+                              f"text encoder and tokenizer it needs is unknown — keep generator.safetensors in its "
+                              f"run folder, or give a folder written by `sfd export`")
     try:
         preset = get_preset(str(name))
     except ValueError as e:
