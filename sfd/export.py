@@ -242,7 +242,9 @@ def load_one_step(folder, device="cpu") -> SFDTextPipeline:
         raise CheckpointError(f"{folder} holds a {name or 'unnamed'} pipeline, not a text-to-image one "
                               f"({' or '.join(TEXT_PIPELINES)})")
     from diffusers.utils import logging as diffusers_logging
-    diffusers_logging.disable_progress_bar()         # no per-load progress bar inside sfd's own output
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.disable_progress_bar()         # no per-load progress bars inside sfd's own output
+    transformers_logging.disable_progress_bar()
     pipe = TEXT_PIPELINES[name].from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
     return pipe.to(device)
 
