@@ -289,7 +289,9 @@ def cmd_export(a) -> int:
     import shutil
     from pathlib import Path
 
-    from .export import export_class_run, load_class_pipeline
+    from .export import (PromptWarning, export_class_run, export_text_run, is_text_generator, load_class_pipeline,
+                         load_one_step)
+    from .io import read_json
 
     run, out = Path(a.run), Path(a.out)
     if run.is_file() and run.suffix == ".safetensors":
@@ -314,6 +316,18 @@ def cmd_export(a) -> int:
     if not gen.is_file():
         raise UsageError(f"--run {run} holds no generator.safetensors — give the folder of a finished `sfd forget` "
                          f"run (or its generator.safetensors)")
+    if is_text_generator(gen):                       # colordigits: the UNet + its teacher's text encoder, tokenizer
+        import warnings
+        export_text_run(gen, out)
+        pipe = load_one_step(out)                    # what the user will do: it must load and sample
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PromptWarning)
+            pipe(prompt="", output_type="pt")
+        print(f"{gen} -> {out} (SFDTextPipeline: unet/ + text_encoder/, tokenizer/ of {read_json(out / 'sfd.json')['teacher']}; "
+              f"any text, one network evaluation per image, sigma_init {pipe.config.sigma_init:.4g}; safetensors)\n"
+              f"  from sfd.export import SFDTextPipeline\n"
+              f"  images = SFDTextPipeline.from_pretrained({str(out)!r})(prompt=\"your text\").images")
+        return 0
     export_class_run(gen, out)
     pipe = load_class_pipeline(out)                 # what the user will do: it must load and sample
     pipe(class_labels=[0], output_type="pt")
@@ -346,25 +360,25 @@ def cmd_sample(a) -> int:
     if Path(a.out).is_dir():
         raise UsageError(f"--out {a.out} is a folder — give a .png or .safetensors file path")
     device = pick_device(a.device)
-    if Path(a.generator).is_dir():                    # an exported Stable Diffusion pipeline (sfd.export)
-        return _sample_pipeline(a, device)
-    meta = read_metadata(a.generator)
+    from .export import is_text_generator
+    if is_text_generator(a.generator):                # prompts in: colordigits runs, exported text / SD pipelines
+        return _sample_text(a, device)
+    if a.prompt:
+        raise UsageError(f"--prompt is for text-to-image generators; {a.generator} is class-conditional — use "
+                         f"--classes")
+    path = Path(a.generator)
+    if path.is_dir():
+        if not (path / "generator.safetensors").is_file():
+            raise UsageError(f"--generator {path} holds no generator.safetensors — give the folder of a finished "
+                             f"`sfd forget` run, its generator.safetensors, or a text pipeline written by `sfd export`")
+        path = path / "generator.safetensors"
+    meta = read_metadata(path)
     info = meta.get("generator")
     if not info:
-        raise ValueError(f"{a.generator} is not an sfd one-step generator (no 'generator' metadata) — "
+        raise ValueError(f"{path} is not an sfd one-step generator (no 'generator' metadata) — "
                          f"use the generator.safetensors of an `sfd forget` run")
-    gen = load_denoiser(a.generator, device).eval()
-    table = getattr(gen, "prompts", None)
-    if table:                                          # text-to-image: ids into the run's prompt table
-        wanted = a.prompt or [p for p in table if p][:5]
-        missing = [p for p in wanted if p not in table]
-        if missing:
-            raise UsageError(f"--prompt {missing[0]!r} is not in this generator's prompt table (it samples the prompts "
-                             f"of its run, e.g. {', '.join(repr(p) for p in table[1:4])})")
-        classes = [table.index(p) for p in wanted]
-    elif a.prompt:
-        raise UsageError("--prompt is for text-to-image generators; this one is class-conditional — use --classes")
-    elif a.classes is not None:
+    gen = load_denoiser(path, device).eval()
+    if a.classes is not None:
         names = info.get("preset")
         from .presets import PRESETS
         p = PRESETS.get(names)
@@ -376,7 +390,7 @@ def cmd_sample(a) -> int:
                 raise UsageError(f"--classes {a.classes!r}: give class ids 0..{gen.num_classes - 1}")
     else:
         classes = list(range(gen.num_classes))
-    for c in ([] if table else classes):
+    for c in classes:
         if not 0 <= c < gen.num_classes:
             raise ValueError(f"class {c} is not in 0..{gen.num_classes - 1} — give --classes within that range")
     labels = torch.tensor(classes).repeat_interleave(a.n)
@@ -393,19 +407,27 @@ def cmd_sample(a) -> int:
     return 0
 
 
-def _sample_pipeline(a, device) -> int:
+def _sample_text(a, device) -> int:
+    """Free text through the generator's text encoder: an exported pipeline, or a run with its teacher's encoder."""
+    import warnings
+
     import torch
 
     from .evaluate.report import save_grid
-    from .export import load_one_step
+    from .export import PromptWarning, load_text_generator, prompt_notes
     from .io import save_tensors
-    if not a.prompt:
-        raise UsageError(f"--generator {a.generator} is a text-to-image pipeline — give at least one --prompt \"...\"")
     if a.classes is not None:
-        raise UsageError("--classes is for class-conditional generators; this one takes --prompt")
-    pipe = load_one_step(a.generator, device)
+        raise UsageError(f"--classes {a.classes}: --generator {a.generator} is text-conditioned; give --prompt "
+                         f"\"...\" instead (repeat it for more rows, e.g. --prompt 'a red seven' --prompt 'a blue one')")
+    if not a.prompt:
+        raise UsageError(f"--generator {a.generator} is a text-to-image generator — give at least one --prompt \"...\"")
+    pipe = load_text_generator(a.generator, device)
+    for note in prompt_notes(pipe.tokenizer, a.prompt):          # what the text encoder will not read
+        print(f"note: {note}", file=sys.stderr)
     g = torch.Generator().manual_seed(a.seed)
-    x = pipe(a.prompt, num_images_per_prompt=a.n, generator=g, output_type="pt").images * 2 - 1
+    with warnings.catch_warnings():                              # already printed above
+        warnings.simplefilter("ignore", PromptWarning)
+        x = pipe(a.prompt, num_images_per_prompt=a.n, generator=g, output_type="pt").images * 2 - 1
     if a.out.endswith(".safetensors"):
         save_tensors(a.out, {"images": x.cpu()}, {"prompts": [p for p in a.prompt for _ in range(a.n)]})
     else:
@@ -638,21 +660,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distil)
 
     p = sub.add_parser("sample", help="sample a one-step generator into a PNG grid or safetensors",
-                       description="Draw --n samples per class from an exported one-step generator "
-                                   "(generator.safetensors of an `sfd forget` run): one row per class in a PNG, "
-                                   "or images + labels in a .safetensors file. A Stable Diffusion run exports a "
-                                   "diffusers pipeline folder (RUN/pipeline); give it as --generator with any "
-                                   "--prompt: one row per prompt, one UNet evaluation per image.",
-                       epilog="examples: sfd sample --generator runs/f0/generator.safetensors --out grid.png | "
-                              "sfd sample --generator runs/brad-pitt/pipeline --prompt 'a photo of brad pitt' "
-                              "--prompt 'a dog on a beach' --n 4 --out pitt.png")
+                       description="Draw --n samples per class from a class-conditional one-step generator (an `sfd "
+                                   "forget` run folder or its generator.safetensors): one row per class in a PNG, "
+                                   "or images + labels in a .safetensors file. A text-to-image generator (a "
+                                   "colordigits run, a folder written by `sfd export`, a Stable Diffusion run's "
+                                   "pipeline/) takes any --prompt instead, encoded by its text encoder: one row per "
+                                   "prompt, one UNet evaluation per image; words its tokenizer does not know are "
+                                   "reported.",
+                       epilog="examples: sfd sample --generator runs/f0 --out grid.png | "
+                              "sfd sample --generator runs/seven --prompt 'red seven' --prompt 'seven in red ink' "
+                              "--out seven.png | sfd sample --generator runs/brad-pitt/pipeline --prompt 'a photo of "
+                              "brad pitt' --prompt 'a dog on a beach' --n 4 --out pitt.png")
     p.add_argument("--generator", required=True,
-                   help="generator.safetensors, or the pipeline/ folder of an `sfd forget --preset sd` run")
-    p.add_argument("--classes", help="comma-separated class ids (default: all)")
+                   help="an `sfd forget` run folder or its generator.safetensors, a folder written by `sfd export`, "
+                        "or the pipeline/ folder of an `sfd forget --preset sd` run")
+    p.add_argument("--classes", help="class-conditional generators: comma-separated class ids (default: all)")
     p.add_argument("--prompt", action="append", default=None,
-                   help="text-to-image generators: colordigits, a prompt of the run's prompt table; sd pipelines, "
-                        "any prompt (required); one row each; repeat the flag (colordigits default: the first 5 "
-                        "prompts)")
+                   help="text-to-image generators (required): any text, encoded by the generator's text encoder (case "
+                        "as its tokenizer normalises it); one row each; repeat the flag")
     p.add_argument("--n", type=int, default=10, help="samples per class (default: 10)")
     p.add_argument("--out", required=True, help="output .png (grid) or .safetensors (tensors)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
@@ -668,8 +693,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ModelMixin: config.json = the sfd architecture description and sigma_init, "
                                    "diffusion_pytorch_model.safetensors). Call options: num_images_per_label, "
                                    "generator (a torch.Generator), latents (N, C, H, W noise), output_type "
-                                   "'pil' | 'np' | 'pt' (images in [0, 1]) | 'raw' ([-1, 1]). A Stable Diffusion run "
-                                   "already wrote RUN/pipeline (SFDOneStepPipeline, text prompts); it is copied.",
+                                   "'pil' | 'np' | 'pt' (images in [0, 1]) | 'raw' ([-1, 1]).\n\n"
+                                   "A text-to-image run (colordigits) exports an SFDTextPipeline that takes any text:\n\n"
+                                   "  from sfd.export import SFDTextPipeline\n"
+                                   "  images = SFDTextPipeline.from_pretrained(OUT)(prompt=\"red seven\").images\n\n"
+                                   "OUT holds model_index.json (sigma_init), the generator's unet/, the run teacher's "
+                                   "text_encoder/ and tokenizer/, scheduler/ and sfd.json (diffusers layout, "
+                                   "safetensors). Call options: num_images_per_prompt, generator, latents, output_type "
+                                   "as above, strict=True (raise on words the tokenizer does not know instead of "
+                                   "warning). A Stable Diffusion run already "
+                                   "wrote RUN/pipeline (SFDOneStepPipeline, text prompts); it is copied.",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example: sfd export --run runs/forget0 --out exported/forget0")
     p.add_argument("--run", required=True, help="run folder of `sfd forget` (or its generator.safetensors)")

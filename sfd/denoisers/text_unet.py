@@ -157,7 +157,15 @@ class TextUNetDenoiser(DiscreteVP):
     def forward(self, x, sigma, cond):
         if len(self.prompts) == 0:
             raise RuntimeError("no prompt table: call set_prompts([...]) before using the denoiser")
-        return self.forward_embeds(x, sigma, self.prompt_embeds[cond.long().reshape(-1)])
+        ids = torch.as_tensor(cond).long().reshape(-1)
+        n = len(self.prompts)
+        # indexing would raise a bare IndexError past the end and wrap a negative id round to the last prompt
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            bad = ids[(ids < 0) | (ids >= n)][0].item()
+            raise ValueError(f"prompt id {bad} is not in this generator's prompt table (ids 0..{n - 1}) — give an id "
+                             f"in that range, or sample it by text (`sfd sample --prompt \"...\"`, "
+                             f"SFDTextPipeline(prompt=...))")
+        return self.forward_embeds(x, sigma, self.prompt_embeds[ids.to(self.prompt_embeds.device)])
 
     def forward_embeds(self, x, sigma, emb):
         """D(x, sigma) under text embeddings ``emb`` (B, L, D): used to train the teacher with its encoder."""
