@@ -23,6 +23,8 @@ from pathlib import Path
 if __package__ in (None, ""):           # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from orchestration.lifecycle import SWEEP_FILE  # noqa: E402
+
 
 PROG = "sweep.py"
 
@@ -381,7 +383,6 @@ def apply_budget(a, spaces=None) -> None:
         a.trials_per_target = 3 * base if a.budget == "long" else base
 
 
-SWEEP_FILE = "sweep.json"
 # what marks a folder as holding a sweep (anything else in --out is left alone)
 SWEEP_MARKERS = (SWEEP_FILE, "trials.parquet", "summary.parquet", "trials", "optuna.db", "mlflow.db", "ray")
 
@@ -443,11 +444,6 @@ def claim_out(a, targets, dry_run: bool = False) -> dict:
         raise SweepError(f"--resume: the sweep in {out} was planned differently ({'; '.join(changed)}) — resume it "
                          f"with its own --targets/--trials-per-target/--seed/--trial-runner, or choose another --out")
     return rec
-
-
-def write_record(out: Path, rec: dict) -> None:
-    from sfd.io import write_json
-    write_json(out / SWEEP_FILE, rec)
 
 
 def main(argv=None) -> int:
@@ -551,30 +547,90 @@ def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Pat
     return dest
 
 
-class Interrupted(Exception):
-    """SIGINT / SIGTERM outside Ray Tune's loop (or a second one inside it)."""
+def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
+    """plan -> services (signals, MLflow, the record, Ray) -> Tuner(...).fit() -> results."""
+    from orchestration import cluster as clu          # [cluster] storage, reference samples, placement
+    from orchestration.lifecycle import Interrupted, Outcome, SignalGuard, ray_session, sweep_record
+    from sfd.io import CheckpointError
+    from orchestration.tracking import MLflowSweep, sweep_tracking
+
+    plan = SweepPlan.make(a, targets, record)
+    outcome, tracker, rows, df = Outcome(), None, [], None
+    try:
+        with SignalGuard() as signals, \
+                sweep_tracking(MLflowSweep(plan.mlflow_uri, a.experiment, plan.artifact_root), outcome,
+                               *parent_run(a, targets, overrides, record), resume_id=plan.resume_id) as tracker, \
+                sweep_record(plan.out, record, outcome, parent_run_id=tracker.parent_id, mlflow_uri=plan.mlflow_uri,
+                             experiment=a.experiment, storage=plan.storage, tune_name=plan.tune_name), \
+                ray_session(a, clu.runtime_env(plan.storage, local=not a.address), signals) as ray:
+            max_conc = announce(a, plan, targets, ray.cluster_resources().get("CPU", 1))
+            clu.make_references(a, spaces, overrides, plan.storage, log=lambda m: print(m, flush=True))
+            for name, space in spaces.items():
+                path = shared_stage1(a, name, space, overrides, plan.out)
+                # every trial's stage 2 starts from it (or, without one, from copies of the teacher)
+                space.defaults = {**space.defaults, "init_from": str(path) if path else "none"}
+            tuner, callback, stopper = make_tuner(a, plan, targets, spaces, overrides, tracker, max_conc)
+            with signals.tune_loop():
+                grid = tuner.fit()
+            rows, df = tabulate(a, plan, grid, targets, callback, stopper, signals, tracker)
+            outcome.status = "interrupted" if signals.caught else "finished"
+    except Interrupted:
+        pass
+    except (ValueError, CheckpointError) as e:           # a user mistake found late (e.g. stage 1)
+        return _error(str(e))
+    except OSError as e:                                 # a path that cannot be written
+        return _error(f"{type(e).__name__}: {e} — check --out ({plan.out}) and --storage ({plan.storage})")
+    return report(a, plan, targets, rows, df, signals.signum, tracker)
 
 
-def install_signal_handlers(state: dict):
-    """SIGINT and SIGTERM end the sweep cleanly. Inside Tune's loop the first one asks Tune to stop
-    (SIGUSR1, Tune's own graceful stop: it saves the experiment state, then stops the trials);
-    elsewhere, or on a second signal, :class:`Interrupted` unwinds the driver through its
-    clean-up. ``state["signal"]`` records which signal it was (exit code 128 + signum)."""
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"        # one handler for both signals: this one
+class SweepPlan:
+    """Where this sweep keeps what: its folder (a sweep moved aside by --overwrite goes first), the
+    storage, the tracking store and the Tune experiment. A resumed sweep keeps its own storage and
+    tracking server unless given new ones."""
 
-    def handler(signum, frame):
-        first = "signal" not in state
-        state.setdefault("signal", signum)
-        name = signal.Signals(signum).name
-        if first and state.get("in_tune"):
-            print(f"\n[sweep] {name}: stopping the sweep (running trials are cut off; finished ones are kept; "
-                  f"continue with --resume)", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGUSR1)
-            return
-        raise Interrupted(name)
+    def __init__(self, a, targets, record: dict):
+        self.out = Path(a.out).resolve()
+        self.resuming = record.get("status") not in (None, "new")
+        self.storage = a.storage or (record.get("storage") if self.resuming else None) or str(self.out / "ray")
+        self.mlflow_uri = a.mlflow_uri or record.get("mlflow_uri") or f"sqlite:///{self.out / 'mlflow.db'}"
+        self.artifact_root = None if a.mlflow_uri else (self.out / "mlartifacts").as_uri()
+        self.resume_id = record.get("parent_run_id") if self.resuming else None
+        self.tune_name = record.get("tune_name") or f"tune-{record['sweep_id']}"
+        self.exp_path = f"{self.storage.rstrip('/')}/{self.tune_name}"
+        self.n_trials = len(targets) * a.trials_per_target
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
+    @classmethod
+    def make(cls, a, targets, record: dict) -> "SweepPlan":
+        """The plan, with --out ready: the sweep it held moved aside (--overwrite), the folder made."""
+        plan = cls(a, targets, record)
+        aside = record.pop("_move_aside", None)
+        if aside:
+            os.replace(plan.out, aside)
+        plan.out.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        return plan
+
+
+def parent_run(a, targets, overrides, record) -> tuple[str, dict, dict]:
+    """The sweep's MLflow run: its name, params and tags."""
+    params = {"targets": " ".join([*(a.targets or []), *([f"--targets-file={a.targets_file}"] if a.targets_file else [])]),
+              "trials_per_target": a.trials_per_target, "workers_per_trial": a.workers_per_trial,
+              "ua_threshold": a.ua_threshold, "max_failures": a.max_failures,
+              **{f"override_{k}": v for k, v in overrides.items()}}
+    tags = {"preset": ",".join(sorted({t.preset for t in targets})), "sweep_id": record["sweep_id"]}
+    return f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", params, tags
+
+
+def announce(a, plan: SweepPlan, targets, cpus: float) -> int:
+    """Print what runs where; returns the trials run at once."""
+    per_trial = a.workers_per_trial * a.cpus_per_worker
+    max_conc = a.max_concurrent or max(1, int(cpus // max(per_trial, 1e-9)))
+    print(f"[sweep] {len(targets)} targets x {a.trials_per_target} trials = {plan.n_trials} trials, up to {max_conc} "
+          f"at once ({a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU, {a.gpus_per_worker} GPU per "
+          f"trial, {'in the Tune trial' if a.trial_runner == 'tune' else 'on Ray Train'}); MLflow: {plan.mlflow_uri}",
+          flush=True)
+    return max_conc
 
 
 def _rebind_restored(tuner, scheduler, callbacks) -> None:
@@ -587,161 +643,94 @@ def _rebind_restored(tuner, scheduler, callbacks) -> None:
     inner._run_config.callbacks = list(callbacks)
 
 
-def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
-    import ray
+def make_tuner(a, plan: SweepPlan, targets, spaces, overrides, tracker, max_conc: int):
+    """The Tuner: one Optuna study per target (PerTargetSearch), the hopeless-trial stopper, the
+    MLflow callback; restored from the interrupted experiment when resuming. Returns it with the
+    callback and the stopper (what happened to each trial)."""
     from ray import tune
 
-    from orchestration.results import summarise, trial_rows
+    from orchestration import cluster as clu
     from orchestration.search import PerTargetSearch
-    from orchestration.tracking import MLflowSweep, MLflowTuneCallback
+    from orchestration.tracking import MLflowTuneCallback
     from orchestration.trial import run_trial, trial_resources
 
-    out = Path(a.out).resolve()
-    aside = record.pop("_move_aside", None)
-    if aside:
-        os.replace(out, aside)
-    out.mkdir(parents=True, exist_ok=True)
-    resuming = record.get("status") not in (None, "new")
-    # a resumed sweep keeps its own storage and tracking server unless given new ones
-    storage = a.storage or (record.get("storage") if resuming else None) or str(out / "ray")
-    uri = a.mlflow_uri or record.get("mlflow_uri") or f"sqlite:///{out / 'mlflow.db'}"
-    state: dict = {}
-    install_signal_handlers(state)
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    searcher = PerTargetSearch(targets, spaces, a.trials_per_target, overrides, seed=a.seed,
+                               ua_threshold=a.ua_threshold, storage=f"sqlite:///{plan.out / 'optuna.db'}")
+    stopper = HopelessTrialStopper(a.stop_ua_kimg, a.stop_ua_min)
+    progress = Progress(targets, a.trials_per_target, a.ua_threshold)
+    callback = clu.storage_callback(MLflowTuneCallback, plan.storage)(   # [cluster] fetches remote trial outputs first
+        tracker, {t.name: t for t in targets}, plan.out, on_event=progress, stopped=stopper.stopped)
+    scheduler = make_scheduler(stopper)
+    sweep_cfg = {"out": str(plan.out), "storage": plan.storage, "workers_per_trial": a.workers_per_trial,
+                 "cpus_per_worker": a.cpus_per_worker, "gpus_per_worker": a.gpus_per_worker,
+                 "max_failures": a.max_failures, "trial_runner": a.trial_runner,
+                 **clu.trial_config(a, plan.storage, plan.out)}      # [cluster]
+    # --trial-runner train: the trial function only drives its Ray Train job, whose workers hold the
+    # resources; tune: the trial's own process trains and holds them
+    trainable = tune.with_resources(run_trial, tune.PlacementGroupFactory(
+        [trial_resources(a.trial_runner, a.cpus_per_worker, a.gpus_per_worker)]))
+    if plan.resuming and tune.Tuner.can_restore(plan.exp_path):
+        print(f"[sweep] --resume: restoring the Tune experiment {plan.exp_path}", flush=True)
+        # unfinished trials continue (each from its Ray Train checkpoint); failed ones stay failed
+        tuner = tune.Tuner.restore(plan.exp_path, trainable=trainable, param_space={"sweep": sweep_cfg},
+                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
+        _rebind_restored(tuner, scheduler, [callback])
+        return tuner, callback, stopper
+    if plan.resuming and searcher.fail_running():
+        print("[sweep] --resume: no Tune state was saved; the trials it had asked for start again", flush=True)
+    # in the trial's process, Tune itself keeps the two newest checkpoints and retries a failed trial
+    in_tune = a.trial_runner == "tune"
+    tuner = tune.Tuner(
+        trainable, param_space={"sweep": sweep_cfg},
+        # reuse_actors: a finished trial's process runs the next trial, so each trial does not pay a
+        # fresh process and its imports (with --trial-runner tune: torch, sfd and the loop's own)
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.n_trials,
+                                    max_concurrent_trials=max_conc, reuse_actors=True),
+        run_config=tune.RunConfig(name=plan.tune_name, storage_path=plan.storage, callbacks=[callback],
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2) if in_tune else None,
+                                  failure_config=tune.FailureConfig(max_failures=a.max_failures) if in_tune else None,
+                                  verbose=0),
+    )
+    return tuner, callback, stopper
 
-    # the sweep's MLflow run first, so that every later failure (Ray, storage, stage 1) ends it
-    tracker = MLflowSweep(uri, a.experiment, artifact_root=None if a.mlflow_uri else (out / "mlartifacts").as_uri())
-    parent = tracker.start_parent(f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", {
-        "targets": " ".join([*(a.targets or []), *([f"--targets-file={a.targets_file}"] if a.targets_file else [])]),
-        "trials_per_target": a.trials_per_target,
-        "workers_per_trial": a.workers_per_trial, "ua_threshold": a.ua_threshold,
-        "max_failures": a.max_failures, **{f"override_{k}": v for k, v in overrides.items()}},
-        {"preset": ",".join(sorted({t.preset for t in targets})), "sweep_id": record["sweep_id"]},
-        resume_id=record.get("parent_run_id") if resuming else None)
-    if resuming:
-        # trials of the interrupted sweep left RUNNING (a killed driver): cut off; resumed ones reopen
-        for run_id in tracker.end_open_runs():
-            print(f"[sweep] --resume: MLflow run {run_id} of the interrupted sweep marked KILLED", flush=True)
-    record.update(parent_run_id=parent, mlflow_uri=uri, experiment=a.experiment, storage=storage,
-                  tune_name=record.get("tune_name") or f"tune-{record['sweep_id']}", status="running")
-    write_record(out, record)
-    status, ray_started, df, rows = "failed", False, None, []
-    from orchestration import cluster as clu          # [cluster] storage, reference samples, placement
-    try:
-        runtime_env = clu.runtime_env(storage, local=not a.address)
-        if a.address:
-            ray.init(address=a.address, log_to_driver=a.verbose, runtime_env=runtime_env)
-        else:
-            ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=a.verbose,
-                     logging_level="INFO" if a.verbose else "WARNING", runtime_env=runtime_env)
-        ray_started = True
-        install_signal_handlers(state)      # again: ray.init installs its own SIGTERM handler (it aborts)
-        cpus = ray.cluster_resources().get("CPU", 1)
-        per_trial = a.workers_per_trial * a.cpus_per_worker
-        max_conc = a.max_concurrent or max(1, int(cpus // max(per_trial, 1e-9)))
-        n_trials = len(targets) * a.trials_per_target
-        print(f"[sweep] {len(targets)} targets x {a.trials_per_target} trials = {n_trials} trials, up to {max_conc} "
-              f"at once ({a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU, {a.gpus_per_worker} GPU per "
-              f"trial, {'in the Tune trial' if a.trial_runner == 'tune' else 'on Ray Train'}); MLflow: {uri}", flush=True)
 
-        clu.make_references(a, spaces, overrides, storage, log=lambda m: print(m, flush=True))  # [cluster] Ray tasks
-        for name, space in spaces.items():
-            path = shared_stage1(a, name, space, overrides, out)
-            # every trial's stage 2 starts from it (or, without one, from copies of the teacher)
-            space.defaults = {**space.defaults, "init_from": str(path) if path else "none"}
+def tabulate(a, plan: SweepPlan, grid, targets, callback, stopper, signals, tracker):
+    """Tune's results -> the trial table, the per-target summary (and its MLflow runs), the parent
+    run's figures. An interrupted sweep writes its tables at once (no fresh re-evaluation; --resume
+    does it). Returns the trial rows and the summary."""
+    from orchestration import cluster as clu
+    from orchestration.results import summarise, trial_rows
+    from orchestration.tracking import log_sweep_summary
 
-        searcher = PerTargetSearch(targets, spaces, a.trials_per_target, overrides, seed=a.seed,
-                                   ua_threshold=a.ua_threshold, storage=f"sqlite:///{out / 'optuna.db'}")
-        stopper = HopelessTrialStopper(a.stop_ua_kimg, a.stop_ua_min)
-        progress = Progress(targets, a.trials_per_target, a.ua_threshold)
-        callback = clu.storage_callback(MLflowTuneCallback, storage)(   # [cluster] fetches remote trial outputs first
-            tracker, {t.name: t for t in targets}, out, on_event=progress, stopped=stopper.stopped)
-        scheduler = make_scheduler(stopper)
-        sweep_cfg = {"out": str(out), "storage": storage, "workers_per_trial": a.workers_per_trial,
-                     "cpus_per_worker": a.cpus_per_worker, "gpus_per_worker": a.gpus_per_worker,
-                     "max_failures": a.max_failures, "trial_runner": a.trial_runner,
-                     **clu.trial_config(a, storage, out)}      # [cluster]
-        # --trial-runner train: the trial function only drives its Ray Train job, whose workers hold the
-        # resources; tune: the trial's own process trains and holds them
-        trainable = tune.with_resources(run_trial, tune.PlacementGroupFactory(
-            [trial_resources(a.trial_runner, a.cpus_per_worker, a.gpus_per_worker)]))
-        # in the trial's process, Tune itself keeps the two newest checkpoints and retries a failed trial
-        in_tune = a.trial_runner == "tune"
-        tune_ckpt = tune.CheckpointConfig(num_to_keep=2) if in_tune else None
-        tune_fail = tune.FailureConfig(max_failures=a.max_failures) if in_tune else None
-        exp_path = f"{storage.rstrip('/')}/{record['tune_name']}"
-        if resuming and tune.Tuner.can_restore(exp_path):
-            print(f"[sweep] --resume: restoring the Tune experiment {exp_path}", flush=True)
-            # unfinished trials continue (each from its Ray Train checkpoint); failed ones stay failed
-            tuner = tune.Tuner.restore(exp_path, trainable=trainable, param_space={"sweep": sweep_cfg},
-                                       resume_unfinished=True, resume_errored=False, restart_errored=False)
-            _rebind_restored(tuner, scheduler, [callback])
-        else:
-            if resuming and searcher.fail_running():
-                print("[sweep] --resume: no Tune state was saved; the trials it had asked for start again", flush=True)
-            tuner = tune.Tuner(
-                trainable, param_space={"sweep": sweep_cfg},
-                # reuse_actors: a finished trial's process runs the next trial, so each trial does not pay a
-                # fresh process and its imports (with --trial-runner tune: torch, sfd and the loop's own)
-                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n_trials,
-                                            max_concurrent_trials=max_conc, reuse_actors=True),
-                run_config=tune.RunConfig(name=record["tune_name"], storage_path=storage, callbacks=[callback],
-                                          checkpoint_config=tune_ckpt, failure_config=tune_fail, verbose=0),
-            )
-        signal.signal(signal.SIGUSR1, lambda *_: None)     # until Tune installs its own stop handler
-        state["in_tune"] = True
-        grid = tuner.fit()
-        interrupted = "signal" in state
-        state["in_tune"] = False
-        notes = dict(stopper.stopped)
-        if interrupted:
-            why = f"cut off by {signal.Signals(state['signal']).name}"
-            notes.update({tid: why for tid in callback.started - set(callback.outcome)})
-        clu.after_fit(a, grid, targets, storage, out)          # [cluster] remote trial outputs -> OUT/trials
-        rows = trial_rows(grid, {t.name: t for t in targets}, out, callback.outcome, callback.errors, notes=notes)
-        # an interrupted sweep writes its tables at once (no fresh re-evaluation; --resume does it)
-        df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio, tracker,
-                       fresh_seed=None if (a.fresh_seed < 0 or interrupted) else a.fresh_seed)
-        clu.publish_tables(a, storage, out)                    # [cluster] results tables -> <storage>/results
-        tracker.log_artifacts(parent, [out / "summary.md", out / "summary.parquet", out / "trials.parquet"])
-        n_best = int((df["best_trial"] != "").sum())
-        tracker.log_metrics(parent, {"targets_with_best": n_best, "trials": len(rows),
-                                     "median_best_fd_ratio": float(df["fd_ratio"].median())})
-        status = "interrupted" if interrupted else "finished"
-    except Interrupted:
-        status = "interrupted"
-    except Exception as e:
-        from sfd.io import CheckpointError
-        status = "failed"
-        if isinstance(e, (ValueError, CheckpointError)):      # a user mistake found late (e.g. stage 1)
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            return 2
-        if isinstance(e, OSError):                            # a path that cannot be written
-            print(f"{PROG}: error: {type(e).__name__}: {e} — check --out ({out}) and --storage ({storage})",
-                  file=sys.stderr)
-            return 2
-        raise
-    finally:
-        # no run is left RUNNING: cut-off trials and their targets KILLED, the sweep's run as it ended
-        try:
-            tracker.end_open_runs("interrupted" if status == "interrupted" else "failed")
-            tracker.finish(parent, status)
-        finally:
-            record["status"] = status
-            write_record(out, record)
-            if ray_started:
-                ray.shutdown()
-    if status == "interrupted":
-        sig = state.get("signal", signal.SIGINT)
+    notes = dict(stopper.stopped)
+    if signals.caught:
+        why = f"cut off by {signal.Signals(signals.signum).name}"
+        notes.update({tid: why for tid in callback.started - set(callback.outcome)})
+    clu.after_fit(a, grid, targets, plan.storage, plan.out)          # [cluster] remote trial outputs -> OUT/trials
+    rows = trial_rows(grid, {t.name: t for t in targets}, plan.out, callback.outcome, callback.errors, notes=notes)
+    df = summarise(rows, targets, plan.out, a.ua_threshold, a.max_override_fd_ratio, tracker,
+                   fresh_seed=None if (a.fresh_seed < 0 or signals.caught) else a.fresh_seed)
+    clu.publish_tables(a, plan.storage, plan.out)                    # [cluster] results tables -> <storage>/results
+    log_sweep_summary(tracker, df, len(rows), plan.out)
+    return rows, df
+
+
+def report(a, plan: SweepPlan, targets, rows, df, signum, tracker) -> int:
+    """What the sweep says at its end, and its exit code: 0 every target ran, 1 a target had no
+    trial start or every trial fail, 128 + signal when interrupted."""
+    out = plan.out
+    if signum is not None:
+        sig = signum or signal.SIGINT
         done = sum(r["status"] in ("finished", "stopped") for r in rows)
-        print(f"[sweep] interrupted by {signal.Signals(sig).name}: {done}/{len(targets) * a.trials_per_target} "
+        print(f"[sweep] interrupted by {signal.Signals(sig).name}: {done}/{plan.n_trials} "
               f"trials finished; tables in {out}; continue with the same command and --resume", file=sys.stderr)
         return 128 + int(sig)
     print()
     print((out / "summary.md").read_text())
     print(f"[sweep] outputs in {out}: trials.parquet, summary.md/.parquet, pareto/*.png, best/*/generator.safetensors")
-    print(f"[sweep] MLflow UI: mlflow ui --backend-store-uri {uri}")
+    print(f"[sweep] MLflow UI: mlflow ui --backend-store-uri {plan.mlflow_uri}")
+    ui = plan.mlflow_uri if plan.mlflow_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    print(f"[sweep] MLflow runs table: {tracker.runs_view_url(ui)}")
     missing = df[(df["best_trial"] == "") & (df["state"] == "done")]["target"].tolist()
     if missing:
         print(f"[sweep] no trial reached UA >= {a.ua_threshold} for: {', '.join(missing)} "

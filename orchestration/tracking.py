@@ -6,6 +6,7 @@ tracking store (a SQLite file in the output folder by default, or `--mlflow-uri`
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -17,11 +18,19 @@ PARENT_TAG = "mlflow.parentRunId"
 # what happened to a run (tag "status") -> its MLflow run status
 MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "no_trial_at_ua_threshold": "FINISHED",
                  "failed": "FAILED", "cut_off": "KILLED", "interrupted": "KILLED", "not_started": "KILLED"}
+# MLflow 3's experiment kinds (the UI's "Machine learning" vs "GenAI apps & agents")
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
-class MLflowSweep:
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+class MLflowStore:
+    """One experiment of a tracking store and what every run of it is written with: params,
+    metrics, artifacts, and an end that says what happened."""
+
     def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
@@ -31,18 +40,108 @@ class MLflowSweep:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
         else:
             self.experiment_id = exp.experiment_id
-        # MLflow 3 opens an experiment of unknown kind on its GenAI overview; this one is model
-        # training, so the UI opens on the runs table
-        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
-        self.logged_checkpoints: dict[str, set[str]] = {}
+        # this experiment is model training, not a GenAI app; MLflow 3's UIs before the workflow switch
+        # (3.1-3.x) read this tag to open the runs table (3.17 reads ?workflowType=: see runs_view_url)
+        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+        items = [Param(k, str(v)[:500]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(run_id, params=items[i:i + 90])
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _finite(v)]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def log_artifacts(self, run_id: str, paths, artifact_path: str | None = None) -> None:
+        for p in paths:
+            p = Path(p)
+            if p.is_file():
+                self.client.log_artifact(run_id, str(p), artifact_path)
+
+    def reopen(self, run_id: str) -> bool:
+        """An ended run RUNNING again (a resumed sweep, target or trial); False if it does not exist."""
+        from mlflow.exceptions import MlflowException
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, "status", "running")
+        return True
+
+    def finish(self, run_id: str, status: str, error: str = "") -> None:
+        """End a run with what happened: tag ``status`` (finished, stopped, failed, cut_off, ...) and
+        the MLflow status that matches it (FINISHED, FAILED, KILLED); a failure's cause as ``error``."""
+        status = status.lower()
+        self.client.set_tag(run_id, "status", status)
+        if error:
+            self.client.set_tag(run_id, "error", error[:5000])
+        self.client.set_terminated(run_id, MLFLOW_STATUS.get(status, "FINISHED"))
+
+
+class CheckpointModels:
+    """Checkpoint folders (safetensors + JSON, never a pickled module) as MLflow 3 logged models of
+    the run that wrote them, each at its step with that step's metrics, so the UI compares
+    checkpoints. Each folder is logged once."""
+
+    def __init__(self, store: MLflowStore):
+        self.store = store
+        self.logged: dict[str, set[str]] = {}         # run id -> checkpoint folder names logged
+
+    def log(self, run_id: str, name: str, ckpt_dir: Path, step: int, metrics: dict) -> str | None:
+        """Returns the model id (None: logged before, not a checkpoint, or vanished while copied)."""
+        import time
+
+        from mlflow.entities import LoggedModelOutput, Metric
+
+        client, ckpt_dir = self.store.client, Path(ckpt_dir)
+        done = self.logged.setdefault(run_id, set())
+        if ckpt_dir.name in done or not (ckpt_dir / "state.safetensors").is_file():
+            return None
+        model = client.create_logged_model(self.store.experiment_id, name=f"{name}-{ckpt_dir.name}",
+                                           source_run_id=run_id, model_type="sfd-checkpoint",
+                                           tags={"format": "safetensors", "step": str(step)})
+        try:
+            client.log_model_artifacts(model.model_id, str(ckpt_dir))
+        except FileNotFoundError as e:
+            # the trial removed the folder while it was copied (a newer checkpoint rotated it out, or it was
+            # deleted by hand): that checkpoint is not tracked, the sweep goes on
+            client.finalize_logged_model(model.model_id, "FAILED")
+            print(f"[sweep] note: checkpoint {ckpt_dir} vanished while MLflow copied it ({e}); not logged",
+                  flush=True)
+            return None
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step, model_id=model.model_id, run_id=run_id)
+                 for k, v in metrics.items() if _finite(v)]
+        if items:
+            client.log_batch(run_id, metrics=items)
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+        client.finalize_logged_model(model.model_id, "READY")
+        done.add(ckpt_dir.name)
+        return model.model_id
+
+
+class MLflowSweep(MLflowStore):
+    """The sweep's runs: one parent run, a nested run per target under it and per trial under its
+    target; a resumed sweep finds and continues its own runs."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
+        super().__init__(uri, experiment, artifact_root)
+        self.checkpoints = CheckpointModels(self)
         self.parent_id: str | None = None
         self.target_runs: dict[str, str] = {}
         self.trial_runs: dict[str, str] = {}
-        self._mlflow = mlflow
 
     def start_parent(self, name: str, params: dict, tags: dict, resume_id: str | None = None) -> str:
         """The sweep's run; ``resume_id``: the interrupted sweep's own run, continued (RUNNING again)."""
-        if resume_id is not None and self._reopen(resume_id):
+        if resume_id is not None and self.reopen(resume_id):
             self.parent_id = resume_id
             for run in self._children(resume_id, "target"):
                 self.target_runs[run.data.tags["target"]] = run.info.run_id
@@ -54,16 +153,6 @@ class MLflowSweep:
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
         return self.parent_id
-
-    def _reopen(self, run_id: str) -> bool:
-        from mlflow.exceptions import MlflowException
-        try:
-            self.client.get_run(run_id)
-        except MlflowException:
-            return False
-        self.client.update_run(run_id, status="RUNNING")
-        self.client.set_tag(run_id, "status", "running")
-        return True
 
     def _children(self, parent: str | None, kind: str) -> list:
         """This sweep's runs of a kind (trials: every trial under any of its target runs)."""
@@ -84,7 +173,7 @@ class MLflowSweep:
             self.log_params(run.info.run_id, {"forget": ",".join(map(str, target.forget)),
                                               "override": target.override, "preset": target.preset})
         elif self.client.get_run(self.target_runs[target.name]).info.status != "RUNNING":
-            self._reopen(self.target_runs[target.name])
+            self.reopen(self.target_runs[target.name])
         return self.target_runs[target.name]
 
     def start_trial(self, trial_id: str, target, baseline: bool, params: dict) -> str:
@@ -92,7 +181,7 @@ class MLflowSweep:
         its own run instead of opening a second one."""
         parent = self.target_run(target)
         if trial_id in self.trial_runs:
-            self._reopen(self.trial_runs[trial_id])
+            self.reopen(self.trial_runs[trial_id])
             return self.trial_runs[trial_id]
         run = self.client.create_run(self.experiment_id, run_name=f"{target.slug}-{trial_id}", tags={
             PARENT_TAG: parent, "kind": "trial", "target": target.name, "preset": target.preset,
@@ -100,6 +189,9 @@ class MLflowSweep:
         self.trial_runs[trial_id] = run.info.run_id
         self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def log_checkpoint(self, run_id: str, name: str, ckpt_dir: Path, step: int, metrics: dict) -> str | None:
+        return self.checkpoints.log(run_id, name, ckpt_dir, step, metrics)
 
     def end_open_runs(self, status: str = "interrupted") -> list[str]:
         """Every run of this sweep still RUNNING (trials cut off, their targets) ends as ``status``
@@ -111,70 +203,85 @@ class MLflowSweep:
                 ended.append(run_id)
         return ended
 
-    def log_params(self, run_id: str, params: dict) -> None:
-        from mlflow.entities import Param
-        items = [Param(k, str(v)[:500]) for k, v in sorted(params.items())]
-        for i in range(0, len(items), 90):
-            self.client.log_batch(run_id, params=items[i:i + 90])
+    def runs_view_url(self, ui: str = "http://127.0.0.1:5000") -> str:
+        """The runs table of this sweep's experiment in the MLflow UI at ``ui``. MLflow 3.17's UI
+        opens an experiment by its *workflow type* (the URL's ``workflowType``, else the browser's
+        last choice, by default ``genai``: the GenAI overview), not by the experiment's tag, so the
+        link names it."""
+        return f"{ui.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
-    def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
-        import time
 
-        from mlflow.entities import Metric
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
-        if items:
-            self.client.log_batch(run_id, metrics=items)
+@contextlib.contextmanager
+def sweep_tracking(tracker: MLflowSweep, outcome, name: str, params: dict, tags: dict, resume_id: str | None):
+    """The sweep's MLflow run from start to end: started (or, resuming, reopened, with the trials the
+    killed driver left RUNNING marked KILLED) before anything else, so that every later failure (Ray,
+    storage, stage 1) ends it; at the end no run of the sweep is left RUNNING."""
+    tracker.start_parent(name, params, tags, resume_id=resume_id)
+    if resume_id is not None:
+        for run_id in tracker.end_open_runs():
+            print(f"[sweep] --resume: MLflow run {run_id} of the interrupted sweep marked KILLED", flush=True)
+    try:
+        yield tracker
+    except BaseException as e:
+        outcome.settle(e)
+        raise
+    finally:
+        # cut-off trials and their targets KILLED, the sweep's run as it ended
+        tracker.end_open_runs("interrupted" if outcome.status == "interrupted" else "failed")
+        tracker.finish(tracker.parent_id, outcome.status)
 
-    def log_artifacts(self, run_id: str, paths, artifact_path: str | None = None) -> None:
-        for p in paths:
-            p = Path(p)
-            if p.is_file():
-                self.client.log_artifact(run_id, str(p), artifact_path)
 
-    def log_checkpoint(self, run_id: str, name: str, ckpt_dir: Path, step: int, metrics: dict) -> str | None:
-        """Track a checkpoint folder (safetensors + JSON, never a pickled module) as an MLflow 3
-        logged model of ``run_id`` at ``step``, with that step's metrics linked to it, so the UI
-        compares checkpoints. Each folder is logged once; returns the model id."""
-        import time
+# what a person compares targets by: the best trial's figures (and the same on fresh samples)
+TABLE_COLUMNS = ("target", "state", "best_trial", "best_is_baseline", "ua", "fd_ratio", "override_fd_ratio",
+                 "remaining_accuracy", "baseline_fd_ratio", "ua_fresh", "fd_ratio_fresh", "override_fd_ratio_fresh",
+                 "baseline_fd_ratio_fresh", "search_improved")
 
-        from mlflow.entities import LoggedModelOutput, Metric
 
-        ckpt_dir = Path(ckpt_dir)
-        done = self.logged_checkpoints.setdefault(run_id, set())
-        if ckpt_dir.name in done or not (ckpt_dir / "state.safetensors").is_file():
-            return None
-        model = self.client.create_logged_model(self.experiment_id, name=f"{name}-{ckpt_dir.name}",
-                                                source_run_id=run_id, model_type="sfd-checkpoint",
-                                                tags={"format": "safetensors", "step": str(step)})
-        try:
-            self.client.log_model_artifacts(model.model_id, str(ckpt_dir))
-        except FileNotFoundError as e:
-            # the trial removed the folder while it was copied (a newer checkpoint rotated it out, or it was
-            # deleted by hand): that checkpoint is not tracked, the sweep goes on
-            self.client.finalize_logged_model(model.model_id, "FAILED")
-            print(f"[sweep] note: checkpoint {ckpt_dir} vanished while MLflow copied it ({e}); not logged",
-                  flush=True)
-            return None
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step, model_id=model.model_id, run_id=run_id) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
-        if items:
-            self.client.log_batch(run_id, metrics=items)
-        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
-        self.client.finalize_logged_model(model.model_id, "READY")
-        done.add(ckpt_dir.name)
-        return model.model_id
+TABLE_FILE = "summary_table.json"
+NOTE_MAX = 8000          # MLflow's longest tag value
 
-    def finish(self, run_id: str, status: str, error: str = "") -> None:
-        """End a run with what happened: tag ``status`` (finished, stopped, failed, cut_off, ...) and
-        the MLflow status that matches it (FINISHED, FAILED, KILLED); a failure's cause as ``error``."""
-        status = status.lower()
-        self.client.set_tag(run_id, "status", status)
-        if error:
-            self.client.set_tag(run_id, "error", error[:5000])
-        self.client.set_terminated(run_id, MLFLOW_STATUS.get(status, "FINISHED"))
+
+def headline(df) -> dict:
+    """The sweep's figures in one row of the runs table: how many targets met the UA threshold (have
+    a best trial), the median and the worst of their FD ratios, the lowest UA; each again on fresh
+    samples where the sweep re-evaluated them."""
+    best = df[df["best_trial"] != ""]
+    out = {"targets": len(df), "targets_with_best": len(best), "median_best_fd_ratio": float(df["fd_ratio"].median())}
+    for sfx in ("", "_fresh"):
+        if f"fd_ratio{sfx}" in best and len(best):
+            out.update({f"median_best_fd_ratio{sfx}": float(best[f"fd_ratio{sfx}"].median()),
+                        f"worst_best_fd_ratio{sfx}": float(best[f"fd_ratio{sfx}"].max()),
+                        f"min_best_ua{sfx}": float(best[f"ua{sfx}"].min()),
+                        f"median_best_override_fd_ratio{sfx}": float(best[f"override_fd_ratio{sfx}"].median())})
+    if "search_improved" in df:
+        out["targets_search_improved"] = int(df["search_improved"].sum())
+    return out
+
+
+def log_sweep_summary(tracker: MLflowSweep, df, n_trials: int, out: Path) -> None:
+    """The parent run carries what people compare: the summary files, the per-target table
+    (``summary_table.json``, which the run's artifacts view shows as a table), the summary as the
+    run's description and the headline figures as metrics (the runs table's parent row)."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    out, parent = Path(out), tracker.parent_id
+    table = df[[c for c in TABLE_COLUMNS if c in df]]
+    # MLflow's own table format (log_table's), written here: log_table appends to a table the run
+    # already has, and a resumed sweep logs its summary again
+    table.to_json(out / TABLE_FILE, orient="split", index=False)
+    tracker.log_artifacts(parent, [out / "summary.md", out / "summary.parquet", out / "trials.parquet", out / TABLE_FILE])
+    tables = json.loads(tracker.client.get_run(parent).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    if {"path": TABLE_FILE, "type": "table"} not in tables:
+        tracker.client.set_tag(parent, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*tables, {"path": TABLE_FILE,
+                                                                                      "type": "table"}]))
+    if (out / "summary.md").is_file():
+        note = (out / "summary.md").read_text()
+        cut = "\n\n(cut here: the whole table is the artifact summary.md)"
+        tracker.client.set_tag(parent, "mlflow.note.content", note if len(note) <= NOTE_MAX else
+                               note[:NOTE_MAX - len(cut)] + cut)
+    tracker.log_metrics(parent, {**headline(df), "trials": n_trials})
 
 
 class MLflowTuneCallback(Callback):
