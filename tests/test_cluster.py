@@ -41,7 +41,7 @@ def tiny_space(tmp_path) -> Path:
     return p
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])
+@pytest.mark.parametrize("kind", ["local", pytest.param("s3", marks=pytest.mark.cluster)])
 def test_storage_tables_and_folders_round_trip(kind, tmp_path, request):
     import pandas as pd
     if kind == "s3":
@@ -79,6 +79,7 @@ def _closed_port():
     return free_port()                        # bound and released: nothing listens there
 
 
+@pytest.mark.cluster
 def test_dry_run_names_each_unreachable_service(tmp_path, moto_s3, mlflow_s3, ray_two_nodes, capsys):
     cluster, _ = ray_two_nodes
     base = ["--targets", "digits:1", "--dry-run", "--out", str(tmp_path / "out")]
@@ -118,6 +119,7 @@ def _bucket_keys(bucket: str, prefix: str) -> list[str]:
     return keys
 
 
+@pytest.mark.cluster
 def test_two_node_sweep_keeps_everything_in_s3(tmp_path, moto_s3, mlflow_s3, ray_two_nodes, teacher,
                                                monkeypatch):
     import fnmatch
@@ -215,6 +217,7 @@ def test_two_node_sweep_keeps_everything_in_s3(tmp_path, moto_s3, mlflow_s3, ray
         f"other/reference/{other['name']}"]
 
 
+@pytest.mark.cluster
 def test_one_worker_trials_in_the_tune_process_keep_everything_in_s3(tmp_path, moto_s3, mlflow_s3, ray_two_nodes):
     """--trial-runner tune (the default for one worker) on the 2-node cluster with S3 storage: Tune's
     own checkpoints of the trial and its uploaded outputs are in the bucket, the node it ran on is

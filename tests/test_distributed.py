@@ -160,6 +160,7 @@ def grad_errors(two: dict, one: dict) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["digits", "ddpm"])
 def test_two_workers_synchronised_gradients_equal_one_worker(two_workers, arch):
     out, _ = two_workers
@@ -178,6 +179,7 @@ def test_two_workers_synchronised_gradients_equal_one_worker(two_workers, arch):
     assert bad["fake_score/flat"] > 0.1, bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["digits", "ddpm"])
 def test_two_workers_parameters_after_five_iterations(two_workers, arch):
     """After 5 iterations the parameters agree element-wise: to 1e-9 in float64; in float32
@@ -198,6 +200,7 @@ def test_two_workers_parameters_after_five_iterations(two_workers, arch):
             assert worst <= 2 * lr * ITERS + 1e-6, worst
 
 
+@pytest.mark.slow
 def test_two_worker_runs_stop_on_every_rank_and_shard_evaluation(two_workers, monkeypatch):
     out, cache = two_workers
     monkeypatch.setenv("SFD_CACHE", str(cache))
@@ -252,6 +255,7 @@ def test_resume_is_exact_with_dropout(tmp_path, monkeypatch):
     assert json.loads((c / "state.json").read_text())["losses"] != json.loads((a / "state.json").read_text())["losses"]
 
 
+@pytest.mark.slow
 def test_sfd_forget_num_workers_runs_on_ray_train(tmp_path):
     """`sfd forget --num-workers 2`: the run on 2 Ray Train workers, outputs as a local run's."""
     import subprocess
@@ -311,6 +315,7 @@ def _lora_rank(rank: int, world: int, folder: str, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_lora_adapters_under_two_rank_ddp_equal_one_rank(tmp_path):
     """Generator and fake score as two LoRA adapters on the one UNet, each wrapped in DDP on 2 gloo ranks: after
     3 iterations both ranks hold the same adapters (generator, fake score and EMA), equal to one rank's with the

@@ -169,6 +169,7 @@ def closed_port_url() -> str:
 
 # ----------------------------------------------------------------------------- fetch
 
+@pytest.mark.slow
 def test_clean_fetch_then_dry_run_and_forget_resolve_every_file_without_flags(files, server, home, tmp_path,
                                                                                monkeypatch):
     from sfd.evaluate.resnet import ResNet34
@@ -336,6 +337,7 @@ def test_stl10_binary_layout(tmp_path):
     assert xs[0, 0, :, 0].min() == 255 and xs[0, -1, :, 0].max() == 0
 
 
+@pytest.mark.slow
 def test_train_classifier_cifar10_runs_and_loads_as_the_judge(files, home, capsys):
     from sfd.evaluate import load_judge
     from sfd.evaluate.resnet import ResNet34

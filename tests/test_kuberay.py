@@ -170,6 +170,7 @@ def _entrypoint_args(tmp_path, moto_s3, mlflow_s3, cluster_address):
     return out
 
 
+@pytest.mark.cluster
 def test_rayjob_entrypoint_passes_the_sweeps_dry_run(tmp_path, moto_s3, mlflow_s3, ray_two_nodes, capsys,
                                                      monkeypatch):
     from orchestration import sweep

@@ -63,6 +63,7 @@ def test_cifar10_without_teacher_names_the_formats(tmp_path, capsys):
     assert "--teacher" in err and "no bundled teacher" in err
 
 
+@pytest.mark.slow
 def test_cifar10_run_evaluated_with_resnet_inception_and_reference(tmp_path, monkeypatch):
     from sfd.evaluate.inception import FIDInceptionV3
     from sfd.evaluate.resnet import ResNet34

@@ -292,7 +292,8 @@ def _evil_src(marker) -> str:
     return f"import pathlib\npathlib.Path({str(marker)!r}).write_text('module_src was executed')\n"
 
 
-@pytest.mark.parametrize("config", ["cifar10-cond-ddpmpp-edm", "cifar10-cond-ncsnpp-ve", "imagenet64-cond-adm-edm"])
+@pytest.mark.parametrize("config", ["cifar10-cond-ddpmpp-edm", "cifar10-cond-ncsnpp-ve",
+                                    pytest.param("imagenet64-cond-adm-edm", marks=pytest.mark.slow)])
 def test_edm_pickle_full_size_roundtrip(config, tmp_path):
     class_name, kwargs = EDM_CONFIGS[config]
     torch.manual_seed(6)
@@ -525,6 +526,7 @@ def test_resnet34_torchvision_layout(tmp_path):
         load_resnet34(tmp_path / "broken.pth")
 
 
+@pytest.mark.slow
 def test_fid_inception_layout_and_reference_stats(tmp_path):
     from PIL import Image
     from sfd.evaluate.inception import (FIDInceptionV3, inception_features, inception_score, load_fid_inception,

@@ -427,6 +427,7 @@ def test_nan_loss_raises_and_keeps_checkpoints(teacher, tmp_path, monkeypatch, w
 # ---------------------------------------------------------------------------------------
 # One real check that SFD forgets on the bundled digits teacher
 
+@pytest.mark.slow
 def test_sfd_forgets_digit_zero(teacher, judge, tmp_path):
     """Defaults (batch 64 + 64, lr 1e-4, override 0 -> 1), 40 iterations = 5.12 kimg.
 

@@ -119,6 +119,7 @@ def mlflow_server(tmp_path):
     proc.wait(timeout=30)
 
 
+@pytest.mark.cluster
 def test_tiny_sweep_logs_nested_runs_to_a_tracking_server(tmp_path, mlflow_server, monkeypatch):
     monkeypatch.setenv("SFD_CACHE", str(tmp_path / "cache"))
     doc = yaml.safe_load(space_path("digits").read_text())

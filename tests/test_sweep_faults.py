@@ -261,6 +261,7 @@ def _assert_interrupted(out: Path, sig_name: str):
     return trials, client, by_trial
 
 
+@pytest.mark.slow
 def test_sigint_ends_the_sweep_cleanly_and_overwrite_moves_the_old_one_aside(tmp_path, env):
     out = tmp_path / "sweep"
     before = _fake_sweep(out)                       # --overwrite: moved aside, never deleted
@@ -285,6 +286,7 @@ def test_sigint_ends_the_sweep_cleanly_and_overwrite_moves_the_old_one_aside(tmp
 TRAINING_PROCESS = {"train": "RayTrainWorker", "tune": "ImplicitFunc"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", ["train", "tune"])
 def test_worker_killed_mid_trial_resumes_from_storage_then_sigterm(tmp_path, env, runner):
     """--max-failures 1: the process training the first trial (Ray Train's worker, or the Tune
@@ -328,6 +330,7 @@ def test_worker_killed_mid_trial_resumes_from_storage_then_sigterm(tmp_path, env
     assert Path(restarts[0]["from"]).name.startswith("checkpoint_") and restarts[0]["iteration"] in its
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_runs_every_trial_exactly_once(tmp_path, env):
     import optuna
     import pandas as pd
@@ -373,6 +376,7 @@ def test_sigkill_then_resume_runs_every_trial_exactly_once(tmp_path, env):
 
 # -- a trial that fails inside Ray: the real cause recorded --------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", ["train", "tune"])
 def test_failed_trial_records_the_root_cause_not_rays_banner(tmp_path, monkeypatch, runner):
     """A trial whose worker raises (a corrupt teacher file, found inside the Ray Train worker or the
@@ -461,6 +465,7 @@ def test_dry_run_reports_an_out_holding_another_sweep_and_changes_nothing(tmp_pa
 
 # -- the two trial runners --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_both_trial_runners_train_the_same_trial(tmp_path, env):
     """--trial-runner train (a Ray Train job) and tune (inside the Tune trial's process) run the same
     per-worker body: the same trial (same seed, same parameters) gives a generator equal tensor by
