@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
+import time
 from pathlib import Path
+
+from orchestration.reference import SUBDIR, ensure_reference
+from orchestration.storage import Storage, is_remote, scratch_root
+from sfd.tasks import get_task
 
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
 _KEY = "_sfd_cluster"
@@ -39,7 +45,6 @@ def run_with_outputs(fn, config: dict, *, rank: int, outputs_uri: str | None, sc
 
     store = None
     if outputs_uri:
-        from orchestration.storage import Storage, scratch_root
         store = Storage.from_uri(outputs_uri)
         config = {**config, "run_dir": str(scratch_root() / scratch_rel)}
         Path(config["run_dir"]).mkdir(parents=True, exist_ok=True)
@@ -76,7 +81,6 @@ def trial_storage_rel(target_slug: str, trial_id: str) -> str:
 
 def fetch_trial_outputs(storage_uri: str, out_dir, target_slug: str, trial_id: str) -> Path:
     """The trial's uploaded folder from the storage into the driver's OUT/trials/<target>/<trial>."""
-    from orchestration.storage import Storage
     dest = Path(out_dir) / "trials" / target_slug / trial_id
     Storage.from_uri(storage_uri).download_dir(trial_storage_rel(target_slug, trial_id), dest)
     return dest
@@ -86,7 +90,6 @@ def storage_callback(base_cls, storage_uri: str):
     """A subclass of the sweep's MLflow Tune callback that first fetches a finished trial's outputs
     from the storage (they were written on another node), so its artifacts and checkpoints are logged;
     the class itself for a local storage (the run folders are where the callback looks)."""
-    from orchestration.storage import is_remote
     if not is_remote(storage_uri):
         return base_cls
 
@@ -117,10 +120,7 @@ def runtime_env(storage_uri: str, local: bool = False) -> dict:
     """Ray runtime environment of the sweep: every node's trials read the reference samples from the
     storage ($SFD_REFERENCE_STORE); the driver (later re-evaluations) too. Ray Train's settings above
     go to every worker (a value already in the environment wins)."""
-    import os
 
-    from orchestration.reference import SUBDIR
-    from orchestration.storage import Storage
     os.environ["SFD_REFERENCE_STORE"] = Storage.from_uri(storage_uri).child_uri(SUBDIR)
     env = {k: os.environ.get(k, v) for k, v in {**TRAIN_ENV, **(LOCAL_TRAIN_ENV if local else {})}.items()}
     return {"env_vars": {"SFD_REFERENCE_STORE": os.environ["SFD_REFERENCE_STORE"], **env}}
@@ -128,10 +128,7 @@ def runtime_env(storage_uri: str, local: bool = False) -> dict:
 
 def make_references(a, spaces, overrides, storage_uri: str, log=print) -> None:
     """Each preset's reference samples in the storage (Ray tasks, or reused); logs the driver's CPU time."""
-    import time
 
-    from orchestration.reference import ensure_reference
-    from sfd.tasks import get_task
     for name, space in spaces.items():
         if not get_task(name).shared_reference:   # each target's evaluator samples its own prompts
             continue
@@ -145,14 +142,12 @@ def make_references(a, spaces, overrides, storage_uri: str, log=print) -> None:
 
 def trial_config(a, storage_uri: str, out: Path) -> dict:
     """What run_trial needs besides the sweep's own settings: placement, where outputs go."""
-    from orchestration.storage import is_remote
     return {"placement": a.placement, "outputs_uri": storage_uri if is_remote(storage_uri) else None,
             "sweep_id": Path(out).name}
 
 
 def after_fit(a, grid, targets, storage_uri: str, out: Path) -> None:
     """With a remote storage, every trial's outputs into OUT/trials (the summary reads them there)."""
-    from orchestration.storage import is_remote
     if not is_remote(storage_uri):
         return
     slugs = {t.name: t.slug for t in targets}
@@ -168,7 +163,6 @@ def publish_tables(a, storage_uri: str, out: Path) -> None:
         return
     import pandas as pd
 
-    from orchestration.storage import Storage
     store = Storage.from_uri(storage_uri)
     for table in ("trials.parquet", "summary.parquet"):
         store.write_parquet(pd.read_parquet(Path(out) / table), f"results/{table}")

@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+from sfd.io import write_json
+
 SWEEP_FILE = "sweep.json"
 
 
@@ -83,7 +85,6 @@ class SignalGuard:
 
 
 def write_record(out: Path, rec: dict) -> None:
-    from sfd.io import write_json
     write_json(Path(out) / SWEEP_FILE, rec)
 
 

@@ -17,32 +17,37 @@ assembling task; it loads no teacher and samples nothing.
 """
 from __future__ import annotations
 
+import math
+import tempfile
 import time
+from pathlib import Path
+
+import torch
+
+from orchestration.storage import Storage
+from sfd.evaluate.forgetting import CHUNK, cache_dir, reference_name, teacher_chunk, teacher_fingerprint
+from sfd.io import CheckpointError, save_tensors, tensor_shapes
+from sfd.presets import get_preset
+from sfd.tasks import get_task
 
 SUBDIR = "reference"
 
 
 def _load(preset_name: str, teacher_path, device: str):
-    from sfd.tasks import get_task
     return get_task(preset_name).load_teacher(teacher_path, device)
 
 
 def _device(num_gpus: float) -> str:
-    import torch
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
 def _threads(num_cpus: float) -> None:
-    import math
 
-    import torch
     torch.set_num_threads(max(1, math.floor(num_cpus)))
 
 
 def _key(preset_name: str, teacher_path, per_class: int, steps: int, seed: int) -> str:
     """(runs as a task) the reference file name: teacher digest + sampler settings."""
-    from sfd.evaluate.forgetting import reference_name, teacher_fingerprint
-    from sfd.presets import get_preset
     teacher = _load(preset_name, teacher_path, "cpu")
     return reference_name(teacher_fingerprint(teacher), get_preset(preset_name).num_classes, per_class, steps, seed)
 
@@ -50,10 +55,7 @@ def _key(preset_name: str, teacher_path, per_class: int, steps: int, seed: int) 
 def _sample(preset_name: str, teacher_path, per_class: int, steps: int, seed: int, bounds, num_cpus: float,
             num_gpus: float):
     """(runs as a task) the rows of ``bounds`` [(a, b), ...] of the reference samples."""
-    import torch
 
-    from sfd.evaluate.forgetting import teacher_chunk
-    from sfd.presets import get_preset
     _threads(num_cpus)
     device = _device(num_gpus)
     teacher = _load(preset_name, teacher_path, device)
@@ -64,13 +66,8 @@ def _sample(preset_name: str, teacher_path, per_class: int, steps: int, seed: in
 
 def _assemble(storage_uri: str, name: str, num_classes: int, per_class: int, *parts) -> dict:
     """(runs as a task) concatenate the parts in row order and write the file once to the storage."""
-    import tempfile
-    from pathlib import Path
 
-    import torch
 
-    from orchestration.storage import Storage
-    from sfd.io import save_tensors
 
     x = torch.cat(parts)
     labels = torch.arange(num_classes).repeat_interleave(per_class)
@@ -89,9 +86,6 @@ def local_copy(preset_name: str, name: str, rows: int):
     """An intact file named ``name`` this machine already has -- this node's cache (an earlier run
     or sweep) or the one bundled with the preset (``sfd/weights/<preset>/reference/``) -- else None.
     The name is the key (teacher digest + sampler settings), so any such file holds the same rows."""
-    from sfd.evaluate.forgetting import cache_dir
-    from sfd.io import CheckpointError, tensor_shapes
-    from sfd.presets import get_preset
 
     for path in (cache_dir() / name, get_preset(preset_name).weights_dir / SUBDIR / name):
         if not path.is_file():
@@ -113,9 +107,6 @@ def ensure_reference(storage_uri: str, preset_name: str, teacher_path, per_class
     Needs ``ray.init`` done. Returns {"name", "uri", "reused", "tasks", "seconds"}."""
     import ray
 
-    from orchestration.storage import Storage
-    from sfd.evaluate.forgetting import CHUNK
-    from sfd.presets import get_preset
 
     t0 = time.time()
     store = Storage.from_uri(storage_uri)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from sfd.io import atomic_path, write_json
+from sfd.evaluate.plots import plot_pareto
+from sfd.io import atomic_path, read_json, write_json
+from sfd.runs import evaluate_run
 
 from .search import METRICS, MODES
-
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # a line naming an exception, e.g. "ValueError: bad value" or "sfd.io.CheckpointError: ..."
@@ -189,8 +190,6 @@ FRESH_KEYS = ("ua", "fd_ratio", "override_fd_ratio", "remaining_accuracy", "fd_r
 
 def fresh_metrics(row: dict | None, seed: int) -> dict:
     """The trial's generator re-evaluated on fresh noise (``seed``), cached in its run folder."""
-    from sfd.runs import evaluate_run
-    from sfd.io import read_json
     if row is None or not (Path(row["run_dir"]) / "generator.safetensors").is_file():
         return {}
     cache = Path(row["run_dir"]) / f"evaluation_fresh_seed{seed}.json"
@@ -208,7 +207,6 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
     With ``fresh_seed``, the best and the baseline trial of each target are re-evaluated on
     fresh samples: picking the minimum of noisy measurements flatters it, the fresh figure
     does not (columns ``*_fresh``)."""
-    from sfd.evaluate.plots import plot_pareto
 
     out_dir = Path(out_dir)
     summary = []

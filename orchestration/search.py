@@ -12,6 +12,8 @@ support handles: infeasible trials inform the model without being traded off aga
 """
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 from ray.tune.search import Searcher
@@ -80,14 +82,12 @@ class PerTargetSearch(Searcher):
 
     # Tune's experiment checkpoint ------------------------------------------------------------
     def save(self, checkpoint_path: str) -> None:
-        import json
         Path(checkpoint_path).write_text(json.dumps({
             "remaining": self.remaining, "started": self.started, "next": self.next, "owner": self.owner}))
 
     def restore(self, checkpoint_path: str) -> None:
         """Continue from Tune's last experiment checkpoint. An Optuna trial asked after that
         checkpoint belongs to no Tune trial Tune will resume: it is told FAIL (Tune asks again)."""
-        import json
 
         from optuna.trial import TrialState
 
@@ -139,7 +139,6 @@ class PerTargetSearch(Searcher):
         return layered_config(trial_layers(self.spaces[t.preset], t, self.overrides, params))[0].to_dict()
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
-        import math
 
         import optuna
         from optuna.trial import TrialState

@@ -5,6 +5,7 @@ them before it starts anything.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 import time
@@ -12,6 +13,8 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+
+from .storage import Storage, is_remote
 
 TIMEOUT = 5.0
 
@@ -73,9 +76,7 @@ def probe_ray(address: str | None, timeout: float = TIMEOUT) -> str:
 
 def probe_storage(uri: str, timeout: float = TIMEOUT) -> str:
     """Write, read back and delete a small object under the storage root."""
-    import concurrent.futures
 
-    from .storage import Storage, is_remote
 
     if not is_remote(uri):                   # a local path: check without creating anything
         p = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser().resolve()

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import yaml
 
-from sfd.config import (DEFAULT_LAYER, SETTINGS, SFDConfig, format_config, layer_sources, layered_config,
-                        spaces_dir)
+from sfd.config import DEFAULT_LAYER, SETTINGS, SFDConfig, format_config, layer_sources, layered_config, spaces_dir
+from sfd.presets import PRESETS
+from sfd.tasks import get_task
+from sfd.tasks.classes import OVERRIDE_POLICIES
 
 SPACE_DIR = spaces_dir()
 TRIAL_KEYS = {"budget_kimg", "max_seconds", "eval_every_kimg", "checkpoint_every_kimg", "eval_forget_samples", "eval_at_start",
@@ -179,7 +181,6 @@ def _override_defaults(path, doc: dict, preset: str, defaults: dict, params: dic
     """``override_defaults``: policy -> SFD settings (not the target, not the trial schedule), each
     set valid on top of the defaults and, for a searched setting, inside its range (the policy's
     baseline trial is a point of the space)."""
-    from sfd.tasks.classes import OVERRIDE_POLICIES
     block = doc.get("override_defaults") or {}
     if not isinstance(block, dict):
         raise ValueError(f"search space {path}: 'override_defaults' must map an override policy to SFD settings")
@@ -240,8 +241,6 @@ def describe_baselines(targets, spaces: dict, overrides: dict, flag_label="the s
 def stand_in_target(preset: str) -> dict:
     """A target to check a space's defaults with on their own (each real target: validate_plan): a
     text preset's defaults name no concept, and validate needs one."""
-    from sfd.presets import PRESETS
-    from sfd.tasks import get_task
     return get_task(preset).stand_in_target() if preset in PRESETS else {}
 
 

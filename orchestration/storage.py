@@ -21,6 +21,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from sfd.io import atomic_path
+
 
 def is_remote(uri: str) -> bool:
     """True for a URI with a scheme other than file:// (s3://, gs://, ...)."""
@@ -97,7 +99,6 @@ class Storage:
 
     def download_file(self, rel: str, local) -> Path:
         """Copy one file to ``local`` atomically (a reader never sees half a file)."""
-        from sfd.io import atomic_path
         local = Path(local)
         with atomic_path(local) as tmp:
             tmp.write_bytes(self.read_bytes(rel))

@@ -14,17 +14,32 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 import uuid
 from pathlib import Path
 
+from orchestration import cluster as clu
+from orchestration.lifecycle import Interrupted, Outcome, SignalGuard, ray_session, sweep_record
+from orchestration.services import probe_all
+from orchestration.space import describe_baselines, load_space, space_path, validate_plan
+from orchestration.targets import load_targets_file, parse_targets, preset_of
+from orchestration.trial import resolve_runner, run_trial, trial_resources
+from sfd import assets
+from sfd.evaluate.forgetting import teacher_fingerprint
+from sfd.evaluate.report import check_reference
+from sfd.io import CheckpointError
+from sfd.presets import get_preset
+from sfd.raytrain import make_trainer
+from sfd.stage1 import bundled_stage1, cache_root, export_stage1, find_stage1, is_stage1, stage1_config, stage1_key
+from sfd.tasks import get_task
+
 if __package__ in (None, ""):           # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestration.lifecycle import SWEEP_FILE  # noqa: E402
-
 
 PROG = "sweep.py"
 
@@ -177,7 +192,6 @@ def check_flags(a) -> None:
     if a.num_cpus is not None:
         need(a.num_cpus >= 1, "--num-cpus", a.num_cpus, "at least 1 CPU")
     need(a.max_failures >= -1, "--max-failures", a.max_failures, "restarts >= 0, or -1 for no limit")
-    from orchestration.trial import resolve_runner
     try:
         a.trial_runner = resolve_runner(a.trial_runner, a.workers_per_trial)
     except ValueError as e:
@@ -188,13 +202,8 @@ def check_flags(a) -> None:
 
 def resolve(a):
     """Validate everything a sweep needs before any trial starts; return (targets, spaces, overrides)."""
-    from orchestration.space import load_space, space_path
-    from orchestration.targets import parse_targets, preset_of
 
-    from sfd.presets import get_preset
-    from sfd.tasks import get_task
 
-    from orchestration.targets import load_targets_file
     file_targets = load_targets_file(a.targets_file) if getattr(a, "targets_file", None) else []
     names = [t.preset for t in file_targets[:1]]
     for spec in a.targets or []:
@@ -229,7 +238,6 @@ def resolve(a):
     if real and not get_task(real[0]).uses_fetched_assets():
         get_task(real[0]).check_sweep_files(files, targets)    # sd: the pipeline folder, CLIP for concept targets
     elif real:
-        from sfd import assets
         paths, missing = assets.resolve(real[0], files)
         if missing:
             raise ValueError("the sweep optimises UA and FD, so " +
@@ -237,14 +245,12 @@ def resolve(a):
                              f"\n(`sfd fetch {real[0]}` downloads the public ones; `sfd fetch {real[0]} --list` "
                              f"shows every file)")
         overrides.update({k: str(v) for k, v in paths.items()})
-    from orchestration.space import validate_plan
     validate_plan(targets, spaces, overrides)       # every target x defaults x bounds/choices
     return targets, spaces, overrides
 
 
 def print_plan(a, targets, spaces, overrides) -> None:
     """What the sweep would run, with every file it would read."""
-    from sfd.presets import get_preset
 
     n = len(targets) * a.trials_per_target
     print(f"[sweep] plan: {len(targets)} target(s) x {a.trials_per_target} trials = {n} trials; out: {a.out}")
@@ -264,7 +270,6 @@ def print_plan(a, targets, spaces, overrides) -> None:
             v = getattr(base, key)
             ok = "ok" if v and Path(v).exists() else "MISSING"
             print(f"  {key:12s} [{ok}] {v}")
-    from orchestration.space import describe_baselines      # each setting of each baseline trial, with its layer
     flags = {k for k in overrides if k in ("seed", "budget_kimg") or getattr(a, k, None)}
     print("\n".join(describe_baselines(targets, spaces, overrides, lambda k: f"--{k.replace('_', '-')}" if k in flags
                                         else "the $SFD_HOME cache (sfd fetch)")))
@@ -273,9 +278,6 @@ def print_plan(a, targets, spaces, overrides) -> None:
 
 def check_models(targets, spaces, overrides) -> None:
     """Load each preset's teacher and judge once on the driver: a bad path fails now."""
-    from sfd.evaluate.report import check_reference
-    from sfd.presets import get_preset
-    from sfd.tasks import get_task
 
     for name in sorted({t.preset for t in targets}):
         preset, task = get_preset(name), get_task(name)
@@ -361,7 +363,6 @@ def summarize_only(a) -> int:
     import pandas as pd
 
     from orchestration.results import summarise
-    from orchestration.targets import parse_targets
 
     out = Path(a.out)
     if not (out / "trials.parquet").is_file():
@@ -449,7 +450,6 @@ def claim_out(a, targets, dry_run: bool = False) -> dict:
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    from sfd.io import CheckpointError
     if a.summarize_only:
         try:
             return summarize_only(a)
@@ -484,8 +484,6 @@ def main(argv=None) -> int:
 
 def probe_services(a, targets, overrides) -> None:
     """[cluster] The files open, --storage is writable, the MLflow server answers, --address is reachable."""
-    from orchestration.services import probe_all
-    from sfd.presets import get_preset
 
     files = {k: overrides.get(k) for k in ("teacher", "classifier", "fid_weights", "reference")}
     for name in sorted({t.preset for t in targets}):
@@ -499,13 +497,7 @@ def probe_services(a, targets, overrides) -> None:
 def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Path | None:
     """The preset's stage 1, found by its key (bundled, cached, or in --out) or trained now as its
     own Ray Train job; materialised under OUT/stage1/<key> so every node's trials can read it."""
-    import shutil
 
-    from sfd.presets import get_preset
-    from sfd.raytrain import make_trainer
-    from sfd.tasks import get_task
-    from sfd.stage1 import (bundled_stage1, cache_root, export_stage1, find_stage1, is_stage1, stage1_config,
-                            stage1_key)
 
     kimg = a.stage1_kimg if a.stage1_kimg is not None else space.stage1_kimg
     if a.no_shared_stage1 or not kimg:
@@ -538,7 +530,6 @@ def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Pat
                           storage=a.storage or str(out / "ray"), name=f"stage1-{key}").fit()
     if result.error:
         raise result.error
-    from sfd.evaluate.forgetting import teacher_fingerprint
     extra = {"command": "orchestration/sweep.py (shared stage 1)", "wall_seconds": round(time.time() - t0, 1)}
     fingerprint = teacher_fingerprint(get_task(preset).load_teacher(cfg.teacher, allow_download=cfg.allow_download))
     for where in (dest, cache_root() / key):
@@ -549,9 +540,6 @@ def shared_stage1(a, preset_name: str, space, overrides: dict, out: Path) -> Pat
 
 def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
     """plan -> services (signals, MLflow, the record, Ray) -> Tuner(...).fit() -> results."""
-    from orchestration import cluster as clu          # [cluster] storage, reference samples, placement
-    from orchestration.lifecycle import Interrupted, Outcome, SignalGuard, ray_session, sweep_record
-    from sfd.io import CheckpointError
     from orchestration.tracking import MLflowSweep, sweep_tracking
 
     plan = SweepPlan.make(a, targets, record)
@@ -649,10 +637,8 @@ def make_tuner(a, plan: SweepPlan, targets, spaces, overrides, tracker, max_conc
     callback and the stopper (what happened to each trial)."""
     from ray import tune
 
-    from orchestration import cluster as clu
     from orchestration.search import PerTargetSearch
     from orchestration.tracking import MLflowTuneCallback
-    from orchestration.trial import run_trial, trial_resources
 
     searcher = PerTargetSearch(targets, spaces, a.trials_per_target, overrides, seed=a.seed,
                                ua_threshold=a.ua_threshold, storage=f"sqlite:///{plan.out / 'optuna.db'}")
@@ -698,7 +684,6 @@ def tabulate(a, plan: SweepPlan, grid, targets, callback, stopper, signals, trac
     """Tune's results -> the trial table, the per-target summary (and its MLflow runs), the parent
     run's figures. An interrupted sweep writes its tables at once (no fresh re-evaluation; --resume
     does it). Returns the trial rows and the summary."""
-    from orchestration import cluster as clu
     from orchestration.results import summarise, trial_rows
     from orchestration.tracking import log_sweep_summary
 

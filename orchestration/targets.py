@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
+import yaml
+
+from sfd.config import SFDConfig
 from sfd.presets import PRESETS, get_preset
 from sfd.tasks import get_task
 
@@ -109,7 +113,6 @@ def _make(task, forget: tuple, override: str, spec: str, synonyms=(), templates=
           prompt_files: dict | None = None) -> Target:
     """A target, validated (concepts and overrides made canonical) as its runs will be; prompt files are read
     now (every forget line must hold the concept), not in a trial."""
-    from sfd.config import SFDConfig
     preset = task.preset
     override = task.resolve_override(forget, override)
     files = {k: v for k, v in (prompt_files or {}).items() if v}
@@ -141,9 +144,7 @@ def load_targets_file(path) -> list[Target]:
     YAML file's folder: ``remain_prompts: coco_captions.txt`` and ``forget_prompts: pitt_prompts.txt``
     (one prompt per line; every forget line must contain the entry's concept).
     """
-    from pathlib import Path
 
-    import yaml
 
     path = Path(path)
     if not path.is_file():

@@ -7,7 +7,9 @@ tracking store (a SQLite file in the output folder by default, or `--mlflow-uri`
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import time
 from pathlib import Path
 
 from ray.tune import Callback
@@ -51,7 +53,6 @@ class MLflowStore:
             self.client.log_batch(run_id, params=items[i:i + 90])
 
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
-        import time
 
         from mlflow.entities import Metric
         ts = int(time.time() * 1000)
@@ -97,7 +98,6 @@ class CheckpointModels:
 
     def log(self, run_id: str, name: str, ckpt_dir: Path, step: int, metrics: dict) -> str | None:
         """Returns the model id (None: logged before, not a checkpoint, or vanished while copied)."""
-        import time
 
         from mlflow.entities import LoggedModelOutput, Metric
 
@@ -262,7 +262,6 @@ def log_sweep_summary(tracker: MLflowSweep, df, n_trials: int, out: Path) -> Non
     """The parent run carries what people compare: the summary files, the per-target table
     (``summary_table.json``, which the run's artifacts view shows as a table), the summary as the
     run's description and the headline figures as metrics (the runs table's parent row)."""
-    import json
 
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 

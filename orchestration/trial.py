@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from orchestration.cluster import for_cluster, run_with_outputs, trial_storage_rel
 from sfd.raytrain import REPORT_KEYS, make_trainer, train_fn_in_tune, train_loop_config
 
 __all__ = ["run_trial", "REPORT_KEYS", "RUNNERS", "resolve_runner", "trial_resources"]
@@ -50,7 +51,6 @@ def run_trial(config: dict) -> None:
     """Tune trainable: one SFD run of one target with one parameter set (see the module's text)."""
     import ray.tune
 
-    from orchestration.cluster import for_cluster, run_with_outputs, trial_storage_rel
 
     trial_id = ray.tune.get_context().get_trial_id()
     sweep = config["sweep"]

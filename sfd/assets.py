@@ -33,6 +33,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from .io import write_json
+
 LOCK_NAME = "checksums.lock.json"
 TEACHER_NAMES = ("edm", "ddpm")
 CHUNK = 1 << 16
@@ -166,7 +170,6 @@ def read_lock(home=None) -> dict:
 
 
 def _write_lock(lock: dict, home=None) -> None:
-    from .io import write_json
     write_json(sfd_home(home) / LOCK_NAME, lock)
 
 
@@ -215,7 +218,6 @@ def _is_offline(e: BaseException) -> bool:
 def download(asset: Asset, home=None, mirror: str | None = None, progress: bool = True, retries: int = 3,
              timeout: float = 60.0) -> Path:
     """Fetch one asset into the cache: ``.part`` file, Range resume, tqdm bar, verify, rename."""
-    from tqdm.auto import tqdm
 
     dest = asset.path(home)
     url = asset_url(asset, mirror)

@@ -6,7 +6,9 @@ batch), so the figures survive a noisy shared machine better than absolute times
 """
 from __future__ import annotations
 
+import json
 import math
+import multiprocessing as mp
 import resource
 import statistics
 import time
@@ -14,8 +16,17 @@ from pathlib import Path
 
 import torch
 
-from .config import SFDConfig
-from .io import write_json
+from .config import SFDConfig, config_for_preset
+from .denoisers import load_denoiser, load_teacher
+from .denoisers.ddpm import DDPM_CONFIGS, ConditionalDDPMUNet, VPDenoiser
+from .denoisers.latent_unet import LatentTextUNet
+from .evaluate import load_judge
+from .evaluate.forgetting import throughput
+from .io import load_tensors, write_json
+from .iteration import build_state, one_step, sfd_iteration
+from .loop import train_sfd
+from .losses import edm_loss
+from .presets import get_preset
 
 
 def _first(history, pred):
@@ -35,8 +46,6 @@ SFD_PASSES, TEACHER_STEP_PASSES = 11, 3
 def iteration_vs_teacher_step(cfg: SFDConfig, teacher, repeats: int = 10, device=None) -> dict:
     """Seconds of one real SFD iteration (sfd.iteration.sfd_iteration, the loop's own code) vs one
     EDM teacher training step at equal total batch, and their ratio next to the pass-count limit."""
-    from .iteration import build_state, sfd_iteration
-    from .losses import edm_loss
 
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     st = build_state(cfg, teacher, device)
@@ -85,7 +94,6 @@ def _iteration_child(arch: str, batch: int, grad_checkpointing: bool, precision:
         row["params"] = sum(p.numel() for p in teacher.parameters())
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if arch == "sd15":               # the SD recipe (search_spaces/sd.yaml): CFG in all three guided passes
-            from .config import config_for_preset
             cfg = config_for_preset("sd", forget_concepts=["brad pitt"], override="a middle aged man",
                                     batch_remain=max(1, batch // 2), batch_forget=max(1, batch - batch // 2),
                                     grad_checkpointing=grad_checkpointing, precision=precision, lora_rank=lora_rank,
@@ -94,7 +102,6 @@ def _iteration_child(arch: str, batch: int, grad_checkpointing: bool, precision:
             cfg = SFDConfig(preset="cifar10" if arch != "digits" else "digits", batch_remain=batch // 2,
                             batch_forget=batch - batch // 2, grad_checkpointing=grad_checkpointing,
                             precision=precision, device=device)
-        from .iteration import build_state, sfd_iteration
         device = torch.device(cfg.device)
         st = build_state(cfg, teacher, device)
         stage = "the iteration"
@@ -127,13 +134,10 @@ def _measure_iteration(st, device, row, sfd_iteration) -> None:
 def random_teacher(arch: str):
     """Full-size backbones with random weights, for speed and memory figures."""
     if arch == "ddpm-cifar10":
-        from .denoisers.ddpm import DDPM_CONFIGS, ConditionalDDPMUNet, VPDenoiser
         return VPDenoiser(ConditionalDDPMUNet(**DDPM_CONFIGS["cifar10"]))
     if arch == "sd15":
         return random_sd15()
     if arch == "digits":
-        from .denoisers import load_teacher
-        from .presets import get_preset
         return load_teacher(get_preset("digits"))
     raise ValueError(f"--arch {arch!r}: choose ddpm-cifar10 or digits")
 
@@ -160,7 +164,6 @@ class _RandomText:
 def random_sd15():
     from diffusers import UNet2DConditionModel
 
-    from .denoisers.latent_unet import LatentTextUNet
     d = LatentTextUNet(UNet2DConditionModel(**SD15_UNET), SD15_SCHEDULER, None, None, embed_shape=(77, 768))
     d.text.obj = _RandomText()
     return d
@@ -176,7 +179,6 @@ def full_finetune_state_bytes(params: int) -> dict:
 def run_iteration_bench(a) -> int:
     """`sfd bench --iteration`: one SFD iteration's time and peak memory, each variant in a fresh
     process (peak RSS only grows within a process), with and without gradient checkpointing."""
-    import multiprocessing as mp
     ctx = mp.get_context("spawn")
     if a.arch == "sd15":
         return _sd15_bench(a, ctx)
@@ -206,10 +208,6 @@ def peak_memory_mb() -> float:
 def run_bench(a) -> int:
     if a.iteration:
         return run_iteration_bench(a)
-    from .denoisers import load_teacher
-    from .evaluate import load_judge
-    from .loop import train_sfd
-    from .presets import get_preset
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -219,7 +217,6 @@ def run_bench(a) -> int:
     teacher = load_teacher(preset)
     judge = load_judge(preset)
     rows = []
-    from .config import config_for_preset
     for c in classes:
         override = str((c + 1) % preset.num_classes) if a.override == "next" else a.override
         cfg = config_for_preset("digits", forget=[c], override=override, budget_kimg=10_000, max_seconds=a.seconds,
@@ -230,7 +227,6 @@ def run_bench(a) -> int:
                                            h["remaining_accuracy_teacher"] - h["remaining_accuracy"] <= 0.02)
         final = train_sfd(cfg, run_dir, progress=not a.no_progress, teacher=teacher, judge=judge, stop_when=stop,
                           overwrite=bool(getattr(a, "overwrite", False)))
-        import json
         history = json.loads((run_dir / "history.json").read_text())
         ua_hit = _first(history, lambda h: h["ua"] >= 0.99)
         both_hit = _first(history, lambda h: h["ua"] >= 0.99 and h["fd_ratio"] <= 2.0)
@@ -258,10 +254,6 @@ def run_bench(a) -> int:
               f"(teacher {r['teacher_remaining_accuracy']:.3f}), override FD ratio {r['final_override_fd_ratio']:.2f}",
               flush=True)
     it = iteration_vs_teacher_step(SFDConfig(), load_teacher(preset))
-    from .denoisers import load_denoiser
-    from .evaluate.forgetting import throughput
-    from .io import load_tensors
-    from .iteration import one_step
     gen_path = out / f"forget{classes[-1]}" / "generator.safetensors"
     gen = load_denoiser(gen_path).eval()
     sigma_init = load_tensors(gen_path)[1]["generator"]["sigma_init"]

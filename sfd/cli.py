@@ -2,14 +2,34 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shutil
 import sys
+import warnings
+from dataclasses import fields
 from pathlib import Path
 
-from . import __version__
-from .config import DEFAULT_LAYER, GROUPS, SETTINGS, format_config, layered_config, preset_layers, space_label
+import torch
+
+from . import __version__, assets
+from .bench import run_bench
+from .config import (DEFAULT_LAYER, GROUPS, SETTINGS, check_device, format_config, layered_config, preset_layers,
+                     space_label)
+from .denoisers import load_denoiser
+from .evaluate.report import save_grid
+from .fetch import describe, run_fetch
+from .io import CheckpointError, read_json, read_metadata, save_tensors, write_json
+from .loop import distil, one_step, train_sfd
 from .presets import PRESETS, get_preset
+from .raytrain import fit_single_run
+from .robustness import Budget
+from .rundir import holds_run, plan_run_dir
+from .runs import attack_run, evaluate_run
 from .tasks import get_task
 from .tasks.classes import parse_classes
+from .train_judge import DEFAULTS, train_resnet_judge
+from .utils import command_line, pick_device
 
 
 class UsageError(ValueError):
@@ -25,7 +45,6 @@ class SfdArgumentParser(argparse.ArgumentParser):
 
 
 def _finite(name: str, v: float, *, low: float | None = None, low_open: bool = False, fix: str = "") -> float:
-    import math
     if not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low)):
         raise UsageError(f"{name} {v!r} is invalid — give {fix}")
     return v
@@ -62,10 +81,7 @@ def cmd_train_classifier(a) -> int:
 
 
 def _train_resnet_judge(a, preset) -> int:
-    from pathlib import Path
 
-    from . import assets
-    from .train_judge import DEFAULTS, train_resnet_judge
 
     out = Path(a.out) if a.out else assets.classifier_path(preset.name)
     if out.suffix != ".safetensors":
@@ -91,8 +107,6 @@ def _train_resnet_judge(a, preset) -> int:
 
 
 def cmd_fetch(a) -> int:
-    from . import assets
-    from .fetch import describe, run_fetch
 
     if a.list:
         print(describe(a.preset, a.home))
@@ -110,8 +124,6 @@ def cmd_fetch(a) -> int:
 def fill_cached_assets(cfg, command: str = "forget"):
     """Omitted teacher / judge files of a real-dataset preset come from $SFD_HOME (``sfd fetch``);
     ``--teacher edm|ddpm`` picks a cached public teacher by name."""
-    from . import assets
-    from .presets import get_preset
 
     preset = get_preset(cfg.preset)
     if not get_task(preset).uses_fetched_assets():
@@ -139,7 +151,6 @@ def fill_cached_assets(cfg, command: str = "forget"):
 
 
 def _check_trainer_args(a, out_dir=None) -> None:
-    from .config import check_device
     _positive_int("--steps", a.steps)
     _positive_int("--batch", a.batch)
     _finite("--lr", a.lr, low=0.0, low_open=True, fix="a learning rate > 0")
@@ -249,10 +260,7 @@ def cmd_forget(a) -> int:
     _finite("--cpus-per-worker", a.cpus_per_worker, low=0.0, low_open=True, fix="a number of CPUs > 0")
     _finite("--gpus-per-worker", a.gpus_per_worker, low=0.0, fix="a number of GPUs >= 0")
     if a.num_workers > 1 or a.address:
-        import os
 
-        from .raytrain import fit_single_run
-        from .rundir import plan_run_dir
         cfg.validate(get_preset(cfg.preset))
         plan = plan_run_dir(a.out, cfg.to_dict(), resume=a.resume, overwrite=a.overwrite)   # before Ray starts
         if plan.move_aside is not None:
@@ -262,7 +270,6 @@ def cmd_forget(a) -> int:
                                cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
                                resume=a.resume, progress=not a.no_progress)
     else:
-        from .loop import train_sfd
         final = train_sfd(cfg, a.out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
     written = sorted(p.name for p in Path(a.out).iterdir() if p.is_file())
     print(f"done -> {a.out}: {', '.join(written)}")
@@ -271,13 +278,10 @@ def cmd_forget(a) -> int:
 
 
 def cmd_distil(a) -> int:
-    from .loop import distil
-    from .utils import command_line
     if not a.kimg > 0:
         raise ValueError(f"--kimg {a.kimg}: give a positive budget in thousands of images")
     path = distil(a.preset, a.kimg, a.out, seed=a.seed, progress=not a.no_progress, command=command_line(),
                   device=a.device, **({"teacher": a.teacher} if a.teacher else {}))
-    from .io import read_json
     m = read_json(path / "stage1.json")
     print(f"stage 1 ({a.kimg} kimg, key {m['key']}): FD ratio {m['metrics'].get('fd_ratio', float('nan')):.3f}, "
           f"remaining accuracy {m['metrics'].get('remaining_accuracy', float('nan')):.4f} -> {path}")
@@ -286,12 +290,9 @@ def cmd_distil(a) -> int:
 
 
 def cmd_export(a) -> int:
-    import shutil
-    from pathlib import Path
 
     from .export import (PromptWarning, export_class_run, export_text_run, is_text_generator, load_class_pipeline,
                          load_one_step)
-    from .io import read_json
 
     run, out = Path(a.run), Path(a.out)
     if run.is_file() and run.suffix == ".safetensors":
@@ -317,7 +318,6 @@ def cmd_export(a) -> int:
         raise UsageError(f"--run {run} holds no generator.safetensors — give the folder of a finished `sfd forget` "
                          f"run (or its generator.safetensors)")
     if is_text_generator(gen):                       # colordigits: the UNet + its teacher's text encoder, tokenizer
-        import warnings
         export_text_run(gen, out)
         pipe = load_one_step(out)                    # what the user will do: it must load and sample
         with warnings.catch_warnings():
@@ -339,16 +339,8 @@ def cmd_export(a) -> int:
 
 
 def cmd_sample(a) -> int:
-    import torch
 
-    from .denoisers import load_denoiser
-    from .evaluate.report import save_grid
-    from .io import save_tensors
-    from .loop import one_step
-    from .utils import pick_device
 
-    from .config import check_device
-    from .io import read_metadata
     _positive_int("--n", a.n, "at least 1 sample per class")
     if a.n > 10_000:
         raise UsageError(f"--n {a.n} is too many samples per class — give at most 10000")
@@ -380,7 +372,6 @@ def cmd_sample(a) -> int:
     gen = load_denoiser(path, device).eval()
     if a.classes is not None:
         names = info.get("preset")
-        from .presets import PRESETS
         p = PRESETS.get(names)
         if p is not None:
             classes = parse_classes(a.classes, p, "--classes")
@@ -409,13 +400,9 @@ def cmd_sample(a) -> int:
 
 def _sample_text(a, device) -> int:
     """Free text through the generator's text encoder: an exported pipeline, or a run with its teacher's encoder."""
-    import warnings
 
-    import torch
 
-    from .evaluate.report import save_grid
     from .export import PromptWarning, load_text_generator, prompt_notes
-    from .io import save_tensors
     if a.classes is not None:
         raise UsageError(f"--classes {a.classes}: --generator {a.generator} is text-conditioned; give --prompt "
                          f"\"...\" instead (repeat it for more rows, e.g. --prompt 'a red seven' --prompt 'a blue one')")
@@ -438,11 +425,7 @@ def _sample_text(a, device) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from pathlib import Path
 
-    from .config import check_device
-    from .runs import evaluate_run
-    from .io import write_json
 
     run = Path(a.run)
     if not run.is_dir():
@@ -463,12 +446,7 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_attack(a) -> int:
-    from dataclasses import fields
 
-    from .config import check_device
-    from .robustness import Budget
-    from .runs import attack_run
-    from .utils import pick_device
 
     run = Path(a.run)
     if not (run / "metrics.json").is_file() or not (run / "generator.safetensors").is_file():
@@ -506,7 +484,6 @@ def cmd_attack(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from .bench import run_bench
     _finite("--seconds", a.seconds, low=0.0, low_open=True, fix="a time budget per class in seconds > 0")
     _finite("--eval-every-kimg", a.eval_every_kimg, low=0.0, low_open=True, fix="an interval in kimg > 0")
     if a.threads < 0:
@@ -522,7 +499,6 @@ def cmd_bench(a) -> int:
         digits.check_class(c, "--classes")
     a.classes = ",".join(map(str, classes))
     if not a.iteration and not a.overwrite:          # refuse before any class is trained, not at the second one
-        from .rundir import holds_run
         taken = [str(Path(a.out) / f"forget{c}") for c in classes if holds_run(Path(a.out) / f"forget{c}")]
         if taken:
             raise UsageError(f"--out {a.out} already holds bench runs ({', '.join(taken)}) — choose another --out, "
@@ -809,7 +785,6 @@ def main(argv=None) -> int:
         if e.code in (0, None):
             raise
         return int(e.code) if isinstance(e.code, int) else 2
-    from .io import CheckpointError
     try:
         return a.func(a)
     except (ValueError, CheckpointError, FloatingPointError) as e:

@@ -16,6 +16,7 @@ two digit-first templates added, 0.95 on both (sfd/weights/colordigits/teacher.j
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,7 +111,6 @@ def split_label(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def vocabulary(extra_templates=()) -> list[str]:
     """Every word of every caption (train and held-out templates), for the word-level tokenizer."""
-    import re
     words = set()
     for c in captions([*TRAIN_TEMPLATES, *HELDOUT_TEMPLATES, *extra_templates]):
         words.update(re.findall(r"\w+|[^\w\s]", c.text.lower()))

@@ -12,7 +12,9 @@ import math
 import numbers
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
+import torch
 import yaml
 
 from .presets import get_preset
@@ -395,7 +397,6 @@ def check_types(cfg: "SFDConfig") -> None:
 
 def check_device(name) -> None:
     """A valid torch device string whose device is present ('auto' always is)."""
-    import torch
     if name in ("auto",):
         return
     try:
@@ -419,7 +420,6 @@ def check_device(name) -> None:
 
 def spaces_dir():
     """``search_spaces/`` beside the package: one YAML per preset, the one source of preset defaults."""
-    from pathlib import Path
     return Path(__file__).resolve().parent.parent / "search_spaces"
 
 

@@ -13,6 +13,7 @@ Images come back as uint8 (N, H, W, 3) plus int64 labels; ``to_tensor`` gives x 
 """
 from __future__ import annotations
 
+import importlib
 import io
 import pickle
 import tarfile
@@ -20,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
+from .assets import REGISTRY, find
 
 SAFE_NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
@@ -42,7 +46,6 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         target = SAFE_NUMPY_GLOBALS.get((module, name))
         if target is None:
             raise UnsafePickleError(f"refusing global {module}.{name}: a dataset batch holds only numpy arrays")
-        import importlib
         try:
             mod = importlib.import_module(target[0])
         except ImportError:                      # numpy < 2 names it numpy.core
@@ -94,7 +97,6 @@ STL_MEMBERS = {"train": [("stl10_binary/train_X.bin", "stl10_binary/train_y.bin"
 
 def load_stl10(archive, split: str = "train", size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images (N, size, size, 3), int64 labels 0..9) of the official binary archive."""
-    from PIL import Image
 
     pairs = _split_members(STL_MEMBERS, split)
     xs, ys = [], []
@@ -131,7 +133,6 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def archive_path(preset: str, home=None) -> Path:
-    from .assets import REGISTRY, find
     a = find(REGISTRY, preset, "dataset")
     if a is None:
         raise ValueError(f"preset '{preset}' has no downloadable dataset")
@@ -142,7 +143,6 @@ def load_real(preset: str, split: str = "train", home=None) -> tuple[torch.Tenso
     """(images in [-1, 1], labels) of a real-dataset preset from the archive in $SFD_HOME."""
     path = archive_path(preset, home)
     if not path.is_file():
-        from .assets import REGISTRY, find
         a = find(REGISTRY, preset, "dataset")
         raise ValueError(f"the {preset} training data is not in the cache — run `sfd fetch {preset}`, or put "
                          f"{a.filename} ({a.checksum_text()}, from {a.url}) at {path}")
@@ -155,7 +155,7 @@ def digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     20 % held out (seed 0), or 'all'."""
     if split not in ("train", "test", "all"):
         raise ValueError(f"split {split!r} must be 'train', 'test' or 'all'")
-    from sklearn.datasets import load_digits                  # heavy, and only the digits presets need it
+    from sklearn.datasets import load_digits  # heavy, and only the digits presets need it
     from sklearn.model_selection import train_test_split
     data = load_digits()
     x = data.images.astype(np.float32) / 8.0 - 1.0        # 0..16 -> [-1, 1]

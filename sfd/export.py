@@ -30,10 +30,13 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
+from .denoisers import build_denoiser, load_denoiser, load_teacher
 from .denoisers.latent_unet import LatentTextUNet, decode_latents
-from .denoisers.text_unet import ARCH as TEXT_ARCH
-from .denoisers.text_unet import TextUNetDenoiser
-from .io import CheckpointError, write_json
+from .denoisers.text_unet import ARCH as TEXT_ARCH, TextUNetDenoiser
+from .io import CheckpointError, read_json, read_metadata, write_json
+from .onestep import one_step
+from .presets import get_preset
+from .rundir import read_run_record
 
 
 class PromptWarning(UserWarning):
@@ -218,7 +221,6 @@ TEXT_PIPELINES = {"SFDTextPipeline": SFDTextPipeline, "SFDOneStepPipeline": SFDO
 
 
 def _pipeline_class_name(folder: Path) -> str | None:
-    from .io import read_json
     index = read_json(folder / "model_index.json")
     return index.get("_class_name") if isinstance(index, dict) else None
 
@@ -257,7 +259,6 @@ def is_text_generator(path) -> bool:
         p = p / "generator.safetensors"
     if not (p.is_file() and p.suffix == ".safetensors"):
         return False
-    from .io import read_metadata
     try:
         spec = read_metadata(p).get("denoiser")
     except CheckpointError:
@@ -280,8 +281,6 @@ def load_text_generator(path, device="cpu") -> SFDTextPipeline:
 def _run_teacher(generator_file: Path, info: dict, cfg: dict):
     """(text encoder, where) of the teacher that ``generator_file``'s run used: RUN/run.json records its
     --teacher (None: the preset's bundled one)."""
-    from .denoisers import load_teacher
-    from .presets import get_preset
     name = cfg.get("preset") or info.get("preset")
     if not name:
         raise CheckpointError(f"{generator_file} has no run.json beside it and names no preset, so the teacher whose "
@@ -310,9 +309,6 @@ def _text_run(generator_file):
 
     The run's prompt table (its embeddings are a buffer of the generator) is used only as a check: the teacher's
     text encoder must reproduce them, or the run used another teacher and free text would be encoded wrongly."""
-    from .denoisers import load_denoiser
-    from .io import read_metadata
-    from .rundir import read_run_record
     generator_file = Path(generator_file)
     if not generator_file.is_file():
         raise CheckpointError(f"{generator_file} does not exist — give the folder of a finished `sfd forget` run, its "
@@ -353,8 +349,8 @@ def export_text_run(generator_file, folder) -> Path:
 
 
 # -- class-conditional generators -----------------------------------------------------------------------
-from diffusers import ConfigMixin, ModelMixin                     # noqa: E402
-from diffusers.configuration_utils import register_to_config    # noqa: E402
+from diffusers import ConfigMixin, ModelMixin  # noqa: E402
+from diffusers.configuration_utils import register_to_config  # noqa: E402
 
 
 class SFDOneStepGenerator(ModelMixin, ConfigMixin):
@@ -365,11 +361,9 @@ class SFDOneStepGenerator(ModelMixin, ConfigMixin):
     def __init__(self, spec: dict, sigma_init: float = 2.5, class_names: list | None = None,
                  info: dict | None = None):
         super().__init__()
-        from .denoisers import build_denoiser
         self.denoiser = build_denoiser(dict(spec))
 
     def forward(self, z: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        from .onestep import one_step
         return one_step(self.denoiser, z, class_labels, float(self.config.sigma_init))
 
 
@@ -425,8 +419,6 @@ class SFDClassPipeline(DiffusionPipeline):
 
 def export_class_run(generator_file, folder) -> Path:
     """generator.safetensors of a class-conditional run -> an SFDClassPipeline folder, written atomically."""
-    from .denoisers import load_denoiser
-    from .io import read_metadata
     meta = read_metadata(generator_file)
     info = meta.get("generator") if isinstance(meta.get("generator"), dict) else None
     if info is None or "sigma_init" not in info:
@@ -438,7 +430,6 @@ def export_class_run(generator_file, folder) -> Path:
                               f"export_text_run (`sfd export` picks it)")
     names = None
     try:
-        from .presets import get_preset
         names = list(get_preset(str(info.get("preset"))).class_names) or None
     except ValueError:
         pass

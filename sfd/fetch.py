@@ -9,7 +9,19 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
 from . import assets as A
+from .datasets import archive_path, load_cifar10, load_stl10, to_tensor
+from .evaluate.inception import load_fid_inception
+from .evaluate.report import save_class_stats
+from .evaluate.resnet import load_resnet34
+from .io import CheckpointError
+from .presets import get_preset
+from .utils import pick_device
 
 REAL_PRESETS = ("cifar10", "stl10")
 
@@ -17,14 +29,7 @@ REAL_PRESETS = ("cifar10", "stl10")
 def compute_reference_stats(preset, fid_weights, out, device="auto", batch_size: int = 200,
                             progress: bool = True, home=None) -> Path:
     """Per-class Inception (mean, covariance, count) of the preset's training split -> ``out`` (.npz)."""
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
 
-    from .datasets import archive_path, load_cifar10, load_stl10, to_tensor
-    from .evaluate.inception import load_fid_inception
-    from .evaluate.report import save_class_stats
-    from .utils import pick_device
 
     device = pick_device(device)
     path = archive_path(preset.name, home)
@@ -42,7 +47,6 @@ def run_fetch(preset_name: str, teacher: str | None = None, home=None, mirror: s
               registry=A.REGISTRY, progress: bool = True, skip_classifier: bool = False, classifier=None,
               stats: bool = True, device: str = "auto", retries: int = 3, log=print) -> dict:
     """Fetch and verify; returns {"files": {name: path}, "missing": [entries still to put in place]}."""
-    from .presets import get_preset
 
     if preset_name not in REAL_PRESETS:
         raise A.AssetError(f"`sfd fetch` knows {', '.join(REAL_PRESETS)}, not {preset_name!r} — the digits "
@@ -65,8 +69,6 @@ def run_fetch(preset_name: str, teacher: str | None = None, home=None, mirror: s
     files = A.fetch(wanted, home, mirror, progress, retries, log=log)
 
     if classifier:                                # the user's own judge: check it, then cache it
-        from .evaluate.resnet import load_resnet34
-        from .io import CheckpointError
         try:
             net = load_resnet34(classifier)
         except CheckpointError as e:
@@ -79,7 +81,6 @@ def run_fetch(preset_name: str, teacher: str | None = None, home=None, mirror: s
         if Path(classifier).suffix == ".safetensors":
             shutil.copyfile(classifier, dest)
         else:
-            from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(dest))
         log(f"  ok (your classifier) {dest}")
 

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
@@ -80,7 +80,6 @@ def load_tensors(path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
 
 def read_metadata_raw(path) -> dict:
     try:
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -91,7 +90,6 @@ def read_metadata_raw(path) -> dict:
 def tensor_shapes(path) -> dict[str, tuple]:
     """Name -> shape of every tensor in a safetensors file, from its header only (no tensor is read)."""
     try:
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

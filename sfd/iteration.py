@@ -42,16 +42,19 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .config import SFDConfig
 from .denoisers import Denoiser, Guided
+from .denoisers.lora import add_lora
 from .distributed import Dist
 from .dropout import install_batch_dropout, masks_for
 from .losses import fake_score_loss, generator_loss
+from .onestep import DTYPES, one_step, resolve_precision
 from .samplers import sample_sigma
 from .tasks import get_task
-from .onestep import DTYPES, one_step, resolve_precision
 from .utils import ema_beta, ema_update
+
 
 class SFDDivergedError(FloatingPointError):
     """A loss became NaN or infinite; earlier checkpoints are left untouched."""
@@ -128,7 +131,6 @@ def build_state(cfg: SFDConfig, teacher: Denoiser, device, dist: Dist | None = N
     # class ids, or ids into the run's prompt table (text presets: installed in the teacher before cloning)
     targets = get_task(cfg.preset).targets(cfg, teacher)
     if cfg.lora_rank:                      # two adapters on the one frozen teacher UNet
-        from .denoisers.lora import add_lora
         fake_score, generator = (v.train() for v in add_lora(teacher, ("fake_score", "generator"), cfg.lora_rank,
                                                                 cfg.seed))
     else:
@@ -160,7 +162,6 @@ def build_state(cfg: SFDConfig, teacher: Denoiser, device, dist: Dist | None = N
                                betas=betas, eps=cfg.adam_eps)
     fake_train, gen_train = fake_score, generator
     if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == "cuda" else None
         fake_train = DDP(fake_score, device_ids=ids, forward_sync_buffers=False)
         gen_train = DDP(generator, device_ids=ids, forward_sync_buffers=False)

@@ -21,16 +21,17 @@ from tqdm.auto import tqdm
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import SFDConfig
 from .denoisers import Denoiser
+from .denoisers.ddpm import load_sfd_init
 from .distributed import Dist
-from .io import CheckpointError, load_tensors, load_state_strict, write_json
 from .evaluate.forgetting import teacher_fingerprint, throughput
 from .evaluate.plots import plot_history
 from .evaluate.report import save_grid
+from .io import CheckpointError, load_state_strict, load_tensors, write_json
 from .iteration import SFDDivergedError, build_state, one_step, sfd_iteration, total_iterations
 from .presets import get_preset
+from .rundir import RESUMABLE_CHANGES, plan_run_dir  # RESUMABLE_CHANGES re-exported for importers
 from .stage1 import export_stage1, resolve_init, stage1_config, stage1_key
 from .tasks import get_task
-from .rundir import RESUMABLE_CHANGES, plan_run_dir  # RESUMABLE_CHANGES re-exported for importers
 from .utils import pick_device
 
 __all__ = ["train_sfd", "distil", "one_step", "SFDDivergedError", "Dist", "load_generator_init", "RESUMABLE_CHANGES"]
@@ -44,7 +45,6 @@ def load_generator_init(path, generator: Denoiser, fake_score: Denoiser) -> None
     """
     path = Path(path)
     if path.is_file() and path.suffix in (".pt", ".pth", ".ckpt"):
-        from .denoisers.ddpm import load_sfd_init
         load_sfd_init(path, generator, fake_score)
         return
     ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path

@@ -17,7 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import colordigits as cd
+from .denoisers.text_unet import TextEncoder, TextUNetDenoiser, load_text_pipeline, save_text_pipeline
+from .evaluate.classifier import augment_digits
+from .evaluate.text_concepts import (ColorDigitsCNN, evaluate_text_teacher, load_colordigits_judge,
+                                     save_colordigits_judge)
 from .io import write_json
+from .losses import edm_loss
 from .utils import command_line, ema_beta, ema_update, pick_device, seed_everything
 
 SPECIALS = ("[PAD]", "<bos>", "[UNK]", "<eos>")
@@ -67,8 +72,6 @@ def edm_scheduler():
 def train_text_teacher(preset, out_dir, steps: int = 6000, batch: int = 128, lr: float = 1e-3, seed: int = 0,
                        caption_dropout: float = 0.1, ema_halflife_kimg: float = 20.0, device=None,
                        progress: bool = True, eval_per_prompt: int = 4) -> dict:
-    from .denoisers.text_unet import TextEncoder, TextUNetDenoiser, save_text_pipeline
-    from .losses import edm_loss
 
     device = pick_device(device)
     gen = seed_everything(seed)
@@ -120,8 +123,6 @@ def train_text_teacher(preset, out_dir, steps: int = 6000, batch: int = 128, lr:
     wall = time.time() - t0
     out_dir = Path(out_dir)
     folder = save_text_pipeline(out_dir / "teacher", ema_unet.cpu(), ema_text.cpu(), tokenizer, sched)
-    from .denoisers.text_unet import load_text_pipeline
-    from .evaluate.text_concepts import evaluate_text_teacher, load_colordigits_judge
     teacher = load_text_pipeline(folder, preset, device)
     judge = load_colordigits_judge(out_dir / "classifier.safetensors", device)
     metrics = evaluate_text_teacher(teacher, judge, per_prompt=eval_per_prompt, seed=seed, progress=progress,
@@ -140,8 +141,6 @@ def train_text_teacher(preset, out_dir, steps: int = 6000, batch: int = 128, lr:
 
 def train_colordigits_judge(preset, out_dir, steps: int = 3000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
                             device=None, progress: bool = True) -> dict:
-    from .evaluate.classifier import augment_digits
-    from .evaluate.text_concepts import ColorDigitsCNN, save_colordigits_judge
 
     device = pick_device(device)
     gen = seed_everything(seed)

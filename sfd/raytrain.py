@@ -22,6 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from sfd.config import SFDConfig
+from sfd.loop import train_sfd
+
+from .checkpoint import checkpoint_problem, resolve_checkpoint
+from .io import CheckpointError, atomic_path
+
 REPORT_KEYS = ("iteration", "kimg", "train_seconds", "wall_seconds", "loss_fake_score", "loss_generator", "ua",
                "override_rate", "forget_prob_mean", "forget_entropy_mean", "remaining_accuracy",
                "remaining_accuracy_teacher", "fd_remaining", "fd_remaining_teacher", "fd_forget_vs_override",
@@ -35,10 +43,7 @@ def run_reporting(config: dict, *, device: str, rank: int, stored, send) -> None
     of the last checkpoint, or None), :func:`sfd.loop.train_sfd`, and each report through
     ``send(metrics, checkpoint_dir_or_None)``. Ray Train's workers and the in-trial runner
     (:func:`train_fn_in_tune`) differ only in what they pass here."""
-    import torch
 
-    from sfd.config import SFDConfig
-    from sfd.loop import train_sfd
 
     threads = int(config.get("threads_per_worker") or 0)
     if threads > 0:
@@ -84,7 +89,6 @@ def train_fn_in_tune(config: dict) -> None:
     Ray Train controller or worker actors; reports and checkpoints go to Tune itself, and a trial
     that Tune restarts (``FailureConfig``, ``--resume``) continues from ``ray.tune.get_checkpoint()``."""
     import ray.tune
-    import torch
 
     def send(metrics, checkpoint_dir):
         ckpt = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -106,8 +110,6 @@ def restore_into_run_dir(ckpt_dir, run_dir, record: bool = True) -> int:
     is there) and point ``latest`` at it when it is at least as new as the local one; returns its
     iteration. Several ranks on one node may do this at once: each writes a private temporary
     folder and renames it into place, and a rank that finds the folder already there keeps it."""
-    from .checkpoint import checkpoint_problem, resolve_checkpoint
-    from .io import CheckpointError, atomic_path
 
     ckpt_dir, run_dir = Path(ckpt_dir), Path(run_dir)
     problem = checkpoint_problem(ckpt_dir)
@@ -177,7 +179,6 @@ def make_trainer(sfd_config: dict, run_dir, *, num_workers: int = 1, cpus_per_wo
 def fit_single_run(cfg, out_dir, *, num_workers: int, address: str | None = None, cpus_per_worker: float = 1.0,
                    gpus_per_worker: float = 0.0, resume: bool = False, progress: bool = True) -> dict:
     """`sfd forget --num-workers N`: the run on Ray Train; returns its metrics.json."""
-    import json
 
     import ray
 

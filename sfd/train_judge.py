@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .datasets import archive_path, load_cifar10, load_stl10
 from .evaluate.inception import complete_batchnorm_counters, read_state_dict
 from .evaluate.resnet import ResNet34
 from .io import atomic_path, load_state_strict, write_json
@@ -26,7 +28,6 @@ DEFAULTS = {"steps": 4000, "batch": 128, "lr": 0.01}    # ~10 epochs of CIFAR-10
 
 
 def _uint8_split(preset, split, home=None):
-    from .datasets import archive_path, load_cifar10, load_stl10
     path = archive_path(preset.name, home)
     if not path.is_file():
         preset.real_data(split)              # raises the "run sfd fetch" error
@@ -100,7 +101,6 @@ def train_resnet_judge(preset, out_path, steps: int = 4000, batch: int = 128, lr
     acc = evaluate(model, x_te, y_te, device)
     model = model.cpu().eval()
     out_path = Path(out_path)
-    from safetensors.torch import save_file
     with atomic_path(out_path) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={"arch": "resnet34-torchvision-layout", "num_classes": str(preset.num_classes),

@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..io import CheckpointError, load_state_strict, load_tensors, save_tensors
+from ..io import CheckpointError, load_state_strict, load_tensors, read_metadata, save_tensors
+from ..limits import check_arch_metadata
 from .base import Denoiser, Guided, as_sigma
-from .registry import ARCHS, TEACHER_LOADERS
 from .edm import EDMPrecond, edm_coefficients
+from .formats import describe_formats
+from .registry import ARCHS, TEACHER_LOADERS
 from .tiny_unet import TinyUNet
 
 __all__ = ["Denoiser", "Guided", "as_sigma", "EDMPrecond", "edm_coefficients", "TinyUNet",
@@ -42,7 +44,6 @@ def denoiser_spec(denoiser: Denoiser) -> dict:
 
 
 def build_denoiser(spec: dict) -> Denoiser:
-    from ..limits import check_arch_metadata
     if not isinstance(spec, dict):
         raise CheckpointError(f"denoiser metadata must be a mapping, got {type(spec).__name__}")
     check_arch_metadata({"denoiser": spec}, "denoiser metadata")
@@ -73,7 +74,6 @@ def load_denoiser(path, device="cpu") -> Denoiser:
 
 
 def _load_sfd_safetensors(path, preset, device, **_):
-    from ..io import read_metadata
     meta = read_metadata(path)
     if "generator" in meta:
         g = meta["generator"] if isinstance(meta["generator"], dict) else {}
@@ -113,7 +113,6 @@ def resolve_hub_id(path, allow_download: bool = False) -> Path:
 def load_teacher(preset, path=None, device="cpu", allow_download: bool = False, **options) -> Denoiser:
     """The frozen teacher for ``preset``: the bundled one, or the file/folder at ``path`` (a hub id only
     with ``allow_download``)."""
-    from .formats import describe_formats
 
     if path is None:
         if not preset.embedded:

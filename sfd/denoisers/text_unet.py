@@ -29,11 +29,12 @@ adds the decoder).
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
 
-from ..io import CheckpointError
+from ..io import CheckpointError, load_state_strict
 from .base import Denoiser, as_sigma
 from .ddpm import DiscreteVP
 
@@ -241,7 +242,6 @@ def is_text_pipeline_folder(path) -> bool:
 def safe_torch_load(path) -> dict:
     """A ``.bin`` state dict through ``torch.load(weights_only=True)``: tensors and plain containers only.
     A pickle that would build any other object (a callable, a class) is refused; its code never runs."""
-    import pickle
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as e:
@@ -283,7 +283,6 @@ def load_component(cls, folder, what: str):
         raise CheckpointError(f"cannot build the {what} from {folder / 'config.json'}: {e}") from e
     # old transformers checkpoints carry the position_ids buffer, newer models do not persist it
     state = {k: v for k, v in state.items() if not (k.endswith("position_ids") and k not in model.state_dict())}
-    from ..io import load_state_strict
     load_state_strict(model, state, bins[0])
     return model
 

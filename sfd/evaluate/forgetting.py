@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from tqdm.auto import tqdm
 
 from ..distributed import Dist
-from ..io import CheckpointError, load_tensors, save_tensors
+from ..io import CheckpointError, atomic_path, load_tensors, save_tensors
 from ..samplers import karras_sigmas, sample_heun
 from .metrics import accuracy, feature_stats, frechet_distance, judge_outputs, unlearning_accuracy
 from .report import RealReference
@@ -79,7 +78,6 @@ def fetch_reference(path: Path) -> bool:
     src = root.rstrip("/") + "/" + path.name
     if fs.get_file_info(src).type != pafs.FileType.File:
         return False
-    from ..io import atomic_path
     with fs.open_input_stream(src) as f, atomic_path(path) as tmp:
         tmp.write_bytes(f.read())
     return True
@@ -294,7 +292,6 @@ class ForgetEvaluator:
 @torch.no_grad()
 def throughput(generator_fn, teacher, img_shape, batch: int = 500, steps: int = 18, device="cpu", repeats: int = 3):
     """Images per second of the one-step generator and the teacher's Heun sampler, same batch."""
-    from ..samplers import karras_sigmas, sample_heun
     labels = torch.arange(batch, device=device) % max(teacher.num_classes, 1)
     z = torch.randn((batch, *img_shape), device=device)
     sigmas = karras_sigmas(steps, max(teacher.sigma_min, 0.002), min(teacher.sigma_max, 80.0), device=device)

@@ -19,12 +19,15 @@ called explicitly.
 from __future__ import annotations
 
 import hashlib
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
 
 from ..io import CheckpointError, load_state_strict
 from .metrics import feature_stats, frechet_distance
@@ -203,7 +206,6 @@ def read_state_dict(path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"missing weight file: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -242,7 +244,6 @@ def load_fid_inception(path, device="cpu") -> FIDInceptionV3:
 
 def download_fid_weights(dest, url: str = FID_WEIGHTS_URL) -> Path:
     """Fetch the standard FID weights to ``dest`` (explicit, opt-in; never called implicitly)."""
-    import urllib.request
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +267,6 @@ def load_image_folder(folder, limit: int | None = None) -> torch.Tensor:
 
     Conversion is x / 127.5 - 1 on the stored 8-bit values: no per-image rescaling.
     """
-    from PIL import Image
 
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if limit is not None:

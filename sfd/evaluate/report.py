@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from .metrics import accuracy, frechet_distance, judge_outputs
+from ..io import atomic_path
+from .inception import load_image_folder
+from .metrics import accuracy, feature_stats, frechet_distance, judge_outputs
 
 
 @dataclass
@@ -41,7 +45,6 @@ CLASS_STATS_KIND = "sfd-class-inception-stats"
 
 def is_class_stats(source) -> bool:
     """Whether ``source`` is a per-class statistics .npz (keys kind, classes, n, mu, sigma)."""
-    from pathlib import Path
     source = Path(source)
     if source.suffix != ".npz" or not source.is_file():
         return False
@@ -51,8 +54,6 @@ def is_class_stats(source) -> bool:
 
 def save_class_stats(path, feats: np.ndarray, labels, num_classes: int, feature_net: str = "") -> None:
     """Per-class (n, mean, covariance) of features, float64, written atomically."""
-    from ..io import atomic_path
-    from .metrics import feature_stats
 
     labels = np.asarray(labels)
     mus, sigmas, ns = [], [], []
@@ -116,7 +117,6 @@ def load_reference(source, preset) -> tuple[torch.Tensor, torch.Tensor]:
 
     Pixels are converted x / 127.5 - 1 from their stored 8-bit values, never rescaled per image.
     """
-    from pathlib import Path
 
     source = Path(source)
     if source.suffix == ".npz":
@@ -127,7 +127,6 @@ def load_reference(source, preset) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         y = torch.from_numpy(labels.astype(np.int64))
     elif source.is_dir():
-        from .inception import load_image_folder
         xs, ys = [], []
         for c, name in enumerate(preset.class_names):
             folder = next((source / n for n in (name, str(c)) if (source / n).is_dir()), None)
@@ -167,9 +166,7 @@ def save_grid(path, x: torch.Tensor, nrow: int, scale: int = 4, labels=None) -> 
     """A PNG grid of images in [-1, 1]; ``nrow`` images per row (one row per class by convention)."""
     import matplotlib
     matplotlib.use("Agg")
-    from PIL import Image
 
-    from ..io import atomic_path
 
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     n, c, h, w = x.shape

@@ -14,11 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..io import CheckpointError, load_state_strict
-from .inception import complete_batchnorm_counters, read_state_dict
+from .inception import complete_batchnorm_counters, load_fid_inception, read_state_dict
 
 RESNET34_LAYERS = (3, 4, 6, 3)
 
@@ -107,7 +107,6 @@ class RealImageJudge(nn.Module):
 def load_real_judge(classifier_path, fid_weights_path, input_size: int | None = 224,
                     device="cpu") -> RealImageJudge:
     """The judge for CIFAR-10/STL-10: a ResNet-34 classifier file + the FID Inception weights file."""
-    from .inception import load_fid_inception
 
     judge = RealImageJudge(load_resnet34(classifier_path, input_size=input_size, device=device),
                            load_fid_inception(fid_weights_path, device=device))

@@ -11,12 +11,22 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..denoisers import Guided
+from ..distributed import Dist
+from ..io import CheckpointError, load_tensors, save_tensors
+from ..prompts import contains
+from ..samplers import karras_sigmas, sample_heun
+from .forgetting import cache_dir, chunk_noise, sharded
 from .metrics import frechet_distance
+from .text_concepts import _spread
 
 NUDENET_VERSION = "3.4.2"
 NUDENET_THRESHOLD = 0.6            # the usual threshold of the concept-erasure literature (ESD, MACE, SalUn)
@@ -32,7 +42,6 @@ def nudenet_model_path() -> Path:
 
 def nudenet_detector():
     """NudeNet's detector, after checking the installed version is the pinned one."""
-    from importlib.metadata import PackageNotFoundError, version
     try:
         v = version("nudenet")
     except PackageNotFoundError:
@@ -129,7 +138,6 @@ def evaluate_sd(pipe, targets, clip: ClipJudge | None = None, per_prompt: int = 
         x_r, p_r = images(targets.remain_ids)
         out["clip_score_remain"] = clip.clip_score(x_r, [p for p in p_r for _ in range(per_prompt)])
         if not targets.nudity:
-            from ..prompts import contains
             rows = [p for p in p_f for _ in range(per_prompt)]
             accs = [clip.concept_accuracy(x_f[[i for i, p in enumerate(rows) if contains(p, c.terms)]], c.name,
                                           [c.override]) for c in targets.concepts]
@@ -153,8 +161,6 @@ def teacher_samples(teacher, ids: torch.Tensor, seed: int, guidance: float = 0.0
                     steps: int = EVAL_TEACHER_STEPS, batch: int = 16) -> torch.Tensor:
     """The teacher's own clean latents for prompt ids: a ``steps``-step Heun sampler under the run's teacher
     guidance (and negative branch), each batch from its own seeded noise."""
-    from ..denoisers import Guided
-    from ..samplers import karras_sigmas, sample_heun
     dev = next(teacher.parameters()).device
     guided = Guided(teacher, guidance, null=null)
     sigmas = karras_sigmas(steps, teacher.sigma_min, teacher.sigma_max, device=dev)
@@ -176,7 +182,6 @@ def base_fingerprint(teacher) -> str:
     peft's ``base_layer`` names read as the plain ones, so a LoRA run, its resumption with trained adapters and a
     full fine-tuning run of one teacher share it. The prompt table is not in it (the reference key hashes the
     embeddings of the prompts it uses)."""
-    import hashlib
     h = hashlib.sha256()
     for k, v in sorted((k.replace(".base_layer.", "."), v) for k, v in teacher.unet.state_dict().items()
                        if ".lora_" not in k):
@@ -191,8 +196,6 @@ def reference_key(teacher, ids: torch.Tensor, seed: int, guidance: float, null=N
     """(key, description) of the teacher's reference samples for ``ids``: the UNet's digest, its schedule and
     shapes, the prompts (text and embedding) of every row and of its negative branch, guidance, count, sampler
     steps, batch (each batch has its own seeded noise), seed, device type and dtype."""
-    import hashlib
-    import json
     ids = ids.long().cpu()
     used = ids
     prompts = [teacher.prompts[int(i)] for i in ids]
@@ -217,8 +220,6 @@ def cached_teacher_samples(teacher, ids: torch.Tensor, seed: int, guidance: floa
                            steps: int = EVAL_TEACHER_STEPS, batch: int = 16, digest: str | None = None) -> torch.Tensor:
     """:func:`teacher_samples`, kept in sfd's cache dir ($SFD_CACHE) under :func:`reference_key`: written
     atomically; an entry that does not load or does not match (key, rows, shape; not finite) is recomputed."""
-    from ..io import CheckpointError, load_tensors, save_tensors
-    from .forgetting import cache_dir
     key, desc = reference_key(teacher, ids, seed, guidance, null, steps, batch, digest)
     path = cache_dir() / f"sd-teacher-{desc['teacher']}-{key}-n{len(ids)}-heun{steps}-s{seed}.safetensors"
     shape = (len(ids), *teacher.img_shape)
@@ -257,8 +258,6 @@ class SDEvaluator:
 
     def __init__(self, preset, judge, teacher, targets, forget_samples: int = 64, remain_per_class: int = 4,
                  seed: int = 777, progress: bool = False, dist=None, device=None, guidance: float = 0.0, **_):
-        from ..distributed import Dist
-        from .text_concepts import _spread
         self.judge, self.targets, self.seed = judge, targets, seed
         self.dist = dist or Dist()
         self.device = torch.device(device) if device is not None else next(teacher.parameters()).device
@@ -304,7 +303,6 @@ class SDEvaluator:
 
     @torch.no_grad()
     def _outputs(self, generator_fn) -> torch.Tensor:
-        from .forgetting import chunk_noise, sharded
 
         def run(a, b):
             z = chunk_noise(self.seed, a, b, self.shape).to(self.device)
@@ -343,7 +341,6 @@ class SDEvaluator:
             m.update(nudenet_counts(images[:nf], detector=self.nudenet))
             m["ua"] = 1.0 - m["nudenet_images_with_exposed"]
         elif self.judge is not None and not self.targets.nudity:
-            from ..prompts import contains
             rows = self._texts(self.forget_rows)
             accs = []
             for c in self.targets.concepts:

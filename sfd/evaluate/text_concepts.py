@@ -5,16 +5,22 @@ Frechet space. ``features_and_logits`` returns the digit head, so class-style co
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import colordigits as cd
+from ..distributed import Dist
 from ..io import CheckpointError, load_state_strict, load_tensors, save_tensors
 from ..prompts import contains
+from ..samplers import karras_sigmas, sample_heun
+from .forgetting import cache_dir, chunk_noise, sharded, teacher_fingerprint
 from .metrics import frechet_distance
+from .report import save_grid
 
 JUDGE_ARCH = "colordigits-cnn"
 
@@ -103,9 +109,7 @@ class RealColorDigits:
 
 def heun_samples(teacher, ids: torch.Tensor, seed: int, steps: int = 18, batch: int = 500, progress: bool = False):
     """18-step Heun samples of ``teacher`` for prompt ids, each batch from its own seeded noise."""
-    from tqdm.auto import tqdm
 
-    from ..samplers import karras_sigmas, sample_heun
     dev = next(teacher.parameters()).device
     sigmas = karras_sigmas(steps, max(teacher.sigma_min, 0.002), min(teacher.sigma_max, 80.0), device=dev)
     out = []
@@ -145,7 +149,6 @@ def evaluate_text_teacher(teacher, judge, per_prompt: int = 4, seed: int = 0, pr
         n = min(int(m.sum()), len(ref) // 2)
         floor_color[name] = round(frechet_distance(ref[perm[:n]], ref[perm[n:2 * n]]), 4)
     if grid_path is not None:
-        from .report import save_grid
         pick = []
         for d in range(10):
             for k in range(len(cd.COLOR_NAMES)):
@@ -182,7 +185,6 @@ class ConceptEvaluator:
 
     def __init__(self, preset, judge, teacher, targets, forget_samples: int = 500, remain_per_pair: int = 40,
                  seed: int = 777, progress: bool = False, dist=None, device=None, **_):
-        from ..distributed import Dist
         self.preset, self.judge, self.targets, self.seed = preset, judge, targets, seed
         self.dist = dist or Dist()
         self.device = torch.device(device) if device is not None else next(judge.parameters()).device
@@ -218,10 +220,7 @@ class ConceptEvaluator:
             self.teacher["fd_override_teacher"] = frechet_distance(tf[nr:], self.real.of(self.override_pairs))
 
     def _teacher_samples(self, teacher, ids, progress):
-        import hashlib
 
-        from ..io import load_tensors, save_tensors
-        from .forgetting import cache_dir, teacher_fingerprint
         h = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:12]
         path = cache_dir() / f"text-teacher-{teacher_fingerprint(teacher)}-{h}-heun18-s{self.seed}.safetensors"
         if path.is_file():
@@ -235,12 +234,10 @@ class ConceptEvaluator:
         return x
 
     def noise(self, a: int, b: int) -> torch.Tensor:
-        from .forgetting import chunk_noise
         return chunk_noise(self.seed, a, b, self.preset.img_shape)
 
     @torch.no_grad()
     def _outputs(self, generator_fn):
-        from .forgetting import sharded
 
         def run(a, b):
             x = generator_fn(self.noise(a, b).to(self.device), self.labels[a:b].to(self.device)).float()
@@ -301,7 +298,6 @@ class ConceptEvaluator:
 
     def grid_ids(self) -> torch.Tensor:
         """One row per digit, one column per colour, from the first training template ('a red seven')."""
-        from .. import colordigits as cd
         return torch.tensor(self.targets.train_ids[: 10 * len(cd.COLOR_NAMES)])
 
     @torch.no_grad()

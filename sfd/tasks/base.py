@@ -19,6 +19,7 @@ from ..evaluate.forgetting import ForgetEvaluator
 from ..io import read_metadata
 from ..onestep import autocast_call, one_step, resolve_precision
 from ..presets import Preset
+from ..pretrain import train_classifier, train_teacher
 from ..robustness import ClassSuite
 from ..utils import pick_device
 
@@ -181,7 +182,6 @@ class Task:
 
     def train_judge(self, out, *, steps: int, batch: int, lr: float, seed: int, device, progress: bool) -> str:
         """Train the preset's bundled judge into ``out``; return the summary line."""
-        from ..pretrain import train_classifier          # training code: loaded only by `sfd train-classifier`
         m = train_classifier(self.preset, out, steps=steps, batch=batch, lr=lr, seed=seed, device=device,
                              progress=progress)
         return (f"classifier: held-out accuracy {m['metrics']['test_accuracy']:.4f} "
@@ -190,7 +190,6 @@ class Task:
     def pretrain(self, out, *, steps: int, batch: int, lr: float, seed: int, channels: int, device, progress: bool,
                  eval_per_class: int) -> str:
         """Train the preset's bundled teacher into ``out``; return the summary line."""
-        from ..pretrain import train_teacher             # training code: loaded only by `sfd pretrain`
         m = train_teacher(self.preset, out, steps=steps, batch=batch, lr=lr, seed=seed, channels=channels,
                           device=device, progress=progress, eval_per_class=eval_per_class)
         met = m["metrics"]

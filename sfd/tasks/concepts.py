@@ -14,8 +14,9 @@ import torch
 
 from .. import colordigits as cd
 from ..evaluate.text_concepts import ConceptEvaluator
-from ..robustness import TextSuite
+from ..pretrain_text import train_colordigits_judge, train_text_teacher
 from ..prompts import NEXT, Concept, contains, forgets, rewrite
+from ..robustness import TextSuite
 from .base import PromptTask
 
 
@@ -242,7 +243,6 @@ class ConceptTask(PromptTask):
 
     # -- the bundled models ------------------------------------------------------------------------------
     def train_judge(self, out, *, steps: int, batch: int, lr: float, seed: int, device, progress: bool) -> str:
-        from ..pretrain_text import train_colordigits_judge       # training code: only `sfd train-classifier`
         m = train_colordigits_judge(self.preset, out, steps=steps, batch=batch, lr=lr, seed=seed, device=device,
                                     progress=progress)
         mm = m["metrics"]
@@ -251,7 +251,6 @@ class ConceptTask(PromptTask):
 
     def pretrain(self, out, *, steps: int, batch: int, lr: float, seed: int, channels: int, device, progress: bool,
                  eval_per_class: int) -> str:
-        from ..pretrain_text import train_text_teacher            # training code: only `sfd pretrain`
         m = train_text_teacher(self.preset, out, steps=steps, batch=batch, lr=lr, seed=seed, device=device,
                                progress=progress, eval_per_prompt=max(1, eval_per_class // 100))
         mm = m["metrics"]
