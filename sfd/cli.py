@@ -7,7 +7,6 @@ import os
 import shutil
 import sys
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -23,9 +22,8 @@ from .io import CheckpointError, read_json, read_metadata, save_tensors, write_j
 from .loop import distil, one_step, train_sfd
 from .presets import PRESETS, get_preset
 from .raytrain import fit_single_run
-from .robustness import Budget
 from .rundir import holds_run, plan_run_dir
-from .runs import attack_run, evaluate_run
+from .runs import evaluate_run
 from .tasks import get_task
 from .tasks.classes import parse_classes
 from .train_judge import DEFAULTS, train_resnet_judge
@@ -445,44 +443,6 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
-def cmd_attack(a) -> int:
-
-
-    run = Path(a.run)
-    if not (run / "metrics.json").is_file() or not (run / "generator.safetensors").is_file():
-        raise UsageError(f"RUN {run} is not a finished `sfd forget` run (metrics.json + generator.safetensors) — give "
-                         f"the --out folder of one")
-    kinds = tuple(k.strip() for k in a.kinds.split(",") if k.strip())
-    bad = sorted(set(kinds) - {"families", "discrete", "continuous"})
-    if bad or not kinds:
-        raise UsageError(f"--kinds {a.kinds!r}: give a comma-separated subset of families, discrete, continuous")
-    budget = Budget(**{f.name: getattr(a, f.name) for f in fields(Budget)})
-    for f in fields(Budget):
-        v = getattr(budget, f.name)
-        if f.name == "lr":
-            _finite("--lr", v, low=0.0, low_open=True, fix="a step size > 0")
-        elif f.name == "seed":
-            if v < 0:
-                raise UsageError(f"--seed {v} is invalid — give a seed >= 0")
-        else:
-            _positive_int("--" + f.name.replace("_", "-"), v)
-    check_device(a.device)
-    s = attack_run(run, control=a.control, budget=budget, prompts_file=a.prompts_file, device=pick_device(a.device),
-                   kinds=kinds, progress=not a.no_progress)
-    if "residue_worst_family" in s:
-        print(f"residue: worst family {s['residue_worst_family_name']!r} {s['residue_worst_family']:.3f} (teacher "
-              f"{s['residue_worst_family_teacher']:.3f}), mean {s['residue_mean']:.3f} over {len(s['families'])} "
-              f"families")
-    if "side_effect_worst_cell" in s:
-        print(f"side effect: worst cell {s['side_effect_worst_cell_name']!r}: accuracy drop "
-              f"{s['side_effect_worst_cell']:+.3f} against the teacher")
-    for kind, r in s["attacks"].items():
-        extra = ", ".join(f"{k[4:] or 'generator'} {r[k]:.3f}" for k in sorted(r) if k.startswith("asr"))
-        print(f"{kind} attack ASR: {extra} ({r['pairs']} start x seed pairs, {r['seconds']:.1f} s on the generator)")
-    print(f"-> {run / 'attack.json'} (and attack_* in metrics.json)")
-    return 0
-
-
 def cmd_bench(a) -> int:
     _finite("--seconds", a.seconds, low=0.0, low_open=True, fix="a time budget per class in seconds > 0")
     _finite("--eval-every-kimg", a.eval_every_kimg, low=0.0, low_open=True, fix="an interval in kimg > 0")
@@ -701,44 +661,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "concept accuracy on the forget prompts and CLIP score on the remain prompts")
     sdg.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default: 1)")
     p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("attack", help="is it really gone? paraphrases, adversarial prompts/embeddings, side effects",
-                       description="Attack a finished forgetting run through its own one-step generator, judged by its "
-                                   "own judge, with the same budget against the teacher (a short differentiable Heun "
-                                   "sampler; it must succeed, or the attack measures nothing) and, with --control, "
-                                   "against a generator distilled without forgetting. Text presets: residue of the "
-                                   "forgotten concept per prompt family (template orders, single words, repetitions, "
-                                   "case, held-out templates, --prompts-file), a gradient-guided token search "
-                                   "(discrete) and free encoder states (continuous); class presets: a free class "
-                                   "embedding (continuous). Side effects: every remaining concept's accuracy per family "
-                                   "against the teacher's. Writes RUN/attack.json (schema: docs/robustness.md) and "
-                                   "attack_* figures into RUN/metrics.json.",
-                       epilog="examples: sfd attack runs/seven | sfd attack runs/forget3 --control stage1 | "
-                              "sfd attack runs/seven --control runs/seven-w0 --kinds discrete --steps 20")
-    p.add_argument("run", help="run folder of `sfd forget` (one forgotten class or concept)")
-    p.add_argument("--control", default=None,
-                   help="a generator distilled without forgetting: an `sfd forget` run with --lambda-gen-forget 0 "
-                        "--lambda-fake-forget 0, a stage-1 folder, or 'stage1' (the preset's bundled one)")
-    p.add_argument("--prompts-file", default=None, help="text presets: your own prompts, one per line (a family)")
-    p.add_argument("--kinds", default="families,discrete,continuous",
-                   help="what to run (default: families,discrete,continuous)")
-    bg = p.add_argument_group("budget (the same for every subject)")
-    bg.add_argument("--seeds", type=int, default=4, help="noise draws per start (default: 4)")
-    bg.add_argument("--starts", type=int, default=5, help="start prompts / starts per attack (default: 5)")
-    bg.add_argument("--steps", type=int, default=12, help="optimisation / search steps (default: 12)")
-    bg.add_argument("--edits", type=int, default=2, help="discrete: tokens the attacker may change (default: 2)")
-    bg.add_argument("--candidates", type=int, default=6,
-                    help="discrete: replacements tried per position and step (default: 6)")
-    bg.add_argument("--lr", type=float, default=0.1, help="continuous: Adam step size (default: 0.1)")
-    bg.add_argument("--teacher-steps", type=int, default=6,
-                    help="Heun steps of the teacher's differentiable sampler (default: 6, 11 evaluations)")
-    bg.add_argument("--per-prompt", type=int, default=2, help="families: samples per prompt (default: 2)")
-    bg.add_argument("--max-prompts", type=int, default=12,
-                    help="families: prompts per family and concept value (default: 12, a seeded subset)")
-    bg.add_argument("--seed", type=int, default=0, help="seed of the noise and the subsets (default: 0)")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("bench", help="benchmark SFD on the embedded default: time to forget, FD ratios, speed",
                        description="For each target class: time and kimg until UA >= 0.99, and until UA >= 0.99 and "

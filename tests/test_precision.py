@@ -36,7 +36,7 @@ def test_fp32_is_not_autocast(teacher):
 
 
 def test_auto_precision_follows_the_devices_native_bf16(teacher, monkeypatch):
-    import sfd.iteration as it
+    import sfd.onestep as it                         # resolve_precision reads native_bf16 here
     for native, expect in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(it, "native_bf16", lambda device, native=native: native)
         st = build_state(SFDConfig(batch_remain=4, batch_forget=4, device="cpu", precision="auto"),

@@ -20,7 +20,6 @@ from ..io import read_metadata
 from ..onestep import autocast_call, one_step, resolve_precision
 from ..presets import Preset
 from ..pretrain import train_classifier, train_teacher
-from ..robustness import ClassSuite
 from ..utils import pick_device
 
 
@@ -98,10 +97,6 @@ class Task:
                             progress=progress, device=device)
         m = ev(lambda z, c: one_step(gen_call, z.to(device), c.to(device), sigma_init).float())
         return {**m, "seed": seed, "precision_resolved": precision}
-
-    def robustness(self, targets, teacher, judge, budget, device, prompts_file=None):
-        """The attack suite of this kind (sfd.robustness): class ids -- a free class embedding."""
-        return ClassSuite(targets, teacher, judge, budget, device, prompts_file)
 
     # -- outputs ----------------------------------------------------------------------------------------
     def export(self, out_dir: Path, generator, sigma_init: float, info: dict, cfg) -> Path:

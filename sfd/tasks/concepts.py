@@ -16,7 +16,6 @@ from .. import colordigits as cd
 from ..evaluate.text_concepts import ConceptEvaluator
 from ..pretrain_text import train_colordigits_judge, train_text_teacher
 from ..prompts import NEXT, Concept, contains, forgets, rewrite
-from ..robustness import TextSuite
 from .base import PromptTask
 
 
@@ -222,10 +221,6 @@ class ConceptTask(PromptTask):
                   device=None):
         return ConceptEvaluator(self.preset, judge, teacher, targets, cfg.eval_forget_samples,
                                 cfg.eval_remain_per_class, seed=seed, progress=progress, dist=dist, device=device)
-
-    def robustness(self, targets, teacher, judge, budget, device, prompts_file=None):
-        """Prompt families, a gradient-guided token search and free encoder states (sfd.robustness)."""
-        return TextSuite(targets, teacher, judge, budget, device, prompts_file)
 
     # -- the sweep ---------------------------------------------------------------------------------------
     def all_forget(self) -> list:

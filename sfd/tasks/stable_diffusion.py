@@ -263,10 +263,6 @@ class SDTask(PromptTask):
         judge = ClipJudge(clip, device) if clip else None
         return evaluate_sd(pipe, SDTargets(cfg), judge, per_prompt=per_prompt, seed=seed)
 
-    def robustness(self, targets, teacher, judge, budget, device, prompts_file=None):
-        raise ValueError("sfd attack does not cover Stable Diffusion runs yet (its judges are NudeNet and CLIP on "
-                         "decoded images) — attack a class or colordigits run")
-
     def export(self, out_dir: Path, generator, sigma_init: float, info: dict, cfg) -> Path:
         """A diffusers pipeline folder (SFDOneStepPipeline: UNet, VAE, text encoder, tokenizer)."""
         from ..export import export_one_step        # diffusers' pipeline classes: heavy, imported on use
