@@ -160,8 +160,10 @@ class TextUNetDenoiser(DiscreteVP):
             raise RuntimeError("no prompt table: call set_prompts([...]) before using the denoiser")
         ids = torch.as_tensor(cond).long().reshape(-1)
         n = len(self.prompts)
-        # indexing would raise a bare IndexError past the end and wrap a negative id round to the last prompt
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        # indexing would raise a bare IndexError past the end and wrap a negative id round to the last prompt;
+        # checked where ids are on the CPU (user input arrives there; on a GPU, reading them back would stall
+        # every pass of the SFD iteration, whose ids come from the run's own table)
+        if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
             bad = ids[(ids < 0) | (ids >= n)][0].item()
             raise ValueError(f"prompt id {bad} is not in this generator's prompt table (ids 0..{n - 1}) — give an id "
                              f"in that range, or sample it by text (`sfd sample --prompt \"...\"`, "

@@ -11,6 +11,7 @@ The defaults below are the class-conditional behaviour; the text tasks override 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 from ..denoisers import load_denoiser, load_teacher, save_denoiser
@@ -23,7 +24,7 @@ from ..pretrain import train_classifier, train_teacher
 from ..utils import pick_device
 
 
-class Task:
+class Task(ABC):
     kind = "classes"
     noun = "classes"                 # the sweep's all_<preset>_<noun>
     default_override = "next"        # a target's override when none is given
@@ -35,10 +36,10 @@ class Task:
         return f"{type(self).__name__}({self.preset.name!r})"
 
     # -- configuration --------------------------------------------------------------------------------
+    @abstractmethod
     def validate(self, cfg) -> None:
         """Check and normalise the settings that depend on the kind (targets, text-only settings);
         raise ValueError naming the setting, the bad value and the fix."""
-        raise NotImplementedError
 
     def settings_from_flags(self, given: dict) -> dict:
         """``sfd forget``'s flags (strings as typed) -> settings: ``--forget`` / ``--override`` parsed for
@@ -50,10 +51,10 @@ class Task:
         """The frozen teacher: the preset's bundled one, or the file/folder at ``path``."""
         return load_teacher(self.preset, path, device, allow_download=allow_download)
 
+    @abstractmethod
     def targets(self, cfg, teacher):
         """The run's forget / override / remain conditions (after ``cfg`` was validated); text tasks give
         the teacher the run's prompt table here, before the fake score and generator are cloned."""
-        raise NotImplementedError
 
     def sample_shape(self, teacher) -> tuple:
         """Shape of one generator sample (pixels; Stable Diffusion: the UNet's latents)."""
@@ -110,9 +111,9 @@ class Task:
         """Every single target of ``all_<preset>_<noun>``."""
         return list(range(self.preset.num_classes))
 
+    @abstractmethod
     def parse_forget(self, items: list[str], spec: str) -> tuple:
         """The forget part of a target spec (``3+5``, ``cat``; ``seven+red``) as this kind's values."""
-        raise NotImplementedError
 
     def resolve_override(self, forget: tuple, override: str) -> str:
         """A target's override as its run records it ('next' resolved where this kind resolves it)."""
