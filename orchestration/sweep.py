@@ -21,8 +21,12 @@ import time
 import uuid
 from pathlib import Path
 
+# isort: off  (the repo on sys.path before the project's imports when run as a script)
+if __package__ in (None, ""):           # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# isort: on
 from orchestration import cluster as clu
-from orchestration.lifecycle import Interrupted, Outcome, SignalGuard, ray_session, sweep_record
+from orchestration.lifecycle import SWEEP_FILE, Interrupted, Outcome, SignalGuard, ray_session, sweep_record
 from orchestration.services import probe_all
 from orchestration.space import describe_baselines, load_space, space_path, validate_plan
 from orchestration.targets import load_targets_file, parse_targets, preset_of
@@ -35,11 +39,6 @@ from sfd.presets import get_preset
 from sfd.raytrain import make_trainer
 from sfd.stage1 import bundled_stage1, cache_root, export_stage1, find_stage1, is_stage1, stage1_config, stage1_key
 from sfd.tasks import get_task
-
-if __package__ in (None, ""):           # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from orchestration.lifecycle import SWEEP_FILE  # noqa: E402
 
 PROG = "sweep.py"
 
