@@ -5,6 +5,7 @@ import argparse
 import math
 import os
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from .denoisers import load_denoiser
 from .evaluate.report import save_grid
 from .fetch import describe, run_fetch
 from .io import CheckpointError, read_json, read_metadata, save_tensors, write_json
-from .loop import distil, one_step, train_sfd
+from .loop import Stopped, distil, one_step, train_sfd
 from .presets import PRESETS, get_preset
 from .raytrain import fit_single_run
 from .rundir import holds_run, plan_run_dir
@@ -242,6 +243,38 @@ SUMMARY_KEYS = ("ua", "ua_heldout", "override_rate", "leakage_accuracy", "leakag
                 "train_seconds", "images_per_second_generator", "images_per_second_teacher")
 
 
+class StopOnSignal:
+    """SIGINT / SIGTERM during `sfd forget`: the first asks the loop to stop after the iteration (it writes a
+    checkpoint); a second stops at once (checkpoints are written atomically, so none is left half-written)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            return
+        raise Interrupted(signum)
+
+    def __enter__(self) -> "StopOnSignal":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Interrupted(Exception):
+    """A second SIGINT / SIGTERM: stop now, without a new checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def cmd_forget(a) -> int:
     sources = {}
     cfg = config_from_args(a, sources)
@@ -268,7 +301,19 @@ def cmd_forget(a) -> int:
                                cpus_per_worker=a.cpus_per_worker, gpus_per_worker=a.gpus_per_worker,
                                resume=a.resume, progress=not a.no_progress)
     else:
-        final = train_sfd(cfg, a.out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
+        with StopOnSignal() as stop:
+            try:
+                final = train_sfd(cfg, a.out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite,
+                                  should_stop=lambda: stop.signum is not None)
+            except Stopped as e:
+                name = signal.Signals(stop.signum).name
+                print(f"sfd: stopped by {name} at iteration {e.iteration}, checkpoint {e.checkpoint} — continue "
+                      f"with the same command and --resume", file=sys.stderr, flush=True)
+                return 128 + stop.signum
+            except Interrupted as e:
+                print(f"sfd: stopped by a second {e} before a new checkpoint — continue from the last one with the "
+                      f"same command and --resume", file=sys.stderr, flush=True)
+                return 128 + e.signum
     written = sorted(p.name for p in Path(a.out).iterdir() if p.is_file())
     print(f"done -> {a.out}: {', '.join(written)}")
     print(_fmt(final, SUMMARY_KEYS))

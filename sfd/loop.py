@@ -34,7 +34,15 @@ from .stage1 import export_stage1, resolve_init, stage1_config, stage1_key
 from .tasks import get_task
 from .utils import pick_device
 
-__all__ = ["train_sfd", "distil", "one_step", "SFDDivergedError", "Dist", "load_generator_init", "RESUMABLE_CHANGES"]
+__all__ = ["train_sfd", "Stopped", "distil", "one_step", "SFDDivergedError", "Dist", "load_generator_init", "RESUMABLE_CHANGES"]
+
+
+class Stopped(Exception):
+    """The run stopped when asked (``should_stop``): ``checkpoint`` is where ``--resume`` continues from."""
+
+    def __init__(self, out_dir: Path, checkpoint: Path | None, iteration: int):
+        super().__init__(f"stopped at iteration {iteration}")
+        self.out_dir, self.checkpoint, self.iteration = out_dir, checkpoint, iteration
 
 
 def load_generator_init(path, generator: Denoiser, fake_score: Denoiser) -> None:
@@ -60,12 +68,16 @@ def load_generator_init(path, generator: Denoiser, fake_score: Denoiser) -> None
 def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None], None] | None = None,
               resume: bool = False, progress: bool = True, evaluate: bool = True,
               teacher: Denoiser | None = None, judge=None, stop_when: Callable[[dict], bool] | None = None,
-              measure_speed: bool = True, overwrite: bool = False) -> dict:
+              measure_speed: bool = True, overwrite: bool = False,
+              should_stop: Callable[[], bool] | None = None) -> dict:
     """Run SFD as configured; write checkpoints, metrics and plots under ``out_dir``.
 
     ``callback(metrics, checkpoint_dir)`` is called on every rank at each evaluation
     (metrics are complete on rank 0 only) and once at the end. ``stop_when(metrics)`` may end
-    the run early (used by ``sfd bench``; rank 0 decides). Returns the final metrics.
+    the run early (used by ``sfd bench``; rank 0 decides). Returns the final metrics. A checkpoint is
+    written every ``checkpoint_every_kimg`` and at the end, whatever the evaluation schedule; the
+    callback gets it (with the step's losses if no evaluation fell on that step). ``should_stop()``
+    (rank 0's answer) true after an iteration: a checkpoint is written there and :class:`Stopped` raised.
 
     ``out_dir`` is owned by one run (``run.json``): a folder holding another run is refused unless
     ``resume`` (same settings; falls back to the newest intact checkpoint) or ``overwrite`` (the
@@ -127,13 +139,17 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
         with st.autocast():
             return one_step(st.generator_ema, z.to(device), c.to(device), st.sigma_init).float()
 
-    def run_eval() -> dict:
+    def progress_metrics() -> dict:
         m = {"iteration": st.iteration, "kimg": st.iteration * imgs_per_iter / 1000, "train_seconds": train_seconds,
              "wall_seconds": time.time() - t_start}
         if losses_log:
             recent = losses_log[-min(len(losses_log), eval_every):]
             m["loss_fake_score"] = sum(r[0] for r in recent) / len(recent)
             m["loss_generator"] = sum(r[1] for r in recent) / len(recent)
+        return m
+
+    def run_eval() -> dict:
+        m = progress_metrics()
         if evaluator is not None:
             m.update(evaluator(gen_fn))          # every rank generates its share; rank 0 gets the metrics
         return m
@@ -162,6 +178,9 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
         # a scheduled evaluation less than half an interval before the end is left to the final one
         # (20 kimg at 128 images per iteration is 157 iterations: not an evaluation at 156 and at 157)
         scheduled = st.iteration % eval_every == 0 and total_iters - st.iteration >= eval_every / 2
+        # a stop asked for by a signal (`sfd forget`: Ctrl-C, SIGTERM) ends the run here, with a checkpoint
+        interrupted = not done and should_stop is not None and dist.decide(lead and should_stop(), device)
+        m = None
         if scheduled or done:
             m = run_eval()
             history.append(m)
@@ -169,14 +188,20 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
                 post.update(UA=f"{m['ua']:.3f}", FD=f"{m['fd_remaining']:.3f}")
             if stop_when is not None and dist.decide(lead and stop_when(m), device):
                 done = stopped_early = True
-            ckpt_dir = None
-            if lead and (st.iteration % ckpt_every == 0 or done):
-                ckpt_dir = save_checkpoint(out_dir, st.iteration, st.modules(), st.optimizers(), st.rng, run_id=run_id, info={
-                    "config": cfg.to_dict(), "history": history, "losses": losses_log,
-                    "train_seconds": train_seconds, "kimg": kimg_now, "sigma_init_resolved": st.sigma_init,
-                    "scalers": {k: v.state_dict() for k, v in st.scalers.items()}})
-            if callback:
-                callback(m, ckpt_dir)
+        # checkpoints keep their own clock (--checkpoint-every-kimg), not the evaluations': a run that
+        # evaluates rarely loses at most one checkpoint interval when it is killed
+        ckpt_dir = None
+        if lead and (st.iteration % ckpt_every == 0 or done or interrupted):
+            ckpt_dir = save_checkpoint(out_dir, st.iteration, st.modules(), st.optimizers(), st.rng, run_id=run_id, info={
+                "config": cfg.to_dict(), "history": history, "losses": losses_log,
+                "train_seconds": train_seconds, "kimg": kimg_now, "sigma_init_resolved": st.sigma_init,
+                "scalers": {k: v.state_dict() for k, v in st.scalers.items()}})
+        if callback and (m is not None or ckpt_dir is not None):
+            # a checkpoint between evaluations is reported with the step's losses only (MLflow logs it)
+            callback(m if m is not None else progress_metrics(), ckpt_dir)
+        if interrupted:
+            bar.close()
+            raise Stopped(out_dir, ckpt_dir, st.iteration)
         bar.set_postfix(post, refresh=False)
         if done:
             break

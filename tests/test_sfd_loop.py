@@ -505,6 +505,7 @@ def test_an_evaluation_due_just_before_the_end_is_left_to_the_final_one(teacher,
     than half an interval before the end (the budget's rounding: 20 kimg at 128 images per iteration is
     157 iterations, so not at 156 and again at 157)."""
     seen = []
-    train_sfd(tiny(iters, every=every), tmp_path / "run", teacher=copy.deepcopy(teacher), evaluate=False,
-              progress=False, callback=lambda m, ckpt: seen.append(m["iteration"]))
+    # checkpoints only at the end: a checkpoint between evaluations is reported too (checkpoint cadence)
+    train_sfd(tiny(iters, every=every, checkpoint_every_kimg=100), tmp_path / "run", teacher=copy.deepcopy(teacher),
+              evaluate=False, progress=False, callback=lambda m, ckpt: seen.append(m["iteration"]))
     assert seen == expected
