@@ -4,8 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from sfd import yamlfile
 from sfd.config import DEFAULT_LAYER, SETTINGS, SFDConfig, format_config, layer_sources, layered_config, spaces_dir
 from sfd.presets import PRESETS
 from sfd.tasks import get_task
@@ -87,10 +86,7 @@ def load_space(path) -> SearchSpace:
     if not path.is_file():
         raise ValueError(f"search space {path} does not exist; available: "
                          f"{', '.join(sorted(p.name for p in SPACE_DIR.glob('*.yaml')))}")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"search space {path} is not valid YAML: {e}") from None
+    doc = yamlfile.load_file(path, "search space")        # duplicate keys refused, -1e-4 a number
     if not isinstance(doc, dict):
         raise ValueError(f"search space {path}: expected a mapping with 'preset', 'defaults', 'search'")
     unknown = sorted(set(doc) - {"preset", "defaults", "trial", "search", "override", "stage1_kimg", "stage1",

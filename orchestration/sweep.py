@@ -209,7 +209,10 @@ def resolve(a):
         # sd targets are phrases with spaces ('sd:brad pitt->a middle aged man'): one target per argument
         for part in [spec] if spec.strip().startswith("sd:") else spec.split():
             name = preset_of(part.strip())
-            get_preset(name)                       # unknown preset: error listing the valid ones
+            try:
+                get_preset(name)                   # unknown preset: error listing the valid ones
+            except ValueError as e:
+                raise ValueError(f"--targets: {e}") from None
             if name not in names:
                 names.append(name)
     given = load_space(a.space) if a.space else None

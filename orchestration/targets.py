@@ -13,8 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from sfd import yamlfile
 from sfd.config import SFDConfig
 from sfd.presets import PRESETS, get_preset
 from sfd.tasks import get_task
@@ -53,7 +52,7 @@ def preset_of(spec: str) -> str:
     if m:
         return m.group(1)
     if ":" not in spec:
-        raise ValueError(f"target {spec!r} is not understood; use all_<preset>_classes, <preset>:3,7, "
+        raise ValueError(f"--targets: target {_short(spec)!r} is not understood; use all_<preset>_classes, <preset>:3,7, "
                          f"<preset>:3->5 or <preset>:0+3->1,2 (presets: {', '.join(sorted(PRESETS))})")
     return spec.split(":", 1)[0]
 
@@ -63,21 +62,38 @@ def _free_text(spec: str) -> bool:
     return name in PRESETS and get_task(name).free_text_targets
 
 
-def parse_targets(specs: list[str], default_override: str = "next") -> list[Target]:
-    """Parse and validate every target before anything starts; errors list the valid choices."""
+MAX_TARGETS = 1000       # a sweep of more targets is a mistake (a pasted list) or several sweeps
+
+
+def _short(spec: str, n: int = 80) -> str:
+    """A target spec as a message shows it: a 100 kB list pasted by mistake is not echoed whole."""
+    return spec if len(spec) <= n else f"{spec[:n]}... ({len(spec)} characters)"
+
+
+def parse_targets(specs: list[str], default_override: str = "next", flag: str = "--targets") -> list[Target]:
+    """Parse and validate every target before anything starts (in one pass: time linear in the list, at
+    most :data:`MAX_TARGETS`); errors name ``flag``, the bad target and the valid choices."""
     out: list[Target] = []
+    seen: dict[str, str] = {}
     for spec in specs:
         # free-text targets are phrases ('sd:brad pitt->a middle aged man'): one target per argument
         parts = [spec] if _free_text(spec) else spec.split()
         for part in parts:
-            out.extend(_parse_one(part.strip(), default_override))
+            try:
+                made = _parse_one(part.strip(), default_override)
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}") from None
+            for t in made:
+                if t.name in seen:
+                    was = f" (as {_short(seen[t.name], 40)!r})" if seen[t.name] != part else f" (in {_short(part, 40)!r})"
+                    raise ValueError(f"{flag}: target {t.name} is listed twice{was} — list each target once")
+                seen[t.name] = part
+                out.append(t)
+            if len(out) > MAX_TARGETS:
+                raise ValueError(f"{flag}: more than {MAX_TARGETS} targets — a sweep takes at most {MAX_TARGETS}; "
+                                 f"split the list into several sweeps (each with its own --out)")
     if not out:
-        raise ValueError("no targets given; e.g. --targets all_digits_classes or digits:3->5")
-    seen = set()
-    for t in out:
-        if t.name in seen:
-            raise ValueError(f"target {t.name} is listed twice")
-        seen.add(t.name)
+        raise ValueError(f"no targets given; e.g. {flag} all_digits_classes or digits:3->5")
     return out
 
 
@@ -90,16 +106,21 @@ def _parse_one(spec: str, default_override: str) -> list[Target]:
             raise ValueError(f"target {spec!r}: preset '{preset.name}' forgets {task.noun}, not {m.group(2)} — use "
                              f"all_{preset.name}_{task.noun}")
         return [_make(task, (c,), task.target_override(default_override), spec) for c in task.all_forget()]
+    shown = _short(spec)
     if ":" not in spec:
-        raise ValueError(f"target {spec!r} is not understood; use all_<preset>_classes, <preset>:3,7, "
+        raise ValueError(f"target {shown!r} is not understood; use all_<preset>_classes, <preset>:3,7, "
                          f"<preset>:3->5 or <preset>:0+3->1,2 (presets: {', '.join(sorted(PRESETS))})")
     name, rest = spec.split(":", 1)
-    task = get_task(_preset(name, spec))
+    task = get_task(_preset(name, shown))
     if "->" in rest:
         forget_s, override = rest.split("->", 1)
-        return [_make(task, task.parse_forget(forget_s.split("+"), spec), override.strip(), spec)]
-    return [_make(task, task.parse_forget([c], spec), task.target_override(default_override), spec)
-            for c in rest.split(",")]
+        return [_make(task, task.parse_forget(forget_s.split("+"), shown), override.strip(), shown)]
+    items = rest.split(",")
+    if len(items) > MAX_TARGETS:
+        raise ValueError(f"target {shown!r} lists {len(items)} classes — a sweep takes at most {MAX_TARGETS} "
+                         f"targets; split the list into several sweeps")
+    return [_make(task, task.parse_forget([c], shown), task.target_override(default_override), shown)
+            for c in items]
 
 
 def _preset(name: str, spec: str):
@@ -149,10 +170,7 @@ def load_targets_file(path) -> list[Target]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--targets-file {path} does not exist — give a YAML file with a 'targets' list")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"--targets-file {path} is not valid YAML ({e}) — fix the file") from None
+    doc = yamlfile.load_file(path, "--targets-file")     # duplicate keys refused, -1e-4 a number
     if not isinstance(doc, dict) or not isinstance(doc.get("targets"), list) or not doc["targets"]:
         raise ValueError(f"--targets-file {path}: expected a mapping with a non-empty 'targets' list "
                          f"(entries: concept, override, optional synonyms and templates)")

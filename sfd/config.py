@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import yamlfile
 from .presets import get_preset
 from .tasks import get_task
 
@@ -428,7 +429,7 @@ def preset_block(preset: str, block: str = "defaults") -> dict | None:
     path = spaces_dir() / f"{preset}.yaml"
     if not path.is_file():
         return None
-    doc = yaml.safe_load(path.read_text()) or {}
+    doc = yamlfile.load_file(path, "search space") or {}
     if doc.get(block) is None:
         return None
     if not isinstance(doc[block], dict):

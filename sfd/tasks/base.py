@@ -227,7 +227,13 @@ class PromptTask(Task):
         return given
 
     def parse_forget(self, items, spec: str) -> tuple:
-        return tuple(str(c).strip() for c in items)
+        out = tuple(str(c).strip() for c in items)
+        seen = set()
+        for c in out:
+            if c.lower() in seen:
+                raise ValueError(f"target {spec!r}: concept {c!r} is forgotten twice — give each concept once")
+            seen.add(c.lower())
+        return out
 
     def target_override(self, override: str) -> str:
         """A class policy or class id from the sweep's --override means nothing here: the task's default."""

@@ -36,11 +36,15 @@ def parse_classes(text, preset, what: str = "--forget") -> list[int]:
         if not t:
             raise ValueError(f"{what} {text!r}: empty entry — give comma-separated classes; valid classes: {valid}")
         if t in preset.class_names:
-            out.append(preset.class_names.index(t))
-        elif t.isdigit():
-            out.append(int(t))
+            c = preset.class_names.index(t)
+        elif t.isascii() and t.isdigit():            # '³'.isdigit() is True too, and int('³') fails
+            c = int(t)
         else:
             raise ValueError(f"{what} {t!r} is not a class of preset '{preset.name}' — valid classes: {valid}")
+        if c in out:
+            raise ValueError(f"{what} {text!r}: class {t!r} is given twice — give each class once; valid classes: "
+                             f"{valid}")
+        out.append(c)
     return out
 
 
@@ -129,6 +133,9 @@ class ClassTask(Task):
         if not cfg.forget:
             raise ValueError("forget: no class given — give at least one class to forget, e.g. --forget 0")
         cfg.forget = [preset.check_class(c, "forget class") for c in cfg.forget]
+        twice = sorted({c for c in cfg.forget if cfg.forget.count(c) > 1})
+        if twice:
+            raise ValueError(f"forget {cfg.forget}: class {twice[0]} is given twice — give each class once")
         if len(set(cfg.forget)) == preset.num_classes:
             raise ValueError(f"forget: all {preset.num_classes} classes of '{preset.name}' are forgotten; "
                              f"nothing would remain to override them with")
@@ -165,7 +172,7 @@ class ClassTask(Task):
         out = []
         for s in items:
             s = str(s).strip()
-            if s.isdigit():
+            if s.isascii() and s.isdigit():          # '³'.isdigit() is True too, and int('³') fails
                 c = int(s)
             elif s in self.preset.class_names:
                 c = self.preset.class_names.index(s)
@@ -175,6 +182,8 @@ class ClassTask(Task):
                 out.append(self.preset.check_class(c, "class"))
             except ValueError as e:
                 raise ValueError(f"target {spec!r}: {e}") from None
+            if out.count(out[-1]) > 1:
+                raise ValueError(f"target {spec!r}: class {s!r} is forgotten twice — give each class once")
         return tuple(out)
 
     def resolve_override(self, forget: tuple, override: str) -> str:
