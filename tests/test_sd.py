@@ -723,7 +723,7 @@ def test_sd_run_reports_fd_and_concept_figures_in_the_loop(folders, clip_dir, tm
     from sfd.loop import train_sfd
     seen = []
     cfg = sd_cfg(folders["epsilon"], classifier=str(clip_dir), eval_forget_samples=4, eval_remain_per_class=1,
-                 eval_every_kimg=2 * IT)
+                 eval_every_kimg=2 * IT, checkpoint_every_kimg=100)   # checkpoints (also reported) at the end only
     train_sfd(cfg, tmp_path / "run", progress=False, callback=lambda m, c: seen.append(m))
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for k in ("fd_remaining", "fd_remaining_teacher", "fd_ratio", "fd_ratio_latent", "fd_ratio_clip", "override_fd_ratio",

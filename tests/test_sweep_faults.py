@@ -162,7 +162,7 @@ def _fake_sweep(folder: Path) -> dict:
 # -- refused before anything starts -------------------------------------------------------------
 
 SPACE_CASES = [
-    (lambda d: d["defaults"].update(lr_gen="-1e-4"), "lr_gen '-1e-4' (str) must be a number"),   # YAML: a string
+    (lambda d: d["defaults"].update(lr_gen="fast"), "lr_gen 'fast' (str) must be a number"),   # -1e-4 is a number now (sfd/yamlfile.py)
     (lambda d: d["defaults"].update(budget_kimg="twenty"), "budget_kimg 'twenty'"),
     (lambda d: d["defaults"].update(batch_remain=64.5), "batch_remain 64.5"),
     (lambda d: d["defaults"].update(lr_gen=-1e-4), "lr_gen (--lr-gen) -0.0001 is out of range"),
