@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import SFDConfig
+from .errors import CheckpointError
 from .evaluate.forgetting import teacher_fingerprint
 from .io import read_json, write_json
 from .presets import get_preset
@@ -99,7 +100,7 @@ class Chain:
             else:
                 try:
                     theirs = teacher_fingerprint(task.load_teacher(self.earlier_teacher, "cpu"))
-                except (OSError, ValueError) as e:
+                except (OSError, ValueError, CheckpointError) as e:
                     raise ValueError(f"--init-from {self.run}: its teacher {self.earlier_teacher!r} cannot be read "
                                      f"to check it is this run's ({e}) — a chain uses one teacher") from None
         if theirs != mine:
