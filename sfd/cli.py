@@ -14,6 +14,7 @@ import torch
 
 from . import __version__, assets
 from .bench import run_bench
+from .chain import extend
 from .config import (DEFAULT_LAYER, GROUPS, SETTINGS, check_device, format_config, layered_config, preset_layers,
                      space_label)
 from .denoisers import load_denoiser
@@ -223,10 +224,13 @@ def print_config(cfg, sources: dict) -> int:
     """`sfd forget --print-config`: the settings as the run would use them (validated), each with
     the layer that set it; nothing runs."""
     before = cfg.to_dict()
+    cfg, chain = extend(cfg)                 # --init-from an earlier forgetting run: its targets first
     cfg.validate(get_preset(cfg.preset))
     for k, v in cfg.to_dict().items():       # e.g. a text preset's --forget becomes forget_concepts
         if v != before[k]:
-            sources[k] = f"{sources[k]}, resolved by SFDConfig.validate"
+            how = f"the chain of {chain.run} (--init-from)" if chain and k in ("forget", "forget_concepts", "override") \
+                else "SFDConfig.validate"
+            sources[k] = f"{sources[k]}, resolved by {how}"
     print(f"# sfd forget --print-config: the settings this run would use, each with the layer that set it;\n"
           f"# a later layer wins: {DEFAULT_LAYER} < {space_label(cfg.preset)} defaults < its override_defaults"
           f"[<policy>]\n#   < flags < the $SFD_HOME cache (teacher and judge files left out)")
@@ -235,10 +239,15 @@ def print_config(cfg, sources: dict) -> int:
 
 
 def _fmt(m: dict, keys) -> str:
-    return ", ".join(f"{k} {m[k]:.4g}" if isinstance(m[k], float) else f"{k} {m[k]}" for k in keys if k in m)
+    def one(v):
+        if isinstance(v, dict):               # per target: {'3': 1.0, '5': 0.998} -> {3: 1, 5: 0.998}
+            return "{" + ", ".join(f"{t}: {one(x)}" for t, x in v.items()) + "}"
+        return f"{v:.4g}" if isinstance(v, float) else f"{v}"
+    return ", ".join(f"{k} {one(m[k])}" for k in keys if k in m)
 
 
-SUMMARY_KEYS = ("ua", "ua_heldout", "override_rate", "leakage_accuracy", "leakage_accuracy_teacher", "remaining_accuracy", "remaining_accuracy_teacher", "fd_remaining",
+SUMMARY_KEYS = ("ua", "ua_per_target", "ua_worst", "rebound_per_target", "rebound_max", "ua_heldout",
+                "ua_heldout_per_target", "override_rate", "leakage_accuracy", "leakage_accuracy_teacher", "remaining_accuracy", "remaining_accuracy_teacher", "fd_remaining",
                 "fd_remaining_teacher", "fd_ratio", "fd_forget_vs_override", "fd_override_teacher", "kimg",
                 "train_seconds", "images_per_second_generator", "images_per_second_teacher")
 
@@ -291,7 +300,7 @@ def cmd_forget(a) -> int:
     _finite("--cpus-per-worker", a.cpus_per_worker, low=0.0, low_open=True, fix="a number of CPUs > 0")
     _finite("--gpus-per-worker", a.gpus_per_worker, low=0.0, fix="a number of GPUs >= 0")
     if a.num_workers > 1 or a.address:
-
+        cfg, _ = extend(cfg)                 # as train_sfd does on every worker: run.json holds the merged targets
         cfg.validate(get_preset(cfg.preset))
         plan = plan_run_dir(a.out, cfg.to_dict(), resume=a.resume, overwrite=a.overwrite)   # before Ray starts
         if plan.move_aside is not None:

@@ -18,6 +18,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from .chain import extend
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import SFDConfig
 from .denoisers import Denoiser
@@ -85,7 +86,9 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     """
     preset = get_preset(cfg.preset)
     task = get_task(preset)
-    cfg = SFDConfig.from_dict(cfg.to_dict()).validate(preset)
+    # a chain (init_from: an earlier forgetting run) keeps that run's forgotten set: the targets merge first
+    cfg, chain = extend(SFDConfig.from_dict(cfg.to_dict()), preset)
+    cfg = cfg.validate(preset)
     out_dir = Path(out_dir)
     dist = Dist.current()
     lead = dist.lead
@@ -95,6 +98,8 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     plan = plan_run_dir(out_dir, cfg.to_dict(), resume=resume, overwrite=overwrite) if lead else None
 
     teacher = teacher if teacher is not None else task.load_teacher(cfg.teacher, device, cfg.allow_download)
+    if chain is not None:
+        chain.check_teacher(teacher, task, cfg.teacher)
     if evaluate and judge is None and not task.can_evaluate(cfg):
         evaluate = False
         if lead:
@@ -152,6 +157,8 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
         m = progress_metrics()
         if evaluator is not None:
             m.update(evaluator(gen_fn))          # every rank generates its share; rank 0 gets the metrics
+            if chain is not None:
+                m.update(chain.rebound(m))       # how far each earlier stage's target fell back
         return m
 
     bar = tqdm(total=total_iters, initial=st.iteration, desc=f"SFD forget {st.targets.describe()}", unit="it",
@@ -214,6 +221,8 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     if lead:
         final.update(_write_outputs(out_dir, cfg, task, teacher, st, evaluator, history, gen_fn, device,
                                     evaluate, measure_speed))
+        if chain is not None:
+            chain.record(out_dir, cfg, final, task.chain_pairs(cfg))
     return final
 
 
@@ -234,7 +243,7 @@ def _write_outputs(out_dir: Path, cfg, task, teacher, st, evaluator, history, ge
         save_grid(out_dir / "samples_teacher.png", *evaluator.teacher_grid(teacher))
         plot_history(history, out_dir / "curves.png", title=f"SFD {cfg.preset}: forget {cfg.forget_concepts or cfg.forget} -> {cfg.override}")
     metrics = {**(history[-1] if history else {}), **extra, "sigma_init_resolved": st.sigma_init,
-               "precision_resolved": st.precision,
+               "precision_resolved": st.precision, "teacher_fingerprint": teacher_fingerprint(teacher),
                "config": cfg.to_dict()}
     write_json(out_dir / "history.json", history)
     write_json(out_dir / "metrics.json", metrics)

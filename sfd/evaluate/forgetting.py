@@ -262,8 +262,11 @@ class ForgetEvaluator:
             m = self.forget_labels == f
             overridden += int(torch.isin(fpred[m], torch.tensor(intended)).sum())
             fd_o.append(frechet_distance(ffeats[m.numpy()], self.ref.of(intended)))
+        per_target = {str(f): unlearning_accuracy(fpred, self.forget_labels, [f]) for f in tg.forget}
         m = {
             "ua": unlearning_accuracy(fpred, self.forget_labels, tg.forget),
+            "ua_per_target": per_target,        # each forgotten class on its own (chained forgetting: rebound)
+            "ua_worst": min(per_target.values()),
             "override_rate": overridden / nf,
             "forget_prob_mean": float(p_forget.mean()),
             "forget_entropy_mean": float(entropy.mean()),

@@ -250,6 +250,7 @@ class ConceptEvaluator:
         tg = self.targets
         fd, fk = tg.attrs(rows)
         failed, overridden, other_ok, other_n = 0, 0, 0, 0
+        hits = {c.name: [0, 0] for c in tg.concepts}       # per concept: (shown, prompts naming it)
         for j, i in enumerate(rows.tolist()):
             text = tg.table[i].text
             shown = {"digit": int(d[j]), "color": int(k[j])}
@@ -259,6 +260,8 @@ class ConceptEvaluator:
                 if contains(text, c.terms):
                     touched.add(kind)
                     hit |= shown[kind] == v
+                    hits[c.name][0] += shown[kind] == v
+                    hits[c.name][1] += 1
                     over &= shown[kind] == ov
             failed += hit
             overridden += over
@@ -267,7 +270,9 @@ class ConceptEvaluator:
                     other_n += 1
                     other_ok += shown[kind] == true[kind]
         n = len(rows)
-        out = {f"ua{suffix}": 1.0 - failed / n, f"override_rate{suffix}": overridden / n}
+        per_target = {name: 1.0 - shown / max(total, 1) for name, (shown, total) in hits.items()}
+        out = {f"ua{suffix}": 1.0 - failed / n, f"override_rate{suffix}": overridden / n,
+               f"ua{suffix}_per_target": per_target, f"ua{suffix}_worst": min(per_target.values())}
         if other_n:
             out[f"other_attribute_accuracy{suffix}"] = other_ok / other_n
         return out

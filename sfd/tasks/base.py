@@ -60,6 +60,18 @@ class Task(ABC):
         """Shape of one generator sample (pixels; Stable Diffusion: the UNet's latents)."""
         return tuple(self.preset.img_shape)
 
+    # -- chained forgetting (sfd.chain) ----------------------------------------------------------------------
+    def chain_pairs(self, cfg) -> list[tuple[str, str]]:
+        """(target, override) of a validated configuration, in its order."""
+        raise ValueError(f"chained forgetting (--init-from an earlier forgetting run) is implemented for the class "
+                         f"presets and colordigits, not preset '{self.preset.name}' — forget every target in one run "
+                         f"(--forget a,b)")
+
+    def chain_settings(self, earlier: list[tuple[str, str]], cfg, run: str) -> dict:
+        """The target settings that forget ``earlier`` (the pairs of run ``run``) and this stage's targets of
+        ``cfg``; raise ValueError for what a chain cannot do."""
+        return self.chain_pairs(cfg)
+
     # -- judging ----------------------------------------------------------------------------------------
     def can_evaluate(self, cfg) -> bool:
         """Whether UA/FD can be measured: a bundled judge, or classifier + FID weights + reference given."""

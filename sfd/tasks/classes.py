@@ -139,6 +139,8 @@ class ClassTask(Task):
         if len(set(cfg.forget)) == preset.num_classes:
             raise ValueError(f"forget: all {preset.num_classes} classes of '{preset.name}' are forgotten; "
                              f"nothing would remain to override them with")
+        if cfg.override == "next":           # c -> c + 1, skipping forgotten classes (as the sweep's targets)
+            cfg.override = self.resolve_override(tuple(cfg.forget), "next")
         if cfg.override not in OVERRIDE_POLICIES:
             targets = override_classes(cfg.override, len(cfg.forget))
             if len(targets) not in (1, len(cfg.forget)):
@@ -166,6 +168,52 @@ class ClassTask(Task):
 
     def targets(self, cfg, teacher):
         return ClassTargets(cfg, teacher.num_classes)
+
+    # -- chained forgetting (sfd.chain) ----------------------------------------------------------------------
+    def chain_pairs(self, cfg) -> list[tuple[str, str]]:
+        """(target, override) of a validated configuration: override a class id or a policy."""
+        overrides = override_classes(cfg.override, len(cfg.forget)) or [cfg.override] * len(cfg.forget)
+        return [(str(f), str(o)) for f, o in zip(cfg.forget, overrides)]
+
+    def chain_settings(self, earlier: list[tuple[str, str]], cfg, run: str) -> dict:
+        """The settings that forget ``earlier`` (the pairs of run ``run``) and this stage's targets of ``cfg``
+        (flags as parsed; 'next' resolved against every forgotten class). Raises ValueError for what a chain
+        cannot do."""
+        before = {int(t): o for t, o in earlier}
+        policies = {o for o in before.values() if o in OVERRIDE_POLICIES}
+        new = [self.preset.check_class(c, "forget class") for c in cfg.forget]
+        every = list(before) + [c for c in new if c not in before]
+        given = str(cfg.override)
+        old_policy = next(iter(policies), None)          # a validated run: one policy, or fixed classes
+        if given in OVERRIDE_POLICIES or old_policy:
+            if given != old_policy:
+                raise ValueError(f"override {given!r}: {run} overrode {sorted(before)} with "
+                                 f"{old_policy or 'fixed classes'}; a chain keeps one override policy (random / "
+                                 f"classifier) or fixed classes throughout — give --override "
+                                 f"{old_policy or 'next (or a class id)'}")
+            return {"forget": every, "override": given}
+        if given == "next":
+            resolved = self.resolve_override(tuple(every), "next").split(",")
+            mine = dict(zip(every, resolved))
+            overrides = [mine[c] for c in new]
+        else:
+            overrides = override_classes(given, len(new))
+            if len(overrides) != len(new):
+                raise ValueError(f"override {given!r}: give one class, or one per forget class ({len(new)})")
+        for c, o in zip(new, overrides):
+            o = str(o)
+            if c in before and given != "next" and before[c] != o:
+                raise ValueError(f"forget {c}: {run} already forgot it with override {before[c]}; a chain cannot "
+                                 f"change an earlier override — give --override {before[c]} or leave {c} out")
+            if o.isdigit() and int(o) in before:
+                raise ValueError(f"override {o} (for {c}) was forgotten by an earlier stage ({run} forgot "
+                                 f"{sorted(before)}) — choose a class that remains, or --override next")
+            if str(c) in before.values():
+                olds = [t for t, v in before.items() if v == str(c)]
+                raise ValueError(f"forget {c}: it is the override of {olds} forgotten by {run}; forgetting it would "
+                                 f"undo that — forget another class, or start a new chain")
+        overrides = [before[c] for c in before] + [str(o) for c, o in zip(new, overrides) if c not in before]
+        return {"forget": every, "override": ",".join(overrides)}
 
     # -- the sweep ---------------------------------------------------------------------------------------
     def parse_forget(self, items, spec: str) -> tuple:

@@ -217,6 +217,42 @@ class ConceptTask(PromptTask):
         t.install(teacher)
         return t
 
+    # -- chained forgetting (sfd.chain) ----------------------------------------------------------------------
+    def chain_pairs(self, cfg) -> list[tuple[str, str]]:
+        """(concept, override concept) of a validated configuration."""
+        return list(zip(cfg.forget_concepts, str(cfg.override).split(",")))
+
+    def chain_settings(self, earlier: list[tuple[str, str]], cfg, run: str) -> dict:
+        """The settings that forget ``earlier`` (the pairs of run ``run``) and this stage's concepts of ``cfg``
+        ('next' resolved by :func:`resolve_concepts` against every forgotten concept). Raises ValueError for
+        what a chain cannot do."""
+        syn = cfg.concept_synonyms or {}
+        before = dict(earlier)
+        new = [canonical(c, syn) for c in cfg.forget_concepts]
+        items = [s.strip() for s in str(cfg.override).split(",")]
+        if len(items) not in (1, len(new)):
+            raise ValueError(f"override {cfg.override!r}: give one override concept, or one per forget concept "
+                             f"({len(new)}), or '{NEXT}'")
+        overrides = [o if o.lower() == NEXT else canonical(o, syn) for o in items * (len(new) // len(items))]
+        kept = []
+        for c, o in zip(new, overrides):
+            if c in before:
+                if o.lower() != NEXT and o != before[c]:
+                    raise ValueError(f"forget {c!r}: {run} already forgot it with override {before[c]!r}; a chain "
+                                     f"cannot change an earlier override — give --override {before[c]} or leave "
+                                     f"{c!r} out")
+                continue
+            if o in before:
+                raise ValueError(f"override {o!r} (for {c!r}) was forgotten by an earlier stage ({run} forgot "
+                                 f"{', '.join(before)}) — choose a concept that remains, or --override {NEXT}")
+            if c in before.values():
+                olds = [t for t, v in before.items() if v == c]
+                raise ValueError(f"forget {c!r}: it is the override of {', '.join(olds)} forgotten by {run}; "
+                                 f"forgetting it would undo that — forget another concept, or start a new chain")
+            kept.append((c, o))
+        pairs = list(before.items()) + kept
+        return {"forget_concepts": [c for c, _ in pairs], "override": ",".join(o for _, o in pairs)}
+
     def evaluator(self, cfg, judge, teacher, targets, *, seed: int = 777, progress: bool = False, dist=None,
                   device=None):
         return ConceptEvaluator(self.preset, judge, teacher, targets, cfg.eval_forget_samples,
