@@ -51,7 +51,7 @@ def denoise_loss(net, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor
     ``keepdim=True`` (sum over pixels of (n - eps)^2)."""
     s = as_sigma(sigma, x0)
     d = net(x0 + s * noise, s.flatten(), cond)
-    return (as_sigma(weight, x0) * (d.float() - x0) ** 2).flatten(1).sum(1)
+    return (as_sigma(weight, x0) * (d.to(x0.dtype) - x0) ** 2).flatten(1).sum(1)
 
 
 def draw_sigma(net: Denoiser, n: int, gen: torch.Generator) -> torch.Tensor:

@@ -20,8 +20,8 @@ from ..samplers import sample_heun
 @torch.no_grad()
 def esd_target(teacher, x: torch.Tensor, sigma: torch.Tensor, c_forget: torch.Tensor, eta: float) -> torch.Tensor:
     """D*(null) - eta (D*(c_f) - D*(null)): the teacher guided away from the forget condition."""
-    d_null = teacher(x, sigma, teacher.null_cond(c_forget)).float()
-    d_forget = teacher(x, sigma, c_forget).float()
+    d_null = teacher(x, sigma, teacher.null_cond(c_forget)).to(x.dtype)
+    d_forget = teacher(x, sigma, c_forget).to(x.dtype)
     return d_null - eta * (d_forget - d_null)
 
 
@@ -30,7 +30,7 @@ def esd_loss(student, teacher, x: torch.Tensor, sigma: torch.Tensor, c_forget: t
     """Per-sample mean over pixels of weight(sigma) (D(x, c_f) - D*)^2 (the reference's MSELoss of one
     sample is this mean with weight 1 / sigma^2)."""
     target = esd_target(teacher, x, sigma, c_forget, eta)
-    d = student(x, sigma, c_forget).float()
+    d = student(x, sigma, c_forget).to(x.dtype)
     return (as_sigma(weight, x) * (d - target) ** 2).flatten(1).mean(1)
 
 

@@ -27,16 +27,17 @@ def surrogate_images(n: int, shape, gen: torch.Generator) -> torch.Tensor:
 
 
 def fisher_diagonal(net, x: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor, weight_fn, gen: torch.Generator,
-                    scale: float = 1.0) -> dict[str, torch.Tensor]:
+                    scale: float = 1.0, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """mean over samples of (sum over ``sigmas`` of d loss / d theta)^2, times ``scale``; one backward per
-    sample (per-sample gradients are not averaged before squaring, as in the reference)."""
+    sample (per-sample gradients are not averaged before squaring, as in the reference). ``noise``
+    (samples x levels x image), else drawn from ``gen``."""
     params = {k: p for k, p in net.named_parameters() if p.requires_grad}
     fisher = {k: torch.zeros_like(p) for k, p in params.items()}
     for i in range(len(x)):
         xi = x[i:i + 1].expand(len(sigmas), *x.shape[1:])
         ci = cond[i:i + 1].expand(len(sigmas), *cond.shape[1:])
-        noise = torch.randn(xi.shape, generator=gen).to(x.device)
-        loss = denoise_loss(net, xi, sigmas, noise, ci, weight_fn(sigmas)).sum()
+        ni = torch.randn(xi.shape, generator=gen).to(x.device) if noise is None else noise[i]
+        loss = denoise_loss(net, xi, sigmas, ni, ci, weight_fn(sigmas)).sum()
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for (k, _), g in zip(params.items(), grads):
             if g is not None:

@@ -24,7 +24,7 @@ def saliency_scores(net, batches, weight_fn, gen: torch.Generator, clip_norm: fl
                     guidance: float = MASK_GUIDANCE) -> dict[str, torch.Tensor]:
     """|sum over forget batches of the clipped gradient of the batch's denoising loss| per weight.
 
-    ``batches``: (x0, cond, sigma) triples of forget images. The loss is that of the guided prediction
+    ``batches``: (x0, cond, sigma) or (x0, cond, sigma, noise) of forget images (noise, else from ``gen``). The loss is that of the guided prediction
     (1 + w) D(c) - w D(null) with the network in eval mode, as the reference's ``mode="test"`` at its
     default ``--cond_scale 2``."""
     was_training = net.training
@@ -32,8 +32,8 @@ def saliency_scores(net, batches, weight_fn, gen: torch.Generator, clip_norm: fl
     call = Guided(net, guidance)
     params = {k: p for k, p in net.named_parameters() if p.requires_grad}
     acc = {k: torch.zeros_like(p) for k, p in params.items()}
-    for x0, cond, sigma in batches:
-        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    for x0, cond, sigma, *given in batches:
+        noise = given[0] if given else torch.randn(x0.shape, generator=gen).to(x0.device)
         loss = denoise_loss(call, x0, sigma, noise, cond, weight_fn(sigma)).mean()
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
@@ -74,8 +74,8 @@ def relabel_loss(net, x_t: torch.Tensor, sigma: torch.Tensor, c_forget: torch.Te
     """mean over pixels and batch of weight(sigma) (D(x_t, c_f) - stopgrad D(x_t, c_pseudo))^2: the reference's
     ``MSELoss(pseudo, output)`` in eps units when weight is 1 / sigma^2."""
     with torch.no_grad():
-        pseudo = net(x_t, sigma, c_pseudo).float()
-    out = net(x_t, sigma, c_forget).float()
+        pseudo = net(x_t, sigma, c_pseudo).to(x_t.dtype)
+    out = net(x_t, sigma, c_forget).to(x_t.dtype)
     return (as_sigma(weight, x_t) * (out - pseudo) ** 2).mean()
 
 
