@@ -90,10 +90,10 @@ def load_space(path) -> SearchSpace:
     if not isinstance(doc, dict):
         raise ValueError(f"search space {path}: expected a mapping with 'preset', 'defaults', 'search'")
     unknown = sorted(set(doc) - {"preset", "defaults", "trial", "search", "override", "stage1_kimg", "stage1",
-                              "trials_per_target", "override_defaults"})
+                              "trials_per_target", "override_defaults", "methods"})
     if unknown:
         raise ValueError(f"search space {path}: unknown top-level key(s) {unknown}; allowed: preset, defaults, "
-                         f"trial, search, override, stage1_kimg, stage1, trials_per_target, override_defaults")
+                         f"trial, search, override, stage1_kimg, stage1, trials_per_target, override_defaults, methods")
     stage1_kimg = doc.get("stage1_kimg", 0)
     if not isinstance(stage1_kimg, (int, float)) or isinstance(stage1_kimg, bool) or not stage1_kimg >= 0:
         raise ValueError(f"search space {path}: stage1_kimg must be a number >= 0, got {stage1_kimg!r}")

@@ -30,6 +30,7 @@ GROUPS = {
     "optim": "optimisation",
     "schedule": "schedule and evaluation",
     "run": "run and hardware",
+    "method": "method: SFD or a baseline fine-tuned from the teacher (docs/baselines.md)",
 }
 BIG = 10**9
 
@@ -242,6 +243,39 @@ class SFDConfig:
         0, group="run", range=(0, 1024, "[]", "a LoRA rank in 1..1024, or 0 for full fine-tuning"),
         help="> 0: generator and fake score are two LoRA adapters (peft) of this rank on the one frozen teacher "
              "UNet, switched per pass (one copy of the UNet for all three networks); 0: full fine-tuning")
+
+    # method: SFD or a baseline (sfd/methods/, docs/baselines.md) ------------------------------
+    method: str = setting(
+        "sfd", group="method", choices=("sfd", "esd", "sa", "salun"),
+        help="'sfd' (a one-step generator) or a baseline that fine-tunes the teacher and samples with its "
+             "18-step Heun sampler (35 NFE): 'esd' (Gandikota et al. 2023), 'sa' (Selective Amnesia, Heng & Soh "
+             "2023), 'salun' (Fan et al. 2024, data-free: the teacher's samples); each starts from "
+             "search_spaces/<preset>.yaml: methods[<method>]")
+    lr_finetune: float = setting(1e-4, group="method", searchable=True,
+                                 range=(0.0, 1.0, "(]", "a learning rate in (0, 1], e.g. 1e-4"),
+                                 help="baselines: Adam learning rate of the fine-tuned teacher")
+    esd_negative_guidance: float = setting(
+        1.0, group="method", searchable=True, range=(0.0, 1e3, "[]", "a guidance >= 0, e.g. 1"),
+        help="esd: eta of the target D(null) - eta (D(forget) - D(null)) (train-esd.py's --negative_guidance)")
+    esd_start_guidance: float = setting(
+        2.0, group="method", searchable=True, range=(0.0, 1e3, "[]", "a guidance scale w >= 0"),
+        help="esd: CFG scale w ((1 + w) D(c) - w D(null)) of the model's own partial sampling that gives x_t "
+             "(the reference's start_guidance 3 is w = 2)")
+    sa_lambda: float = setting(10.0, group="method", searchable=True, range=(0.0, 1e12, "[]", "a weight >= 0"),
+                               help="sa: weight of the EWC term sum F (theta - theta*)^2")
+    sa_gamma: float = setting(1.0, group="method", searchable=True, range=(0.0, 1e6, "[]", "a weight >= 0"),
+                              help="sa: weight of the generative-replay term (the reference: 1)")
+    sa_fisher_samples: int = setting(200, group="method", range=(1, BIG, "[]", "at least 1 sample"),
+                                     help="sa: teacher samples (all classes) the Fisher diagonal is averaged over")
+    salun_mask_ratio: float = setting(
+        0.5, group="method", searchable=True, range=(0.0, 1.0, "(]", "a fraction in (0, 1]"),
+        help="salun: fraction of weights with the largest forget-loss gradient that are trained (the reference: 0.5)")
+    salun_alpha: float = setting(0.05, group="method", searchable=True, range=(0.0, 1e6, "[]", "a weight >= 0"),
+                                 help="salun: weight of the retain term (reference 1e-3 at 3072 pixels; scaled to the "
+                                      "preset by the pixel count)")
+    pool_per_condition: int = setting(
+        100, group="method", range=(1, BIG, "[]", "at least 1 sample"),
+        help="sa, salun: teacher samples per condition in the data-free training pool (forget and retain images)")
 
     def validate(self, preset=None) -> "SFDConfig":
         """Check every setting (type, finiteness, range) before any work; raise ValueError naming the
@@ -457,6 +491,24 @@ def override_defaults(preset: str) -> dict:
     return {str(k): dict(v) for k, v in block.items()}
 
 
+def method_block(preset: str, method: str) -> dict:
+    """``methods[<method>]`` of the preset's YAML: ``defaults`` (that method's recipe, scaled to the preset) and
+    ``search`` ({} where the file or the entry is absent; 'sfd' is the top-level blocks themselves)."""
+    block = preset_block(preset, "methods") or {}
+    entry = block.get(method) or {}
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k) or {}, dict) for k in ("defaults", "search")):
+        raise ValueError(f"{spaces_dir() / f'{preset}.yaml'}: methods.{method} must be a mapping with 'defaults' and "
+                         f"'search' mappings")
+    return entry
+
+
+def method_defaults(preset: str, method: str) -> dict:
+    """The settings a run of ``method`` starts from on top of the preset's ``defaults`` (``method`` included)."""
+    if method == "sfd":
+        return {}
+    return {**(method_block(preset, method).get("defaults") or {}), "method": method}
+
+
 def preset_stage1_settings(preset: str) -> dict:
     """The settings stage 1 distils with: the YAML's ``stage1`` block on SFDConfig's own defaults
     where the preset has one (so tuning the forgetting's ``defaults`` never changes the shared
@@ -482,8 +534,10 @@ def preset_layers(preset: str, changes: dict, label="config_for_preset") -> list
     flag). The one place `sfd forget` and config_for_preset layer settings."""
     base = preset_block(preset, "defaults") or {}
     policy = str(changes.get("override", base.get("override", SETTINGS["override"].default)))
+    method = str(changes.get("method", base.get("method", SETTINGS["method"].default)))
     return [(f"{space_label(preset)} defaults", base),
             (f"{space_label(preset)} override_defaults[{policy}]", override_defaults(preset).get(policy, {})),
+            (f"{space_label(preset)} methods[{method}]", method_defaults(preset, method)),
             (label, changes),
             (label, {"preset": preset})]
 

@@ -29,6 +29,7 @@ from .evaluate.plots import plot_history
 from .evaluate.report import save_grid
 from .io import CheckpointError, load_state_strict, load_tensors, write_json
 from .iteration import SFDDivergedError, build_state, one_step, sfd_iteration, total_iterations
+from .methods.finetune import train_baseline
 from .presets import get_preset
 from .rundir import RESUMABLE_CHANGES, plan_run_dir  # RESUMABLE_CHANGES re-exported for importers
 from .stage1 import export_stage1, resolve_init, stage1_config, stage1_key
@@ -84,6 +85,9 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     ``resume`` (same settings; falls back to the newest intact checkpoint) or ``overwrite`` (the
     old run is moved aside to ``<out>.old-<timestamp>``). All of it is decided before any work.
     """
+    if cfg.method != "sfd":                   # a baseline fine-tunes the teacher (sfd/methods/)
+        return train_baseline(cfg, out_dir, callback=callback, resume=resume, progress=progress, evaluate=evaluate,
+                              teacher=teacher, judge=judge, measure_speed=measure_speed, overwrite=overwrite)
     preset = get_preset(cfg.preset)
     task = get_task(preset)
     # a chain (init_from: an earlier forgetting run) keeps that run's forgotten set: the targets merge first
@@ -146,7 +150,7 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
 
     def progress_metrics() -> dict:
         m = {"iteration": st.iteration, "kimg": st.iteration * imgs_per_iter / 1000, "train_seconds": train_seconds,
-             "wall_seconds": time.time() - t_start}
+             "wall_seconds": time.time() - t_start, "nfe": 1}
         if losses_log:
             recent = losses_log[-min(len(losses_log), eval_every):]
             m["loss_fake_score"] = sum(r[0] for r in recent) / len(recent)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .config import SFDConfig
 from .io import read_json
+from .methods.finetune import evaluate_baseline
 from .tasks import get_task
 
 
@@ -24,6 +25,9 @@ def evaluate_run(run_dir, seed: int = 777, device="auto", forget_samples: int | 
         cfg.eval_forget_samples = forget_samples
     if remain_per_class:
         cfg.eval_remain_per_class = remain_per_class
+    if cfg.method != "sfd":                   # a baseline: its fine-tuned model with the teacher's sampler
+        return evaluate_baseline(run_dir, cfg, seed=seed, device=device, progress=progress, teacher=teacher,
+                                 judge=judge)
     return get_task(cfg.preset).evaluate_run(run_dir, cfg, metrics, seed=seed, device=device, progress=progress,
                                              teacher=teacher, judge=judge, clip=clip, per_prompt=per_prompt)
 
