@@ -29,7 +29,9 @@ GROUPS = {
     "optim": "optimisation",
     "schedule": "schedule and evaluation",
     "run": "run and hardware",
+    "robustness": "robustness: attacks after training (docs/robustness.md)",
 }
+ATTACK_CHOICES = ("off", "continuous", "discrete", "all")
 BIG = 10**9
 
 
@@ -225,6 +227,11 @@ class SFDConfig:
     eval_remain_per_class: int = setting(
         200, group="schedule", range=(1, BIG, "[]", "at least 1 sample per class"),
         help="samples per remaining class for FD (the teacher is measured at the same count)")
+    # robustness ---------------------------------------------------------------------------
+    attack: str = setting(
+        "off", group="robustness", choices=ATTACK_CHOICES,
+        help="after training, measure the generator as `sfd attack` does (prompt families, side effects and the "
+             "named attack: continuous, discrete, or all) and report ASR next to UA; off: no attack")
     # run ---------------------------------------------------------------------------------
     seed: int = setting(0, group="run", range=(0, 2**63 - 1, "[]", "a seed >= 0"), help="random seed")
     device: str = setting("auto", group="run", help="'auto' (CUDA if present), 'cpu', 'cuda:0', ...")

@@ -94,23 +94,23 @@ class Sampler:
 
 
 class Judge:
-    """Log-probabilities of the attribute a concept lives in (colordigits: digit or colour head; class
-    presets: the classifier)."""
+    """Log-probabilities of the attribute a concept lives in: one head of the colordigits judge (``head``
+    "digit" or "color"), or a class preset's classifier (``head`` None)."""
 
-    def __init__(self, judge, kind: str = "class"):
-        self.judge, self.kind = judge, kind
+    def __init__(self, judge, head: str | None = None):
+        self.judge, self.head = judge, head
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = x.clamp(-1, 1)
-        if self.kind == "class":
+        if self.head is None:
             return self.judge(x)
         _, ld, lk = self.judge.heads(x)
-        return ld if self.kind == "digit" else lk
+        return ld if self.head == "digit" else lk
 
     @torch.no_grad()
     def both(self, x: torch.Tensor):
-        """(digit, colour) predictions (text presets) or (class, None)."""
-        if self.kind == "class":
+        """(digit, colour) predictions (colordigits) or (class, None)."""
+        if self.head is None:
             return self.judge(x.clamp(-1, 1)).argmax(1), None
         _, ld, lk = self.judge.heads(x.clamp(-1, 1))
         return ld.argmax(1), lk.argmax(1)
@@ -297,7 +297,7 @@ class Report:
 
     def summary(self) -> dict:
         """The top-level figures (docs/robustness.md): worst family, worst cell, ASR per kind."""
-        out: dict = {}
+        out: dict = {"attack_seconds": self.seconds.get("total")}
         fams = {k: v for k, v in self.families.items() if v.get("forget_samples")}
         if fams:
             worst = max(fams, key=lambda k: fams[k]["residue"])
@@ -336,6 +336,9 @@ def _success(judge: Judge, x: torch.Tensor, target: torch.Tensor):
 class ConceptSuite:
     """Families, side effects and both attacks for a colordigits run (``targets``: its ConceptTargets)."""
 
+    name = "concepts"
+    attacks = ATTACK_KINDS
+
     def __init__(self, targets, judge, text: TextSide, budget: Budget, extra_prompts: list | None = None):
         if len(targets.concepts) != 1:
             raise ValueError(f"attacks measure one forgotten concept at a time; this run forgets "
@@ -344,6 +347,7 @@ class ConceptSuite:
         c = targets.concepts[0]
         (self.attr, self.value), (_, self.override_value) = targets.forgotten_attrs[0]
         self.concept = c
+        self.target = targets.describe()
         self.judge = Judge(judge, self.attr)
         self.full_judge = Judge(judge, "digit")
         self.prompts = family_prompts(family_templates()) + list(extra_prompts or [])
@@ -539,13 +543,17 @@ class ConceptSuite:
 class ClassSuite:
     """Per-class side effects and the continuous attack (a free class embedding) for a class-preset run."""
 
+    name = "classes"
+    attacks = ("continuous",)                     # a class condition has no tokens to edit
+
     def __init__(self, targets, judge, budget: Budget, preset):
         if len(targets.forget) != 1:
             raise ValueError(f"attacks measure one forgotten class at a time; this run forgets {targets.forget} "
                              f"— attack a single-class run")
         self.tg, self.b, self.preset = targets, budget, preset
         self.value = int(targets.forget[0])
-        self.judge = Judge(judge, "class")
+        self.target = str(self.value)
+        self.judge = Judge(judge)
         self.shape = preset.img_shape
 
     def families(self, subjects: list[Subject]) -> tuple[dict, list]:
@@ -629,22 +637,16 @@ def class_table(net) -> nn.Embedding:
                      f"{n} or {n + 1} rows) to optimise — this backbone's class condition cannot be attacked here")
 
 
-def measure(task, targets, judge, subjects: dict, budget: Budget, attacks=ATTACK_KINDS, families: bool = True,
-            text_encoder=None, extra_prompts=None, progress=None) -> Report:
-    """Families, side effects and ``attacks`` for the generator, the teacher and an optional control.
-
+def measure(suite, subjects: dict, budget: Budget, attacks=ATTACK_KINDS, families: bool = True,
+            progress=None) -> Report:
+    """Families, side effects and ``attacks`` (those the suite has) for the generator, the teacher and an
+    optional control. ``suite``: a ConceptSuite or ClassSuite (the task makes it: Task.robustness_suite).
     ``subjects``: {"generator": Subject, "teacher": Subject, "control": Subject (optional)}."""
     say = progress or (lambda _msg: None)
     order = [subjects[k] for k in ("generator", "teacher", "control") if k in subjects]
-    if task.kind == "concepts":
-        suite = ConceptSuite(targets, judge, TextSide(text_encoder), budget, extra_prompts)
-        target = targets.describe()
-        kinds = [k for k in attacks]
-    else:
-        suite = ClassSuite(targets, judge, budget, task.preset)
-        target = f"{targets.forget[0]}"
-        kinds = [k for k in attacks if k == "continuous"]
-    rep = Report(kind=task.kind, target=target, budget=asdict(budget))
+    target = suite.target
+    kinds = [k for k in attacks if k in suite.attacks]
+    rep = Report(kind=suite.name, target=target, budget=asdict(budget))
     if families:
         t0 = time.perf_counter()
         say("prompt families and side effects")

@@ -7,7 +7,7 @@ from pathlib import Path
 from .config import SFDConfig
 from .denoisers import load_denoiser
 from .io import read_json, read_metadata, write_json
-from .robustness import ATTACK_KINDS, Budget, Sampler, Subject, measure, read_prompts_file
+from .robustness import ATTACK_KEYS, ATTACK_KINDS, Budget, Sampler, Subject, measure, read_prompts_file
 from .tasks import get_task
 from .tasks.base import check_generator_matches
 from .utils import pick_device
@@ -61,17 +61,19 @@ def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = 
     run_dir = Path(run_dir)
     cfg, metrics = _run_config(run_dir)
     task = get_task(cfg.preset)
-    if task.kind not in ("concepts", "classes"):
-        raise ValueError(f"sfd attack: preset '{cfg.preset}' ({task.kind}) is not supported yet — attacks run on "
-                         f"class presets (digits, cifar10, stl10) and colordigits")
+    task.check_attackable()
     unknown = [a for a in attacks if a not in ATTACK_KINDS]
     if unknown:
         raise ValueError(f"attack kind {', '.join(unknown)} is unknown — give any of {', '.join(ATTACK_KINDS)}")
     budget = budget or Budget()
+    notes = [f"{a} attack: preset '{cfg.preset}' has no such attack (its conditions have no tokens to edit) — it "
+             f"runs {', '.join(task.attacks)} only" for a in attacks if a not in task.attacks]
+    attacks = [a for a in attacks if a in task.attacks]
+    if progress:
+        for n in notes:
+            print(f"note: {n}", flush=True)
     device = pick_device(device)
     extra = read_prompts_file(prompts_file) if prompts_file else None
-    if extra and task.kind != "concepts":
-        raise ValueError("--prompts-file is for text presets (colordigits); class presets have no prompts")
     say = (lambda m: print(f"attack: {m}", flush=True)) if progress else None
     teacher = task.load_teacher(cfg.teacher, device, cfg.allow_download)
     judge = task.load_judge(cfg, device)
@@ -91,10 +93,9 @@ def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = 
         subjects["control"] = Subject("control", Sampler(cgen, sigma_init=csigma))
         control_info = {"run": str(control), "lambda_gen_forget": ccfg.lambda_gen_forget,
                         "lambda_fake_forget": ccfg.lambda_fake_forget}
-    text = teacher.text.obj if task.kind == "concepts" else None
-    rep = measure(task, targets, judge, subjects, budget, attacks=tuple(attacks), families=families,
-                  text_encoder=text, extra_prompts=extra, progress=say)
-    out = {**rep.to_dict(), "run": str(run_dir), "preset": cfg.preset, "control": control_info,
+    suite = task.robustness_suite(targets, judge, budget, teacher, extra)
+    rep = measure(suite, subjects, budget, attacks=tuple(attacks), families=families, progress=say)
+    out = {**rep.to_dict(), "run": str(run_dir), "preset": cfg.preset, "control": control_info, "notes": notes,
            "teacher_sampler": f"{budget.teacher_steps}-step Heun in attacks ({2 * budget.teacher_steps - 1} NFE), "
                               f"18-step Heun for families"}
     if write:
@@ -102,3 +103,14 @@ def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = 
         metrics["attack"] = rep.summary()
         write_json(run_dir / "metrics.json", metrics)
     return out
+
+
+def attack_after_run(run_dir, cfg, progress: bool = False) -> dict:
+    """The ``attack`` setting of a run that just finished: ``sfd attack`` with the default budget (no control),
+    returning the flat figures (ATTACK_KEYS) for the run's last report; {} when the setting is off."""
+    if cfg.attack == "off":
+        return {}
+    kinds = ATTACK_KINDS if cfg.attack == "all" else (cfg.attack,)
+    kinds = tuple(k for k in kinds if k in get_task(cfg.preset).attacks)
+    out = attack_run(run_dir, attacks=kinds, device=cfg.device, progress=progress)
+    return {k: float(out[k]) for k in ATTACK_KEYS if isinstance(out.get(k), (int, float))}
