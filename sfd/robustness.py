@@ -616,7 +616,7 @@ class ClassSuite:
                 lp, ok = _success(self.judge, sampler(z, labels), target)
                 won |= ok.detach()
                 conf = torch.maximum(conf, lp.detach()[torch.arange(n), target].exp())
-                if bool(won.all()) or step == b.steps:
+                if bool(won.all()) or step == b.steps or not lp.requires_grad:   # no path from the condition
                     break
                 opt.zero_grad()
                 (-lp[torch.arange(n), target][~won].sum()).backward()
