@@ -252,3 +252,17 @@ def test_sfd_attack_on_a_text_run_edits_tokens_and_embeddings(text_run):
         a, b = ex["start"].split(), ex["prompt"].split()         # the search changes at most --edits (2) tokens
         assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= 2
     assert rep["attacks"]["continuous"]["nfe_per_step"] == 1     # through the one-step generator
+
+
+def test_forget_with_the_attack_setting_reports_asr_beside_ua(tmp_path, capsys):
+    """`sfd forget --attack continuous`: the run's report and metrics.json carry the attack's figures."""
+    from sfd.cli import main
+    out = tmp_path / "run"
+    assert main(["forget", "--preset", "digits", "--forget", "3", "--override", "4", "--batch-remain", "4",
+                 "--batch-forget", "4", "--budget-kimg", "0.016", "--eval-every-kimg", "1", "--eval-forget-samples",
+                 "50", "--eval-remain-per-class", "5", "--device", "cpu", "--attack", "continuous", "--no-progress",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "asr_continuous" in printed and "ua" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 <= m["attack"]["asr_continuous"] <= 1 and (out / "attack.json").is_file()
