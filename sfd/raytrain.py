@@ -26,6 +26,7 @@ import torch
 
 from sfd.config import SFDConfig
 from sfd.loop import train_sfd
+from sfd.robustness import ATTACK_KEYS
 from sfd.runs import attack_after_run
 
 from .checkpoint import checkpoint_problem, resolve_checkpoint
@@ -36,7 +37,8 @@ REPORT_KEYS = ("iteration", "kimg", "train_seconds", "wall_seconds", "loss_fake_
                "remaining_accuracy_teacher", "fd_remaining", "fd_remaining_teacher", "fd_forget_vs_override",
                "fd_override_teacher", "fd_ratio", "override_fd_ratio", "ua_heldout", "override_rate_heldout",
                "prompt_accuracy_remaining", "prompt_accuracy_remaining_teacher", "leakage_accuracy",
-               "leakage_accuracy_teacher", "other_attribute_accuracy", "other_attribute_accuracy_heldout")
+               "leakage_accuracy_teacher", "other_attribute_accuracy", "other_attribute_accuracy_heldout",
+               *ATTACK_KEYS)
 
 
 def run_reporting(config: dict, *, device: str, rank: int, stored, send) -> None:
