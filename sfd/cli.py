@@ -13,8 +13,8 @@ import torch
 
 from . import __version__, assets
 from .bench import run_bench
-from .config import (DEFAULT_LAYER, GROUPS, SETTINGS, check_device, format_config, layered_config, preset_layers,
-                     space_label)
+from .config import (ATTACK_CHOICES, DEFAULT_LAYER, GROUPS, SETTINGS, check_device, format_config, layered_config,
+                     preset_layers, space_label)
 from .denoisers import load_denoiser
 from .evaluate.report import save_grid
 from .fetch import describe, run_fetch
@@ -439,6 +439,11 @@ def cmd_evaluate(a) -> int:
     m = evaluate_run(run, seed=a.seed, device=a.device, forget_samples=a.forget_samples or None,
                      remain_per_class=a.remain_per_class or None, progress=not a.no_progress, clip=a.clip,
                      per_prompt=max(1, a.per_prompt))
+    if a.attack != "off":                # the attack stage: `sfd attack RUN --attacks ...` at its default budget
+        kinds = ATTACK_KINDS if a.attack == "all" else (a.attack,)
+        out = attack_run(run, attacks=kinds, device=a.device, progress=not a.no_progress)
+        m["attack"] = {k: v for k, v in out.items() if k.startswith(("asr", "residue", "side_effect", "attack_"))}
+        m.update({k: v for k, v in m["attack"].items() if k in SUMMARY_KEYS})
     write_json(run / "evaluation.json", m)
     shown = SUMMARY_KEYS + ("n_forget_samples", "n_remaining_samples")
     print(_fmt(m, shown) if any(k in m for k in shown) else _fmt(m, m))
@@ -690,6 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=777, help="evaluation noise seed (default: 777)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--attack", choices=ATTACK_CHOICES, default="off",
+                   help="also run `sfd attack` on the run at its default budget (no control): continuous, discrete "
+                        "or all; writes RUN/attack.json, figures in evaluation.json under 'attack' (default: off)")
     sdg = p.add_argument_group("Stable Diffusion runs (RUN/pipeline): NudeNet on nudity targets, CLIP from local files")
     sdg.add_argument("--clip", default=None,
                      help="a local transformers CLIP folder (CLIPModel + CLIPProcessor save_pretrained): zero-shot "

@@ -266,3 +266,14 @@ def test_forget_with_the_attack_setting_reports_asr_beside_ua(tmp_path, capsys):
     assert "asr_continuous" in printed and "ua" in printed
     m = json.loads((out / "metrics.json").read_text())
     assert 0 <= m["attack"]["asr_continuous"] <= 1 and (out / "attack.json").is_file()
+
+
+def test_evaluate_with_the_attack_stage(class_run, capsys):
+    from sfd.cli import main
+    (class_run / "attack.json").unlink(missing_ok=True)
+    assert main(["evaluate", "--run", str(class_run), "--forget-samples", "20", "--remain-per-class", "5",
+                 "--device", "cpu", "--attack", "continuous", "--no-progress"]) == 0
+    ev = json.loads((class_run / "evaluation.json").read_text())
+    assert 0 <= ev["attack"]["asr_continuous"] <= 1 and "residue_worst_family" in ev["attack"]
+    assert (class_run / "attack.json").is_file()
+    assert "asr_continuous" in capsys.readouterr().out
