@@ -17,6 +17,7 @@ import pandas as pd
 
 from sfd.evaluate.plots import plot_pareto
 from sfd.io import atomic_path, read_json, write_json
+from sfd.robustness import ATTACK_KEYS
 from sfd.runs import evaluate_run
 
 from .search import METRICS, MODES
@@ -138,6 +139,10 @@ def trial_rows(result_grid, targets: dict, out_dir: Path, outcome: dict, errors:
                   "ua_heldout", "override_rate_heldout", "leakage_accuracy", "leakage_accuracy_teacher"):
             v = final.get(k, m.get(k))
             row[k] = float(v) if isinstance(v, (int, float)) and v is not None else math.nan
+        attack = final.get("attack") or {}                       # sfd.robustness figures (the attack setting)
+        for k in ATTACK_KEYS:
+            v = attack.get(k, m.get(k))
+            row[k] = float(v) if isinstance(v, (int, float)) and v is not None else math.nan
         # the trial's whole wall time (Ray Train start, loading, evaluation, training): what it costs
         row["trial_seconds"] = float(m.get("time_total_s", math.nan))
         row["overhead_seconds"] = row["trial_seconds"] - row["train_seconds"]
@@ -172,9 +177,19 @@ def pareto_front(rows: list[dict]) -> set[str]:
     return front
 
 
-def choose_best(rows: list[dict], ua_threshold: float, max_override_fd_ratio: float) -> dict | None:
+def within_asr(row: dict, max_asr: float | None) -> bool:
+    """The trial meets --max-asr (its worst attack's success rate); a trial without the figure does not."""
+    v = row.get("asr_max", math.nan)
+    return max_asr is None or (isinstance(v, (int, float)) and math.isfinite(v) and v <= max_asr)
+
+
+def choose_best(rows: list[dict], ua_threshold: float, max_override_fd_ratio: float,
+                max_asr: float | None = None) -> dict | None:
+    """Lowest remaining FD at the UA threshold, preferring trials within --max-asr, then within the override
+    FD limit; a target with no trial within --max-asr still gets its best (column meets_max_asr says so)."""
     eligible = [r for r in rows if r["status"] in DONE and r["ua"] >= ua_threshold
                 and math.isfinite(r["fd_remaining"])]
+    eligible = [r for r in eligible if within_asr(r, max_asr)] or eligible
     diverse = [r for r in eligible if r["override_fd_ratio"] <= max_override_fd_ratio]
     pool = diverse or eligible
     return min(pool, key=lambda r: r["fd_remaining"]) if pool else None
@@ -201,7 +216,7 @@ def fresh_metrics(row: dict | None, seed: int) -> dict:
 
 
 def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max_override_fd_ratio: float,
-              tracker=None, fresh_seed: int | None = None) -> pd.DataFrame:
+              tracker=None, fresh_seed: int | None = None, max_asr: float | None = None) -> pd.DataFrame:
     """Per-target summary (Markdown + Parquet), Pareto plots, best-generator exports, table.
 
     With ``fresh_seed``, the best and the baseline trial of each target are re-evaluated on
@@ -213,7 +228,7 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
     for t in targets:
         tr = [r for r in rows if r["target"] == t.name]
         front = pareto_front(tr)
-        best = choose_best(tr, ua_threshold, max_override_fd_ratio)
+        best = choose_best(tr, ua_threshold, max_override_fd_ratio, max_asr)
         base = next((r for r in tr if r["baseline"]), None)
         for r in tr:
             r["pareto"] = r["trial_id"] in front
@@ -248,6 +263,8 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
                "baseline_ua": base["ua"] if base else math.nan,
                "baseline_fd_remaining": base["fd_remaining"] if base else math.nan,
                "baseline_fd_ratio": base["fd_ratio"] if base else math.nan,
+               **{k: best.get(k, math.nan) if best else math.nan for k in ATTACK_KEYS},
+               "meets_max_asr": bool(best is not None and max_asr is not None and within_asr(best, max_asr)),
                "pareto_size": len(front), "generator": export,
                "best_config": json.dumps({k[6:]: v for k, v in best.items() if k.startswith("param_")}) if best else ""}
         if fresh_seed is not None:
@@ -264,7 +281,7 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
             run_id = tracker.target_runs[t.name]
             tracker.log_metrics(run_id, {k: v for k, v in row.items() if k in (
                 "ua", "fd_remaining", "fd_remaining_teacher", "fd_ratio", "override_fd_ratio", "baseline_fd_remaining")
-                or k.endswith("_fresh")})
+                or k.endswith("_fresh") or (k in ATTACK_KEYS and math.isfinite(v))})
             tracker.client.set_tag(run_id, "best_trial", row["best_trial"])
             tracker.log_artifacts(run_id, [png] + ([export] if export else []))
             state = row["state"]
@@ -275,13 +292,13 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
     df = pd.DataFrame(summary)
     write_table(df, out_dir / "summary.parquet")
     with atomic_path(out_dir / "summary.md") as tmp:
-        tmp.write_text(summary_markdown(df, ua_threshold, max_override_fd_ratio, fresh_seed))
+        tmp.write_text(summary_markdown(df, ua_threshold, max_override_fd_ratio, fresh_seed, max_asr))
     write_json(out_dir / "summary.json", summary)
     return df
 
 
 def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_ratio: float,
-                     fresh_seed: int | None = None) -> str:
+                     fresh_seed: int | None = None, max_asr: float | None = None) -> str:
     fresh = fresh_seed is not None and "fd_ratio_fresh" in df
     lines = [
         "# SFD sweep summary", "",
@@ -297,12 +314,23 @@ def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_rati
             f"since the minimum of noisy search-time figures flatters the winner. The search beat its baseline "
             f"(UA >= {ua_threshold} and a lower fresh FD ratio) on **{n}/{len(df)}** targets; median fresh FD "
             f"ratio {med('baseline_fd_ratio_fresh'):.2f} (baseline) -> {med('fd_ratio_fresh'):.2f} (best).", ""]
+    attacked = "asr_max" in df and bool(df["asr_max"].notna().any())
+    if attacked:
+        worst = df.loc[df["asr_max"].idxmax()] if df["asr_max"].notna().any() else None
+        lines += [f"Robustness (docs/robustness.md), the best trial's generator: ASR (worst attack) median "
+                  f"{float(df['asr_max'].median()):.3f}, worst {float(worst['asr_max']):.3f} ({worst['target']}); "
+                  f"worst-cell side effect worst {float(df['side_effect_worst_cell'].max()):.3f}"
+                  + (f"; **{int(df['meets_max_asr'].sum())}/{len(df)}** targets meet --max-asr {max_asr}"
+                     if max_asr is not None else "") + ".", ""]
     head = ("| target | trials | best | UA | UA held-out | FD | teacher FD | FD ratio | override FD ratio | "
             "remaining acc | baseline FD | train s |")
     sep = "|---|---|---|---|---|---|---|---|---|---|---|---|"
     if fresh:
         head += " UA fresh | FD ratio fresh | override FD ratio fresh | baseline FD ratio fresh |"
         sep += "---|---|---|---|"
+    if attacked:
+        head += " ASR max | residue worst family | side effect worst cell |"
+        sep += "---|---|---|"
     lines += [head + " config |", sep + "---|"]
     for _, r in df.iterrows():
         best = r["best_trial"] + (" (baseline)" if r["best_is_baseline"] else "") if r["best_trial"] else "none"
@@ -314,5 +342,8 @@ def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_rati
         if fresh:
             line += (f" {r['ua_fresh']:.4f} | {r['fd_ratio_fresh']:.2f} | {r['override_fd_ratio_fresh']:.2f} | "
                      f"{r['baseline_fd_ratio_fresh']:.2f} |")
+        if attacked:
+            line += " " + " | ".join("-" if r[k] != r[k] else f"{r[k]:.3f}" for k in
+                                     ("asr_max", "residue_worst_family", "side_effect_worst_cell")) + " |"
         lines.append(line + f" `{r['best_config']}` |")
     return "\n".join(lines) + "\n"

@@ -40,7 +40,7 @@ class PerTargetSearch(Searcher):
     """
 
     def __init__(self, targets, spaces: dict, trials_per_target: int, overrides: dict | None = None, seed: int = 0,
-                 ua_threshold: float = 0.99, storage: str | None = None):
+                 ua_threshold: float = 0.99, storage: str | None = None, max_asr: float | None = None):
         super().__init__(metric=None, mode=None)
         self.targets = {t.name: t for t in targets}
         self.order = [t.name for t in targets]
@@ -49,6 +49,7 @@ class PerTargetSearch(Searcher):
         self.overrides = dict(overrides or {})
         self.seed = int(seed)
         self.ua_threshold = float(ua_threshold)
+        self.max_asr = None if max_asr is None else float(max_asr)
         self.storage = storage
         self.remaining = {t.name: self.trials_per_target for t in targets}
         self.started = {t.name: 0 for t in targets}
@@ -160,4 +161,9 @@ class PerTargetSearch(Searcher):
         ot.set_user_attr("ua", float(result["ua"]))
         # feasible when <= 0 (Optuna's constraint convention; TPE and best_trials honour it)
         ot.set_constraint("ua_threshold", self.ua_threshold - float(result["ua"]))
+        if self.max_asr is not None:
+            # the worst attack's success rate over the limit; a trial whose attack did not report is infeasible
+            asr = float(result.get("asr_max", math.nan))
+            ot.set_user_attr("asr_max", asr)
+            ot.set_constraint("max_asr", asr - self.max_asr if math.isfinite(asr) else 1.0)
         study.tell(number, [float(result[k]) for k in OBJECTIVES])

@@ -32,6 +32,7 @@ from orchestration.space import describe_baselines, load_space, space_path, vali
 from orchestration.targets import load_targets_file, parse_targets, preset_of
 from orchestration.trial import resolve_runner, run_trial, trial_resources
 from sfd import assets
+from sfd.config import ATTACK_CHOICES
 from sfd.evaluate.forgetting import teacher_fingerprint
 from sfd.evaluate.report import check_reference
 from sfd.io import CheckpointError
@@ -103,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPUs per Ray Train worker; > 0 uses CUDA and NCCL (default: 0, CPU with gloo)")
     p.add_argument("--ua-threshold", type=float, default=0.99, help="UA a trial needs to be 'best' (default: 0.99)")
+    p.add_argument("--attack", choices=ATTACK_CHOICES, default=None,
+                   help="after each trial, measure its generator as `sfd attack` does (docs/robustness.md): prompt "
+                        "families, side effects and the named attack (class presets: continuous only); the figures "
+                        "go into trials.parquet, summary.parquet and MLflow (default: off, or all with --max-asr)")
+    p.add_argument("--max-asr", type=float, default=None,
+                   help="a constraint: a trial whose attack success rate (asr_max, the worst attack) exceeds this is "
+                        "infeasible for the Optuna study and is not picked as best while a trial within it exists "
+                        "(summary column meets_max_asr); implies --attack all unless --attack names one")
     p.add_argument("--max-override-fd-ratio", type=float, default=3.0,
                    help="quality limit on the overridden class's FD ratio (its FD to the override's real "
                         "images over the teacher's own) for the best trial: trials within it are preferred; a "
@@ -182,6 +191,11 @@ def check_flags(a) -> None:
     need(finite(a.cpus_per_worker) and a.cpus_per_worker > 0, "--cpus-per-worker", a.cpus_per_worker, "CPUs > 0")
     need(finite(a.gpus_per_worker) and a.gpus_per_worker >= 0, "--gpus-per-worker", a.gpus_per_worker, "GPUs >= 0")
     need(finite(a.ua_threshold) and 0 <= a.ua_threshold <= 1, "--ua-threshold", a.ua_threshold, "a UA in [0, 1]")
+    if a.max_asr is not None:
+        need(finite(a.max_asr) and 0 <= a.max_asr <= 1, "--max-asr", a.max_asr, "an attack success rate in [0, 1]")
+        if a.attack == "off":
+            raise SweepError(f"--max-asr {a.max_asr} needs the attack's figures, but --attack is off — drop --attack "
+                             f"off or name an attack (continuous, discrete, all)")
     need(finite(a.max_override_fd_ratio) and a.max_override_fd_ratio > 0, "--max-override-fd-ratio",
          a.max_override_fd_ratio, "a ratio > 0")
     need(finite(a.stop_ua_kimg) and a.stop_ua_kimg >= 0, "--stop-ua-kimg", a.stop_ua_kimg, "kimg >= 0")
@@ -226,6 +240,9 @@ def resolve(a):
     if len({t.name for t in targets}) != len(targets):
         raise ValueError("a target is listed twice (--targets and --targets-file together) — list it once")
     overrides = {"seed": a.seed}
+    attack = a.attack or ("all" if a.max_asr is not None else "off")
+    if attack != "off":
+        overrides["attack"] = attack
     if a.budget_kimg is not None:
         overrides["budget_kimg"] = a.budget_kimg
     elif a.budget == "long":
@@ -273,8 +290,12 @@ def print_plan(a, targets, spaces, overrides) -> None:
             ok = "ok" if v and Path(v).exists() else "MISSING"
             print(f"  {key:12s} [{ok}] {v}")
     flags = {k for k in overrides if k in ("seed", "budget_kimg") or getattr(a, k, None)}
-    print("\n".join(describe_baselines(targets, spaces, overrides, lambda k: f"--{k.replace('_', '-')}" if k in flags
-                                        else "the $SFD_HOME cache (sfd fetch)")))
+
+    def layer(k: str) -> str:
+        if k == "attack" and not a.attack:
+            return "--max-asr (implies --attack all)"
+        return f"--{k.replace('_', '-')}" if k in flags else "the $SFD_HOME cache (sfd fetch)"
+    print("\n".join(describe_baselines(targets, spaces, overrides, layer)))
     print("[sweep] dry run: nothing started (models are loaded and checked when the sweep runs)")
 
 
@@ -371,7 +392,7 @@ def summarize_only(a) -> int:
         return _error(f"{out / 'trials.parquet'} does not exist — run the sweep first")
     rows = pd.read_parquet(out / "trials.parquet").to_dict("records")
     targets = parse_targets(list(dict.fromkeys(r["target"] for r in rows)), "next")
-    df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio,
+    df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio, max_asr=a.max_asr,
                    fresh_seed=None if a.fresh_seed < 0 else a.fresh_seed)
     print((out / "summary.md").read_text())
     return 0 if (df["best_trial"] != "").all() else 1
@@ -643,7 +664,8 @@ def make_tuner(a, plan: SweepPlan, targets, spaces, overrides, tracker, max_conc
     from orchestration.tracking import MLflowTuneCallback
 
     searcher = PerTargetSearch(targets, spaces, a.trials_per_target, overrides, seed=a.seed,
-                               ua_threshold=a.ua_threshold, storage=f"sqlite:///{plan.out / 'optuna.db'}")
+                               ua_threshold=a.ua_threshold, max_asr=a.max_asr,
+                               storage=f"sqlite:///{plan.out / 'optuna.db'}")
     stopper = HopelessTrialStopper(a.stop_ua_kimg, a.stop_ua_min)
     progress = Progress(targets, a.trials_per_target, a.ua_threshold)
     callback = clu.storage_callback(MLflowTuneCallback, plan.storage)(   # [cluster] fetches remote trial outputs first
@@ -695,7 +717,7 @@ def tabulate(a, plan: SweepPlan, grid, targets, callback, stopper, signals, trac
         notes.update({tid: why for tid in callback.started - set(callback.outcome)})
     clu.after_fit(a, grid, targets, plan.storage, plan.out)          # [cluster] remote trial outputs -> OUT/trials
     rows = trial_rows(grid, {t.name: t for t in targets}, plan.out, callback.outcome, callback.errors, notes=notes)
-    df = summarise(rows, targets, plan.out, a.ua_threshold, a.max_override_fd_ratio, tracker,
+    df = summarise(rows, targets, plan.out, a.ua_threshold, a.max_override_fd_ratio, tracker, max_asr=a.max_asr,
                    fresh_seed=None if (a.fresh_seed < 0 or signals.caught) else a.fresh_seed)
     clu.publish_tables(a, plan.storage, plan.out)                    # [cluster] results tables -> <storage>/results
     log_sweep_summary(tracker, df, len(rows), plan.out)

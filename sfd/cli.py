@@ -15,8 +15,8 @@ import torch
 from . import __version__, assets
 from .bench import run_bench
 from .chain import extend
-from .config import (DEFAULT_LAYER, GROUPS, SETTINGS, check_device, format_config, layered_config, preset_layers,
-                     space_label)
+from .config import (ATTACK_CHOICES, DEFAULT_LAYER, GROUPS, SETTINGS, check_device, format_config, layered_config,
+                     preset_layers, space_label)
 from .denoisers import load_denoiser
 from .evaluate.report import save_grid
 from .fetch import describe, run_fetch
@@ -25,7 +25,8 @@ from .loop import Stopped, distil, one_step, train_sfd
 from .presets import PRESETS, get_preset
 from .raytrain import fit_single_run
 from .rundir import holds_run, plan_run_dir
-from .runs import evaluate_run
+from .robustness import ATTACK_KINDS, Budget
+from .runs import attack_after_run, attack_run, evaluate_run
 from .tasks import get_task
 from .tasks.classes import parse_classes
 from .train_judge import DEFAULTS, train_resnet_judge
@@ -249,7 +250,8 @@ def _fmt(m: dict, keys) -> str:
 SUMMARY_KEYS = ("ua", "ua_per_target", "ua_worst", "rebound_per_target", "rebound_max", "ua_heldout",
                 "ua_heldout_per_target", "override_rate", "leakage_accuracy", "leakage_accuracy_teacher", "remaining_accuracy", "remaining_accuracy_teacher", "fd_remaining",
                 "fd_remaining_teacher", "fd_ratio", "fd_forget_vs_override", "fd_override_teacher", "kimg",
-                "train_seconds", "images_per_second_generator", "images_per_second_teacher")
+                "train_seconds", "images_per_second_generator", "images_per_second_teacher", "asr_discrete",
+                "asr_continuous", "residue_worst_family", "side_effect_worst_cell")
 
 
 class StopOnSignal:
@@ -323,6 +325,7 @@ def cmd_forget(a) -> int:
                 print(f"sfd: stopped by a second {e} before a new checkpoint — continue from the last one with the "
                       f"same command and --resume", file=sys.stderr, flush=True)
                 return 128 + e.signum
+        final.update(attack_after_run(a.out, cfg, progress=not a.no_progress))
     written = sorted(p.name for p in Path(a.out).iterdir() if p.is_file())
     print(f"done -> {a.out}: {', '.join(written)}")
     print(_fmt(final, SUMMARY_KEYS))
@@ -490,10 +493,47 @@ def cmd_evaluate(a) -> int:
     m = evaluate_run(run, seed=a.seed, device=a.device, forget_samples=a.forget_samples or None,
                      remain_per_class=a.remain_per_class or None, progress=not a.no_progress, clip=a.clip,
                      per_prompt=max(1, a.per_prompt))
+    if a.attack != "off":                # the attack stage: `sfd attack RUN --attacks ...` at its default budget
+        kinds = ATTACK_KINDS if a.attack == "all" else (a.attack,)
+        out = attack_run(run, attacks=kinds, device=a.device, progress=not a.no_progress)
+        m["attack"] = {k: v for k, v in out.items() if k.startswith(("asr", "residue", "side_effect", "attack_"))}
+        m.update({k: v for k, v in m["attack"].items() if k in SUMMARY_KEYS})
     write_json(run / "evaluation.json", m)
     shown = SUMMARY_KEYS + ("n_forget_samples", "n_remaining_samples")
     print(_fmt(m, shown) if any(k in m for k in shown) else _fmt(m, m))
     print(f"-> {run / 'evaluation.json'}")
+    return 0
+
+
+def cmd_attack(a) -> int:
+    run = Path(a.run)
+    if not run.is_dir():
+        raise UsageError(f"RUN {run} is not a folder — give the --out folder of an `sfd forget` run")
+    if a.control is not None and not Path(a.control).is_dir():
+        raise UsageError(f"--control {a.control} is not a folder — give the --out folder of a run of the same target "
+                         f"with --lambda-gen-forget 0 --lambda-fake-forget 0")
+    kinds = [k.strip() for k in a.attacks.split(",") if k.strip()] if a.attacks != "none" else []
+    bad = [k for k in kinds if k not in ATTACK_KINDS]
+    if bad:
+        raise UsageError(f"--attacks {a.attacks!r}: {', '.join(bad)} is not an attack — give any of "
+                         f"{', '.join(ATTACK_KINDS)} (comma-separated) or 'none'")
+    if not kinds and a.no_families:
+        raise UsageError("--attacks none with --no-families measures nothing — drop one of them")
+    check_device(a.device)
+    budget = Budget(steps=a.steps, seeds=a.seeds, starts=a.starts, edits=a.edits, candidates=a.candidates, lr=a.lr,
+                    teacher_steps=a.teacher_steps, per_prompt=a.per_prompt, seed=a.seed)
+    out = attack_run(run, control=a.control, attacks=kinds, families=not a.no_families, budget=budget,
+                     prompts_file=a.prompts_file, device=a.device, progress=not a.no_progress)
+    shown = [k for k in ("residue_worst_family", "residue_worst_family_name", "residue_worst_family_teacher",
+                         "side_effect_worst_cell", "side_effect_worst_cell_name", "side_effect_worst_cell_control")
+             if k in out]
+    for kind, r in out["attacks"].items():
+        line = f"{kind}: ASR {r['asr']:.3f} (teacher {r['asr_teacher']:.3f}"
+        line += f", control {r['asr_control']:.3f})" if "asr_control" in r else ")"
+        print(f"{line}, {r['instances']} instances, {r['seconds']:.1f} s on the generator")
+    if shown:
+        print(_fmt(out, shown))
+    print(f"-> {run / 'attack.json'} (figures also in {run / 'metrics.json'} under 'attack')")
     return 0
 
 
@@ -709,12 +749,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=777, help="evaluation noise seed (default: 777)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--attack", choices=ATTACK_CHOICES, default="off",
+                   help="also run `sfd attack` on the run at its default budget (no control): continuous, discrete "
+                        "or all; writes RUN/attack.json, figures in evaluation.json under 'attack' (default: off)")
     sdg = p.add_argument_group("Stable Diffusion runs (RUN/pipeline): NudeNet on nudity targets, CLIP from local files")
     sdg.add_argument("--clip", default=None,
                      help="a local transformers CLIP folder (CLIPModel + CLIPProcessor save_pretrained): zero-shot "
                           "concept accuracy on the forget prompts and CLIP score on the remain prompts")
     sdg.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default: 1)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("attack", help="is it really gone? prompt families, side effects and white-box attacks on a run",
+                       description="Measure a finished single-target run (classes or colordigits concepts) with its own "
+                                   "judge: residue of the forgotten concept per prompt family, every remaining "
+                                   "concept's accuracy per family against the teacher (side effects), and the attack "
+                                   "success rate (ASR) of a discrete token search and a continuous embedding attack "
+                                   "through the one-step generator, with the same attack on the teacher (it must "
+                                   "succeed) and on --control. Writes RUN/attack.json (docs/robustness.md) and adds the "
+                                   "summary to RUN/metrics.json.")
+    p.add_argument("run", metavar="RUN", help="run folder of `sfd forget` (one forget target)")
+    p.add_argument("--control", default=None, metavar="RUN",
+                   help="a negative control: the same target distilled with --lambda-gen-forget 0 "
+                        "--lambda-fake-forget 0 (attacked at the same budget)")
+    p.add_argument("--attacks", default="discrete,continuous",
+                   help="attacks to run, comma-separated, or 'none' (default: discrete,continuous; class presets "
+                        "have the continuous one only)")
+    p.add_argument("--no-families", action="store_true", help="skip the prompt families and side effects")
+    p.add_argument("--prompts-file", default=None, help="text presets: your own prompts, one per line (a family "
+                                                        "'user_file' beside the generated ones)")
+    b = Budget()
+    bg = p.add_argument_group("budget (the same for the generator, the teacher and the control)")
+    bg.add_argument("--steps", type=int, default=b.steps, help=f"optimisation steps per instance (default: {b.steps})")
+    bg.add_argument("--seeds", type=int, default=b.seeds, help=f"noise seeds per start (default: {b.seeds})")
+    bg.add_argument("--starts", type=int, default=b.starts,
+                    help=f"start prompts / classes; instances = starts x seeds (default: {b.starts})")
+    bg.add_argument("--edits", type=int, default=b.edits, help=f"discrete: tokens the attacker may change (default: "
+                                                               f"{b.edits})")
+    bg.add_argument("--candidates", type=int, default=b.candidates,
+                    help=f"discrete: substitutions evaluated per instance and step (default: {b.candidates})")
+    bg.add_argument("--lr", type=float, default=b.lr, help=f"continuous: Adam learning rate (default: {b.lr})")
+    bg.add_argument("--teacher-steps", type=int, default=b.teacher_steps,
+                    help=f"Heun steps of the teacher's sampler inside the attacks (default: {b.teacher_steps})")
+    bg.add_argument("--per-prompt", type=int, default=b.per_prompt,
+                    help=f"families: samples per prompt, at least (default: {b.per_prompt})")
+    bg.add_argument("--seed", type=int, default=b.seed, help=f"base noise seed (default: {b.seed})")
+    p.add_argument("--device", default="cpu", help="'cpu', 'cuda:0', 'auto' (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress lines")
+    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("bench", help="benchmark SFD on the embedded default: time to forget, FD ratios, speed",
                        description="For each target class: time and kimg until UA >= 0.99, and until UA >= 0.99 and "

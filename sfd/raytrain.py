@@ -26,6 +26,8 @@ import torch
 
 from sfd.config import SFDConfig
 from sfd.loop import train_sfd
+from sfd.robustness import ATTACK_KEYS
+from sfd.runs import attack_after_run
 
 from .checkpoint import checkpoint_problem, resolve_checkpoint
 from .io import CheckpointError, atomic_path
@@ -35,7 +37,8 @@ REPORT_KEYS = ("iteration", "kimg", "train_seconds", "wall_seconds", "loss_fake_
                "remaining_accuracy_teacher", "fd_remaining", "fd_remaining_teacher", "fd_forget_vs_override",
                "fd_override_teacher", "fd_ratio", "override_fd_ratio", "ua_heldout", "override_rate_heldout",
                "prompt_accuracy_remaining", "prompt_accuracy_remaining_teacher", "leakage_accuracy",
-               "leakage_accuracy_teacher", "other_attribute_accuracy", "other_attribute_accuracy_heldout")
+               "leakage_accuracy_teacher", "other_attribute_accuracy", "other_attribute_accuracy_heldout",
+               *ATTACK_KEYS)
 
 
 def run_reporting(config: dict, *, device: str, rank: int, stored, send) -> None:
@@ -69,6 +72,11 @@ def run_reporting(config: dict, *, device: str, rank: int, stored, send) -> None
         # restarted from the run's final checkpoint (it was killed after saving it): nothing was left
         # to train, so the loop reported nothing; the final metrics still reach Tune and the tracker
         report(final, None)
+    if cfg.attack != "off":
+        # one more report with the attack's figures beside the final ones (sfd.robustness); every rank sends it
+        # (Ray Train's reports are collective), rank 0 measures while the others wait in theirs
+        figures = attack_after_run(config["run_dir"], cfg) if rank == 0 else {}
+        send({**reports[-1], **figures} if rank == 0 else {}, None)
 
 
 def train_fn_per_worker(config: dict) -> None:

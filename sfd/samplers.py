@@ -27,6 +27,12 @@ def karras_sigmas(steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0, device="
 def sample_heun(denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor,
                 callback=None, disable: bool = True) -> torch.Tensor:
     """Integrate the probability-flow ODE from ``x`` (already scaled by sigmas[0]) to sigma 0."""
+    return heun(denoiser, x, sigmas, cond, callback, disable)
+
+
+def heun(denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond, callback=None, disable: bool = True) -> torch.Tensor:
+    """:func:`sample_heun` with autograd left on (a white-box attack differentiates through the teacher's
+    sampler, sfd.robustness); ``cond`` is passed to ``denoiser`` as it is."""
     x = x.to(torch.float32)
     n = len(sigmas) - 1
     for i in tqdm(range(n), disable=disable, desc="heun", leave=False):

@@ -297,3 +297,70 @@ def test_a_checkpoint_removed_while_mlflow_copies_it_is_skipped_not_fatal(tmp_pa
     models = {m.model_id: m for m in tracker.client.search_logged_models([tracker.experiment_id])}
     assert len(models) == 2 and str(models[model_id].status).endswith("READY")
     assert [str(m.status) for k, m in models.items() if k != model_id][0].endswith("FAILED")
+
+
+def test_max_asr_prefers_trials_within_it_and_says_when_none_is(tmp_path):
+    """--max-asr: the best trial is the lowest FD among trials within the limit; a target with none keeps its
+    best at the UA threshold, flagged meets_max_asr False; a trial without the figure never counts as within."""
+    from orchestration.results import summarise
+    from orchestration.targets import parse_targets
+    leaky = row("leaky", 1.0, 1.0, 1.0, asr_max=0.75, residue_worst_family=0.0, side_effect_worst_cell=0.1)
+    tight = row("tight", 1.0, 2.0, 1.0, asr_max=0.125, residue_worst_family=0.0, side_effect_worst_cell=0.02)
+    unmeasured = row("unmeasured", 1.0, 0.5, 1.0, asr_max=math.nan)
+    assert choose_best([leaky, tight, unmeasured], 0.99, 10.0)["trial_id"] == "unmeasured"      # no limit
+    assert choose_best([leaky, tight, unmeasured], 0.99, 10.0, max_asr=0.25)["trial_id"] == "tight"
+    assert choose_best([leaky, tight], 0.99, 10.0, max_asr=0.125)["trial_id"] == "tight"       # at the limit
+    assert choose_best([leaky, unmeasured], 0.99, 10.0, max_asr=0.25)["trial_id"] == "unmeasured"  # fallback
+
+    targets = parse_targets(["digits:3->4", "digits:5->6"], "next")
+    rows = [{**leaky, "target": "digits:3->4", "baseline": True}, {**tight, "target": "digits:3->4"},
+            {**leaky, "trial_id": "leaky5", "target": "digits:5->6", "baseline": True}]
+    for r in rows:
+        r.update(run_dir=str(tmp_path / r["trial_id"]), fd_remaining_teacher=0.1, remaining_accuracy=0.99,
+                 train_seconds=1.0)
+    df = summarise(rows, targets, tmp_path, 0.99, 10.0, max_asr=0.25).set_index("target")
+    assert df.loc["digits:3->4", "best_trial"] == "tight" and df.loc["digits:3->4", "asr_max"] == 0.125
+    assert df["meets_max_asr"].to_dict() == {"digits:3->4": True, "digits:5->6": False}
+    md = (tmp_path / "summary.md").read_text()
+    assert "**1/2** targets meet --max-asr 0.25" in md and "worst 0.750 (digits:5->6)" in md
+    # negative control: without the limit the leaky trial (lower FD) wins again
+    df = summarise(rows, targets, tmp_path, 0.99, 10.0).set_index("target")
+    assert df.loc["digits:3->4", "best_trial"] == "leaky" and not df["meets_max_asr"].any()
+
+
+def test_max_asr_flag_errors(tmp_path, capsys):
+    from orchestration.sweep import main
+    assert main(["--targets", "digits:3", "--max-asr", "1.5", "--dry-run", "--out", str(tmp_path / "a")]) == 2
+    assert "--max-asr 1.5 is invalid" in capsys.readouterr().err
+    assert main(["--targets", "digits:3", "--max-asr", "0.2", "--attack", "off", "--dry-run",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "--attack is off" in capsys.readouterr().err
+
+
+def test_per_target_study_treats_max_asr_as_a_constraint():
+    """With --max-asr the study's feasible front excludes the trial whose attack succeeds too often, and a trial
+    whose attack did not report; without it the same results leave every trial feasible (negative control)."""
+    import pytest
+
+    from orchestration.search import PerTargetSearch
+    from orchestration.space import load_space, space_path
+    from orchestration.targets import parse_targets
+
+    targets = parse_targets(["digits:3->4"])
+    space = load_space(space_path("digits"))
+    results = [{"ua": 1.0, "fd_ratio": 1.1, "override_fd_ratio": 1.0, "asr_max": 0.9},     # best FD, leaky
+               {"ua": 1.0, "fd_ratio": 1.6, "override_fd_ratio": 1.2, "asr_max": 0.1},
+               {"ua": 1.0, "fd_ratio": 1.0, "override_fd_ratio": 0.9}]                   # attack missing
+    fronts = {}
+    for limit in (0.25, None):
+        s = PerTargetSearch(targets, {"digits": space}, trials_per_target=3, max_asr=limit)
+        for i, r in enumerate(results):
+            s.suggest(f"t{i}")
+        for i, r in enumerate(results):
+            s.on_trial_complete(f"t{i}", r)
+        study = s.studies["digits:3->4"]
+        fronts[limit] = {t.number for t in study.best_trials}
+        if limit is not None:
+            assert study.trials[0].constraints["max_asr"] == pytest.approx(0.65)
+    assert fronts[0.25] == {1}
+    assert fronts[None] == {2}                                      # dominates both others on FD

@@ -118,6 +118,20 @@ class Task(ABC):
         save_denoiser(path, generator, {"generator": info})
         return path
 
+    # -- robustness (sfd attack) --------------------------------------------------------------------------
+    attacks: tuple = ()
+    """The white-box attacks sfd.robustness runs on this kind's generators (none: ``sfd attack`` refuses)."""
+
+    def check_attackable(self) -> None:
+        if not self.attacks:
+            raise ValueError(f"sfd attack: preset '{self.preset.name}' is not supported yet — attacks run on class "
+                             f"presets (digits, cifar10, stl10) and colordigits")
+
+    def robustness_suite(self, targets, judge, budget, teacher, extra_prompts=None):
+        """sfd.robustness's families, side-effect cells and attacks for one run of this kind."""
+        self.check_attackable()
+        raise TypeError(f"{type(self).__name__} lists attacks {self.attacks} but makes no robustness suite")
+
     # -- the sweep ---------------------------------------------------------------------------------------
     def all_forget(self) -> list:
         """Every single target of ``all_<preset>_<noun>``."""

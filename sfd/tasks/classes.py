@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..robustness import ClassSuite
 from .base import Task
 
 OVERRIDE_POLICIES = ("random", "classifier")
@@ -123,6 +124,13 @@ TEXT_ONLY = ("forget_concepts", "concept_synonyms", "prompt_templates", "forget_
 
 class ClassTask(Task):
     """Conditions are class ids; the judge is a classifier; the export is generator.safetensors."""
+
+    attacks = ClassSuite.attacks
+
+    def robustness_suite(self, targets, judge, budget, teacher, extra_prompts=None):
+        if extra_prompts:
+            raise ValueError("--prompts-file is for text presets (colordigits); class presets have no prompts")
+        return ClassSuite(targets, judge, budget, self.preset)
 
     def validate(self, cfg) -> None:
         preset = self.preset

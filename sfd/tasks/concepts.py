@@ -16,6 +16,7 @@ from .. import colordigits as cd
 from ..evaluate.text_concepts import ConceptEvaluator
 from ..pretrain_text import train_colordigits_judge, train_text_teacher
 from ..prompts import NEXT, Concept, contains, forgets, rewrite
+from ..robustness import ConceptSuite, TextSide
 from .base import PromptTask
 
 
@@ -201,6 +202,10 @@ class ConceptTask(PromptTask):
 
     kind = "concepts"
     pretrain_steps = 4000
+    attacks = ConceptSuite.attacks
+
+    def robustness_suite(self, targets, judge, budget, teacher, extra_prompts=None):
+        return ConceptSuite(targets, judge, TextSide(teacher.text.obj), budget, extra_prompts)
 
     def validate(self, cfg) -> None:
         for key in SD_ONLY:
