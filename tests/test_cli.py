@@ -130,7 +130,7 @@ def test_subcommands_listed():
     assert {"forget", "sample", "evaluate", "bench"} <= set(_subcommands())
 
 
-@pytest.mark.parametrize("cmd", [[]] + [[c] for c in ["bench", "distil", "evaluate", "export", "fetch", "forget", "pretrain",
+@pytest.mark.parametrize("cmd", [[]] + [[c] for c in ["attack", "bench", "distil", "evaluate", "export", "fetch", "forget", "pretrain",
                                                        "sample", "train-classifier"]])
 def test_help_exits_0(cmd, capsys):
     with pytest.raises(SystemExit) as e:
@@ -142,7 +142,7 @@ def test_help_exits_0(cmd, capsys):
 
 def test_every_subcommand_has_help_test():
     # keep the parametrisation above in step with the parser
-    assert _subcommands() == ["bench", "distil", "evaluate", "export", "fetch", "forget", "pretrain", "sample",
+    assert _subcommands() == ["attack", "bench", "distil", "evaluate", "export", "fetch", "forget", "pretrain", "sample",
                             "train-classifier"]
 
 
