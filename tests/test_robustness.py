@@ -277,3 +277,45 @@ def test_evaluate_with_the_attack_stage(class_run, capsys):
     assert 0 <= ev["attack"]["asr_continuous"] <= 1 and "residue_worst_family" in ev["attack"]
     assert (class_run / "attack.json").is_file()
     assert "asr_continuous" in capsys.readouterr().out
+
+
+class FixedPrompt(nn.Module):
+    """A text generator that draws 'a red one' whatever it is asked (its prompt embedding is swapped)."""
+
+    def __init__(self, net, emb):
+        super().__init__()
+        self.net, self.emb = net, emb
+        self.sigma_min, self.sigma_max = net.sigma_min, net.sigma_max
+
+    def forward_embeds(self, x, sigma, emb):
+        return self.net.forward_embeds(x, sigma, self.emb.expand(len(x), -1, -1))
+
+
+@pytest.mark.slow
+def test_colordigits_families_residue_and_side_effects():
+    """Every prompt family of colordigits (seven -> one): the teacher measured as its own generator has the
+    teacher's residue and no side effect; a generator that always draws 'a red one' has no residue and loses
+    every other digit (negative control of the residue's direction and of the side-effect cells)."""
+    from sfd.presets import get_preset
+    from sfd.robustness import TextSide
+    p = get_preset("colordigits")
+    task = get_task(p)
+    teacher = task.load_teacher(None, "cpu")
+    judge = task.load_judge(SFDConfig(preset="colordigits"), "cpu")
+    cfg = SFDConfig(preset="colordigits", forget_concepts=["seven"], override="one").validate(p)
+    b = Budget(per_prompt=1, min_cell=4, teacher_steps=4)
+    suite = task.robustness_suite(task.targets(cfg, teacher), judge, b, teacher)
+    side = TextSide(teacher.text.obj)
+    fixed = side.encode(side.ids(["a red one"]))
+    teacher_s = Subject("teacher", Sampler(teacher, steps=4))
+    same = measure(suite, {"generator": Subject("generator", Sampler(teacher, steps=4)), "teacher": teacher_s}, b,
+                   attacks=()).summary()
+    assert same["residue_worst_family"] == same["residue_worst_family_teacher"] > 0.8
+    assert same["residue_mean"] > 0.8 and same["side_effect_worst_cell"] == 0.0
+    blind = measure(suite, {"generator": Subject("generator", Sampler(FixedPrompt(teacher, fixed), steps=4)),
+                            "teacher": teacher_s}, b, attacks=())
+    s = blind.summary()
+    assert s["residue_worst_family"] <= 0.15 and s["residue_worst_family_teacher"] > 0.8     # 4-step samples: noise
+    cells = {(c["family"], c["concept"]): c for c in blind.cells}
+    assert cells[("train_templates", "five")]["drop"] > 0.5           # a five is asked, a one is drawn
+    assert s["side_effect_worst_cell"] > 0.5
