@@ -104,7 +104,8 @@ def row(mode: str, k: int, m: dict, wall: float, reused: bool, out: Path, before
                          f"(--classifier ...) for UA")
     held = m.get("ua_heldout_per_target") or {}
     cfg = m.get("config", {})
-    r = {"mode": mode, "k": k, "targets": " ".join(per), "overrides": str(cfg.get("override", "")),
+    order = [str(t) for t in (cfg.get("forget_concepts") or cfg.get("forget") or per)]     # in the order forgotten
+    r = {"mode": mode, "k": k, "targets": " ".join(order), "overrides": str(cfg.get("override", "")),
          "ua_worst": min(per.values()), "ua_mean": statistics.fmean(per.values()),
          "ua_heldout_worst": min(held.values()) if held else None, "fd_ratio": m.get("fd_ratio"),
          "remaining_accuracy": m.get("remaining_accuracy"), "rebound_max": m.get("rebound_max"),
