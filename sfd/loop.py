@@ -102,8 +102,12 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     plan = plan_run_dir(out_dir, cfg.to_dict(), resume=resume, overwrite=overwrite) if lead else None
 
     teacher = teacher if teacher is not None else task.load_teacher(cfg.teacher, device, cfg.allow_download)
-    if chain is not None:
-        chain.check_teacher(teacher, task, cfg.teacher)
+    # the teacher's identity (metrics.json, chains) is taken as loaded, before build_state: a text task installs
+    # the run's prompt table into the teacher there (set_prompts), and the table is a buffer of its state dict,
+    # so a fingerprint taken later differs from run to run of one teacher and the next stage of a chain (which
+    # checks the teacher as loaded) refused it. The table stays in teacher_fingerprint itself on purpose: it keys
+    # the text evaluator's teacher-sample cache, whose condition ids index that table.
+    fingerprint = teacher_fingerprint(teacher) if chain is None else chain.check_teacher(teacher, task, cfg.teacher)
     if evaluate and judge is None and not task.can_evaluate(cfg):
         evaluate = False
         if lead:
@@ -224,14 +228,14 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     final["precision_resolved"] = st.precision
     if lead:
         final.update(_write_outputs(out_dir, cfg, task, teacher, st, evaluator, history, gen_fn, device,
-                                    evaluate, measure_speed))
+                                    evaluate, measure_speed, fingerprint))
         if chain is not None:
             chain.record(out_dir, cfg, final, task.chain_pairs(cfg))
     return final
 
 
 def _write_outputs(out_dir: Path, cfg, task, teacher, st, evaluator, history, gen_fn, device,
-                   evaluate: bool, measure_speed: bool) -> dict:
+                   evaluate: bool, measure_speed: bool, fingerprint: str) -> dict:
     """Export the generator and write metrics.json, history.json, curves and sample grids."""
     extra = {}
     info = {"sigma_init": st.sigma_init, "forget": cfg.forget_concepts or cfg.forget, "override": cfg.override,
@@ -247,7 +251,7 @@ def _write_outputs(out_dir: Path, cfg, task, teacher, st, evaluator, history, ge
         save_grid(out_dir / "samples_teacher.png", *evaluator.teacher_grid(teacher))
         plot_history(history, out_dir / "curves.png", title=f"SFD {cfg.preset}: forget {cfg.forget_concepts or cfg.forget} -> {cfg.override}")
     metrics = {**(history[-1] if history else {}), **extra, "sigma_init_resolved": st.sigma_init,
-               "precision_resolved": st.precision, "teacher_fingerprint": teacher_fingerprint(teacher),
+               "precision_resolved": st.precision, "teacher_fingerprint": fingerprint,
                "config": cfg.to_dict()}
     write_json(out_dir / "history.json", history)
     write_json(out_dir / "metrics.json", metrics)

@@ -101,7 +101,7 @@ def test_every_module_imports():
                 raise AssertionError(f"{mod}: {text}: {e}") from None
 
 
-SCRIPTS = ("orchestration/sweep.py", "orchestration/mlflow_ui_check.py")
+SCRIPTS = ("orchestration/sweep.py", "orchestration/mlflow_ui_check.py", "benchmarks/capacity.py")
 
 
 def path_before_project_imports(text: str) -> bool:

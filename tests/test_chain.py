@@ -70,3 +70,38 @@ def test_concept_chain_merges_and_refuses_a_forgotten_override(tmp_path):
 def test_rebound_is_the_drop_of_each_earlier_target():
     r = rebound({"3": 1.0, "5": 0.99}, {"ua_per_target": {"3": 0.9, "5": 1.0, "8": 0.5}})
     assert r["rebound_per_target"] == {"3": pytest.approx(0.1), "5": 0.0} and r["rebound_max"] == pytest.approx(0.1)
+
+
+def test_colordigits_chain_is_accepted_and_still_checks_the_teacher(tmp_path):
+    """A text teacher gets each run's prompt table (a state-dict buffer) during training; the recorded fingerprint
+    is the teacher's as loaded, so stage 2 of a colordigits chain passes the teacher check (it was refused with
+    'another teacher' when the fingerprint was taken after the table was installed)."""
+    from sfd.denoisers import load_teacher
+    from sfd.evaluate.forgetting import teacher_fingerprint
+    from sfd.io import read_json
+    from sfd.loop import train_sfd
+    from sfd.presets import get_preset
+
+    def stage(out, concept, override, **kw):
+        cfg = SFDConfig(preset="colordigits", forget_concepts=[concept], override=override, batch_remain=4,
+                        batch_forget=4, budget_kimg=0.008, eval_every_kimg=1.0, checkpoint_every_kimg=1.0,
+                        device="cpu", seed=0, **kw)
+        return train_sfd(cfg, out, progress=False, evaluate=False, measure_speed=False)
+
+    bare = teacher_fingerprint(load_teacher(get_preset("colordigits")))
+    stage(tmp_path / "c1", "seven", "one")
+    assert read_json(tmp_path / "c1" / "metrics.json")["teacher_fingerprint"] == bare
+    stage(tmp_path / "c2", "red", "blue", init_from=str(tmp_path / "c1"))
+    rec = read_json(tmp_path / "c2" / "chain.json")
+    assert rec["targets"] == [["seven", "one"], ["red", "blue"]] and rec["teacher_fingerprint"] == bare
+    assert [s["targets"] for s in rec["stages"]] == [[["seven", "one"]], [["seven", "one"], ["red", "blue"]]]
+    assert read_json(tmp_path / "c2" / "run.json")["config"]["forget_concepts"] == ["seven", "red"]
+
+    # negative control: the check still refuses a teacher with other weights
+    other = load_teacher(get_preset("colordigits"))
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    cfg = SFDConfig(preset="colordigits", forget_concepts=["red"], override="blue", batch_remain=4, batch_forget=4,
+                    budget_kimg=0.008, device="cpu", init_from=str(tmp_path / "c1"))
+    with pytest.raises(ValueError, match="another teacher"):
+        train_sfd(cfg, tmp_path / "c2-other", teacher=other, progress=False, evaluate=False, measure_speed=False)
