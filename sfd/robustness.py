@@ -145,13 +145,15 @@ class TextSide:
     def encode(self, ids: torch.Tensor, onehot: torch.Tensor | None = None, free: torch.Tensor | None = None,
                free_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states of ``ids``; the token embeddings are ``onehot @ table`` when a one-hot matrix is
-        given (its gradient ranks substitutions), and ``free`` (B, D) where ``free_mask`` (B, L) is set."""
+        given (its gradient ranks substitutions), and ``free`` where ``free_mask`` (B, L) is set: one vector per
+        row (B, D), or one per position (B, L, D)."""
 
         def hook(_module, _inp, out):
             if onehot is not None:
                 out = onehot.to(out.dtype) @ self.table.weight
             if free is not None:
-                out = torch.where(free_mask[..., None], free[:, None, :].to(out.dtype), out)
+                f = free if free.dim() == 3 else free[:, None, :]
+                out = torch.where(free_mask[..., None], f.to(out.dtype), out)
             return out
 
         h = self.table.register_forward_hook(hook)
