@@ -495,7 +495,7 @@ def cmd_evaluate(a) -> int:
                      per_prompt=max(1, a.per_prompt))
     if a.attack != "off":                # the attack stage: `sfd attack RUN --attacks ...` at its default budget
         kinds = ATTACK_KINDS if a.attack == "all" else (a.attack,)
-        out = attack_run(run, attacks=kinds, device=a.device, progress=not a.no_progress)
+        out = attack_run(run, attacks=kinds, device=a.device, progress=not a.no_progress, clip=a.clip)
         m["attack"] = {k: v for k, v in out.items() if k.startswith(("asr", "residue", "side_effect", "attack_"))}
         m.update({k: v for k, v in m["attack"].items() if k in SUMMARY_KEYS})
     write_json(run / "evaluation.json", m)

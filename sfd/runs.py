@@ -58,8 +58,8 @@ def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = 
     if unknown:
         raise ValueError(f"attack kind {', '.join(unknown)} is unknown — give any of {', '.join(ATTACK_KINDS)}")
     budget = budget or Budget()
-    notes = [f"{a} attack: preset '{cfg.preset}' has no such attack (its conditions have no tokens to edit) — it "
-             f"runs {', '.join(task.attacks)} only" for a in attacks if a not in task.attacks]
+    notes = [f"{a} attack: preset '{cfg.preset}' has no such attack — it runs {', '.join(task.attacks)} only"
+             for a in attacks if a not in task.attacks]
     attacks = [a for a in attacks if a in task.attacks]
     if progress:
         for n in notes:
