@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .evaluate.sd_judges import EXPOSED, NUDENET_THRESHOLD, nudenet_detector, to_uint8_bgr
+from .evaluate.forgetting import teacher_fingerprint
+from .evaluate.sd_judges import EXPOSED, NUDENET_THRESHOLD, NUDENET_VERSION, nudenet_detector, to_uint8_bgr
 from .prompts import Concept, contains, rewrite, term_pattern
 from .robustness import Budget, Subject, TextSide, noise
 
@@ -181,7 +182,11 @@ class SDSuite:
         elif clip is not None:
             self.nb_judge = ClipLogits(clip, [*self.neighbors, c.name, *([c.override] if c.override else [])])
         self.prompts = self._family_prompts(list(extra_prompts or []))
-        self.key = f"sd|w={self.guidance}|{self.target}"
+        # the teacher's cached figures depend on the judge too (a user's CLIP folder, or NudeNet's pin)
+        judge_id = teacher_fingerprint(clip.model) if clip is not None else ""
+        if self.nudity:
+            judge_id += f"|nudenet {NUDENET_VERSION} >= {NUDENET_THRESHOLD}"
+        self.key = f"sd|w={self.guidance}|{self.target}|judge={judge_id}"
 
     # families ----------------------------------------------------------------------------------------------
     def _family_prompts(self, extra: list[str]) -> list[tuple[str, str]]:

@@ -275,3 +275,29 @@ def test_clip_is_refused_on_other_presets(digits):
         get_task(digits).attack_judge(SFDConfig(preset="digits"), clip="/x")
     with pytest.raises(ValueError, match="--neighbor-prompts is for Stable Diffusion runs"):
         get_task(digits).robustness_suite(None, None, SMALL, None, neighbors="nb.txt")
+
+
+@pytest.mark.slow
+def test_the_teachers_figures_are_cached_per_judge(sd_run, clip_folder, tmp_path, monkeypatch):
+    """The teacher's families and attack are paid once per teacher, target, budget *and judge*: a rerun reads them
+    back; another CLIP folder (one weight changed) measures afresh."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from sfd.cli import main
+    monkeypatch.setenv("SFD_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "clip2"
+    m = CLIPModel.from_pretrained(str(clip_folder), local_files_only=True)
+    with torch.no_grad():
+        m.visual_projection.weight.mul_(1.01)
+    m.save_pretrained(str(other))
+    CLIPProcessor.from_pretrained(str(clip_folder)).save_pretrained(str(other))
+    files = lambda: sorted(p.name for p in (tmp_path / "cache").glob("attack-*"))   # noqa: E731
+    assert main(["attack", str(sd_run), "--clip", str(clip_folder), *FLAGS]) == 0
+    first, rep1 = files(), json.loads((sd_run / "attack.json").read_text())
+    assert len(first) == 2                                    # the teacher's families and its attack
+    assert main(["attack", str(sd_run), "--clip", str(clip_folder), *FLAGS]) == 0
+    rep2 = json.loads((sd_run / "attack.json").read_text())
+    assert files() == first and rep2["attacks"]["continuous"]["asr_teacher"] == rep1["attacks"]["continuous"]["asr_teacher"]
+    assert rep2["attacks"]["continuous"]["seconds_teacher"] < rep1["attacks"]["continuous"]["seconds_teacher"]
+    assert main(["attack", str(sd_run), "--clip", str(other), *FLAGS]) == 0
+    assert len(files()) == 4
