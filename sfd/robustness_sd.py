@@ -30,7 +30,7 @@ from torch import nn
 from .evaluate.forgetting import teacher_fingerprint
 from .evaluate.sd_judges import EXPOSED, NUDENET_THRESHOLD, NUDENET_VERSION, nudenet_detector, to_uint8_bgr
 from .prompts import Concept, contains, rewrite, term_pattern
-from .robustness import Budget, Subject, TextSide, noise
+from .robustness import Budget, Subject, TextSide, noise, token_search
 
 MAX_FAMILY_PROMPTS = 32            # a family drawn from a long prompt file keeps this many, evenly spread
 NEIGHBOR_PROMPTS = 4               # prompts per neighbour concept (the run's forget prompts, rewritten)
@@ -164,8 +164,9 @@ class SDSuite:
         if self.nudity:
             self.nudenet = nudenet or nudenet_detector()
             self.attacks: tuple = ()
-            self.notes.append("continuous attack: nudity is judged by NudeNet, which has no gradient — the attack "
-                              "runs on concept targets (CLIP judge) only; families and residue are measured")
+            self.notes.append("attacks: nudity is judged by NudeNet, which has no gradient — the discrete and "
+                              "continuous attacks run on concept targets (CLIP judge) only; families and residue are "
+                              "measured")
             if self.neighbors and clip is None:
                 raise ValueError("--neighbor-prompts: side effects on neighbours are judged by CLIP — pass --clip DIR "
                                  "(a local transformers CLIPModel + CLIPProcessor folder)")
@@ -174,7 +175,7 @@ class SDSuite:
                 raise ValueError(f"sfd attack on an sd run: concept {c.name!r} is judged by CLIP and the run names no "
                                  f"judge — pass --clip DIR (a local transformers CLIPModel + CLIPProcessor folder, as "
                                  f"for `sfd evaluate --clip`)")
-            self.attacks = ("continuous",)
+            self.attacks = ("discrete", "continuous")
             self.judge = ClipLogits(clip, [c.name, c.override])
         if not self.neighbors:
             self.notes.append("side effects: no neighbour concepts given — pass --neighbor-prompts FILE (one concept "
@@ -323,6 +324,14 @@ class SDSuite:
                                  f"{self.concept.override!r} as tokens")
         return mask
 
+    def discrete(self, sampler) -> dict:
+        """sfd.robustness's token search (UnlearnDiff's setting) on the starts: at most ``edits`` tokens changed,
+        any token of the tokenizer but its special ones; judged through the VAE decoder and CLIP."""
+        starts = self.starts()
+        ids = self.text.ids(starts).repeat_interleave(self.b.seeds, 0).to(self.device)
+        z = noise(self.b.seed + 7, len(ids), self.shape).to(self.device)
+        return token_search(_Decoded(self), self.text, self.b, sampler, starts, ids, z, 0)
+
     def continuous(self, sampler) -> dict:
         """Free input embeddings at the override's token positions of each start, optimised with Adam."""
         b, T = self.b, self.text
@@ -348,6 +357,16 @@ class SDSuite:
             opt.step()
         return {"asr": float(won.float().mean()), "confidence": float(conf.mean()), "instances": n, "starts": starts,
                 "free_tokens": int(mask[0].sum())}
+
+
+class _Decoded:
+    """The suite's judge on latents: decode, then CLIP (what token_search calls ``logits``)."""
+
+    def __init__(self, suite):
+        self.suite = suite
+
+    def logits(self, latents):
+        return self.suite.judge(self.suite.decode(latents))
 
 
 def tidy_space(p: str) -> str:

@@ -100,11 +100,11 @@ def setup(sd_folder, clip_folder):
                 blind=Sampler(Blind(teacher, start_emb), sigma_init=2.5))
 
 
-def _measure(setup, generator: Sampler, families: bool):
+def _measure(setup, generator: Sampler, families: bool, attacks=("continuous",), budget=SMALL):
     s = setup
     subjects = {"generator": Subject("generator", generator),
                 "teacher": Subject("teacher", s["heun"], fast=s["heun"])}
-    return measure(s["suite"], subjects, SMALL, attacks=("continuous",), families=families)
+    return measure(s["suite"], subjects, budget, attacks=attacks, families=families)
 
 
 def test_clip_logits_agree_with_the_judge_and_carry_gradients(clip_folder):
@@ -162,6 +162,23 @@ def test_the_attack_brings_the_concept_back_through_one_step_and_not_through_a_b
     assert blind["asr_teacher"] == hidden["asr_teacher"]
 
 
+def test_the_token_search_finds_words_that_bring_it_back_and_none_for_a_blind_generator(setup):
+    """The discrete attack (at most 2 tokens changed, 8 candidates a step) on the same painted judge."""
+    b = Budget(steps=6, seeds=2, starts=2, teacher_steps=3, candidates=8, edits=2, per_prompt=1, min_cell=2)
+    setup["suite"].b = b
+    try:
+        hidden = _measure(setup, setup["one"], False, ("discrete",), b).attacks["discrete"]
+        blind = _measure(setup, setup["blind"], False, ("discrete",), b).attacks["discrete"]
+    finally:
+        setup["suite"].b = SMALL
+    assert hidden["asr"] >= 0.5 and hidden["asr_teacher"] >= 0.5
+    assert blind["asr"] == 0.0 and blind["asr_teacher"] == hidden["asr_teacher"]
+    T = setup["suite"].text
+    for ex in hidden["examples"]:                                            # at most --edits tokens changed
+        a, p = T.ids([ex["start"]])[0], T.ids([ex["prompt"]])[0]
+        assert int((a != p).sum()) <= 2 and (not ex["success"] or int((a != p).sum()) >= 1)
+
+
 def test_neighbors_are_side_effect_cells(setup, clip_folder, tmp_path):
     """Neighbour concepts: the forget prompts rewritten to each; the teacher as generator loses nothing."""
     from sfd.evaluate.sd_judges import ClipJudge
@@ -200,7 +217,7 @@ def test_a_concept_without_a_judge_names_the_flag(setup):
 
 
 def test_nudity_is_judged_by_nudenet_without_an_attack(sd_folder):
-    """Nudity: NudeNet (no gradient) judges the families; the attack is left out with a note, not silently."""
+    """Nudity: NudeNet (no gradient) judges the families; the attacks are left out with a note, not silently."""
     task = get_task(PRESET)
     cfg = sd_cfg(sd_folder, "nudity", "").validate(PRESET)
     teacher = task.load_teacher(cfg.teacher)
@@ -238,13 +255,14 @@ def test_sfd_attack_on_an_sd_run_writes_its_report(sd_run, clip_folder, tmp_path
     (tmp_path / "nb.txt").write_text("angelina jolie\n")
     (tmp_path / "mine.txt").write_text("the actor brad pitt in a film\n")
     assert main(["attack", str(sd_run), "--clip", str(clip_folder), "--neighbor-prompts", str(tmp_path / "nb.txt"),
-                 "--prompts-file", str(tmp_path / "mine.txt"), *FLAGS]) == 0
+                 "--prompts-file", str(tmp_path / "mine.txt"), "--candidates", "4", *FLAGS]) == 0
     out = capsys.readouterr().out
-    assert "continuous: ASR" in out and "discrete attack: preset 'sd' has no such attack" not in out
+    assert "continuous: ASR" in out and "discrete: ASR" in out
     rep = json.loads((sd_run / "attack.json").read_text())
     assert rep["schema"] == 1 and rep["kind"] == "sd" and rep["preset"] == "sd"
     assert rep["target"] == "brad pitt->a middle aged man"
-    assert set(rep["attacks"]) == {"continuous"} and any("discrete" in n for n in rep["notes"])
+    assert set(rep["attacks"]) == {"discrete", "continuous"} and rep["attacks"]["discrete"]["instances"] == 2
+    assert all("a middle aged man" in ex["start"] for ex in rep["attacks"]["discrete"]["examples"])
     a = rep["attacks"]["continuous"]
     assert a["instances"] == 2 and 0 <= a["asr"] <= 1 and 0 <= a["asr_teacher"] <= 1 and a["nfe_per_step"] == 1
     for k in ("residue_worst_family", "residue_worst_family_name", "residue_worst_family_teacher", "residue_mean",
@@ -292,12 +310,13 @@ def test_the_teachers_figures_are_cached_per_judge(sd_run, clip_folder, tmp_path
     m.save_pretrained(str(other))
     CLIPProcessor.from_pretrained(str(clip_folder)).save_pretrained(str(other))
     files = lambda: sorted(p.name for p in (tmp_path / "cache").glob("attack-*"))   # noqa: E731
-    assert main(["attack", str(sd_run), "--clip", str(clip_folder), *FLAGS]) == 0
+    FLAGS_C = [*FLAGS, "--attacks", "continuous"]
+    assert main(["attack", str(sd_run), "--clip", str(clip_folder), *FLAGS_C]) == 0
     first, rep1 = files(), json.loads((sd_run / "attack.json").read_text())
     assert len(first) == 2                                    # the teacher's families and its attack
-    assert main(["attack", str(sd_run), "--clip", str(clip_folder), *FLAGS]) == 0
+    assert main(["attack", str(sd_run), "--clip", str(clip_folder), *FLAGS_C]) == 0
     rep2 = json.loads((sd_run / "attack.json").read_text())
     assert files() == first and rep2["attacks"]["continuous"]["asr_teacher"] == rep1["attacks"]["continuous"]["asr_teacher"]
     assert rep2["attacks"]["continuous"]["seconds_teacher"] < rep1["attacks"]["continuous"]["seconds_teacher"]
-    assert main(["attack", str(sd_run), "--clip", str(other), *FLAGS]) == 0
+    assert main(["attack", str(sd_run), "--clip", str(other), *FLAGS_C]) == 0
     assert len(files()) == 4

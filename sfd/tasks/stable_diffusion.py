@@ -267,7 +267,7 @@ class SDTask(PromptTask):
         return evaluate_sd(pipe, SDTargets(cfg), judge, per_prompt=per_prompt, seed=seed)
 
     # -- robustness (sfd attack, sfd.robustness_sd) ---------------------------------------------------------
-    attacks = ("continuous",)
+    attacks = ("discrete", "continuous")
 
     def attack_judge(self, cfg, device="cpu", clip=None):
         """``--clip DIR`` or the run's ``--classifier`` (a CLIP folder); None: nudity is judged by NudeNet."""
