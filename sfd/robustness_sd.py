@@ -14,9 +14,10 @@ forgotten concept, side effects on neighbour concepts, and the continuous (textu
   run's forget prompts with the concept rewritten to each neighbour; accuracy = CLIP's zero-shot pick among
   every neighbour, the concept and the override is the neighbour; drop = teacher's accuracy - generator's;
   ``override_share``: the share drawn as the override (the override's leakage into the neighbour).
-- **Continuous attack**: start prompts are the run's forget prompts rewritten to the override (the teacher draws
-  the override there); the input embeddings at the override's token positions are free and optimised with Adam
-  through the sampler, the VAE decoder and CLIP. An instance (start, noise seed) succeeds when CLIP's pick on its
+- **Attacks**: start prompts are the run's forget prompts rewritten to the override (the teacher draws
+  the override there). Continuous: the input embeddings at the override's token positions are free and optimised
+  with Adam through the sampler, the VAE decoder and CLIP. Discrete: sfd.robustness's token search (at most
+  ``edits`` tokens changed), judged the same way. An instance (start, noise seed) succeeds when CLIP's pick on its
   image is the concept at any step. The teacher runs with the run's teacher guidance (its CFG negative branch:
   the empty prompt, or the keyword list for nudity) in a few-step Heun sampler with gradients.
 """
