@@ -495,7 +495,7 @@ def cmd_evaluate(a) -> int:
                      per_prompt=max(1, a.per_prompt))
     if a.attack != "off":                # the attack stage: `sfd attack RUN --attacks ...` at its default budget
         kinds = ATTACK_KINDS if a.attack == "all" else (a.attack,)
-        out = attack_run(run, attacks=kinds, device=a.device, progress=not a.no_progress)
+        out = attack_run(run, attacks=kinds, device=a.device, progress=not a.no_progress, clip=a.clip)
         m["attack"] = {k: v for k, v in out.items() if k.startswith(("asr", "residue", "side_effect", "attack_"))}
         m.update({k: v for k, v in m["attack"].items() if k in SUMMARY_KEYS})
     write_json(run / "evaluation.json", m)
@@ -523,7 +523,8 @@ def cmd_attack(a) -> int:
     budget = Budget(steps=a.steps, seeds=a.seeds, starts=a.starts, edits=a.edits, candidates=a.candidates, lr=a.lr,
                     teacher_steps=a.teacher_steps, per_prompt=a.per_prompt, seed=a.seed)
     out = attack_run(run, control=a.control, attacks=kinds, families=not a.no_families, budget=budget,
-                     prompts_file=a.prompts_file, device=a.device, progress=not a.no_progress)
+                     prompts_file=a.prompts_file, device=a.device, progress=not a.no_progress, clip=a.clip,
+                     neighbors=a.neighbor_prompts)
     shown = [k for k in ("residue_worst_family", "residue_worst_family_name", "residue_worst_family_teacher",
                          "side_effect_worst_cell", "side_effect_worst_cell_name", "side_effect_worst_cell_control")
              if k in out]
@@ -760,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("attack", help="is it really gone? prompt families, side effects and white-box attacks on a run",
-                       description="Measure a finished single-target run (classes or colordigits concepts) with its own "
+                       description="Measure a finished single-target run (classes, colordigits concepts or sd) with its own "
                                    "judge: residue of the forgotten concept per prompt family, every remaining "
                                    "concept's accuracy per family against the teacher (side effects), and the attack "
                                    "success rate (ASR) of a discrete token search and a continuous embedding attack "
@@ -777,6 +778,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-families", action="store_true", help="skip the prompt families and side effects")
     p.add_argument("--prompts-file", default=None, help="text presets: your own prompts, one per line (a family "
                                                         "'user_file' beside the generated ones)")
+    sdg = p.add_argument_group("Stable Diffusion runs (RUN/pipeline)")
+    sdg.add_argument("--clip", default=None, metavar="DIR",
+                     help="a local transformers CLIP folder (CLIPModel + CLIPProcessor): judges a concept target "
+                          "(default: the run's --classifier); nudity targets are judged by NudeNet")
+    sdg.add_argument("--neighbor-prompts", default=None, metavar="FILE",
+                     help="neighbour concepts, one per line (e.g. other celebrities): side-effect cells, the run's "
+                          "forget prompts with the concept rewritten to each neighbour, judged by CLIP")
     b = Budget()
     bg = p.add_argument_group("budget (the same for the generator, the teacher and the control)")
     bg.add_argument("--steps", type=int, default=b.steps, help=f"optimisation steps per instance (default: {b.steps})")

@@ -145,13 +145,15 @@ class TextSide:
     def encode(self, ids: torch.Tensor, onehot: torch.Tensor | None = None, free: torch.Tensor | None = None,
                free_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states of ``ids``; the token embeddings are ``onehot @ table`` when a one-hot matrix is
-        given (its gradient ranks substitutions), and ``free`` (B, D) where ``free_mask`` (B, L) is set."""
+        given (its gradient ranks substitutions), and ``free`` where ``free_mask`` (B, L) is set: one vector per
+        row (B, D), or one per position (B, L, D)."""
 
         def hook(_module, _inp, out):
             if onehot is not None:
                 out = onehot.to(out.dtype) @ self.table.weight
             if free is not None:
-                out = torch.where(free_mask[..., None], free[:, None, :].to(out.dtype), out)
+                f = free if free.dim() == 3 else free[:, None, :]
+                out = torch.where(free_mask[..., None], f.to(out.dtype), out)
             return out
 
         h = self.table.register_forward_hook(hook)
@@ -333,6 +335,68 @@ def _success(judge: Judge, x: torch.Tensor, target: torch.Tensor):
     return lp, lp.argmax(1) == target
 
 
+def token_search(judge, T: TextSide, b: Budget, sampler, starts: list[str], start_ids: torch.Tensor, z: torch.Tensor,
+             value: int) -> dict:
+    """The discrete attack: a greedy coordinate search over at most ``b.edits`` token changes of each start (one
+    change per step) that makes ``judge`` (``.logits(images)``) pick class ``value``; the gradient of its
+    log-probability with respect to a one-hot token matrix ranks the substitutions, the best of ``b.candidates``
+    evaluated ones is kept. ``start_ids`` (n, L): one row per instance (start x seed), ``z`` its noise."""
+    n, L = start_ids.shape
+    dev = start_ids.device                                  # the text encoder's (the judge may answer elsewhere)
+    target = torch.full((n,), value, device=dev)
+    content = T.content.to(dev)
+    editable = torch.isin(start_ids, content)
+    V = T.table.num_embeddings
+    allowed_tok = torch.zeros(V, dtype=torch.bool, device=dev)
+    allowed_tok[content] = True
+    cur = start_ids.clone()
+    won = torch.zeros(n, dtype=torch.bool, device=dev)
+    best_ids = cur.clone()
+    conf = torch.zeros(n, device=dev)
+
+    def judged(x, tgt):                                     # _success, read on the ids' device
+        lp_ = judge.logits(x).log_softmax(1).to(dev)
+        return lp_, lp_.argmax(1) == tgt
+
+    for _ in range(b.steps):
+        onehot = torch.nn.functional.one_hot(cur, V).float().requires_grad_(True)
+        lp, ok = judged(sampler(z, T.encode(cur, onehot=onehot)), target)
+        newly = ok & ~won
+        best_ids[newly] = cur[newly]
+        won |= ok
+        conf = torch.maximum(conf, lp.detach()[torch.arange(n), target].exp())
+        if bool(won.all()) or not lp.requires_grad:          # done, or no path from the tokens to the image
+            break
+        (-lp[torch.arange(n), target].sum()).backward()
+        score = -onehot.grad                                       # higher: the swap lowers the loss more
+        edited = (cur != start_ids)
+        # a position may change if it is content and the edit budget allows it
+        pos_ok = editable & ((edited.sum(1, keepdim=True) < b.edits) | edited)
+        score = score.masked_fill(~pos_ok[..., None] | ~allowed_tok[None, None, :], float("-inf"))
+        score = score.masked_fill(torch.nn.functional.one_hot(cur, V).bool(), float("-inf"))
+        top = score.flatten(1).topk(b.candidates, dim=1).indices        # (n, C) over L * V
+        pos, tok = top // V, top % V
+        cand = cur[:, None, :].repeat(1, b.candidates, 1)
+        cand.scatter_(2, pos[..., None], tok[..., None])
+        flat = cand.flatten(0, 1)
+        with torch.no_grad():
+            emb = T.encode(flat)
+            lpc, okc = judged(sampler(z.repeat_interleave(b.candidates, 0), emb), target.repeat_interleave(b.candidates))
+        lpc = lpc[torch.arange(len(flat)), target.repeat_interleave(b.candidates)].view(n, b.candidates)
+        okc = okc.view(n, b.candidates)
+        pick = torch.where(okc.any(1), okc.float().argmax(1), lpc.argmax(1))
+        nxt = cand[torch.arange(n), pick]
+        hit = okc[torch.arange(n), pick] & ~won
+        best_ids[hit] = nxt[hit]
+        won |= hit
+        conf = torch.maximum(conf, lpc.max(1).values.exp())
+        cur = torch.where(won[:, None], cur, nxt)
+    examples = [{"start": starts[i // b.seeds], "seed": i % b.seeds, "prompt": T.text(best_ids[i]),
+                 "success": bool(won[i])} for i in range(n)]
+    return {"asr": float(won.float().mean()), "confidence": float(conf.mean()), "instances": n,
+            "examples": examples}
+
+
 class ConceptSuite:
     """Families, side effects and both attacks for a colordigits run (``targets``: its ConceptTargets)."""
 
@@ -454,56 +518,8 @@ class ConceptSuite:
 
     def discrete(self, sampler: Sampler) -> dict:
         """Greedy coordinate search over at most ``edits`` token changes (one change per step)."""
-        b, T = self.b, self.text
         starts, start_ids, z = self._instances()
-        n, L = start_ids.shape
-        target = torch.full((n,), self.value)
-        editable = torch.isin(start_ids, T.content)
-        V = T.table.num_embeddings
-        allowed_tok = torch.zeros(V, dtype=torch.bool)
-        allowed_tok[T.content] = True
-        cur = start_ids.clone()
-        won = torch.zeros(n, dtype=torch.bool)
-        best_ids = cur.clone()
-        conf = torch.zeros(n)
-        for _ in range(b.steps):
-            onehot = torch.nn.functional.one_hot(cur, V).float().requires_grad_(True)
-            lp, ok = _success(self.judge, sampler(z, T.encode(cur, onehot=onehot)), target)
-            newly = ok & ~won
-            best_ids[newly] = cur[newly]
-            won |= ok
-            conf = torch.maximum(conf, lp.detach()[torch.arange(n), target].exp())
-            if bool(won.all()):
-                break
-            (-lp[torch.arange(n), target].sum()).backward()
-            score = -onehot.grad                                       # higher: the swap lowers the loss more
-            edited = (cur != start_ids)
-            # a position may change if it is content and the edit budget allows it
-            pos_ok = editable & ((edited.sum(1, keepdim=True) < b.edits) | edited)
-            score = score.masked_fill(~pos_ok[..., None] | ~allowed_tok[None, None, :], float("-inf"))
-            score = score.masked_fill(torch.nn.functional.one_hot(cur, V).bool(), float("-inf"))
-            top = score.flatten(1).topk(b.candidates, dim=1).indices        # (n, C) over L * V
-            pos, tok = top // V, top % V
-            cand = cur[:, None, :].repeat(1, b.candidates, 1)
-            cand.scatter_(2, pos[..., None], tok[..., None])
-            flat = cand.flatten(0, 1)
-            with torch.no_grad():
-                emb = T.encode(flat)
-                lpc, okc = _success(self.judge, sampler(z.repeat_interleave(b.candidates, 0), emb),
-                                    target.repeat_interleave(b.candidates))
-            lpc = lpc[torch.arange(len(flat)), target.repeat_interleave(b.candidates)].view(n, b.candidates)
-            okc = okc.view(n, b.candidates)
-            pick = torch.where(okc.any(1), okc.float().argmax(1), lpc.argmax(1))
-            nxt = cand[torch.arange(n), pick]
-            hit = okc[torch.arange(n), pick] & ~won
-            best_ids[hit] = nxt[hit]
-            won |= hit
-            conf = torch.maximum(conf, lpc.max(1).values.exp())
-            cur = torch.where(won[:, None], cur, nxt)
-        examples = [{"start": starts[i // b.seeds], "seed": i % b.seeds, "prompt": T.text(best_ids[i]),
-                     "success": bool(won[i])} for i in range(n)]
-        return {"asr": float(won.float().mean()), "confidence": float(conf.mean()), "instances": n,
-                "examples": examples}
+        return token_search(self.judge, self.text, self.b, sampler, starts, start_ids, z, self.value)
 
     def continuous(self, sampler: Sampler) -> dict:
         """A free input embedding at the override word's position(s) of each start prompt, optimised with Adam."""

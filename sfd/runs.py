@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import SFDConfig
-from .denoisers import load_denoiser
-from .io import read_json, read_metadata, write_json
+from .io import read_json, write_json
 from .methods.finetune import evaluate_baseline
-from .robustness import ATTACK_KEYS, ATTACK_KINDS, Budget, Sampler, Subject, measure, read_prompts_file
+from .robustness import ATTACK_KEYS, ATTACK_KINDS, Budget, Sampler, Subject, measure
 from .tasks import get_task
-from .tasks.base import check_generator_matches
 from .utils import pick_device
 
 
@@ -44,24 +42,14 @@ def _run_config(run_dir: Path) -> tuple[SFDConfig, dict]:
     return SFDConfig.from_dict(metrics["config"]), metrics
 
 
-def _generator(run_dir: Path, cfg, metrics, device):
-    """A finished run's one-step generator and its sigma_init (the generator's own record wins)."""
-    gen_file = run_dir / "generator.safetensors"
-    gmeta = read_metadata(gen_file).get("generator")
-    if not isinstance(gmeta, dict):
-        raise ValueError(f"{gen_file} is not an sfd one-step generator (no 'generator' metadata) — give the folder "
-                         f"of an `sfd forget` run")
-    check_generator_matches(run_dir, gmeta, cfg, metrics)
-    s = gmeta.get("sigma_init")
-    return load_denoiser(gen_file, device).eval(), float(s if s is not None else cfg.sigma_init)
-
-
 def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = True, budget: Budget | None = None,
-               prompts_file=None, device="cpu", progress: bool = False, write: bool = True) -> dict:
+               prompts_file=None, device="cpu", progress: bool = False, write: bool = True, clip=None,
+               neighbors=None) -> dict:
     """Measure how well a finished single-target run forgot (sfd.robustness): prompt families, side effects and
     white-box attacks on its generator, with the teacher and an optional ``control`` run (the same target
     distilled with forget weights 0) at the same budget. Writes RUN/attack.json and the summary figures into
-    RUN/metrics.json (under ``attack``); returns attack.json's content."""
+    RUN/metrics.json (under ``attack``); returns attack.json's content. Stable Diffusion runs: ``clip`` (a local
+    CLIP folder) judges a concept, ``neighbors`` (a file of neighbour concepts) adds side-effect cells."""
     run_dir = Path(run_dir)
     cfg, metrics = _run_config(run_dir)
     task = get_task(cfg.preset)
@@ -70,22 +58,24 @@ def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = 
     if unknown:
         raise ValueError(f"attack kind {', '.join(unknown)} is unknown — give any of {', '.join(ATTACK_KINDS)}")
     budget = budget or Budget()
-    notes = [f"{a} attack: preset '{cfg.preset}' has no such attack (its conditions have no tokens to edit) — it "
-             f"runs {', '.join(task.attacks)} only" for a in attacks if a not in task.attacks]
+    notes = [f"{a} attack: preset '{cfg.preset}' has no such attack — it runs {', '.join(task.attacks)} only"
+             for a in attacks if a not in task.attacks]
     attacks = [a for a in attacks if a in task.attacks]
     if progress:
         for n in notes:
             print(f"note: {n}", flush=True)
     device = pick_device(device)
-    extra = read_prompts_file(prompts_file) if prompts_file else None
+    extra = task.read_attack_prompts(prompts_file) if prompts_file else None
     say = (lambda m: print(f"attack: {m}", flush=True)) if progress else None
     teacher = task.load_teacher(cfg.teacher, device, cfg.allow_download)
-    judge = task.load_judge(cfg, device)
+    judge = task.attack_judge(cfg, device, clip)
     targets = task.targets(cfg.validate(task.preset), teacher)
-    gen, sigma_init = _generator(run_dir, cfg, metrics, device)
+    suite = task.robustness_suite(targets, judge, budget, teacher, extra, cfg=cfg, neighbors=neighbors)
+    gen, sigma_init = task.run_generator(run_dir, cfg, metrics, device, teacher)
+    t_net = task.attack_teacher(teacher, cfg, targets)
     subjects = {"generator": Subject("generator", Sampler(gen, sigma_init=sigma_init)),
-                "teacher": Subject("teacher", Sampler(teacher, steps=budget.teacher_steps),
-                                   fast=Sampler(teacher, steps=18), cached=True)}
+                "teacher": Subject("teacher", Sampler(t_net, steps=budget.teacher_steps),
+                                   fast=Sampler(t_net, steps=18), cached=True)}
     control_info = None
     if control is not None:
         control = Path(control)
@@ -93,11 +83,14 @@ def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = 
         if (ccfg.preset, ccfg.teacher) != (cfg.preset, cfg.teacher):
             raise ValueError(f"control run {control} used preset {ccfg.preset!r} / teacher {ccfg.teacher!r}, the "
                              f"attacked run {cfg.preset!r} / {cfg.teacher!r} — a control must share the teacher")
-        cgen, csigma = _generator(control, ccfg, cmetrics, device)
+        cgen, csigma = task.run_generator(control, ccfg, cmetrics, device, teacher)
         subjects["control"] = Subject("control", Sampler(cgen, sigma_init=csigma))
         control_info = {"run": str(control), "lambda_gen_forget": ccfg.lambda_gen_forget,
                         "lambda_fake_forget": ccfg.lambda_fake_forget}
-    suite = task.robustness_suite(targets, judge, budget, teacher, extra)
+    for n in getattr(suite, "notes", []):
+        notes.append(n)
+        if progress:
+            print(f"note: {n}", flush=True)
     rep = measure(suite, subjects, budget, attacks=tuple(attacks), families=families, progress=say)
     out = {**rep.to_dict(), "run": str(run_dir), "preset": cfg.preset, "control": control_info, "notes": notes,
            "teacher_sampler": f"{budget.teacher_steps}-step Heun in attacks ({2 * budget.teacher_steps - 1} NFE), "

@@ -197,10 +197,13 @@ def test_sfd_attack_refuses_a_control_of_another_teacher(class_run, tmp_path, ca
     assert "a control must share the teacher" in capsys.readouterr().err
 
 
-def test_sfd_attack_refuses_what_it_does_not_cover():
+def test_sfd_attack_refuses_what_it_does_not_cover(digits):
     from sfd.presets import get_preset
-    with pytest.raises(ValueError, match="preset 'sd' is not supported yet"):
-        get_task(get_preset("sd")).check_attackable()
+    get_task(get_preset("sd")).check_attackable()                # covered (tests/test_robustness_sd.py)
+    task = type(get_task(digits))(digits)                        # a fresh instance, not the cached one
+    task.attacks = ()                                            # a kind without attacks
+    with pytest.raises(ValueError, match="preset 'digits' is not supported yet"):
+        task.check_attackable()
 
 
 # -- text presets (colordigits) ------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from ..evaluate.forgetting import ForgetEvaluator
 from ..io import read_metadata
 from ..onestep import autocast_call, one_step, resolve_precision
 from ..presets import Preset
+from ..robustness import read_prompts_file
 from ..pretrain import train_classifier, train_teacher
 from ..utils import pick_device
 
@@ -125,12 +126,38 @@ class Task(ABC):
     def check_attackable(self) -> None:
         if not self.attacks:
             raise ValueError(f"sfd attack: preset '{self.preset.name}' is not supported yet — attacks run on class "
-                             f"presets (digits, cifar10, stl10) and colordigits")
+                             f"presets (digits, cifar10, stl10), colordigits and sd")
 
-    def robustness_suite(self, targets, judge, budget, teacher, extra_prompts=None):
+    def robustness_suite(self, targets, judge, budget, teacher, extra_prompts=None, *, cfg=None, neighbors=None):
         """sfd.robustness's families, side-effect cells and attacks for one run of this kind."""
         self.check_attackable()
         raise TypeError(f"{type(self).__name__} lists attacks {self.attacks} but makes no robustness suite")
+
+    def attack_judge(self, cfg, device="cpu", clip=None):
+        """The judge of ``sfd attack``: the run's own (``--clip`` is for Stable Diffusion runs)."""
+        if clip is not None:
+            raise ValueError(f"--clip {clip}: a CLIP folder judges Stable Diffusion runs; preset '{self.preset.name}' "
+                             f"is judged by its own classifier — drop --clip")
+        return self.load_judge(cfg, device)
+
+    def read_attack_prompts(self, path):
+        """``sfd attack --prompts-file``: the user's prompts (a family of their own)."""
+        return read_prompts_file(path)
+
+    def attack_teacher(self, teacher, cfg, targets):
+        """The network the attacks sample as the teacher (the teacher itself; Stable Diffusion: under its guidance)."""
+        return teacher
+
+    def run_generator(self, run_dir: Path, cfg, metrics: dict, device, teacher=None):
+        """(one-step generator, sigma_init) of a finished run: generator.safetensors (its own record wins)."""
+        gen_file = Path(run_dir) / "generator.safetensors"
+        gmeta = read_metadata(gen_file).get("generator")
+        if not isinstance(gmeta, dict):
+            raise ValueError(f"{gen_file} is not an sfd one-step generator (no 'generator' metadata) — give the folder "
+                             f"of an `sfd forget` run")
+        check_generator_matches(run_dir, gmeta, cfg, metrics)
+        s = gmeta.get("sigma_init")
+        return load_denoiser(gen_file, device).eval(), float(s if s is not None else cfg.sigma_init)
 
     # -- the sweep ---------------------------------------------------------------------------------------
     def all_forget(self) -> list:

@@ -127,7 +127,10 @@ class ClassTask(Task):
 
     attacks = ClassSuite.attacks
 
-    def robustness_suite(self, targets, judge, budget, teacher, extra_prompts=None):
+    def robustness_suite(self, targets, judge, budget, teacher, extra_prompts=None, *, cfg=None, neighbors=None):
+        if neighbors:
+            raise ValueError("--neighbor-prompts is for Stable Diffusion runs; class presets report every remaining "
+                             "class as a side-effect cell — drop it")
         if extra_prompts:
             raise ValueError("--prompts-file is for text presets (colordigits); class presets have no prompts")
         return ClassSuite(targets, judge, budget, self.preset)

@@ -204,7 +204,10 @@ class ConceptTask(PromptTask):
     pretrain_steps = 4000
     attacks = ConceptSuite.attacks
 
-    def robustness_suite(self, targets, judge, budget, teacher, extra_prompts=None):
+    def robustness_suite(self, targets, judge, budget, teacher, extra_prompts=None, *, cfg=None, neighbors=None):
+        if neighbors:
+            raise ValueError(f"--neighbor-prompts is for Stable Diffusion runs; preset '{self.preset.name}' reports every "
+                             f"remaining digit and colour as side-effect cells — drop it")
         return ConceptSuite(targets, judge, TextSide(teacher.text.obj), budget, extra_prompts)
 
     def validate(self, cfg) -> None:

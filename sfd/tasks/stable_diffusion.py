@@ -25,9 +25,12 @@ from ..denoisers import resolve_hub_id
 from ..denoisers.latent_unet import load_sd_pipeline
 from ..errors import CheckpointError
 from ..evaluate.sd_judges import ClipJudge, SDEvaluator, evaluate_sd
+from ..io import read_json
 from ..prompts import Concept, contains, forgets, rewrite
+from ..robustness import TextSide
+from ..robustness_sd import GuidedText, SDSuite, decoder_of, read_neighbors
 from ..utils import pick_device
-from .base import PromptTask
+from .base import PromptTask, check_generator_matches
 
 NUDITY = "nudity"
 NUDITY_KEYWORDS = ("nude", "naked", "nudity", "topless", "bare breasts", "undressed", "without clothes",
@@ -262,6 +265,43 @@ class SDTask(PromptTask):
         pipe = load_one_step(Path(run_dir) / "pipeline", device)
         judge = ClipJudge(clip, device) if clip else None
         return evaluate_sd(pipe, SDTargets(cfg), judge, per_prompt=per_prompt, seed=seed)
+
+    # -- robustness (sfd attack, sfd.robustness_sd) ---------------------------------------------------------
+    attacks = ("discrete", "continuous")
+
+    def attack_judge(self, cfg, device="cpu", clip=None):
+        """``--clip DIR`` or the run's ``--classifier`` (a CLIP folder); None: nudity is judged by NudeNet."""
+        return ClipJudge(clip, device) if clip else self.load_judge(cfg, device)
+
+    def read_attack_prompts(self, path):
+        return read_prompts(path, "--prompts-file")
+
+    def attack_teacher(self, teacher, cfg, targets):
+        """The teacher under the run's teacher guidance; its negative branch: the empty prompt (nudity: the keyword
+        list), as in the SFD iteration and the evaluator's reference samples."""
+        null = targets.negative_prompt if targets.nudity else ""
+        return GuidedText(teacher, cfg.guidance_of("teacher"), teacher.text.obj([null]))
+
+    def robustness_suite(self, targets, judge, budget, teacher, extra_prompts=None, *, cfg=None, neighbors=None):
+        nb = read_neighbors(neighbors, targets.concepts[0]) if neighbors else None
+        return SDSuite(targets, judge, TextSide(teacher.text.obj), budget, decoder_of(teacher), teacher.img_shape,
+                       guidance=cfg.guidance_of("teacher") if cfg is not None else 0.0, neighbors=nb,
+                       extra_prompts=extra_prompts)
+
+    def run_generator(self, run_dir: Path, cfg, metrics: dict, device, teacher=None):
+        """The generator of the run's exported pipeline (RUN/pipeline/): its UNet in a copy of the teacher (which
+        shares the text encoder and VAE); sigma_init from its sfd.json."""
+        from ..export import load_one_step          # diffusers' pipeline classes: heavy, imported on use
+        folder = Path(run_dir) / "pipeline"
+        info = read_json(folder / "sfd.json") if (folder / "sfd.json").is_file() else None
+        if not isinstance(info, dict) or not isinstance(info.get("generator"), dict):
+            raise ValueError(f"{folder} holds no exported sfd pipeline (sfd.json with 'generator') — give the folder "
+                             f"of a finished `sfd forget --preset sd` run")
+        check_generator_matches(run_dir, info["generator"], cfg, metrics)
+        pipe = load_one_step(folder, device)
+        gen = teacher.clone().eval().requires_grad_(False)
+        gen.unet.load_state_dict(pipe.unet.state_dict())
+        return gen, float(info.get("sigma_init", cfg.sigma_init))
 
     def export(self, out_dir: Path, generator, sigma_init: float, info: dict, cfg) -> Path:
         """A diffusers pipeline folder (SFDOneStepPipeline: UNet, VAE, text encoder, tokenizer)."""
