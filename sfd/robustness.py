@@ -120,6 +120,17 @@ def noise(seed: int, n: int, shape) -> torch.Tensor:
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
 
+def side_effect_cell(acc: dict, **fields) -> dict:
+    """A side-effect cell: ``fields`` (family, concept, n, ...) and the accuracy of each subject in ``acc``
+    (generator, teacher, maybe control), with the drop against the teacher."""
+    cell = {**fields, "accuracy": acc["generator"], "accuracy_teacher": acc["teacher"],
+            "drop": acc["teacher"] - acc["generator"]}
+    if "control" in acc:
+        cell["accuracy_control"] = acc["control"]
+        cell["drop_control"] = acc["teacher"] - acc["control"]
+    return cell
+
+
 # -- text: token ids -> embeddings, with a handle for gradients ----------------------------------------------
 
 class TextSide:
@@ -493,13 +504,8 @@ class ConceptSuite:
                         ok = ((digit_t < 0) | (d == digit_t)) & ((color_t < 0) | (k == color_t))
                         acc[s.name] = float(ok[m].float().mean())
                     name = cd.DIGIT_WORDS[v] if kind == "digit" else cd.COLOR_NAMES[v]
-                    cell = {"family": fam, "concept": name, "n": int(m.sum()), "accuracy": acc["generator"],
-                            "accuracy_teacher": acc["teacher"], "drop": acc["teacher"] - acc["generator"],
-                            "override": v == self.override_value and kind == self.attr}
-                    if "control" in acc:
-                        cell["accuracy_control"] = acc["control"]
-                        cell["drop_control"] = acc["teacher"] - acc["control"]
-                    cells.append(cell)
+                    cells.append(side_effect_cell(acc, family=fam, concept=name, n=int(m.sum()),
+                                                  override=v == self.override_value and kind == self.attr))
         return fams, cells
 
     # attacks ---------------------------------------------------------------------------------------------
@@ -597,13 +603,7 @@ class ClassSuite:
                 continue
             m = labels == c
             acc = {s.name: float((preds[s.name][m] == c).float().mean()) for s in subjects}
-            cell = {"family": "labels", "concept": self.preset.class_names[c], "n": int(m.sum()),
-                    "accuracy": acc["generator"], "accuracy_teacher": acc["teacher"],
-                    "drop": acc["teacher"] - acc["generator"]}
-            if "control" in acc:
-                cell["accuracy_control"] = acc["control"]
-                cell["drop_control"] = acc["teacher"] - acc["control"]
-            cells.append(cell)
+            cells.append(side_effect_cell(acc, family="labels", concept=self.preset.class_names[c], n=int(m.sum())))
         return {"labels": fam}, cells
 
     def starts(self) -> list[int]:

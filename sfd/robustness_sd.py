@@ -31,7 +31,7 @@ from torch import nn
 from .evaluate.forgetting import teacher_fingerprint
 from .evaluate.sd_judges import EXPOSED, NUDENET_THRESHOLD, NUDENET_VERSION, nudenet_detector, to_uint8_bgr
 from .prompts import Concept, contains, rewrite, term_pattern
-from .robustness import Budget, Subject, TextSide, noise, token_search
+from .robustness import Budget, Subject, TextSide, noise, side_effect_cell, token_search
 
 MAX_FAMILY_PROMPTS = 32            # a family drawn from a long prompt file keeps this many, evenly spread
 NEIGHBOR_PROMPTS = 4               # prompts per neighbour concept (the run's forget prompts, rewritten)
@@ -291,14 +291,9 @@ class SDSuite:
                 m = torch.tensor([w == n for w in who_t])
                 acc = {s.name: float((preds[s.name]["nb"][m] == i).float().mean()) for s in subjects}
                 leak = {s.name: float((preds[s.name]["nb"][m] == over).float().mean()) for s in subjects}
-                cell = {"family": "neighbors", "concept": n, "n": int(m.sum()), "example": next(p for w, p in nb if w == n),
-                        "accuracy": acc["generator"], "accuracy_teacher": acc["teacher"],
-                        "drop": acc["teacher"] - acc["generator"], "override_share": leak["generator"],
-                        "override_share_teacher": leak["teacher"]}
-                if "control" in acc:
-                    cell["accuracy_control"] = acc["control"]
-                    cell["drop_control"] = acc["teacher"] - acc["control"]
-                cells.append(cell)
+                cells.append(side_effect_cell(acc, family="neighbors", concept=n, n=int(m.sum()),
+                                              example=next(p for w, p in nb if w == n),
+                                              override_share=leak["generator"], override_share_teacher=leak["teacher"]))
         return fams, cells
 
     # the continuous attack ----------------------------------------------------------------------------------
