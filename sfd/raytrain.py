@@ -35,7 +35,9 @@ REPORT_KEYS = ("iteration", "kimg", "train_seconds", "wall_seconds", "loss_fake_
                "remaining_accuracy_teacher", "fd_remaining", "fd_remaining_teacher", "fd_forget_vs_override",
                "fd_override_teacher", "fd_ratio", "override_fd_ratio", "ua_heldout", "override_rate_heldout",
                "prompt_accuracy_remaining", "prompt_accuracy_remaining_teacher", "leakage_accuracy",
-               "leakage_accuracy_teacher", "other_attribute_accuracy", "other_attribute_accuracy_heldout")
+               "leakage_accuracy_teacher", "other_attribute_accuracy", "other_attribute_accuracy_heldout",
+               # a baseline's one report (sfd/methods): its loss, sampler cost, setup time and sampling speed
+               "loss", "nfe", "setup_seconds", "images_per_second_generator")
 
 
 def run_reporting(config: dict, *, device: str, rank: int, stored, send) -> None:

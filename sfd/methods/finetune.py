@@ -278,12 +278,12 @@ def train_baseline(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | 
                                                              teacher.num_classes, batch, device)
         save_grid(out_dir / "samples_generator.png", *evaluator.grid_images(generator_fn=fn))
         save_grid(out_dir / "samples_teacher.png", *evaluator.teacher_grid(teacher))
-    if callback:
-        callback(m, ckpt)
-    final = {**m, "stopped_early": False}
+    # the outputs first: a sweep's scheduler may end the trial at its one report
     write_json(out_dir / "history.json", [m])
     write_json(out_dir / "metrics.json", {**m, "config": cfg.to_dict()})
-    return final
+    if callback:
+        callback(m, ckpt)
+    return {**m, "stopped_early": False}
 
 
 def evaluate_baseline(run_dir, cfg: SFDConfig, *, seed: int = 777, device="auto", progress: bool = False,
