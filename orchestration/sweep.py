@@ -210,6 +210,10 @@ def check_flags(a) -> None:
         a.method_list = parse_methods(a.methods)
     except ValueError as e:
         raise SweepError(str(e)) from None
+    baselines = [m for m in a.method_list if m != "sfd"]
+    if baselines and a.workers_per_trial > 1:
+        raise SweepError(f"--methods {','.join(baselines)}: the baselines run in one process per trial, got "
+                         f"--workers-per-trial {a.workers_per_trial} — use 1, or sweep them in a sweep of their own")
     if a.resume and a.overwrite:
         raise SweepError("--resume and --overwrite contradict each other — give one of them")
 

@@ -45,6 +45,7 @@ def test_each_target_is_planned_once_per_method(tmp_path, capsys):
     (["--methods", "sfd,"], "unknown method ''"),
     (["--trial-seconds", "0"], "--trial-seconds 0.0 is invalid — give a positive number of seconds"),
     (["--trial-seconds", "nan"], "--trial-seconds nan is invalid"),
+    (["--methods", "sfd,sa", "--workers-per-trial", "2"], "--methods sa: the baselines run in one process per trial"),
 ])
 def test_bad_methods_or_budget_exit_2_naming_the_value(tmp_path, capsys, flags, needle):
     assert main(["--targets", "digits:3", *flags, "--dry-run", "--out", str(tmp_path / "x")]) == 2
