@@ -17,6 +17,7 @@ import pandas as pd
 
 from sfd.evaluate.plots import plot_pareto
 from sfd.io import atomic_path, read_json, write_json
+from sfd.methods.finetune import MODEL_FILE
 from sfd.robustness import ATTACK_KEYS
 from sfd.runs import evaluate_run
 
@@ -127,14 +128,17 @@ def trial_rows(result_grid, targets: dict, out_dir: Path, outcome: dict, errors:
         if status in DONE and (run_dir / "metrics.json").is_file():
             final = json.loads((run_dir / "metrics.json").read_text())
         error = errors.get(trial_id) or (root_cause(r.error) if r.error else "")
-        row = {"target": cfg["target"], "trial_id": trial_id, "baseline": bool(cfg["baseline"]), "status": status,
+        t = targets.get(cfg["target"])
+        # the target itself and its method in two columns (a trial from before --methods: SFD's)
+        row = {"target": t.target_name if t is not None else cfg["target"], "method": cfg.get("method", "sfd"),
+               "trial_id": trial_id, "baseline": bool(cfg["baseline"]), "status": status,
                "error": error if status == "failed" else "", "note": notes.get(trial_id, "")}
         for k, v in cfg["params"].items():
             row[f"param_{k}"] = v
         for k in ("ua", "fd_remaining", "fd_remaining_teacher", "fd_ratio", "fd_forget_vs_override",
                   "fd_override_teacher", "override_fd_ratio", "override_rate", "remaining_accuracy",
                   "remaining_accuracy_teacher", "kimg", "train_seconds", "wall_seconds",
-                  "images_per_second_generator", "images_per_second_teacher",
+                  "images_per_second_generator", "images_per_second_teacher", "nfe", "setup_seconds",
                   # text-to-image (concept) targets; NaN for class targets
                   "ua_heldout", "override_rate_heldout", "leakage_accuracy", "leakage_accuracy_teacher"):
             v = final.get(k, m.get(k))
@@ -203,9 +207,18 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
 FRESH_KEYS = ("ua", "fd_ratio", "override_fd_ratio", "remaining_accuracy", "fd_remaining")
 
 
+def model_file(run_dir) -> Path | None:
+    """What a finished trial exports: SFD's one-step generator, or a baseline's fine-tuned denoiser."""
+    for name in ("generator.safetensors", MODEL_FILE):
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    return None
+
+
 def fresh_metrics(row: dict | None, seed: int) -> dict:
-    """The trial's generator re-evaluated on fresh noise (``seed``), cached in its run folder."""
-    if row is None or not (Path(row["run_dir"]) / "generator.safetensors").is_file():
+    """The trial's generator (a baseline: its model with the teacher's sampler) re-evaluated on fresh noise
+    (``seed``), cached in its run folder."""
+    if row is None or model_file(row["run_dir"]) is None:
         return {}
     cache = Path(row["run_dir"]) / f"evaluation_fresh_seed{seed}.json"
     if cache.is_file():
@@ -226,7 +239,7 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
     out_dir = Path(out_dir)
     summary = []
     for t in targets:
-        tr = [r for r in rows if r["target"] == t.name]
+        tr = [r for r in rows if r["target"] == t.target_name and (r.get("method") or "sfd") == t.method]
         front = pareto_front(tr)
         best = choose_best(tr, ua_threshold, max_override_fd_ratio, max_asr)
         base = next((r for r in tr if r["baseline"]), None)
@@ -240,14 +253,15 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
             plot_pareto(pts, png, title=f"{t.name}: {len(tr)} trials", front_ids=front,
                         best_id=best["trial_id"] if best else None, ua_threshold=ua_threshold)
         export = ""
-        if best is not None and (Path(best["run_dir"]) / "generator.safetensors").is_file():
+        made = model_file(best["run_dir"]) if best is not None else None
+        if made is not None:
             dst = out_dir / "best" / t.slug
             dst.mkdir(parents=True, exist_ok=True)
-            for f in ("generator.safetensors", "metrics.json", "samples_generator.png", "curves.png"):
+            for f in (made.name, "metrics.json", "samples_generator.png", "curves.png"):
                 if (Path(best["run_dir"]) / f).is_file():
                     shutil.copy2(Path(best["run_dir"]) / f, dst / f)
-            export = str(dst / "generator.safetensors")
-        row = {"target": t.name, "trials": len(tr), "finished": sum(r["status"] in DONE for r in tr),
+            export = str(dst / made.name)
+        row = {"target": t.target_name, "method": t.method, "trials": len(tr), "finished": sum(r["status"] in DONE for r in tr),
                "failed": sum(r["status"] == "failed" for r in tr),
                "cut_off": sum(r["status"] in ("cut_off", "not_started") for r in tr),
                "state": target_state(tr),
@@ -260,6 +274,8 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
                "override_fd_ratio": best["override_fd_ratio"] if best else math.nan,
                "remaining_accuracy": best["remaining_accuracy"] if best else math.nan,
                "train_seconds": best["train_seconds"] if best else math.nan,
+               "nfe": best.get("nfe", math.nan) if best else math.nan,
+               "images_per_second": best.get("images_per_second_generator", math.nan) if best else math.nan,
                "baseline_ua": base["ua"] if base else math.nan,
                "baseline_fd_remaining": base["fd_remaining"] if base else math.nan,
                "baseline_fd_ratio": base["fd_ratio"] if base else math.nan,
@@ -294,6 +310,8 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
     with atomic_path(out_dir / "summary.md") as tmp:
         tmp.write_text(summary_markdown(df, ua_threshold, max_override_fd_ratio, fresh_seed, max_asr))
     write_json(out_dir / "summary.json", summary)
+    if df_trials.get("method") is not None and set(df_trials["method"]) != {"sfd"}:
+        method_table(rows, df, out_dir, ua_threshold)
     return df
 
 
@@ -322,9 +340,11 @@ def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_rati
                   f"worst-cell side effect worst {float(df['side_effect_worst_cell'].max()):.3f}"
                   + (f"; **{int(df['meets_max_asr'].sum())}/{len(df)}** targets meet --max-asr {max_asr}"
                      if max_asr is not None else "") + ".", ""]
-    head = ("| target | trials | best | UA | UA held-out | FD | teacher FD | FD ratio | override FD ratio | "
-            "remaining acc | baseline FD | train s |")
-    sep = "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    # several methods: the method beside the target (an SFD-only sweep's table is as before)
+    methods = "method" in df and set(df["method"]) != {"sfd"}
+    head = ("| target |" + (" method |" if methods else "") + " trials | best | UA | UA held-out | FD | teacher FD | "
+            "FD ratio | override FD ratio | remaining acc | baseline FD | train s |")
+    sep = "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if methods else "")
     if fresh:
         head += " UA fresh | FD ratio fresh | override FD ratio fresh | baseline FD ratio fresh |"
         sep += "---|---|---|---|"
@@ -335,7 +355,8 @@ def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_rati
     for _, r in df.iterrows():
         best = r["best_trial"] + (" (baseline)" if r["best_is_baseline"] else "") if r["best_trial"] else "none"
         uah = r.get("ua_heldout", math.nan)
-        line = (f"| {r['target']} | {r['trials']} | {best} | {r['ua']:.4f} | "
+        line = (f"| {r['target']} |" + (f" {r['method']} |" if methods else "") + f" {r['trials']} | {best} |"
+                f" {r['ua']:.4f} | "
                 f"{'-' if uah != uah else f'{uah:.4f}'} | {r['fd_remaining']:.4f} | "
                 f"{r['fd_remaining_teacher']:.4f} | {r['fd_ratio']:.2f} | {r['override_fd_ratio']:.2f} | "
                 f"{r['remaining_accuracy']:.4f} | {r['baseline_fd_remaining']:.4f} | {r['train_seconds']:.0f} |")
@@ -346,4 +367,70 @@ def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_rati
             line += " " + " | ".join("-" if r[k] != r[k] else f"{r[k]:.3f}" for k in
                                      ("asr_max", "residue_worst_family", "side_effect_worst_cell")) + " |"
         lines.append(line + f" `{r['best_config']}` |")
+    return "\n".join(lines) + "\n"
+
+
+# the per-method table: each figure's median over targets and its worst (the direction that hurts)
+METHOD_FIGURES = (("ua", "min", "UA"), ("fd_ratio", "max", "FD ratio"), ("override_fd_ratio", "max", "override FD ratio"),
+                  ("remaining_accuracy", "min", "remaining acc."), ("nfe", "max", "NFE"),
+                  ("images_per_second_generator", "min", "images/s"), ("train_seconds", "max", "train s"))
+
+
+def method_picks(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """(target, method) -> the trial that stands for it: its best trial (:func:`choose_best`, flagged by
+    :func:`summarise`) or, where no trial reached the UA threshold, its finished trial with the highest UA."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        if r["status"] not in DONE or not math.isfinite(r["ua"]):
+            continue
+        key = (r["target"], r.get("method") or "sfd")
+        have = out.get(key)
+        if have is None or (r.get("best") and not have.get("best")) or \
+                (not have.get("best") and not r.get("best") and r["ua"] > have["ua"]):
+            out[key] = r
+    return out
+
+
+def method_table(rows: list[dict], summary: pd.DataFrame, out_dir: Path, ua_threshold: float) -> pd.DataFrame:
+    """Per method, over the targets: how many targets reached UA >= ``ua_threshold`` (have a best trial),
+    and the median and the worst of UA, FD ratio, override FD ratio, remaining accuracy, NFE, images/s
+    and train seconds of each target's pick (:func:`method_picks`). Written as methods.parquet and
+    methods.md; returned."""
+    picks = method_picks(rows)
+    table = []
+    for method in dict.fromkeys(summary["method"]):
+        mine = summary[summary["method"] == method]
+        chosen = [picks[(t, method)] for t in mine["target"] if (t, method) in picks]
+        row = {"method": method, "targets": len(mine), "targets_at_ua_threshold": int((mine["best_trial"] != "").sum()),
+               "trials": int(mine["trials"].sum())}
+        for key, worst, _ in METHOD_FIGURES:
+            vals = [float(r[key]) for r in chosen if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            row[f"{key}_median"] = float(pd.Series(vals).median()) if vals else math.nan
+            row[f"{key}_worst"] = (min(vals) if worst == "min" else max(vals)) if vals else math.nan
+        table.append(row)
+    df = pd.DataFrame(table)
+    write_table(df, Path(out_dir) / "methods.parquet")
+    with atomic_path(Path(out_dir) / "methods.md") as tmp:
+        tmp.write_text(methods_markdown(df, ua_threshold))
+    return df
+
+
+def methods_markdown(df: pd.DataFrame, ua_threshold: float) -> str:
+    def fmt(v, key):
+        if not math.isfinite(v):
+            return "-"
+        if key in ("nfe", "train_seconds", "images_per_second_generator"):
+            return f"{v:,.0f}"
+        return f"{v:.3f}" if key in ("ua", "remaining_accuracy") else f"{v:.2f}"
+
+    lines = ["# Methods side by side", "",
+             f"Per method over its targets: each target's best trial (UA >= {ua_threshold}, the sweep's rule) or, where "
+             f"none reached it, its trial with the highest UA. Each cell: median / worst over the targets (worst: the "
+             f"lowest UA, accuracy and images/s; the highest FD ratios, NFE and train seconds). images/s: the "
+             f"method's sampler at the training batch (SFD: one step; a baseline: the teacher's 18-step Heun).", ""]
+    head = "| method | targets at UA threshold | " + " | ".join(label for _, _, label in METHOD_FIGURES) + " |"
+    lines += [head, "|" + "---|" * (2 + len(METHOD_FIGURES))]
+    for _, r in df.iterrows():
+        cells = [f"{fmt(r[f'{k}_median'], k)} / {fmt(r[f'{k}_worst'], k)}" for k, _, _ in METHOD_FIGURES]
+        lines.append(f"| {r['method']} | {r['targets_at_ua_threshold']}/{r['targets']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

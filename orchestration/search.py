@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ray.tune.search import Searcher
 
-from orchestration.space import trial_layers
+from orchestration.space import space_for, trial_layers, trials_for
 from sfd.config import layered_config
 
 # The trade-off shown in the Pareto plots and tables: forget (UA up), keep quality (remaining
@@ -51,7 +51,7 @@ class PerTargetSearch(Searcher):
         self.ua_threshold = float(ua_threshold)
         self.max_asr = None if max_asr is None else float(max_asr)
         self.storage = storage
-        self.remaining = {t.name: self.trials_per_target for t in targets}
+        self.remaining = {t.name: trials_for(spaces, t, self.trials_per_target) for t in targets}
         self.started = {t.name: 0 for t in targets}
         self.next = 0
         self.owner: dict[str, list] = {}           # tune trial id -> [target name, optuna trial number]
@@ -69,7 +69,7 @@ class PerTargetSearch(Searcher):
                 sampler=TPESampler(seed=self.seed + i, multivariate=True))
             if not study.trials:                  # a fresh study: the baseline is its first point
                 t = self.targets[name]
-                study.enqueue_trial(self.spaces[t.preset].baseline_point(t.override))
+                study.enqueue_trial(space_for(self.spaces, t).baseline_point(t.override))
             self.studies[name] = study
 
     def __getstate__(self):
@@ -122,7 +122,7 @@ class PerTargetSearch(Searcher):
             self.next += 1
             if self.remaining[name] <= 0:
                 continue
-            space = self.spaces[self.targets[name].preset]
+            space = space_for(self.spaces, self.targets[name])
             ot = self.studies[name].ask(space.optuna_space())
             ot.set_user_attr("tune_trial_id", trial_id)
             params = dict(ot.params)
@@ -130,14 +130,15 @@ class PerTargetSearch(Searcher):
             self.owner[trial_id] = [name, ot.number]
             baseline = self.started[name] == 0
             self.started[name] += 1
-            return {"target": name, "target_slug": self.targets[name].slug, "baseline": baseline,
+            return {"target": name, "target_slug": self.targets[name].slug, "method": self.targets[name].method,
+                    "baseline": baseline,
                     "params": params, "sfd": self.sfd_config(name, params)}
         return Searcher.FINISHED if all(v <= 0 for v in self.remaining.values()) else None
 
     def sfd_config(self, name: str, params: dict) -> dict:
         """The trial's full SFD configuration: preset defaults, searched values, target, overrides."""
         t = self.targets[name]
-        return layered_config(trial_layers(self.spaces[t.preset], t, self.overrides, params))[0].to_dict()
+        return layered_config(trial_layers(space_for(self.spaces, t), t, self.overrides, params))[0].to_dict()
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sfd import yamlfile
 from sfd.config import DEFAULT_LAYER, SETTINGS, SFDConfig, format_config, layer_sources, layered_config, spaces_dir
+from sfd.methods import BASELINES
 from sfd.presets import PRESETS
 from sfd.tasks import get_task
 from sfd.tasks.classes import OVERRIDE_POLICIES
@@ -31,6 +32,27 @@ class SearchSpace:
     by_override: dict = field(default_factory=dict)
     # the YAML's own layers of `defaults`, named: [("search_spaces/<preset>.yaml defaults", {...}), (".. trial", {...})]
     layers: list = field(default_factory=list)
+    # the method this space searches ('sfd': the top-level blocks) and, for a baseline, its `methods:` entry's
+    # defaults (applied after the policy's override_defaults, as in `sfd forget --method`)
+    method: str = "sfd"
+    method_defaults: dict = field(default_factory=dict)
+    # baseline -> (its `methods:` defaults, its `search` block), validated by load_space
+    methods: dict = field(default_factory=dict)
+
+    def for_method(self, method: str) -> "SearchSpace":
+        """This space as ``method`` searches it: 'sfd' is the space itself; a baseline keeps the preset's
+        defaults, trial schedule and policy defaults, adds its ``methods:`` entry's defaults on top and
+        searches its own ``search`` block (nothing where it has none: its recipe runs as written)."""
+        if method == "sfd":
+            return self
+        if method not in self.methods:
+            raise ValueError(f"method {method!r} has no entry in {self.label}'s methods: block (it has "
+                             f"{', '.join(self.methods) or 'none'}) — add methods.{method} with its 'defaults' and "
+                             f"'search', or leave {method} out of --methods")
+        defaults, params = self.methods[method]
+        return SearchSpace(self.preset, self.defaults, params, self.override, self.stage1_kimg, self.trials_per_target,
+                           self.source, self.extra, self.by_override, self.layers, method,
+                           {**defaults, "method": method}, self.methods)
 
     def baseline(self, override: str | None = None) -> SFDConfig:
         """The default configuration; for a target of the ``override`` policy, with that policy's
@@ -47,6 +69,8 @@ class SearchSpace:
         out = [*self.layers, ("the sweep's --budget long" if self.layers else "the space's defaults", changed)]
         if override is not None and str(override) in self.by_override:
             out.append((f"{self.label} override_defaults[{override}]", self.by_override[str(override)]))
+        if self.method != "sfd":
+            out.append((f"{self.label} methods[{self.method}]", self.method_defaults))
         return [*out, (f"{self.label} preset", {"preset": self.preset})]
 
     @property
@@ -128,11 +152,21 @@ def load_space(path) -> SearchSpace:
     except (TypeError, ValueError) as e:
         raise ValueError(f"search space {path}: defaults: {e}") from None
     params = doc.get("search") or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"search space {path}: 'search' must be a mapping")
     base = SFDConfig.from_dict({**defaults, "preset": preset}).to_dict()
+    _check_search(path, "search", params, base)
+    by_override = _override_defaults(path, doc, preset, defaults, params)
+    methods = _methods(path, doc, preset, defaults)
+    return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), float(stage1_kimg), trials,
+                       str(path), by_override=by_override, layers=layers, methods=methods)
+
+
+def _check_search(path, block: str, params, base: dict) -> None:
+    """A ``search`` block: every key a searchable SFD setting, every range or choice inside the setting's
+    declared range, the default (``base``) a point of every range."""
+    if not isinstance(params, dict):
+        raise ValueError(f"search space {path}: '{block}' must be a mapping")
     for key, p in params.items():
-        where = f"search space {path}: search.{key}"
+        where = f"search space {path}: {block}.{key}"
         if key not in SETTINGS or not SETTINGS[key].searchable:     # declared searchable=True in sfd/config.py
             tunable = [n for n, s in SETTINGS.items() if s.searchable]
             raise ValueError(f"{where}: not a tunable SFD setting; tunable: {', '.join(tunable)}")
@@ -168,9 +202,40 @@ def load_space(path) -> SearchSpace:
             if not lo <= base[key] <= hi:
                 raise ValueError(f"{where}: the default {key}={base[key]} lies outside [{lo}, {hi}]; the baseline "
                                  f"trial must be a point of the space")
-    by_override = _override_defaults(path, doc, preset, defaults, params)
-    return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), float(stage1_kimg), trials,
-                       str(path), by_override=by_override, layers=layers)
+
+
+def _methods(path, doc: dict, preset: str, defaults: dict) -> dict:
+    """``methods``: baseline -> (its recipe's settings on top of the defaults, its ``search`` block), each
+    checked as the top-level blocks are (a baseline's default is a point of its own search ranges)."""
+    block = doc.get("methods") or {}
+    if not isinstance(block, dict):
+        raise ValueError(f"search space {path}: 'methods' must map a baseline ({', '.join(BASELINES)}) to its "
+                         f"'defaults' and 'search'")
+    out = {}
+    for method, entry in block.items():
+        where = f"search space {path}: methods.{method}"
+        if method not in BASELINES:
+            raise ValueError(f"{where}: not a baseline; give one of {', '.join(BASELINES)} ('sfd' is the top-level "
+                             f"blocks)")
+        if not isinstance(entry, dict) or sorted(set(entry) - {"defaults", "search"}):
+            raise ValueError(f"{where}: must be a mapping with 'defaults' and 'search' (got "
+                             f"{sorted(entry) if isinstance(entry, dict) else type(entry).__name__})")
+        own = entry.get("defaults") or {}
+        if not isinstance(own, dict):
+            raise ValueError(f"{where}.defaults must be a mapping of SFD settings")
+        bad = sorted(set(own) & (TRIAL_KEYS | {"preset", "forget", "override", "forget_concepts", "method"}))
+        if bad:
+            raise ValueError(f"{where}.defaults: {bad} cannot differ per method (the target, the method and the "
+                             f"trial schedule are the sweep's)")
+        try:
+            cfg = SFDConfig.from_dict({**stand_in_target(preset), **defaults, **own, "method": method,
+                                       "preset": preset}).validate()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}.defaults: {e}") from None
+        params = entry.get("search") or {}
+        _check_search(path, f"methods.{method}.search", params, cfg.to_dict())
+        out[str(method)] = (dict(own), dict(params))
+    return out
 
 
 def _override_defaults(path, doc: dict, preset: str, defaults: dict, params: dict) -> dict:
@@ -211,19 +276,32 @@ def trial_layers(space: SearchSpace, target, overrides: dict, params: dict, flag
             (f"target {target.name}", target.config_overrides())]
 
 
+def space_for(spaces: dict, target) -> SearchSpace:
+    """The space a target's trials search: its preset's, as the target's method searches it."""
+    return spaces[target.preset].for_method(getattr(target, "method", "sfd"))
+
+
+def trials_for(spaces: dict, target, trials_per_target: int) -> int:
+    """Trials a target gets: ``trials_per_target``, or one for a baseline whose ``methods:`` entry searches
+    nothing (its recipe runs as written; more trials would repeat it)."""
+    space = space_for(spaces, target)
+    return trials_per_target if space.method == "sfd" or space.params else 1
+
+
 def describe_baselines(targets, spaces: dict, overrides: dict, flag_label="the sweep's flags") -> list[str]:
     """--dry-run: each target's baseline trial (Optuna's first point) as it will run: the settings
     that are not SFDConfig's defaults, each with the layer that set it; a searched setting also names
     its search range (trials after the baseline draw it). Targets with equal settings share a listing."""
     listings: dict[tuple, list] = {}
     for t in targets:
-        space = spaces[t.preset]
+        space = space_for(spaces, t)
         layers = trial_layers(space, t, overrides, space.baseline_point(t.override), flag_label)
         cfg = layered_config(layers)[0]
         sources = layer_sources([layer for layer in layers if layer[0] != OPTUNA_LAYER])
         for k, p in space.params.items():
             where = p["values"] if p["type"] == "choice" else f"[{p['low']}, {p['high']}]"
-            sources[k] += f"; Optuna searches it: search.{k} {p['type']} {where}"
+            block = "search" if space.method == "sfd" else f"methods.{space.method}.search"
+            sources[k] += f"; Optuna searches it: {block}.{k} {p['type']} {where}"
         lines = format_config(cfg, sources, skip_default=True, skip=set(t.config_overrides()), indent="    ")
         listings.setdefault(tuple(lines), []).append(t.name)
     out = []
@@ -246,8 +324,8 @@ def validate_plan(targets, spaces: dict, overrides: dict) -> None:
     every value of a choice (a trial can draw any of them). Errors name the space, the key and
     the value."""
     for t in targets:
-        space = spaces[t.preset]
-        where = f"search space {space.source or t.preset}"
+        space = space_for(spaces, t)
+        where = f"search space {space.source or t.preset}" + ("" if space.method == "sfd" else f" (methods.{space.method})")
         fixed = {**overrides, **t.config_overrides()}
         try:
             base = space.baseline(t.override).replace(**fixed).validate()

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 # isort: off  (the repo on sys.path before the project's imports when run as a script)
@@ -28,8 +29,8 @@ if __package__ in (None, ""):           # run as a script: make the repo importa
 from orchestration import cluster as clu
 from orchestration.lifecycle import SWEEP_FILE, Interrupted, Outcome, SignalGuard, ray_session, sweep_record
 from orchestration.services import probe_all
-from orchestration.space import describe_baselines, load_space, space_path, validate_plan
-from orchestration.targets import load_targets_file, parse_targets, preset_of
+from orchestration.space import describe_baselines, load_space, space_for, space_path, trials_for, validate_plan
+from orchestration.targets import load_targets_file, parse_methods, parse_targets, preset_of, unit_name, with_methods
 from orchestration.trial import resolve_runner, run_trial, trial_resources
 from sfd import assets
 from sfd.config import ATTACK_CHOICES
@@ -77,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override for targets that name none: 'next' (c -> c+1), a class id, 'random' or "
                         "'classifier' (default: the search space's 'override')")
     p.add_argument("--space", help="search-space YAML (default: search_spaces/<preset>.yaml)")
+    p.add_argument("--methods", default="sfd",
+                   help="unlearning methods, comma-separated, among sfd, esd, sa, salun: every target is swept once "
+                        "per method (its own Optuna study over the space's methods.<m>.search, its own trials, a "
+                        "'method' column in the tables, an MLflow tag 'method') and a per-method table (methods.md) "
+                        "closes the sweep (default: sfd)")
+    p.add_argument("--trial-seconds", type=float, default=None,
+                   help="the same wall-time budget for every trial of every method: training stops after this many "
+                        "seconds of training (SFDConfig max_seconds) or at the trial's kimg budget, whichever comes "
+                        "first; evaluation and a baseline's setup (its teacher-sample pool, Fisher, mask) are not "
+                        "counted (default: no limit)")
     p.add_argument("--out", default="runs/sweep", help="output folder (default: runs/sweep)")
     p.add_argument("--trials-per-target", type=int, default=None,
                    help="trials per target, the baseline included (default: the search space's trials_per_target -- "
@@ -182,6 +193,9 @@ def check_flags(a) -> None:
 
     if a.budget_kimg is not None:
         need(finite(a.budget_kimg) and a.budget_kimg > 0, "--budget-kimg", a.budget_kimg, "a positive budget in kimg")
+    if a.trial_seconds is not None:
+        need(finite(a.trial_seconds) and a.trial_seconds > 0, "--trial-seconds", a.trial_seconds,
+             "a positive number of seconds")
     if a.stage1_kimg is not None:
         need(finite(a.stage1_kimg) and a.stage1_kimg >= 0, "--stage1-kimg", a.stage1_kimg, "kimg >= 0 (0: no stage 1)")
     need(a.trials_per_target is None or a.trials_per_target >= 1, "--trials-per-target", a.trials_per_target,
@@ -207,8 +221,16 @@ def check_flags(a) -> None:
     need(a.max_failures >= -1, "--max-failures", a.max_failures, "restarts >= 0, or -1 for no limit")
     try:
         a.trial_runner = resolve_runner(a.trial_runner, a.workers_per_trial)
+        a.method_list = parse_methods(a.methods)
     except ValueError as e:
         raise SweepError(str(e)) from None
+    baselines = [m for m in a.method_list if m != "sfd"]
+    if baselines and a.workers_per_trial > 1:
+        raise SweepError(f"--methods {','.join(baselines)}: the baselines run in one process per trial, got "
+                         f"--workers-per-trial {a.workers_per_trial} — use 1, or sweep them in a sweep of their own")
+    if baselines and ((a.attack or "off") != "off" or a.max_asr is not None):
+        raise SweepError(f"--attack / --max-asr measure SFD's one-step generators; --methods {','.join(baselines)} "
+                         f"leave fine-tuned teachers — drop --attack / --max-asr, or sweep --methods sfd")
     if a.resume and a.overwrite:
         raise SweepError("--resume and --overwrite contradict each other — give one of them")
 
@@ -239,10 +261,14 @@ def resolve(a):
     targets += file_targets
     if len({t.name for t in targets}) != len(targets):
         raise ValueError("a target is listed twice (--targets and --targets-file together) — list it once")
+    a.method_list = getattr(a, "method_list", None) or parse_methods(getattr(a, "methods", "sfd"))
+    targets = with_methods(targets, a.method_list)
     overrides = {"seed": a.seed}
     attack = a.attack or ("all" if a.max_asr is not None else "off")
     if attack != "off":
         overrides["attack"] = attack
+    if a.trial_seconds is not None:
+        overrides["max_seconds"] = a.trial_seconds
     if a.budget_kimg is not None:
         overrides["budget_kimg"] = a.budget_kimg
     elif a.budget == "long":
@@ -271,17 +297,26 @@ def resolve(a):
 def print_plan(a, targets, spaces, overrides) -> None:
     """What the sweep would run, with every file it would read."""
 
-    n = len(targets) * a.trials_per_target
-    print(f"[sweep] plan: {len(targets)} target(s) x {a.trials_per_target} trials = {n} trials; out: {a.out}")
+    n = total_trials(targets, spaces, a.trials_per_target)
+    units = f"{len(targets)} target(s)" if a.method_list == ["sfd"] else \
+        f"{len(targets) // len(a.method_list)} target(s) x {len(a.method_list)} methods ({', '.join(a.method_list)})"
+    print(f"[sweep] plan: {units} x {a.trials_per_target} trials = {n} trials; out: {a.out}")
     where = "in the Tune trial's process" if a.trial_runner == "tune" else "as Ray Train jobs"
     print(f"  trials: {a.workers_per_trial} worker(s) each, run {where} (--trial-runner {a.trial_runner})")
+    if a.trial_seconds is not None:
+        print(f"  every trial of every method: at most {a.trial_seconds:g} s of training (--trial-seconds)")
     for t in targets:
         extra = spaces[t.preset].by_override.get(t.override)
-        print(f"  target {t.name}" + (f" (its policy's defaults: {extra})" if extra else ""))
-    for name, sp in spaces.items():
-        base = sp.baseline().replace(**{k: v for k, v in overrides.items() if k != "seed"})
-        print(f"  space {name}: {sp.source or '(given)'}; searches {', '.join(sorted(sp.params)) or 'nothing'}; "
-              f"budget {base.budget_kimg:g} kimg per trial")
+        n_t = trials_for(spaces, t, a.trials_per_target)
+        print(f"  target {t.name}" + (f" (its policy's defaults: {extra})" if extra else "")
+              + (f" ({n_t} trial: methods.{t.method} searches nothing)" if n_t != a.trials_per_target else ""))
+    for name, space in spaces.items():
+        for method in a.method_list:
+            sp = space.for_method(method)
+            base = sp.baseline().replace(**{k: v for k, v in overrides.items() if k != "seed"})
+            label = name if method == "sfd" else f"{name} [{method}]"
+            print(f"  space {label}: {sp.source or '(given)'}; searches {', '.join(sorted(sp.params)) or 'nothing'}; "
+                  f"budget {base.budget_kimg:g} kimg per trial")
         if get_preset(name).embedded:
             print(f"  files {name}: bundled teacher and judge ({get_preset(name).weights_dir})")
             continue
@@ -289,14 +324,20 @@ def print_plan(a, targets, spaces, overrides) -> None:
             v = getattr(base, key)
             ok = "ok" if v and Path(v).exists() else "MISSING"
             print(f"  {key:12s} [{ok}] {v}")
-    flags = {k for k in overrides if k in ("seed", "budget_kimg") or getattr(a, k, None)}
+    flags = {k for k in overrides if k in ("seed", "budget_kimg", "max_seconds") or getattr(a, k, None)}
+    flag_of = {"max_seconds": "--trial-seconds"}
 
     def layer(k: str) -> str:
         if k == "attack" and not a.attack:
             return "--max-asr (implies --attack all)"
-        return f"--{k.replace('_', '-')}" if k in flags else "the $SFD_HOME cache (sfd fetch)"
+        return flag_of.get(k, f"--{k.replace('_', '-')}") if k in flags else "the $SFD_HOME cache (sfd fetch)"
     print("\n".join(describe_baselines(targets, spaces, overrides, layer)))
     print("[sweep] dry run: nothing started (models are loaded and checked when the sweep runs)")
+
+
+def total_trials(targets, spaces, trials_per_target: int) -> int:
+    """Trials of the whole sweep: each target's (per method, orchestration.space.trials_for)."""
+    return sum(trials_for(spaces, t, trials_per_target) for t in targets)
 
 
 def check_models(targets, spaces, overrides) -> None:
@@ -323,12 +364,13 @@ class HopelessTrialStopper:
         self.ua_kimg, self.ua_min = ua_kimg, ua_min
         self.stopped: dict[str, str] = {}
 
-    def verdict(self, result: dict) -> str | None:
-        for k in ("fd_remaining", "loss_generator", "loss_fake_score"):
+    def verdict(self, result: dict, method: str = "sfd") -> str | None:
+        for k in ("fd_remaining", "loss_generator", "loss_fake_score", "loss"):
             v = result.get(k)
             if v is not None and not math.isfinite(v):
                 return f"{k} is {v}"
-        if result.get("kimg", 0) >= self.ua_kimg and "ua" in result and result["ua"] < self.ua_min:
+        # a baseline reports once, at its end (sfd/methods/finetune.py): nothing is left to save by stopping it
+        if method == "sfd" and result.get("kimg", 0) >= self.ua_kimg and "ua" in result and result["ua"] < self.ua_min:
             return f"UA {result['ua']:.3f} < {self.ua_min} after {result['kimg']:.1f} kimg"
         return None
 
@@ -338,7 +380,7 @@ def make_scheduler(stopper: HopelessTrialStopper):
 
     class HopelessTrialScheduler(FIFOScheduler):
         def on_trial_result(self, tune_controller, trial, result):
-            why = stopper.verdict(result)
+            why = stopper.verdict(result, trial.config.get("method", "sfd"))
             if why:
                 stopper.stopped[trial.trial_id] = why
                 print(f"[sweep] stopping trial {trial.trial_id} ({trial.config.get('target')}): {why}", flush=True)
@@ -351,8 +393,8 @@ def make_scheduler(stopper: HopelessTrialStopper):
 class Progress:
     """What a person follows: trials and targets done, best so far per target."""
 
-    def __init__(self, targets, trials_per_target: int, ua_threshold: float):
-        self.total = {t.name: trials_per_target for t in targets}
+    def __init__(self, targets, trials: dict, ua_threshold: float):
+        self.total = {t.name: trials[t.name] for t in targets}
         self.done = {t.name: 0 for t in targets}
         self.best: dict[str, tuple[float, float]] = {}
         self.ua_threshold = ua_threshold
@@ -391,7 +433,10 @@ def summarize_only(a) -> int:
     if not (out / "trials.parquet").is_file():
         return _error(f"{out / 'trials.parquet'} does not exist — run the sweep first")
     rows = pd.read_parquet(out / "trials.parquet").to_dict("records")
-    targets = parse_targets(list(dict.fromkeys(r["target"] for r in rows)), "next")
+    # a sweep from before --methods has no method column: its trials are SFD's
+    units = list(dict.fromkeys((r["target"], r.get("method") or "sfd") for r in rows))
+    parsed = {t.name: t for t in parse_targets(list(dict.fromkeys(name for name, _ in units)), "next")}
+    targets = [replace(parsed[name], method=method) for name, method in units]
     df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio, max_asr=a.max_asr,
                    fresh_seed=None if a.fresh_seed < 0 else a.fresh_seed)
     print((out / "summary.md").read_text())
@@ -565,7 +610,7 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
     """plan -> services (signals, MLflow, the record, Ray) -> Tuner(...).fit() -> results."""
     from orchestration.tracking import MLflowSweep, sweep_tracking
 
-    plan = SweepPlan.make(a, targets, record)
+    plan = SweepPlan.make(a, targets, record, spaces)
     outcome, tracker, rows, df = Outcome(), None, [], None
     try:
         with SignalGuard() as signals, \
@@ -577,7 +622,8 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
             max_conc = announce(a, plan, targets, ray.cluster_resources().get("CPU", 1))
             clu.make_references(a, spaces, overrides, plan.storage, log=lambda m: print(m, flush=True))
             for name, space in spaces.items():
-                path = shared_stage1(a, name, space, overrides, plan.out)
+                # the baselines fine-tune the teacher itself: a sweep without sfd needs no stage 1
+                path = shared_stage1(a, name, space, overrides, plan.out) if "sfd" in a.method_list else None
                 # every trial's stage 2 starts from it (or, without one, from copies of the teacher)
                 space.defaults = {**space.defaults, "init_from": str(path) if path else "none"}
             tuner, callback, stopper = make_tuner(a, plan, targets, spaces, overrides, tracker, max_conc)
@@ -599,7 +645,7 @@ class SweepPlan:
     storage, the tracking store and the Tune experiment. A resumed sweep keeps its own storage and
     tracking server unless given new ones."""
 
-    def __init__(self, a, targets, record: dict):
+    def __init__(self, a, targets, record: dict, spaces: dict):
         self.out = Path(a.out).resolve()
         self.resuming = record.get("status") not in (None, "new")
         self.storage = a.storage or (record.get("storage") if self.resuming else None) or str(self.out / "ray")
@@ -608,12 +654,12 @@ class SweepPlan:
         self.resume_id = record.get("parent_run_id") if self.resuming else None
         self.tune_name = record.get("tune_name") or f"tune-{record['sweep_id']}"
         self.exp_path = f"{self.storage.rstrip('/')}/{self.tune_name}"
-        self.n_trials = len(targets) * a.trials_per_target
+        self.n_trials = total_trials(targets, spaces, a.trials_per_target)
 
     @classmethod
-    def make(cls, a, targets, record: dict) -> "SweepPlan":
+    def make(cls, a, targets, record: dict, spaces: dict) -> "SweepPlan":
         """The plan, with --out ready: the sweep it held moved aside (--overwrite), the folder made."""
-        plan = cls(a, targets, record)
+        plan = cls(a, targets, record, spaces)
         aside = record.pop("_move_aside", None)
         if aside:
             os.replace(plan.out, aside)
@@ -637,7 +683,9 @@ def announce(a, plan: SweepPlan, targets, cpus: float) -> int:
     """Print what runs where; returns the trials run at once."""
     per_trial = a.workers_per_trial * a.cpus_per_worker
     max_conc = a.max_concurrent or max(1, int(cpus // max(per_trial, 1e-9)))
-    print(f"[sweep] {len(targets)} targets x {a.trials_per_target} trials = {plan.n_trials} trials, up to {max_conc} "
+    units = f"{len(targets)} targets" if a.method_list == ["sfd"] else \
+        f"{len(targets) // len(a.method_list)} targets x {len(a.method_list)} methods"
+    print(f"[sweep] {units} x {a.trials_per_target} trials = {plan.n_trials} trials, up to {max_conc} "
           f"at once ({a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU, {a.gpus_per_worker} GPU per "
           f"trial, {'in the Tune trial' if a.trial_runner == 'tune' else 'on Ray Train'}); MLflow: {plan.mlflow_uri}",
           flush=True)
@@ -667,13 +715,16 @@ def make_tuner(a, plan: SweepPlan, targets, spaces, overrides, tracker, max_conc
                                ua_threshold=a.ua_threshold, max_asr=a.max_asr,
                                storage=f"sqlite:///{plan.out / 'optuna.db'}")
     stopper = HopelessTrialStopper(a.stop_ua_kimg, a.stop_ua_min)
-    progress = Progress(targets, a.trials_per_target, a.ua_threshold)
+    progress = Progress(targets, {t.name: trials_for(spaces, t, a.trials_per_target) for t in targets},
+                        a.ua_threshold)
     callback = clu.storage_callback(MLflowTuneCallback, plan.storage)(   # [cluster] fetches remote trial outputs first
         tracker, {t.name: t for t in targets}, plan.out, on_event=progress, stopped=stopper.stopped)
     scheduler = make_scheduler(stopper)
     sweep_cfg = {"out": str(plan.out), "storage": plan.storage, "workers_per_trial": a.workers_per_trial,
                  "cpus_per_worker": a.cpus_per_worker, "gpus_per_worker": a.gpus_per_worker,
                  "max_failures": a.max_failures, "trial_runner": a.trial_runner,
+                 # comparing methods: each trial measures its sampler's images/s (the per-method table)
+                 "measure_speed": a.method_list != ["sfd"],
                  **clu.trial_config(a, plan.storage, plan.out)}      # [cluster]
     # --trial-runner train: the trial function only drives its Ray Train job, whose workers hold the
     # resources; tune: the trial's own process trains and holds them
@@ -736,10 +787,15 @@ def report(a, plan: SweepPlan, targets, rows, df, signum, tracker) -> int:
         return 128 + int(sig)
     print()
     print((out / "summary.md").read_text())
-    print(f"[sweep] outputs in {out}: trials.parquet, summary.md/.parquet, pareto/*.png, best/*/generator.safetensors")
+    several = a.method_list != ["sfd"]
+    if several:
+        print((out / "methods.md").read_text())
+    print(f"[sweep] outputs in {out}: trials.parquet, summary.md/.parquet, " + ("methods.md/.parquet, " if several else "")
+          + "pareto/*.png, best/*/generator.safetensors" + (" (a baseline: model.safetensors)" if several else ""))
     print(f"[sweep] MLflow UI: mlflow ui --backend-store-uri {plan.mlflow_uri}")
     ui = plan.mlflow_uri if plan.mlflow_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     print(f"[sweep] MLflow runs table: {tracker.runs_view_url(ui)}")
+    df = df.assign(target=[unit_name(t, m) for t, m in zip(df["target"], df.get("method", ["sfd"] * len(df)))])
     missing = df[(df["best_trial"] == "") & (df["state"] == "done")]["target"].tolist()
     if missing:
         print(f"[sweep] no trial reached UA >= {a.ua_threshold} for: {', '.join(missing)} "

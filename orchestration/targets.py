@@ -10,11 +10,12 @@ turn, default override), `all_colordigits_concepts`, and a concept-list file (:f
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sfd import yamlfile
 from sfd.config import SFDConfig
+from sfd.methods import METHODS
 from sfd.presets import PRESETS, get_preset
 from sfd.tasks import get_task
 
@@ -28,22 +29,57 @@ class Target:
     templates: tuple = ()        # text presets: training prompt templates (default: the preset's)
     remain_prompts: str | None = None   # sd: prompt files (one prompt per line), absolute paths
     forget_prompts: str | None = None
+    method: str = "sfd"          # the unlearning method its trials run (sweep.py --methods; sfd/methods/)
 
     def config_overrides(self) -> dict:
-        """The SFD settings that make a run forget this target."""
-        return get_task(self.preset).target_settings(
+        """The SFD settings that make a run forget this target (with its method, for a baseline)."""
+        out = get_task(self.preset).target_settings(
             self.forget, self.override, self.synonyms, self.templates,
             {"remain_prompts": self.remain_prompts, "forget_prompts": self.forget_prompts})
+        return out if self.method == "sfd" else {**out, "method": self.method}
 
     @property
-    def name(self) -> str:
+    def target_name(self) -> str:
+        """The forget target itself, whatever the method (the ``target`` column of the tables)."""
         f = "+".join(map(str, self.forget))
         return f"{self.preset}:{f}->{self.override}"
 
     @property
+    def name(self) -> str:
+        """What the sweep keys a study, its trials and its MLflow runs by: the target, and for a baseline
+        its method (``digits:3->4 [esd]``); an SFD target is named as before methods existed."""
+        return unit_name(self.target_name, self.method)
+
+    @property
     def slug(self) -> str:
-        """File- and run-name-safe form."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.preset}_forget{'+'.join(map(str, self.forget))}_to_{self.override}")
+        """File- and run-name-safe form (a baseline's ends in _<method>)."""
+        tail = "" if self.method == "sfd" else f"_{self.method}"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_",
+                      f"{self.preset}_forget{'+'.join(map(str, self.forget))}_to_{self.override}{tail}")
+
+
+def unit_name(target_name: str, method: str = "sfd") -> str:
+    """:attr:`Target.name` from the target's own name and its method."""
+    return target_name if method == "sfd" else f"{target_name} [{method}]"
+
+
+def with_methods(targets: list[Target], methods) -> list[Target]:
+    """Every target once per method, methods in the order given, each target's methods together."""
+    return [replace(t, method=m) for t in targets for m in methods]
+
+
+def parse_methods(spec: str | None) -> list[str]:
+    """``--methods sfd,esd,sa,salun`` -> the list, checked: an unknown or repeated method is refused
+    naming it and the choices."""
+    items = [m.strip() for m in (spec or "sfd").split(",")]
+    for m in items:
+        if m not in METHODS:
+            raise ValueError(f"--methods: unknown method {m!r} — give a comma-separated list of "
+                             f"{', '.join(METHODS)} (e.g. --methods sfd,esd,sa,salun)")
+    dup = sorted({m for m in items if items.count(m) > 1})
+    if dup:
+        raise ValueError(f"--methods: {', '.join(dup)} listed twice — list each method once")
+    return items
 
 
 def preset_of(spec: str) -> str:

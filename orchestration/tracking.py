@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from .targets import unit_name
 from .trial import REPORT_KEYS as _METRIC_KEYS
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -144,7 +145,7 @@ class MLflowSweep(MLflowStore):
         if resume_id is not None and self.reopen(resume_id):
             self.parent_id = resume_id
             for run in self._children(resume_id, "target"):
-                self.target_runs[run.data.tags["target"]] = run.info.run_id
+                self.target_runs[unit_name(run.data.tags["target"], run.data.tags.get("method", "sfd"))] = run.info.run_id
             for t in self._children(None, "trial"):
                 self.trial_runs[t.data.tags["trial_id"]] = t.info.run_id
             return resume_id
@@ -167,8 +168,8 @@ class MLflowSweep(MLflowStore):
     def target_run(self, target) -> str:
         if target.name not in self.target_runs:
             run = self.client.create_run(self.experiment_id, run_name=target.name, tags={
-                PARENT_TAG: self.parent_id, "kind": "target", "target": target.name, "preset": target.preset,
-                "status": "running"})
+                PARENT_TAG: self.parent_id, "kind": "target", "target": target.target_name, "method": target.method,
+                "preset": target.preset, "status": "running"})
             self.target_runs[target.name] = run.info.run_id
             self.log_params(run.info.run_id, {"forget": ",".join(map(str, target.forget)),
                                               "override": target.override, "preset": target.preset})
@@ -184,8 +185,8 @@ class MLflowSweep(MLflowStore):
             self.reopen(self.trial_runs[trial_id])
             return self.trial_runs[trial_id]
         run = self.client.create_run(self.experiment_id, run_name=f"{target.slug}-{trial_id}", tags={
-            PARENT_TAG: parent, "kind": "trial", "target": target.name, "preset": target.preset,
-            "trial_id": trial_id, "baseline": str(baseline).lower(), "status": "running"})
+            PARENT_TAG: parent, "kind": "trial", "target": target.target_name, "method": target.method,
+            "preset": target.preset, "trial_id": trial_id, "baseline": str(baseline).lower(), "status": "running"})
         self.trial_runs[trial_id] = run.info.run_id
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -232,7 +233,7 @@ def sweep_tracking(tracker: MLflowSweep, outcome, name: str, params: dict, tags:
 
 
 # what a person compares targets by: the best trial's figures (and the same on fresh samples)
-TABLE_COLUMNS = ("target", "state", "best_trial", "best_is_baseline", "ua", "fd_ratio", "override_fd_ratio",
+TABLE_COLUMNS = ("target", "method", "state", "best_trial", "best_is_baseline", "ua", "fd_ratio", "override_fd_ratio",
                  "remaining_accuracy", "baseline_fd_ratio", "ua_fresh", "fd_ratio_fresh", "override_fd_ratio_fresh",
                  "baseline_fd_ratio_fresh", "search_improved")
 
@@ -241,10 +242,16 @@ TABLE_FILE = "summary_table.json"
 NOTE_MAX = 8000          # MLflow's longest tag value
 
 
-def headline(df) -> dict:
+def headline(df, by_method: bool = True) -> dict:
     """The sweep's figures in one row of the runs table: how many targets met the UA threshold (have
     a best trial), the median and the worst of their FD ratios, the lowest UA; each again on fresh
     samples where the sweep re-evaluated them."""
+    if by_method and "method" in df and set(df["method"]) != {"sfd"}:
+        # several methods: SFD's figures as they are without baselines, each baseline's prefixed by its name
+        out = headline(df[df["method"] == "sfd"], False) if (df["method"] == "sfd").any() else {}
+        for m in sorted(set(df["method"]) - {"sfd"}):
+            out.update({f"{m}_{k}": v for k, v in headline(df[df["method"] == m], False).items()})
+        return out
     best = df[df["best_trial"] != ""]
     out = {"targets": len(df), "targets_with_best": len(best), "median_best_fd_ratio": float(df["fd_ratio"].median())}
     for sfx in ("", "_fresh"):
@@ -270,7 +277,8 @@ def log_sweep_summary(tracker: MLflowSweep, df, n_trials: int, out: Path) -> Non
     # MLflow's own table format (log_table's), written here: log_table appends to a table the run
     # already has, and a resumed sweep logs its summary again
     table.to_json(out / TABLE_FILE, orient="split", index=False)
-    tracker.log_artifacts(parent, [out / "summary.md", out / "summary.parquet", out / "trials.parquet", out / TABLE_FILE])
+    tracker.log_artifacts(parent, [out / "summary.md", out / "summary.parquet", out / "trials.parquet", out / TABLE_FILE,
+                                   *[out / f for f in ("methods.md", "methods.parquet") if (out / f).is_file()]])
     tables = json.loads(tracker.client.get_run(parent).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
     if {"path": TABLE_FILE, "type": "table"} not in tables:
         tracker.client.set_tag(parent, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*tables, {"path": TABLE_FILE,

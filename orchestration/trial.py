@@ -61,7 +61,8 @@ def run_trial(config: dict) -> None:
     outputs_uri = f"{outputs.rstrip('/')}/{rel}" if outputs else None
     scratch_rel = f"{sweep.get('sweep_id', 'sweep')}/{rel}"
     if sweep.get("trial_runner", "train") == "tune":
-        loop_cfg = {**train_loop_config(config["sfd"], run_dir, cpus_per_worker=sweep["cpus_per_worker"]),
+        loop_cfg = {**train_loop_config(config["sfd"], run_dir, cpus_per_worker=sweep["cpus_per_worker"],
+                                        measure_speed=bool(sweep.get("measure_speed", False))),
                     "gpus": sweep["gpus_per_worker"]}
         run_with_outputs(train_fn_in_tune, loop_cfg, rank=0, outputs_uri=outputs_uri, scratch_rel=scratch_rel)
         return
@@ -69,6 +70,7 @@ def run_trial(config: dict) -> None:
     trainer = make_trainer(config["sfd"], run_dir, num_workers=sweep["workers_per_trial"],
                            cpus_per_worker=sweep["cpus_per_worker"], gpus_per_worker=sweep["gpus_per_worker"],
                            storage=sweep["storage"], name=f"train-{trial_id}", callbacks=[TuneReportCallback()],
+                           measure_speed=bool(sweep.get("measure_speed", False)),
                            # a restarted worker group continues from the trial's last checkpoint in storage;
                            # a trial resumed by `sweep.py --resume` finds it the same way (same run name)
                            max_failures=int(sweep.get("max_failures", 0)))

@@ -38,6 +38,8 @@ REPORT_KEYS = ("iteration", "kimg", "train_seconds", "wall_seconds", "loss_fake_
                "fd_override_teacher", "fd_ratio", "override_fd_ratio", "ua_heldout", "override_rate_heldout",
                "prompt_accuracy_remaining", "prompt_accuracy_remaining_teacher", "leakage_accuracy",
                "leakage_accuracy_teacher", "other_attribute_accuracy", "other_attribute_accuracy_heldout",
+               # a baseline's one report (sfd/methods): its loss, sampler cost, setup time and sampling speed
+               "loss", "nfe", "setup_seconds", "images_per_second_generator",
                *ATTACK_KEYS)
 
 

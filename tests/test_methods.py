@@ -244,3 +244,31 @@ def test_parity_with_reference_code(broken):
         cmd += ["--only", broken, "--break", broken]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert (r.returncode == 0) == (broken is None), r.stdout + r.stderr
+
+
+def test_noise_levels_of_a_text_unet_with_an_edm_scheduler():
+    """colordigits' teacher is a DiscreteVP adapter whose scheduler is EDM's: it has no sigma(t) grid, so SA's
+    Fisher levels and SA / SalUn's training levels come from EDM's log-normal (which used to fail with
+    AttributeError 'sigmas'); a DDPM-style teacher keeps its own grid (the negative control)."""
+    from sfd.denoisers.ddpm import DiscreteVP
+    from sfd.methods.common import discrete_sigmas
+    from sfd.methods.finetune import FISHER_LEVELS, fisher_sigmas
+    from sfd.tasks import get_task
+    text = get_task("colordigits").load_teacher()
+    assert isinstance(text, DiscreteVP) and discrete_sigmas(text) is None
+    levels = fisher_sigmas(text)
+    q = (torch.arange(FISHER_LEVELS, dtype=torch.float64) + 0.5) / FISHER_LEVELS
+    assert torch.allclose(levels, (torch.distributions.Normal(0.0, 1.0).icdf(q) * 1.2 - 1.2).exp().float())
+    s = draw_sigma(text, 6, torch.Generator().manual_seed(0))      # u_0..u_3, then the mirrors of u_0, u_1
+    assert s.shape == (6,) and torch.allclose(s[:2].log() + 1.2, -(s[4:].log() + 1.2), atol=1e-5)
+
+    class Grid(DiscreteVP):
+        def __init__(self):
+            super().__init__()
+            self._init_schedule(torch.linspace(0.999, 0.01, 1000, dtype=torch.float64))
+
+        forward = null_cond = None
+    vp = Grid()
+    assert torch.equal(discrete_sigmas(vp), vp.sigmas)
+    assert set(draw_sigma(vp, 8, torch.Generator().manual_seed(0)).tolist()) <= set(vp.sigmas.tolist())
+    assert fisher_sigmas(vp)[0] == vp.sigmas[0] and fisher_sigmas(vp)[-1] == vp.sigmas[-1]

@@ -54,6 +54,12 @@ def denoise_loss(net, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor
     return (as_sigma(weight, x0) * (d.to(x0.dtype) - x0) ** 2).flatten(1).sum(1)
 
 
+def discrete_sigmas(net: Denoiser) -> torch.Tensor | None:
+    """The teacher's discrete training grid sigma(t), or None where it trains on continuous noise levels (EDM;
+    a text UNet with an EDM scheduler is a DiscreteVP adapter without a grid)."""
+    return getattr(net, "sigmas", None) if isinstance(net, DiscreteVP) else None
+
+
 def draw_sigma(net: Denoiser, n: int, gen: torch.Generator) -> torch.Tensor:
     """Training noise levels of ``n`` samples, antithetic as the SA / SalUn references draw t.
 
@@ -61,11 +67,12 @@ def draw_sigma(net: Denoiser, n: int, gen: torch.Generator) -> torch.Tensor:
     sampling); an EDM teacher: its own log-normal (P_mean -1.2, P_std 1.2), paired with the mirror
     quantile."""
     half = n // 2 + 1
-    if isinstance(net, DiscreteVP):
-        T = len(net.sigmas)
+    grid = discrete_sigmas(net)
+    if grid is not None:
+        T = len(grid)
         t = torch.randint(0, T, (half,), generator=gen)
         t = torch.cat([t, T - t - 1])[:n]
-        return net.sigmas.cpu()[t]
+        return grid.cpu()[t]
     u = torch.randn(half, generator=gen)
     return (torch.cat([u, -u])[:n] * 1.2 - 1.2).exp()
 

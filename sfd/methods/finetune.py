@@ -21,7 +21,6 @@ from ..checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..config import SFDConfig
 from ..denoisers import load_denoiser, save_denoiser
 from ..denoisers.base import Denoiser
-from ..denoisers.ddpm import DiscreteVP
 from ..distributed import Dist
 from ..evaluate.report import save_grid
 from ..io import write_json
@@ -29,7 +28,8 @@ from ..presets import get_preset
 from ..rundir import plan_run_dir
 from ..tasks import get_task
 from ..utils import pick_device
-from .common import SAMPLER_STEPS, denoise_loss, draw_sigma, heun_sampler, sampler_nfe, teacher_grid, teacher_pool
+from .common import (SAMPLER_STEPS, denoise_loss, discrete_sigmas, draw_sigma, heun_sampler, sampler_nfe, teacher_grid,
+                     teacher_pool)
 from .esd import esd_loss, esd_points
 from .sa import REFERENCE_LEVELS, ewc_penalty, fisher_diagonal, surrogate_images
 from .salun import apply_mask, relabel_loss, saliency_mask, saliency_scores
@@ -47,9 +47,10 @@ def condition_sets(targets) -> tuple[torch.Tensor, torch.Tensor]:
 def fisher_sigmas(net: Denoiser, levels: int = FISHER_LEVELS) -> torch.Tensor:
     """``levels`` noise levels spread over the training distribution: equally spaced steps of a discrete
     VP grid, else quantiles of EDM's log-normal (P_mean -1.2, P_std 1.2)."""
-    if isinstance(net, DiscreteVP):
-        t = torch.linspace(0, len(net.sigmas) - 1, levels).round().long()
-        return net.sigmas.cpu()[t]
+    grid = discrete_sigmas(net)
+    if grid is not None:
+        t = torch.linspace(0, len(grid) - 1, levels).round().long()
+        return grid.cpu()[t]
     q = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
     return (torch.distributions.Normal(0.0, 1.0).icdf(q) * 1.2 - 1.2).exp().float()
 
@@ -278,12 +279,12 @@ def train_baseline(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | 
                                                              teacher.num_classes, batch, device)
         save_grid(out_dir / "samples_generator.png", *evaluator.grid_images(generator_fn=fn))
         save_grid(out_dir / "samples_teacher.png", *evaluator.teacher_grid(teacher))
-    if callback:
-        callback(m, ckpt)
-    final = {**m, "stopped_early": False}
+    # the outputs first: a sweep's scheduler may end the trial at its one report
     write_json(out_dir / "history.json", [m])
     write_json(out_dir / "metrics.json", {**m, "config": cfg.to_dict()})
-    return final
+    if callback:
+        callback(m, ckpt)
+    return {**m, "stopped_early": False}
 
 
 def evaluate_baseline(run_dir, cfg: SFDConfig, *, seed: int = 777, device="auto", progress: bool = False,
