@@ -26,7 +26,8 @@ if __package__ in (None, ""):           # run as a script: make the repo importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # isort: on
 from orchestration import cluster as clu
-from orchestration.lifecycle import SWEEP_FILE, Interrupted, Outcome, SignalGuard, ray_session, sweep_record
+from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, ray_session, sweep_record,
+                                     write_record)
 from orchestration.services import probe_all
 from orchestration.space import describe_baselines, load_space, space_path, validate_plan
 from orchestration.targets import load_targets_file, parse_targets, preset_of
@@ -546,6 +547,7 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
 
     plan = SweepPlan.make(a, targets, record)
     outcome, tracker, rows, df = Outcome(), None, [], None
+    tuned = {}                # what abandon() needs once the Tuner exists: its callback and stopper
     try:
         with SignalGuard() as signals, \
                 sweep_tracking(MLflowSweep(plan.mlflow_uri, a.experiment, plan.artifact_root), outcome,
@@ -553,6 +555,7 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
                 sweep_record(plan.out, record, outcome, parent_run_id=tracker.parent_id, mlflow_uri=plan.mlflow_uri,
                              experiment=a.experiment, storage=plan.storage, tune_name=plan.tune_name), \
                 ray_session(a, clu.runtime_env(plan.storage, local=not a.address), signals) as ray:
+            signals.abandon = lambda signum: abandon(a, plan, targets, tracker, record, outcome, signals, **tuned)
             max_conc = announce(a, plan, targets, ray.cluster_resources().get("CPU", 1))
             clu.make_references(a, spaces, overrides, plan.storage, log=lambda m: print(m, flush=True))
             for name, space in spaces.items():
@@ -560,6 +563,7 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
                 # every trial's stage 2 starts from it (or, without one, from copies of the teacher)
                 space.defaults = {**space.defaults, "init_from": str(path) if path else "none"}
             tuner, callback, stopper = make_tuner(a, plan, targets, spaces, overrides, tracker, max_conc)
+            tuned.update(callback=callback, stopper=stopper)
             with signals.tune_loop():
                 grid = tuner.fit()
             rows, df = tabulate(a, plan, grid, targets, callback, stopper, signals, tracker)
@@ -571,6 +575,37 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
     except OSError as e:                                 # a path that cannot be written
         return _error(f"{type(e).__name__}: {e} — check --out ({plan.out}) and --storage ({plan.storage})")
     return report(a, plan, targets, rows, df, signals.signum, tracker)
+
+
+def abandon(a, plan, targets, tracker, record: dict, outcome: Outcome, signals, callback=None, stopper=None) -> None:
+    """The sweep interrupted with Ray gone (its processes were signalled with the driver) or a second
+    signal: what a graceful stop would leave, written without Ray from what the driver holds -- the
+    tables from Tune's trials in memory (cut-off ones marked), every run of the sweep KILLED, the
+    record ``interrupted``. Optuna's trial of a cut-off Tune trial stays RUNNING: `--resume` continues
+    it with its Tune trial (or tells it FAIL when Tune saved no state). Each step runs even if one
+    before it failed; a failure is printed (the exit code is 128 + signum either way)."""
+    rows = []
+
+    def tables():
+        nonlocal rows
+        if callback is not None:
+            rows, _ = tabulate(a, plan, callback.snapshot(), targets, callback, stopper, signals, tracker)
+
+    def runs():
+        outcome.status = "interrupted"
+        tracker.end_open_runs("interrupted")
+        tracker.finish(tracker.parent_id, "interrupted")
+
+    def rec():
+        record["status"] = "interrupted"
+        write_record(plan.out, record)
+
+    for what, step in (("the tables", tables), ("the MLflow runs", runs), (SWEEP_FILE, rec)):
+        try:
+            step()
+        except Exception as e:
+            print(f"[sweep] could not write {what}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    report(a, plan, targets, rows, None, signals.signum, tracker)
 
 
 class SweepPlan:

@@ -11,6 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from ray.tune import Callback
 
@@ -300,6 +301,25 @@ class MLflowTuneCallback(Callback):
         self.errors: dict[str, str] = {}
         self.started: set[str] = set()
         self.target_of: dict[str, str] = {}
+        self.trials: list = []             # Tune's trials, as its last event showed them (snapshot)
+        self.frozen = False                # the sweep is being abandoned: later events are not recorded
+
+    def snapshot(self) -> list:
+        """Tune's trials as result-like records (``config``, ``metrics``, ``path``, ``error``), read
+        from the driver's memory: what the tables are made of when Ray is gone and Tune can hand
+        back no ResultGrid. Later events are ignored from here on (the runs are being ended)."""
+        self.frozen = True
+        out = []
+        for t in list(self.trials):
+            error = None
+            if t.status == "ERROR":
+                error = (Path(t.error_file).read_text(errors="replace") if t.error_file and Path(t.error_file).is_file()
+                         else "the trial failed")
+            out.append(SimpleNamespace(config=t.config, metrics=dict(t.last_result or {}), path=t.path, error=error))
+        return out
+
+    def on_step_begin(self, iteration, trials, **info):
+        self.trials = trials
 
     # kept in Tune's experiment checkpoint, so a resumed sweep knows what happened before
     def get_state(self) -> dict:
@@ -323,6 +343,9 @@ class MLflowTuneCallback(Callback):
         return self.out_dir / "trials" / trial.config["target_slug"] / trial.trial_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.trials = trials
+        if self.frozen:
+            return
         cfg = trial.config
         self.started.add(trial.trial_id)
         self.target_of[trial.trial_id] = cfg["target"]
@@ -331,6 +354,8 @@ class MLflowTuneCallback(Callback):
                                  {**cfg["sfd"], "searched": ",".join(sorted(cfg["params"]))})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.frozen:
+            return
         run_id = self.tracker.trial_runs.get(trial.trial_id)
         if run_id:
             metrics = {k: result[k] for k in result if k in _METRIC_KEYS}
@@ -344,6 +369,8 @@ class MLflowTuneCallback(Callback):
             self.on_event("result", trial, result)
 
     def _end(self, trial, status: str, error: str = ""):
+        if self.frozen:
+            return
         self.outcome[trial.trial_id] = status
         if error:
             self.errors[trial.trial_id] = error
