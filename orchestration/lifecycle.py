@@ -18,8 +18,9 @@ from sfd.io import write_json
 SWEEP_FILE = "sweep.json"
 
 
-class Interrupted(Exception):
-    """SIGINT / SIGTERM outside Ray Tune's loop (or a second one inside it)."""
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM outside Ray Tune's loop (or a second one inside it). A BaseException, as
+    KeyboardInterrupt is: Tune's and Ray's ``except Exception`` must not wrap or swallow it."""
 
 
 class Outcome:
@@ -49,9 +50,12 @@ class SignalGuard:
     run RUNNING). So after the first signal a watch thread follows Ray's processes: once one of them
     has ended (or Tune has not stopped within :attr:`GRACE_S`), the sweep is *abandoned*: the
     :attr:`abandon` hook writes what the driver knows without Ray (tables, MLflow runs KILLED, the
-    record), Ray's processes are stopped, and the process exits 128 + signum. A second signal
-    abandons at once; a signal during the abandoning exits at once (every file the sweep writes is
-    written atomically, so each is whole, old or new)."""
+    record), Ray's processes are stopped, and the process exits 128 + signum.
+
+    A second signal inside Tune's loop stops waiting for Tune (:class:`Interrupted`: the driver
+    writes the tables from what it holds and ends its runs); elsewhere the clean-up under way is
+    finished. A third signal, or one while the sweep is being abandoned, exits at once: every file
+    the sweep writes is written atomically, so each is whole, old or new."""
 
     GRACE_S = 60.0        # a graceful stop still going after this long (Ray alive but stuck) is abandoned
     ABANDON_S = 60.0      # the abandoning's own bound: past it the process exits regardless
@@ -62,6 +66,7 @@ class SignalGuard:
         self.abandon: Callable[[int], None] | None = None     # the Ray-free clean-up (run_sweep sets it)
         self.ray_down: Callable[[], list[str]] = list          # Ray's own processes that ended (ray_session)
         self.ray_stop: Callable[[], None] = lambda: None       # stop them, without the GCS (ray_session)
+        self.count = 0                 # signals so far
         self._abandoning = threading.Lock()
         self._watching = False
 
@@ -71,6 +76,7 @@ class SignalGuard:
 
     def _handler(self, signum, frame):
         name = signal.Signals(signum).name
+        self.count += 1
         if self.signum is None:
             self.signum = signum
             if self.in_tune:
@@ -81,9 +87,19 @@ class SignalGuard:
                 return
             self._watch()
             raise Interrupted(name)
-        if self.abandon is None:           # nothing written yet that a clean-up would have to finish
+        if self.count >= 3 or self._abandoning.locked():
+            self._exit_now(name)
+        if self.in_tune or self.abandon is None:
+            print(f"\n[sweep] {name} again: not waiting for Tune; writing the tables from what finished "
+                  f"(another signal exits at once)", file=sys.stderr, flush=True)
             raise Interrupted(name)
-        self._abandon(f"a second signal ({name})")
+        print(f"\n[sweep] {name} again: finishing the tables and MLflow runs (seconds; another signal exits at once)",
+              file=sys.stderr, flush=True)
+
+    def _exit_now(self, name: str) -> None:
+        print(f"\n[sweep] {name} again: exiting now; the tables are as last written (each whole), runs left "
+              f"RUNNING are marked KILLED by the next --resume or --summarize-only", file=sys.stderr, flush=True)
+        os._exit(128 + (self.signum or signal.SIGINT))
 
     def _watch(self) -> None:
         """After the first signal: abandon the sweep once Ray's own processes end, or a graceful stop
@@ -106,16 +122,15 @@ class SignalGuard:
 
     def _abandon(self, why: str) -> None:
         """Write what the driver knows without Ray (bounded by ABANDON_S), stop Ray's processes, exit
-        128 + signum. Called again while it runs (a further signal): exit at once."""
+        128 + signum. Runs in the watch thread, never in the main one: a handler suspends the main thread
+        wherever it was (inside an import, an MLflow write), and work that waited for what it holds
+        would wait forever."""
         code = 128 + (self.signum or signal.SIGINT)
-        name = signal.Signals(code - 128).name
         if not self._abandoning.acquire(blocking=False):
-            print(f"\n[sweep] {name} again: exiting now; the tables are as last written (each whole), runs left "
-                  f"RUNNING are marked KILLED by the next --resume", file=sys.stderr, flush=True)
-            os._exit(code)
+            return
         print(f"\n[sweep] {why}: not waiting for Ray; writing what finished and exiting "
               f"(another signal exits at once)", file=sys.stderr, flush=True)
-        worker = threading.Thread(target=self._abandon_work, name="sweep-abandon", daemon=True)
+        worker = threading.Thread(target=self._abandon_work, name="sweep-abandon", daemon=True)    # bounded
         worker.start()
         worker.join(self.ABANDON_S)
         if worker.is_alive():

@@ -565,7 +565,10 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
             tuner, callback, stopper = make_tuner(a, plan, targets, spaces, overrides, tracker, max_conc)
             tuned.update(callback=callback, stopper=stopper)
             with signals.tune_loop():
-                grid = tuner.fit()
+                try:
+                    grid = tuner.fit()
+                except Interrupted:          # a second signal: Tune's stop not waited for; its trials as held
+                    grid = callback.snapshot()
             rows, df = tabulate(a, plan, grid, targets, callback, stopper, signals, tracker)
             outcome.status = "interrupted" if signals.caught else "finished"
     except Interrupted:
