@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the kill order and moments (default: 0)")
     p.add_argument("--max-delay", type=float, default=20.0,
                    help="a kill comes 0..this many seconds after a trial is seen training (default: 20)")
+    p.add_argument("--reuse-calm", action="store_true",
+                   help="keep the undisturbed sweep of an earlier chaos run in the same --out (same settings)")
     p.add_argument("--report", help="write the figures as JSON here")
     return p
 
@@ -93,7 +95,8 @@ def _parents() -> dict[int, int]:
 def descendants(pid: int) -> list[int]:
     parent, out, todo = _parents(), [], [pid]
     while todo:
-        kids = [c for c, pp in parent.items() if pp == todo.pop()]
+        pid = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == pid]
         out += kids
         todo += kids
     return out
@@ -145,6 +148,11 @@ def start(cmd: list[str], env: dict, log: Path):
     f.write(f"\n$ {' '.join(cmd)}\n")
     f.flush()
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True), f
+
+
+def sweep_key(a) -> list:
+    """What makes two undisturbed runs the same sweep."""
+    return [a.targets, a.trials_per_target, a.budget_kimg, a.max_failures]
 
 
 def calm_run(a, out: Path, space: Path, env: dict) -> dict:
@@ -267,15 +275,25 @@ def main(argv=None) -> int:
     rng = random.Random(a.seed)
     rng.shuffle(kills)
     root = Path(a.out).resolve()
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+    calm_file = root / "calm.json"
+    reuse = a.reuse_calm and calm_file.is_file() and json.loads(calm_file.read_text()).get("args") == sweep_key(a)
+    for sub in ("chaos", "chaos.log") if reuse else ("calm", "calm.log", "calm.json", "chaos", "chaos.log"):
+        if (root / sub).is_dir():
+            shutil.rmtree(root / sub)
+        elif (root / sub).exists():
+            (root / sub).unlink()
+    root.mkdir(parents=True, exist_ok=True)
     space = write_space(root / "space.yaml")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "SFD_CACHE": str(root / "cache")}
-    print(f"[chaos] undisturbed sweep -> {root / 'calm'}", flush=True)
-    calm = calm_run(a, root / "calm", space, env)
-    print(f"[chaos]   exit {calm['exit']}, {calm['wall_s']} s", flush=True)
+    if reuse:
+        calm = json.loads(calm_file.read_text())
+        print(f"[chaos] undisturbed sweep: reused {root / 'calm'} ({calm['wall_s']} s)", flush=True)
+    else:
+        print(f"[chaos] undisturbed sweep -> {root / 'calm'}", flush=True)
+        calm = {**calm_run(a, root / "calm", space, env), "args": sweep_key(a)}
+        calm_file.write_text(json.dumps(calm))
+        print(f"[chaos]   exit {calm['exit']}, {calm['wall_s']} s", flush=True)
     print(f"[chaos] sweep under {len(kills)} kills ({', '.join(kills)}) -> {root / 'chaos'}", flush=True)
     chaos = chaos_run(a, root / "chaos", space, env, kills, rng)
     for ev in chaos["kills"]:

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import time
 import uuid
@@ -370,7 +371,11 @@ def summarize_only(a) -> int:
     out = Path(a.out)
     if not (out / "trials.parquet").is_file():
         return _error(f"{out / 'trials.parquet'} does not exist — run the sweep first")
-    rows = pd.read_parquet(out / "trials.parquet").to_dict("records")
+    try:
+        rows = pd.read_parquet(out / "trials.parquet").to_dict("records")
+    except (OSError, ValueError) as e:                   # pyarrow's ArrowInvalid is a ValueError
+        return _error(f"{out / 'trials.parquet'} is damaged ({type(e).__name__}: {e}) — run the same sweep with "
+                      f"--resume to write the tables again from Tune's experiment state (move the damaged file aside)")
     targets = parse_targets(list(dict.fromkeys(r["target"] for r in rows)), "next")
     df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio,
                    fresh_seed=None if a.fresh_seed < 0 else a.fresh_seed)
@@ -447,7 +452,38 @@ def claim_out(a, targets, dry_run: bool = False) -> dict:
     if changed:
         raise SweepError(f"--resume: the sweep in {out} was planned differently ({'; '.join(changed)}) — resume it "
                          f"with its own --targets/--trials-per-target/--seed/--trial-runner, or choose another --out")
+    check_stores(out)
     return rec
+
+
+def check_stores(out: Path) -> None:
+    """--resume: the stores a sweep continues must open -- the Optuna studies, the MLflow file, the
+    tables. A damaged one is named, with the way out, before anything changes: the sweep never
+    silently starts over (a fresh optuna.db would re-run the baselines) or tracks into a broken file."""
+    for name in ("optuna.db", "mlflow.db"):
+        path = out / name
+        if not path.exists():
+            continue
+        try:
+            con = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True)
+            try:
+                found = [str(r[0]) for r in con.execute("PRAGMA quick_check")]
+            finally:
+                con.close()
+            if found != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(found[:3]))
+        except sqlite3.Error as e:
+            raise SweepError(f"--resume: {path} is damaged (SQLite: {e}) — restore it from a backup, or start over with "
+                             f"--overwrite (the old sweep is moved aside to {out.name}.old-<timestamp>, not deleted)") from None
+    for name in ("trials.parquet", "summary.parquet"):
+        path = out / name
+        if path.exists():
+            import pyarrow.parquet as pq
+            try:
+                pq.ParquetFile(path).read()
+            except (OSError, ValueError) as e:           # pyarrow's ArrowInvalid is a ValueError
+                raise SweepError(f"--resume: {path} is damaged ({type(e).__name__}: {e}) — move it aside (--resume "
+                                 f"writes the tables again from Tune's experiment state), then resume") from None
 
 
 def main(argv=None) -> int:

@@ -240,6 +240,74 @@ def test_out_holding_another_sweep_is_refused(tmp_path, env):
     assert _checksums(out) == before
 
 
+# -- damaged stores at --resume ------------------------------------------------------------------
+
+def _resumable(folder: Path) -> dict:
+    """A sweep folder --resume would continue (the plan of _args' sweep): its record, real SQLite
+    stores and a table."""
+    import sqlite3
+
+    import pandas as pd
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({"kind": "sfd-sweep", "sweep_id": "0123456789ab",
+                                                   "targets": ["digits:0->1"], "trials_per_target": 2, "seed": 0,
+                                                   "trial_runner": "tune", "status": "interrupted"}))
+    for name in ("optuna.db", "mlflow.db"):
+        con = sqlite3.connect(folder / name)
+        con.execute("create table t (x text)")
+        con.executemany("insert into t values (?)", [("x" * 200,)] * 2000)
+        con.commit()
+        con.close()
+    pd.DataFrame({"target": ["digits:0->1"] * 200, "trial_id": [f"t{i}" for i in range(200)],
+                  "status": ["finished"] * 200}).to_parquet(folder / "trials.parquet")
+    return _checksums(folder)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+DAMAGES = [
+    ("optuna.db", lambda p: p.write_bytes(b"not a database\n" * 100), "optuna.db is damaged (SQLite: file is not a database)"),
+    ("optuna.db", _truncate, "optuna.db is damaged (SQLite: database disk image is malformed)"),
+    ("mlflow.db", _truncate, "mlflow.db is damaged (SQLite: database disk image is malformed)"),
+    ("trials.parquet", _truncate, "trials.parquet is damaged (ArrowInvalid"),
+]
+
+
+def test_resume_of_intact_stores_passes_the_check(tmp_path):
+    from orchestration.sweep import check_stores
+    _resumable(tmp_path / "sweep")
+    check_stores(tmp_path / "sweep")          # control: the same stores undamaged are accepted
+
+
+@pytest.mark.parametrize("name, damage, needle", DAMAGES)
+def test_resume_refuses_a_damaged_store_naming_it_and_the_way_out(tmp_path, env, capsys, name, damage, needle):
+    from orchestration.sweep import main
+    out = tmp_path / "sweep"
+    _resumable(out)
+    damage(out / name)
+    before = _checksums(out)
+    rc = main([*_args(out, env["tiny"]), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.startswith(f"sweep.py: error: --resume: {out / name}") and needle in err, err
+    assert ("--overwrite" if name.endswith(".db") else "move it aside") in err, err
+    assert _checksums(out) == before and not list(tmp_path.glob("sweep.old-*"))
+
+
+def test_summarize_only_names_a_damaged_table(tmp_path, capsys):
+    from orchestration.sweep import main
+    out = tmp_path / "sweep"
+    _resumable(out)
+    _truncate(out / "trials.parquet")
+    before = _checksums(out)
+    assert main(["--summarize-only", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sweep.py: error: {out / 'trials.parquet'} is damaged (ArrowInvalid") and "--resume" in err
+    assert _checksums(out) == before
+
+
 # -- interrupted sweeps ----------------------------------------------------------------------
 
 def _assert_interrupted(out: Path, sig_name: str):
