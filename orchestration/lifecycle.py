@@ -98,7 +98,7 @@ class SignalGuard:
 
     def _exit_now(self, name: str) -> None:
         print(f"\n[sweep] {name} again: exiting now; the tables are as last written (each whole), runs left "
-              f"RUNNING are marked KILLED by the next --resume or --summarize-only", file=sys.stderr, flush=True)
+              f"RUNNING are marked KILLED by the next --resume", file=sys.stderr, flush=True)
         os._exit(128 + (self.signum or signal.SIGINT))
 
     def _watch(self) -> None:
