@@ -45,7 +45,7 @@ class SignalGuard:
     :attr:`signum` is the signal that came (exit code 128 + signum), None if none.
 
     A graceful stop needs Ray. A signal sent to the sweep's whole process group (``timeout``, a batch
-    scheduler, Ctrl-C in a terminal) stops Ray's own processes too, and the driver's next call to Ray
+    scheduler, a container stop) stops Ray's own processes too, and the driver's next call to Ray
     waits for a GCS that will not answer (Ray gives up after 60 s and exits 1, leaving every MLflow
     run RUNNING). So after the first signal a watch thread follows Ray's processes: once one of them
     has ended (or Tune has not stopped within :attr:`GRACE_S`), the sweep is *abandoned*: the
