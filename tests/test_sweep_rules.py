@@ -297,3 +297,34 @@ def test_a_checkpoint_removed_while_mlflow_copies_it_is_skipped_not_fatal(tmp_pa
     models = {m.model_id: m for m in tracker.client.search_logged_models([tracker.experiment_id])}
     assert len(models) == 2 and str(models[model_id].status).endswith("READY")
     assert [str(m.status) for k, m in models.items() if k != model_id][0].endswith("FAILED")
+
+
+def test_a_resumed_driver_logs_each_checkpoint_once_and_the_ones_never_reported(tmp_path):
+    """Checkpoints as MLflow logged models across drivers (`--resume`): a new driver finds what an earlier
+    one logged and does not log it twice; a checkpoint whose report never reached any driver (written
+    while a stop was under way) is logged when its trial ends. Control: the first driver logs it."""
+    from types import SimpleNamespace
+
+    from orchestration.targets import parse_targets
+    from orchestration.tracking import MLflowSweep, MLflowTuneCallback
+    uri, art = f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "art").as_uri()
+    target = parse_targets(["digits:3->4"])[0]
+    run_dir = tmp_path / "out" / "trials" / target.slug / "t0"
+    for step in (8, 16, 24):
+        d = run_dir / "checkpoints" / f"ckpt-{step:08d}"
+        d.mkdir(parents=True)
+        (d / "state.json").write_text('{"iteration": %d}' % step)
+        (d / "state.safetensors").write_bytes(b"x" * 100)
+    first = MLflowSweep(uri, "t", artifact_root=art)
+    first.start_parent("sweep", {}, {})
+    run = first.start_trial("t0", target, True, {})
+    for step in (8, 16):                              # reported to the first driver, then it was stopped
+        assert first.log_checkpoint(run, "t0", run_dir / "checkpoints" / f"ckpt-{step:08d}", step, {}) is not None
+    second = MLflowSweep(uri, "t", artifact_root=art)  # the resumed sweep's driver
+    second.parent_id, second.trial_runs, second.target_runs = first.parent_id, {"t0": run}, dict(first.target_runs)
+    assert second.log_checkpoint(run, "t0", run_dir / "checkpoints" / "ckpt-00000016", 16, {}) is None   # logged before
+    callback = MLflowTuneCallback(second, {target.name: target}, tmp_path / "out")
+    trial = SimpleNamespace(trial_id="t0", config={"target": target.name, "target_slug": target.slug}, last_result={})
+    callback.on_trial_complete(0, [], trial)
+    names = sorted(m.name for m in second.client.search_logged_models([second.experiment_id]))
+    assert names == ["t0-ckpt-00000008", "t0-ckpt-00000016", "t0-ckpt-00000024"], names
