@@ -761,6 +761,7 @@ def tabulate(a, plan: SweepPlan, grid, targets, callback, stopper, signals, trac
     run's figures. An interrupted sweep writes its tables at once (no fresh re-evaluation; --resume
     does it). Returns the trial rows and the summary."""
     from orchestration.results import summarise, trial_rows
+    from orchestration.search import trial_owners
     from orchestration.tracking import log_sweep_summary
 
     notes = dict(stopper.stopped)
@@ -768,7 +769,9 @@ def tabulate(a, plan: SweepPlan, grid, targets, callback, stopper, signals, trac
         why = f"cut off by {signal.Signals(signals.signum).name}"
         notes.update({tid: why for tid in callback.started - set(callback.outcome)})
     clu.after_fit(a, grid, targets, plan.storage, plan.out)          # [cluster] remote trial outputs -> OUT/trials
-    rows = trial_rows(grid, {t.name: t for t in targets}, plan.out, callback.outcome, callback.errors, notes=notes)
+    owners = trial_owners(f"sqlite:///{plan.out / 'optuna.db'}") if (plan.out / "optuna.db").is_file() else {}
+    rows = trial_rows(grid, {t.name: t for t in targets}, plan.out, callback.outcome, callback.errors, notes=notes,
+                      owners=owners)
     df = summarise(rows, targets, plan.out, a.ua_threshold, a.max_override_fd_ratio, tracker,
                    fresh_seed=None if (a.fresh_seed < 0 or signals.caught) else a.fresh_seed)
     clu.publish_tables(a, plan.storage, plan.out)                    # [cluster] results tables -> <storage>/results

@@ -328,3 +328,24 @@ def test_a_resumed_driver_logs_each_checkpoint_once_and_the_ones_never_reported(
     callback.on_trial_complete(0, [], trial)
     names = sorted(m.name for m in second.client.search_logged_models([second.experiment_id]))
     assert names == ["t0-ckpt-00000008", "t0-ckpt-00000016", "t0-ckpt-00000024"], names
+
+
+def test_a_trial_failed_before_tune_wrote_its_config_keeps_its_row(tmp_path, capsys):
+    """A trial whose process was killed as it started (Tune: ERROR, no params.json, no config handed
+    back) is still a trial of its target: its row says failed, with the cause, its target taken from the
+    Optuna studies' record (found missing from trials.parquet by the chaos run). Control: without that
+    record the row is left out, with a note."""
+    from types import SimpleNamespace
+
+    from orchestration.results import trial_rows
+    from orchestration.targets import parse_targets
+    target = parse_targets(["digits:1->2"])[0]
+    folder = tmp_path / "run_trial_1a0a3b4a_2_baseline=True,alpha=1.2000_2026-12-06_01-22-40"
+    folder.mkdir()
+    result = SimpleNamespace(config=None, metrics={}, path=str(folder), error=RuntimeError("ActorDiedError: killed"))
+    rows = trial_rows([result], {target.name: target}, tmp_path, {}, {}, owners={"1a0a3b4a": target.name})
+    assert [(r["target"], r["trial_id"], r["status"], r["baseline"]) for r in rows] == \
+        [(target.name, "1a0a3b4a", "failed", True)]
+    assert "ActorDiedError: killed" in rows[0]["error"]
+    assert trial_rows([result], {target.name: target}, tmp_path, {}, {}) == []          # the control
+    assert "its row is left out of trials.parquet" in capsys.readouterr().out
