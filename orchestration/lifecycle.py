@@ -8,15 +8,19 @@ import contextlib
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 from sfd.io import write_json
 
 SWEEP_FILE = "sweep.json"
 
 
-class Interrupted(Exception):
-    """SIGINT / SIGTERM outside Ray Tune's loop (or a second one inside it)."""
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM outside Ray Tune's loop (or a second one inside it). A BaseException, as
+    KeyboardInterrupt is: Tune's and Ray's ``except Exception`` must not wrap or swallow it."""
 
 
 class Outcome:
@@ -37,28 +41,115 @@ class Outcome:
 class SignalGuard:
     """SIGINT and SIGTERM end the sweep cleanly. Inside Tune's loop (:meth:`tune_loop`) the first one
     asks Tune to stop (SIGUSR1, Tune's own graceful stop: it saves the experiment state, then stops
-    the trials); elsewhere, or on a second signal, :class:`Interrupted` unwinds the driver through
-    its clean-up. :attr:`signum` is the signal that came (exit code 128 + signum), None if none."""
+    the trials); elsewhere :class:`Interrupted` unwinds the driver through its clean-up.
+    :attr:`signum` is the signal that came (exit code 128 + signum), None if none.
+
+    A graceful stop needs Ray. A signal sent to the sweep's whole process group (``timeout``, a batch
+    scheduler, a container stop) stops Ray's own processes too, and the driver's next call to Ray
+    waits for a GCS that will not answer (Ray gives up after 60 s and exits 1, leaving every MLflow
+    run RUNNING). So after the first signal a watch thread follows Ray's processes: once one of them
+    has ended (or Tune has not stopped within :attr:`GRACE_S`), the sweep is *abandoned*: the
+    :attr:`abandon` hook writes what the driver knows without Ray (tables, MLflow runs KILLED, the
+    record), Ray's processes are stopped, and the process exits 128 + signum.
+
+    A second signal inside Tune's loop stops waiting for Tune (:class:`Interrupted`: the driver
+    writes the tables from what it holds and ends its runs); elsewhere the clean-up under way is
+    finished. A third signal, or one while the sweep is being abandoned, exits at once: every file
+    the sweep writes is written atomically, so each is whole, old or new."""
+
+    GRACE_S = 60.0        # a graceful stop still going after this long (Ray alive but stuck) is abandoned
+    ABANDON_S = 60.0      # the abandoning's own bound: past it the process exits regardless
 
     def __init__(self):
         self.signum: int | None = None
         self.in_tune = False
+        self.abandon: Callable[[int], None] | None = None     # the Ray-free clean-up (run_sweep sets it)
+        self.ray_down: Callable[[], list[str]] = list          # Ray's own processes that ended (ray_session)
+        self.ray_stop: Callable[[], None] = lambda: None       # stop them, without the GCS (ray_session)
+        self.count = 0                 # signals so far
+        self._abandoning = threading.Lock()
+        self._watching = False
 
     @property
     def caught(self) -> bool:
         return self.signum is not None
 
     def _handler(self, signum, frame):
-        first = self.signum is None
-        if first:
-            self.signum = signum
         name = signal.Signals(signum).name
-        if first and self.in_tune:
-            print(f"\n[sweep] {name}: stopping the sweep (running trials are cut off; finished ones are kept; "
-                  f"continue with --resume)", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGUSR1)
+        self.count += 1
+        if self.signum is None:
+            self.signum = signum
+            if self.in_tune:
+                print(f"\n[sweep] {name}: stopping the sweep (running trials are cut off; finished ones are kept; "
+                      f"continue with --resume)", file=sys.stderr, flush=True)
+                self._watch()
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            self._watch()
+            raise Interrupted(name)
+        if self.count >= 3 or self._abandoning.locked():
+            self._exit_now(name)
+        if self.in_tune or self.abandon is None:
+            print(f"\n[sweep] {name} again: not waiting for Tune; writing the tables from what finished "
+                  f"(another signal exits at once)", file=sys.stderr, flush=True)
+            raise Interrupted(name)
+        print(f"\n[sweep] {name} again: finishing the tables and MLflow runs (seconds; another signal exits at once)",
+              file=sys.stderr, flush=True)
+
+    def _exit_now(self, name: str) -> None:
+        print(f"\n[sweep] {name} again: exiting now; the tables are as last written (each whole), runs left "
+              f"RUNNING are marked KILLED by the next --resume", file=sys.stderr, flush=True)
+        os._exit(128 + (self.signum or signal.SIGINT))
+
+    def _watch(self) -> None:
+        """After the first signal: abandon the sweep once Ray's own processes end, or a graceful stop
+        inside Tune takes longer than GRACE_S."""
+        if self._watching:
             return
-        raise Interrupted(name)
+        self._watching = True
+
+        def loop():
+            t0 = time.monotonic()
+            while True:
+                dead = self.ray_down()
+                if dead:
+                    return self._abandon(f"Ray's own processes were stopped too ({', '.join(dead)})")
+                if self.in_tune and time.monotonic() - t0 > self.GRACE_S:
+                    return self._abandon(f"Tune did not stop within {self.GRACE_S:.0f} s")
+                time.sleep(0.2)
+
+        threading.Thread(target=loop, name="sweep-signal-watch", daemon=True).start()
+
+    def _abandon(self, why: str) -> None:
+        """Write what the driver knows without Ray (bounded by ABANDON_S), stop Ray's processes, exit
+        128 + signum. Runs in the watch thread, never in the main one: a handler suspends the main thread
+        wherever it was (inside an import, an MLflow write), and work that waited for what it holds
+        would wait forever."""
+        code = 128 + (self.signum or signal.SIGINT)
+        if not self._abandoning.acquire(blocking=False):
+            return
+        print(f"\n[sweep] {why}: not waiting for Ray; writing what finished and exiting "
+              f"(another signal exits at once)", file=sys.stderr, flush=True)
+        worker = threading.Thread(target=self._abandon_work, name="sweep-abandon", daemon=True)    # bounded
+        worker.start()
+        worker.join(self.ABANDON_S)
+        if worker.is_alive():
+            print(f"[sweep] the clean-up did not finish within {self.ABANDON_S:.0f} s; exiting (the next --resume "
+                  f"marks runs left RUNNING KILLED)", file=sys.stderr, flush=True)
+        try:
+            self.ray_stop()
+        except Exception as e:                    # exiting anyway: say what is left behind
+            print(f"[sweep] could not stop Ray's processes: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    def _abandon_work(self) -> None:
+        try:
+            if self.abandon is not None:
+                self.abandon(self.signum or signal.SIGINT)
+        except BaseException as e:               # reported, and the exit code stays 128 + signum
+            print(f"[sweep] clean-up failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
     def install(self) -> None:
         """(Again after ``ray.init``, which installs its own SIGTERM handler: it aborts.)"""
@@ -115,8 +206,19 @@ def ray_session(a, runtime_env: dict, signals: SignalGuard):
     else:
         ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=a.verbose,
                  logging_level="INFO" if a.verbose else "WARNING", runtime_env=runtime_env)
+    node = ray._private.worker._global_node      # the processes this driver started (none when joining)
+    closing = False
+
+    def down() -> list[str]:
+        return [] if closing or node is None else sorted({kind for kind, _ in node.dead_processes()})
+
+    def stop() -> None:
+        if node is not None:     # SIGKILL: a graceful ray.shutdown() would wait on the dead GCS
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+    signals.ray_down, signals.ray_stop = down, stop
     try:
         signals.install()
         yield ray
     finally:
+        closing = True                   # processes ending now are ray.shutdown's doing
         ray.shutdown()

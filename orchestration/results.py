@@ -87,11 +87,18 @@ def root_cause(err, max_lines: int = 3) -> str:
     return "\n".join(kept[:max_lines])[:1000]
 
 
-def _stored_config(result) -> dict:
+def _stored_config(result, owners: dict | None = None, targets: dict | None = None) -> dict:
     """The trial's config from its folder's params.json: a Tune experiment restored with
-    ``resume_errored=False`` hands back its failed trials without their config."""
+    ``resume_errored=False`` hands back its failed trials without their config. A trial that failed
+    before Tune wrote that file (its process killed as it started) is still a trial of a target: its
+    target comes from ``owners`` (Tune trial id -> target, as the Optuna studies record it)."""
     if not result.path:
         return {}
+    named = TRIAL_DIR.match(Path(result.path).name)
+    owner = (owners or {}).get(named.group(1)) if named else None
+    if owner in (targets or {}) and not _has_params(result):
+        return {"target": owner, "target_slug": targets[owner].slug, "params": {},
+                "baseline": "baseline=True" in Path(result.path).name}
     import pyarrow.fs as pafs
     fs = getattr(result, "filesystem", None) or pafs.LocalFileSystem()
     try:
@@ -104,15 +111,21 @@ def _stored_config(result) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def _has_params(result) -> bool:
+    import pyarrow.fs as pafs
+    fs = getattr(result, "filesystem", None) or pafs.LocalFileSystem()
+    return fs.get_file_info(result.path.rstrip("/") + "/params.json").type != pafs.FileType.NotFound
+
+
 def trial_rows(result_grid, targets: dict, out_dir: Path, outcome: dict, errors: dict | None = None,
-               notes: dict | None = None) -> list[dict]:
+               notes: dict | None = None, owners: dict | None = None) -> list[dict]:
     """One row per Tune trial with what happened to it: ``outcome`` (trial id -> finished / stopped /
     failed, from the tracking callback) is the record; a trial with results but no outcome was cut
     off by the sweep's interruption, one without any result never started."""
     errors, notes = errors or {}, notes or {}
     rows = []
     for r in result_grid:
-        cfg = r.config or _stored_config(r)
+        cfg = r.config or _stored_config(r, owners, targets)
         if "target" not in cfg:
             continue
         m = dict(r.metrics or {})

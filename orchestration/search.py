@@ -168,3 +168,16 @@ class PerTargetSearch(Searcher):
             ot.set_user_attr("asr_max", asr)
             ot.set_constraint("max_asr", asr - self.max_asr if math.isfinite(asr) else 1.0)
         study.tell(number, [float(result[k]) for k in OBJECTIVES])
+
+
+def trial_owners(storage: str) -> dict[str, str]:
+    """Tune trial id -> target, as the per-target Optuna studies in ``storage`` record them (each
+    study is named after its target; each trial carries its Tune trial's id)."""
+    import optuna
+    owners = {}
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        for t in study.get_trials(deepcopy=False):
+            if "tune_trial_id" in t.user_attrs:
+                owners[t.user_attrs["tune_trial_id"]] = summary.study_name
+    return owners

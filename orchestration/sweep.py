@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import time
 import uuid
@@ -27,7 +28,8 @@ if __package__ in (None, ""):           # run as a script: make the repo importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # isort: on
 from orchestration import cluster as clu
-from orchestration.lifecycle import SWEEP_FILE, Interrupted, Outcome, SignalGuard, ray_session, sweep_record
+from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, ray_session, sweep_record,
+                                     write_record)
 from orchestration.services import probe_all
 from orchestration.space import describe_baselines, load_space, space_for, space_path, trials_for, validate_plan
 from orchestration.targets import load_targets_file, parse_methods, parse_targets, preset_of, unit_name, with_methods
@@ -432,7 +434,11 @@ def summarize_only(a) -> int:
     out = Path(a.out)
     if not (out / "trials.parquet").is_file():
         return _error(f"{out / 'trials.parquet'} does not exist — run the sweep first")
-    rows = pd.read_parquet(out / "trials.parquet").to_dict("records")
+    try:
+        rows = pd.read_parquet(out / "trials.parquet").to_dict("records")
+    except (OSError, ValueError) as e:                   # pyarrow's ArrowInvalid is a ValueError
+        return _error(f"{out / 'trials.parquet'} is damaged ({type(e).__name__}: {e}) — run the same sweep with "
+                      f"--resume to write the tables again from Tune's experiment state (move the damaged file aside)")
     # a sweep from before --methods has no method column: its trials are SFD's
     units = list(dict.fromkeys((r["target"], r.get("method") or "sfd") for r in rows))
     parsed = {t.name: t for t in parse_targets(list(dict.fromkeys(name for name, _ in units)), "next")}
@@ -512,7 +518,38 @@ def claim_out(a, targets, dry_run: bool = False) -> dict:
     if changed:
         raise SweepError(f"--resume: the sweep in {out} was planned differently ({'; '.join(changed)}) — resume it "
                          f"with its own --targets/--trials-per-target/--seed/--trial-runner, or choose another --out")
+    check_stores(out)
     return rec
+
+
+def check_stores(out: Path) -> None:
+    """--resume: the stores a sweep continues must open -- the Optuna studies, the MLflow file, the
+    tables. A damaged one is named, with the way out, before anything changes: the sweep never
+    silently starts over (a fresh optuna.db would re-run the baselines) or tracks into a broken file."""
+    for name in ("optuna.db", "mlflow.db"):
+        path = out / name
+        if not path.exists():
+            continue
+        try:
+            con = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True)
+            try:
+                found = [str(r[0]) for r in con.execute("PRAGMA quick_check")]
+            finally:
+                con.close()
+            if found != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(found[:3]))
+        except sqlite3.Error as e:
+            raise SweepError(f"--resume: {path} is damaged (SQLite: {e}) — restore it from a backup, or start over with "
+                             f"--overwrite (the old sweep is moved aside to {out.name}.old-<timestamp>, not deleted)") from None
+    for name in ("trials.parquet", "summary.parquet"):
+        path = out / name
+        if path.exists():
+            import pyarrow.parquet as pq
+            try:
+                pq.ParquetFile(path).read()
+            except (OSError, ValueError) as e:           # pyarrow's ArrowInvalid is a ValueError
+                raise SweepError(f"--resume: {path} is damaged ({type(e).__name__}: {e}) — move it aside (--resume "
+                                 f"writes the tables again from Tune's experiment state), then resume") from None
 
 
 def main(argv=None) -> int:
@@ -612,6 +649,7 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
 
     plan = SweepPlan.make(a, targets, record, spaces)
     outcome, tracker, rows, df = Outcome(), None, [], None
+    tuned = {}                # what abandon() needs once the Tuner exists: its callback and stopper
     try:
         with SignalGuard() as signals, \
                 sweep_tracking(MLflowSweep(plan.mlflow_uri, a.experiment, plan.artifact_root), outcome,
@@ -619,6 +657,7 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
                 sweep_record(plan.out, record, outcome, parent_run_id=tracker.parent_id, mlflow_uri=plan.mlflow_uri,
                              experiment=a.experiment, storage=plan.storage, tune_name=plan.tune_name), \
                 ray_session(a, clu.runtime_env(plan.storage, local=not a.address), signals) as ray:
+            signals.abandon = lambda signum: abandon(a, plan, targets, tracker, record, outcome, signals, **tuned)
             max_conc = announce(a, plan, targets, ray.cluster_resources().get("CPU", 1))
             clu.make_references(a, spaces, overrides, plan.storage, log=lambda m: print(m, flush=True))
             for name, space in spaces.items():
@@ -627,8 +666,12 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
                 # every trial's stage 2 starts from it (or, without one, from copies of the teacher)
                 space.defaults = {**space.defaults, "init_from": str(path) if path else "none"}
             tuner, callback, stopper = make_tuner(a, plan, targets, spaces, overrides, tracker, max_conc)
+            tuned.update(callback=callback, stopper=stopper)
             with signals.tune_loop():
-                grid = tuner.fit()
+                try:
+                    grid = tuner.fit()
+                except Interrupted:          # a second signal: Tune's stop not waited for; its trials as held
+                    grid = callback.snapshot()
             rows, df = tabulate(a, plan, grid, targets, callback, stopper, signals, tracker)
             outcome.status = "interrupted" if signals.caught else "finished"
     except Interrupted:
@@ -638,6 +681,37 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
     except OSError as e:                                 # a path that cannot be written
         return _error(f"{type(e).__name__}: {e} — check --out ({plan.out}) and --storage ({plan.storage})")
     return report(a, plan, targets, rows, df, signals.signum, tracker)
+
+
+def abandon(a, plan, targets, tracker, record: dict, outcome: Outcome, signals, callback=None, stopper=None) -> None:
+    """The sweep interrupted with Ray gone (its processes were signalled with the driver) or a second
+    signal: what a graceful stop would leave, written without Ray from what the driver holds -- the
+    tables from Tune's trials in memory (cut-off ones marked), every run of the sweep KILLED, the
+    record ``interrupted``. Optuna's trial of a cut-off Tune trial stays RUNNING: `--resume` continues
+    it with its Tune trial (or tells it FAIL when Tune saved no state). Each step runs even if one
+    before it failed; a failure is printed (the exit code is 128 + signum either way)."""
+    rows = []
+
+    def tables():
+        nonlocal rows
+        if callback is not None:
+            rows, _ = tabulate(a, plan, callback.snapshot(), targets, callback, stopper, signals, tracker)
+
+    def runs():
+        outcome.status = "interrupted"
+        tracker.end_open_runs("interrupted")
+        tracker.finish(tracker.parent_id, "interrupted")
+
+    def rec():
+        record["status"] = "interrupted"
+        write_record(plan.out, record)
+
+    for what, step in (("the tables", tables), ("the MLflow runs", runs), (SWEEP_FILE, rec)):
+        try:
+            step()
+        except Exception as e:
+            print(f"[sweep] could not write {what}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    report(a, plan, targets, rows, None, signals.signum, tracker)
 
 
 class SweepPlan:
@@ -760,6 +834,7 @@ def tabulate(a, plan: SweepPlan, grid, targets, callback, stopper, signals, trac
     run's figures. An interrupted sweep writes its tables at once (no fresh re-evaluation; --resume
     does it). Returns the trial rows and the summary."""
     from orchestration.results import summarise, trial_rows
+    from orchestration.search import trial_owners
     from orchestration.tracking import log_sweep_summary
 
     notes = dict(stopper.stopped)
@@ -767,7 +842,9 @@ def tabulate(a, plan: SweepPlan, grid, targets, callback, stopper, signals, trac
         why = f"cut off by {signal.Signals(signals.signum).name}"
         notes.update({tid: why for tid in callback.started - set(callback.outcome)})
     clu.after_fit(a, grid, targets, plan.storage, plan.out)          # [cluster] remote trial outputs -> OUT/trials
-    rows = trial_rows(grid, {t.name: t for t in targets}, plan.out, callback.outcome, callback.errors, notes=notes)
+    owners = trial_owners(f"sqlite:///{plan.out / 'optuna.db'}") if (plan.out / "optuna.db").is_file() else {}
+    rows = trial_rows(grid, {t.name: t for t in targets}, plan.out, callback.outcome, callback.errors, notes=notes,
+                      owners=owners)
     df = summarise(rows, targets, plan.out, a.ua_threshold, a.max_override_fd_ratio, tracker, max_asr=a.max_asr,
                    fresh_seed=None if (a.fresh_seed < 0 or signals.caught) else a.fresh_seed)
     clu.publish_tables(a, plan.storage, plan.out)                    # [cluster] results tables -> <storage>/results

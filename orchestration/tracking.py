@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from ray.tune import Callback
 
@@ -88,6 +90,9 @@ class MLflowStore:
         self.client.set_terminated(run_id, MLFLOW_STATUS.get(status, "FINISHED"))
 
 
+CKPT_NAME = re.compile(r"(ckpt-\d+)$")          # a logged model's name ends with its checkpoint folder's
+
+
 class CheckpointModels:
     """Checkpoint folders (safetensors + JSON, never a pickled module) as MLflow 3 logged models of
     the run that wrote them, each at its step with that step's metrics, so the UI compares
@@ -97,13 +102,24 @@ class CheckpointModels:
         self.store = store
         self.logged: dict[str, set[str]] = {}         # run id -> checkpoint folder names logged
 
+    def known(self, run_id: str) -> set[str]:
+        """The run's checkpoint folders already logged: by this driver, or (the first time a run is seen)
+        by an earlier driver of the same sweep, read back from MLflow, so a resumed sweep logs none twice."""
+        if run_id not in self.logged:
+            models = self.store.client.search_logged_models(
+                [self.store.experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=1000)
+            # (MLflow 3.17's filter on status matches nothing: READY ones are picked here)
+            ready = [x.name for x in models if str(x.status).endswith("READY")]
+            self.logged[run_id] = {m.group(1) for m in map(CKPT_NAME.search, ready) if m}
+        return self.logged[run_id]
+
     def log(self, run_id: str, name: str, ckpt_dir: Path, step: int, metrics: dict) -> str | None:
         """Returns the model id (None: logged before, not a checkpoint, or vanished while copied)."""
 
         from mlflow.entities import LoggedModelOutput, Metric
 
         client, ckpt_dir = self.store.client, Path(ckpt_dir)
-        done = self.logged.setdefault(run_id, set())
+        done = self.known(run_id)
         if ckpt_dir.name in done or not (ckpt_dir / "state.safetensors").is_file():
             return None
         model = client.create_logged_model(self.store.experiment_id, name=f"{name}-{ckpt_dir.name}",
@@ -308,6 +324,25 @@ class MLflowTuneCallback(Callback):
         self.errors: dict[str, str] = {}
         self.started: set[str] = set()
         self.target_of: dict[str, str] = {}
+        self.trials: list = []             # Tune's trials, as its last event showed them (snapshot)
+        self.frozen = False                # the sweep is being abandoned: later events are not recorded
+
+    def snapshot(self) -> list:
+        """Tune's trials as result-like records (``config``, ``metrics``, ``path``, ``error``), read
+        from the driver's memory: what the tables are made of when Ray is gone and Tune can hand
+        back no ResultGrid. Later events are ignored from here on (the runs are being ended)."""
+        self.frozen = True
+        out = []
+        for t in list(self.trials):
+            error = None
+            if t.status == "ERROR":
+                error = (Path(t.error_file).read_text(errors="replace") if t.error_file and Path(t.error_file).is_file()
+                         else "the trial failed")
+            out.append(SimpleNamespace(config=t.config, metrics=dict(t.last_result or {}), path=t.path, error=error))
+        return out
+
+    def on_step_begin(self, iteration, trials, **info):
+        self.trials = trials
 
     # kept in Tune's experiment checkpoint, so a resumed sweep knows what happened before
     def get_state(self) -> dict:
@@ -331,6 +366,9 @@ class MLflowTuneCallback(Callback):
         return self.out_dir / "trials" / trial.config["target_slug"] / trial.trial_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.trials = trials
+        if self.frozen:
+            return
         cfg = trial.config
         self.started.add(trial.trial_id)
         self.target_of[trial.trial_id] = cfg["target"]
@@ -339,6 +377,8 @@ class MLflowTuneCallback(Callback):
                                  {**cfg["sfd"], "searched": ",".join(sorted(cfg["params"]))})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.frozen:
+            return
         run_id = self.tracker.trial_runs.get(trial.trial_id)
         if run_id:
             metrics = {k: result[k] for k in result if k in _METRIC_KEYS}
@@ -352,6 +392,8 @@ class MLflowTuneCallback(Callback):
             self.on_event("result", trial, result)
 
     def _end(self, trial, status: str, error: str = ""):
+        if self.frozen:
+            return
         self.outcome[trial.trial_id] = status
         if error:
             self.errors[trial.trial_id] = error
@@ -360,6 +402,10 @@ class MLflowTuneCallback(Callback):
             return
         run_dir = self._run_dir(trial)
         self.tracker.log_artifacts(run_id, [run_dir / a for a in self.ARTIFACTS])
+        # a checkpoint whose report never reached the driver (written while a stop or a kill was under way;
+        # the resumed trial continued after it) is still in the run folder: logged now, at its own step
+        for ckpt in sorted((run_dir / "checkpoints").glob("ckpt-*")):
+            self.tracker.log_checkpoint(run_id, trial.trial_id, ckpt, int(ckpt.name.split("-")[1]), {})
         if status == "stopped":
             self.tracker.client.set_tag(run_id, "stop_reason", self.stopped.get(trial.trial_id, ""))
         self.tracker.finish(run_id, status, error)

@@ -9,10 +9,16 @@
   trial continues from its checkpoint in Ray's storage (the local copy deleted first), in the same
   MLflow run;
 - the driver killed with SIGKILL, then --resume: every trial exactly once, in trials.parquet, in
-  MLflow (FINISHED, none RUNNING) and in the Optuna studies (COMPLETE).
+  MLflow (FINISHED, none RUNNING) and in the Optuna studies (COMPLETE);
+- SIGTERM sent to the sweep's whole process group (what `timeout`, a container stop or a batch
+  scheduler sends: Ray's GCS and raylet get it too) ends the sweep in seconds with exit 143, the
+  same tables and MLflow statuses as a graceful stop, and --resume finishes it (negative control:
+  without the driver's watch on Ray's processes it waits 60 s on the dead GCS, exits 1 and leaves
+  every run RUNNING); a second SIGINT during the graceful stop exits at once, tables consistent.
 
 Each sweep is one target with two trials of a tiny budget on 2 CPUs, one trial at a time.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -234,6 +240,74 @@ def test_out_holding_another_sweep_is_refused(tmp_path, env):
     assert _checksums(out) == before
 
 
+# -- damaged stores at --resume ------------------------------------------------------------------
+
+def _resumable(folder: Path) -> dict:
+    """A sweep folder --resume would continue (the plan of _args' sweep): its record, real SQLite
+    stores and a table."""
+    import sqlite3
+
+    import pandas as pd
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({"kind": "sfd-sweep", "sweep_id": "0123456789ab",
+                                                   "targets": ["digits:0->1"], "trials_per_target": 2, "seed": 0,
+                                                   "trial_runner": "tune", "status": "interrupted"}))
+    for name in ("optuna.db", "mlflow.db"):
+        con = sqlite3.connect(folder / name)
+        con.execute("create table t (x text)")
+        con.executemany("insert into t values (?)", [("x" * 200,)] * 2000)
+        con.commit()
+        con.close()
+    pd.DataFrame({"target": ["digits:0->1"] * 200, "trial_id": [f"t{i}" for i in range(200)],
+                  "status": ["finished"] * 200}).to_parquet(folder / "trials.parquet")
+    return _checksums(folder)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+DAMAGES = [
+    ("optuna.db", lambda p: p.write_bytes(b"not a database\n" * 100), "optuna.db is damaged (SQLite: file is not a database)"),
+    ("optuna.db", _truncate, "optuna.db is damaged (SQLite: database disk image is malformed)"),
+    ("mlflow.db", _truncate, "mlflow.db is damaged (SQLite: database disk image is malformed)"),
+    ("trials.parquet", _truncate, "trials.parquet is damaged (ArrowInvalid"),
+]
+
+
+def test_resume_of_intact_stores_passes_the_check(tmp_path):
+    from orchestration.sweep import check_stores
+    _resumable(tmp_path / "sweep")
+    check_stores(tmp_path / "sweep")          # control: the same stores undamaged are accepted
+
+
+@pytest.mark.parametrize("name, damage, needle", DAMAGES)
+def test_resume_refuses_a_damaged_store_naming_it_and_the_way_out(tmp_path, env, capsys, name, damage, needle):
+    from orchestration.sweep import main
+    out = tmp_path / "sweep"
+    _resumable(out)
+    damage(out / name)
+    before = _checksums(out)
+    rc = main([*_args(out, env["tiny"]), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.startswith(f"sweep.py: error: --resume: {out / name}") and needle in err, err
+    assert ("--overwrite" if name.endswith(".db") else "move it aside") in err, err
+    assert _checksums(out) == before and not list(tmp_path.glob("sweep.old-*"))
+
+
+def test_summarize_only_names_a_damaged_table(tmp_path, capsys):
+    from orchestration.sweep import main
+    out = tmp_path / "sweep"
+    _resumable(out)
+    _truncate(out / "trials.parquet")
+    before = _checksums(out)
+    assert main(["--summarize-only", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sweep.py: error: {out / 'trials.parquet'} is damaged (ArrowInvalid") and "--resume" in err
+    assert _checksums(out) == before
+
+
 # -- interrupted sweeps ----------------------------------------------------------------------
 
 def _assert_interrupted(out: Path, sig_name: str):
@@ -332,16 +406,11 @@ def test_worker_killed_mid_trial_resumes_from_storage_then_sigterm(tmp_path, env
 
 @pytest.mark.slow
 def test_sigkill_then_resume_runs_every_trial_exactly_once(tmp_path, env):
-    import optuna
-    import pandas as pd
     out = tmp_path / "sweep"
     log = tmp_path / "log.txt"
     proc, f = _start(env["env"], _args(out, env["tiny"]), log)
     try:
-        def second_stored():
-            dirs = _trial_dirs(out)
-            return _finished(log, 1) and len(dirs) == 2 and _stored(out, dirs[1].parent.name)
-        _wait(second_stored, proc, log, 240, "a checkpoint of the second trial")
+        _wait(_second_stored(out, log), proc, log, 240, "a checkpoint of the second trial")
         first = _trial_dirs(out)[0].parent
         first_metrics = (first / "metrics.json").read_bytes()
         _kill_tree(proc.pid)                            # the driver and its Ray processes, no clean-up
@@ -353,6 +422,15 @@ def test_sigkill_then_resume_runs_every_trial_exactly_once(tmp_path, env):
     _, runs = _runs(out)
     assert "RUNNING" in {r.info.status for r in runs["trial"]}      # what a killed driver leaves behind
 
+    _assert_resumed(out, env, first, first_metrics)
+
+
+def _assert_resumed(out: Path, env, first: Path, first_metrics: bytes):
+    """`--resume` of a sweep cut off during its second trial: every trial exactly once, in
+    trials.parquet, MLflow (FINISHED, none RUNNING, the same sweep run) and the Optuna study
+    (COMPLETE); the finished trial not run again, the cut-off one continued from its checkpoint."""
+    import optuna
+    import pandas as pd
     r = subprocess.run([sys.executable, str(REPO / "orchestration" / "sweep.py"), *_args(out, env["tiny"]), "--resume"],
                        cwd=REPO, env=env["env"], capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -372,6 +450,110 @@ def test_sigkill_then_resume_runs_every_trial_exactly_once(tmp_path, env):
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2, states
     assert sorted(t.user_attrs["tune_trial_id"] for t in study.trials
                   if t.state == optuna.trial.TrialState.COMPLETE) == sorted(trials["trial_id"])
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _second_stored(out: Path, log: Path):
+    def pred():
+        dirs = _trial_dirs(out)
+        return _finished(log, 1) and len(dirs) == 2 and _stored(out, dirs[1].parent.name)
+    return pred
+
+
+# the sweep with the driver's watch on Ray's processes switched off: how it ended before the fix
+UNWATCHED = ("import sys; from orchestration.lifecycle import SignalGuard; SignalGuard._watch = lambda self: None; "
+             "from orchestration.sweep import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _group_sigterm(tmp_path, env, watched: bool = True):
+    """The sweep in its own process group, SIGTERM to the whole group once the second trial has a
+    checkpoint in storage; returns (exit code, seconds to exit, log text, out, first trial's folder
+    and metrics)."""
+    out = tmp_path / "sweep"
+    log = tmp_path / "log.txt"
+    if watched:
+        proc, f = _start(env["env"], _args(out, env["tiny"]), log)
+    else:
+        f = open(log, "w")
+        proc = subprocess.Popen([sys.executable, "-c", UNWATCHED, *_args(out, env["tiny"])], cwd=REPO, env=env["env"],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait(_second_stored(out, log), proc, log, 240, "a checkpoint of the second trial")
+        first = _trial_dirs(out)[0].parent
+        first_metrics = (first / "metrics.json").read_bytes()
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGTERM)             # the driver, Ray's GCS, raylet, monitors: all at once
+        rc = proc.wait(timeout=180)
+        seconds = time.time() - t0
+        while _group_alive(proc.pid) and time.time() - t0 < 60:
+            time.sleep(0.2)
+        left = _group_alive(proc.pid)
+    finally:
+        _kill_tree(proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        f.close()
+    print(f"process-group SIGTERM ({'watched' if watched else 'unwatched'}): exit {rc} after {seconds:.1f} s; "
+          f"process group {'still alive' if left else 'gone'} {time.time() - t0:.1f} s after the signal")
+    return rc, seconds, left, log.read_text(), out, first, first_metrics
+
+
+@pytest.mark.slow
+def test_process_group_sigterm_ends_the_sweep_in_seconds_then_resume_finishes_it(tmp_path, env):
+    rc, seconds, left, text, out, first, first_metrics = _group_sigterm(tmp_path, env)
+    assert rc == 143, text[-3000:]
+    assert seconds < 45, f"{seconds:.1f} s to exit"      # generous (3 s measured); Ray's own give-up is 60 s
+    assert not left, "the sweep's Ray processes outlived it"
+    tail = text.split("SIGTERM", 1)[1]
+    assert "Ray's own processes were stopped too" in tail and "Traceback" not in tail, text[-3000:]
+    assert "interrupted by SIGTERM: 1/2 trials finished" in tail, text[-3000:]
+    _assert_interrupted(out, "SIGTERM")                  # tables, record, every MLflow run ended
+    import optuna
+    study = optuna.load_study(study_name="digits:0->1", storage=f"sqlite:///{out / 'optuna.db'}")
+    # the cut-off trial's Optuna trial stays RUNNING: --resume continues it with its Tune trial
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "RUNNING"], study.trials
+    _assert_resumed(out, env, first, first_metrics)
+
+
+@pytest.mark.slow
+def test_negative_control_without_the_watch_a_group_sigterm_leaves_runs_running(tmp_path, env):
+    rc, seconds, _, text, out, _, _ = _group_sigterm(tmp_path, env, watched=False)
+    assert rc != 143 and seconds > 45, (rc, seconds, text[-3000:])    # Ray's 60 s wait for the GCS, then exit 1
+    assert not (out / "trials.parquet").exists()
+    _, runs = _runs(out)
+    assert [r.info.status for r in runs["sweep"]] == ["RUNNING"] and [r.info.status for r in runs["target"]] == ["RUNNING"]
+    assert sorted(r.info.status for r in runs["trial"]) == ["FINISHED", "RUNNING"]     # the cut-off trial's run
+
+
+@pytest.mark.slow
+def test_a_second_sigint_during_the_graceful_stop_exits_at_once_with_consistent_tables(tmp_path, env):
+    out = tmp_path / "sweep"
+    log = tmp_path / "log.txt"
+    proc, f = _start(env["env"], _args(out, env["tiny"]), log)
+    try:
+        _wait(_second_stored(out, log), proc, log, 240, "a checkpoint of the second trial")
+        proc.send_signal(signal.SIGINT)                 # the driver only: Ray alive, Tune's graceful stop starts
+        _wait(lambda: "stopping the sweep" in log.read_text(), proc, log, 30, "the graceful stop")
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+        print(f"second SIGINT: exit {rc} after {time.time() - t0:.1f} s")
+    finally:
+        _kill_tree(proc.pid)
+        f.close()
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    # Tune still stopping: it is not waited for; Tune already back: the tables under way are finished
+    assert ("SIGINT again: not waiting for Tune" in text or "SIGINT again: finishing the tables" in text) \
+        and "Traceback" not in text, text[-3000:]
+    _assert_interrupted(out, "SIGINT")
 
 
 # -- a trial that fails inside Ray: the real cause recorded --------------------------------------

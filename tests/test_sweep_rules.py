@@ -367,3 +367,55 @@ def test_per_target_study_treats_max_asr_as_a_constraint():
             assert study.trials[0].constraints["max_asr"] == pytest.approx(0.65)
     assert fronts[0.25] == {1}
     assert fronts[None] == {2}                                      # dominates both others on FD
+
+
+def test_a_resumed_driver_logs_each_checkpoint_once_and_the_ones_never_reported(tmp_path):
+    """Checkpoints as MLflow logged models across drivers (`--resume`): a new driver finds what an earlier
+    one logged and does not log it twice; a checkpoint whose report never reached any driver (written
+    while a stop was under way) is logged when its trial ends. Control: the first driver logs it."""
+    from types import SimpleNamespace
+
+    from orchestration.targets import parse_targets
+    from orchestration.tracking import MLflowSweep, MLflowTuneCallback
+    uri, art = f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "art").as_uri()
+    target = parse_targets(["digits:3->4"])[0]
+    run_dir = tmp_path / "out" / "trials" / target.slug / "t0"
+    for step in (8, 16, 24):
+        d = run_dir / "checkpoints" / f"ckpt-{step:08d}"
+        d.mkdir(parents=True)
+        (d / "state.json").write_text('{"iteration": %d}' % step)
+        (d / "state.safetensors").write_bytes(b"x" * 100)
+    first = MLflowSweep(uri, "t", artifact_root=art)
+    first.start_parent("sweep", {}, {})
+    run = first.start_trial("t0", target, True, {})
+    for step in (8, 16):                              # reported to the first driver, then it was stopped
+        assert first.log_checkpoint(run, "t0", run_dir / "checkpoints" / f"ckpt-{step:08d}", step, {}) is not None
+    second = MLflowSweep(uri, "t", artifact_root=art)  # the resumed sweep's driver
+    second.parent_id, second.trial_runs, second.target_runs = first.parent_id, {"t0": run}, dict(first.target_runs)
+    assert second.log_checkpoint(run, "t0", run_dir / "checkpoints" / "ckpt-00000016", 16, {}) is None   # logged before
+    callback = MLflowTuneCallback(second, {target.name: target}, tmp_path / "out")
+    trial = SimpleNamespace(trial_id="t0", config={"target": target.name, "target_slug": target.slug}, last_result={})
+    callback.on_trial_complete(0, [], trial)
+    names = sorted(m.name for m in second.client.search_logged_models([second.experiment_id]))
+    assert names == ["t0-ckpt-00000008", "t0-ckpt-00000016", "t0-ckpt-00000024"], names
+
+
+def test_a_trial_failed_before_tune_wrote_its_config_keeps_its_row(tmp_path, capsys):
+    """A trial whose process was killed as it started (Tune: ERROR, no params.json, no config handed
+    back) is still a trial of its target: its row says failed, with the cause, its target taken from the
+    Optuna studies' record (found missing from trials.parquet by the chaos run). Control: without that
+    record the row is left out, with a note."""
+    from types import SimpleNamespace
+
+    from orchestration.results import trial_rows
+    from orchestration.targets import parse_targets
+    target = parse_targets(["digits:1->2"])[0]
+    folder = tmp_path / "run_trial_1a0a3b4a_2_baseline=True,alpha=1.2000_2026-12-06_01-22-40"
+    folder.mkdir()
+    result = SimpleNamespace(config=None, metrics={}, path=str(folder), error=RuntimeError("ActorDiedError: killed"))
+    rows = trial_rows([result], {target.name: target}, tmp_path, {}, {}, owners={"1a0a3b4a": target.name})
+    assert [(r["target"], r["trial_id"], r["status"], r["baseline"]) for r in rows] == \
+        [(target.name, "1a0a3b4a", "failed", True)]
+    assert "ActorDiedError: killed" in rows[0]["error"]
+    assert trial_rows([result], {target.name: target}, tmp_path, {}, {}) == []          # the control
+    assert "its row is left out of trials.parquet" in capsys.readouterr().out
