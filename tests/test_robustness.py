@@ -17,6 +17,7 @@ from torch import nn
 from sfd.config import SFDConfig
 from sfd.robustness import Budget, Report, Sampler, Subject, class_table, measure
 from sfd.tasks import get_task
+from standins import FixedPrompt
 
 SMALL = Budget(steps=12, seeds=2, starts=2, teacher_steps=4, per_prompt=1, min_cell=20, lr=1.0)
 
@@ -280,18 +281,6 @@ def test_evaluate_with_the_attack_stage(class_run, capsys):
     assert 0 <= ev["attack"]["asr_continuous"] <= 1 and "residue_worst_family" in ev["attack"]
     assert (class_run / "attack.json").is_file()
     assert "asr_continuous" in capsys.readouterr().out
-
-
-class FixedPrompt(nn.Module):
-    """A text generator that draws 'a red one' whatever it is asked (its prompt embedding is swapped)."""
-
-    def __init__(self, net, emb):
-        super().__init__()
-        self.net, self.emb = net, emb
-        self.sigma_min, self.sigma_max = net.sigma_min, net.sigma_max
-
-    def forward_embeds(self, x, sigma, emb):
-        return self.net.forward_embeds(x, sigma, self.emb.expand(len(x), -1, -1))
 
 
 @pytest.mark.slow

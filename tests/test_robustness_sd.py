@@ -19,11 +19,11 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from sfd.config import SFDConfig
 from sfd.robustness import Budget, Sampler, Subject, TextSide, measure, noise
 from sfd.tasks import get_task
+from standins import FixedPrompt
 from test_sd import CLIP_TEXTS, PRESET, make_clip_judge, make_sd_folder, sd_cfg
 
 SMALL = Budget(steps=12, seeds=2, starts=2, teacher_steps=3, per_prompt=1, min_cell=2, lr=0.3)
@@ -56,16 +56,8 @@ class Painter:
         return (0.7 * (w * RED + (1 - w) * BLUE) + self.grain).clamp(-1, 1)
 
 
-class Blind(nn.Module):
-    """A one-step generator that ignores the text it is given: it always draws the start prompt's image."""
-
-    def __init__(self, net, emb):
-        super().__init__()
-        self.net, self.emb = net, emb
-        self.sigma_min, self.sigma_max = net.sigma_min, net.sigma_max
-
-    def forward_embeds(self, x, sigma, emb):
-        return self.net.forward_embeds(x, sigma, self.emb.expand(len(x), -1, -1))
+# a one-step generator that ignores the text it is given: it always draws the start prompt's image
+Blind = FixedPrompt
 
 
 @pytest.fixture(scope="module")

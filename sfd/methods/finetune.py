@@ -108,14 +108,21 @@ class ESDRecipe(Recipe):
                         self.weight(sigma)).mean()
 
 
-class SARecipe(Recipe):
+class PoolRecipe(Recipe):
+    """A recipe that trains on a pool of the teacher's own samples (SA, SalUn), with clipped gradients."""
+
     clip_norm = 1.0
 
     def __init__(self, *a):
         super().__init__(*a)
+        self.images = self.cfg.batch_remain + self.cfg.batch_forget
+        self.pool = Pool(self.cfg, self.teacher, self.targets, self.device)
+
+
+class SARecipe(PoolRecipe):
+    def __init__(self, *a):
+        super().__init__(*a)
         cfg = self.cfg
-        self.images = cfg.batch_remain + cfg.batch_forget
-        self.pool = Pool(cfg, self.teacher, self.targets, self.device)
         g = torch.Generator().manual_seed(cfg.seed + 17)
         x_all = torch.cat([self.pool.x_forget, self.pool.x_remain])
         c_all = torch.cat([self.pool.c_forget, self.pool.c_remain])
@@ -141,14 +148,10 @@ class SARecipe(Recipe):
         return forget + cfg.sa_gamma * replay + cfg.sa_lambda * ewc_penalty(self.student, self.fisher, self.anchor)
 
 
-class SalUnRecipe(Recipe):
-    clip_norm = 1.0
-
+class SalUnRecipe(PoolRecipe):
     def __init__(self, *a):
         super().__init__(*a)
         cfg = self.cfg
-        self.images = cfg.batch_remain + cfg.batch_forget
-        self.pool = Pool(cfg, self.teacher, self.targets, self.device)
         if self.pool.c_override is None:
             raise ValueError(f"salun relabels forget images with the override condition; override "
                              f"{cfg.override!r} decides per sample from the fake score (SFD only) — give a class or "
