@@ -672,7 +672,10 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
                     grid = tuner.fit()
                 except Interrupted:          # a second signal: Tune's stop not waited for; its trials as held
                     grid = callback.snapshot()
-            rows, df = tabulate(a, plan, grid, targets, callback, stopper, signals, tracker)
+            try:
+                rows, df = tabulate(a, plan, grid, targets, callback, stopper, signals, tracker)
+            except Interrupted:      # the first signal after Tune returned: the tables again, at once (no fresh
+                rows, df = tabulate(a, plan, grid, targets, callback, stopper, signals, tracker)  # re-evaluation)
             outcome.status = "interrupted" if signals.caught else "finished"
     except Interrupted:
         pass

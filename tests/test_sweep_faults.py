@@ -540,7 +540,8 @@ def test_negative_control_without_the_watch_a_group_sigterm_leaves_runs_running(
 def test_a_second_sigint_during_the_graceful_stop_exits_at_once_with_consistent_tables(tmp_path, env):
     out = tmp_path / "sweep"
     log = tmp_path / "log.txt"
-    proc, f = _start(env["env"], _args(out, env["tiny"]), log)
+    # the long space: the first signal lands while the second trial trains (the tiny one's could finish first)
+    proc, f = _start(env["env"], _args(out, env["long"]), log)
     try:
         _wait(_second_stored(out, log), proc, log, 240, "a checkpoint of the second trial")
         proc.send_signal(signal.SIGINT)                 # the driver only: Ray alive, Tune's graceful stop starts
@@ -558,6 +559,34 @@ def test_a_second_sigint_during_the_graceful_stop_exits_at_once_with_consistent_
     assert ("SIGINT again: not waiting for Tune" in text or "SIGINT again: finishing the tables" in text) \
         and "Traceback" not in text, text[-3000:]
     _assert_interrupted(out, "SIGINT")
+
+
+# the first tabulate() call gets SIGINT from inside: the signal lands after Tune returned, mid-tables
+LATE_SIGINT = ("import os, signal, sys; import orchestration.sweep as s; real = s.tabulate; calls = []\n"
+               "def late(*a, **k):\n"
+               "    calls.append(1)\n"
+               "    if len(calls) == 1: os.kill(os.getpid(), signal.SIGINT)\n"
+               "    return real(*a, **k)\n"
+               "s.tabulate = late; sys.exit(s.main(sys.argv[1:]))")
+
+
+@pytest.mark.slow
+def test_a_sigint_after_tune_returned_still_writes_the_tables_of_every_finished_trial(tmp_path, env):
+    """Both trials finished, then SIGINT while the tables are written: exit 130, and the tables, the
+    summary and the report count both trials (not "0/2 finished" with no tables)."""
+    import pandas as pd
+    out = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "-c", LATE_SIGINT, *_args(out, env["tiny"])], cwd=REPO, env=env["env"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "interrupted by SIGINT: 2/2 trials finished" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert sorted(trials["status"]) == ["finished", "finished"], trials[["trial_id", "status", "note"]]
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert summary["finished"].tolist() == [2]
+    assert json.loads((out / "sweep.json").read_text())["status"] == "interrupted"
+    statuses = [r.info.status for k, rs in _runs(out)[1].items() for r in rs]
+    assert "RUNNING" not in statuses, statuses
 
 
 # -- a trial that fails inside Ray: the real cause recorded --------------------------------------
