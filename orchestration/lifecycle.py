@@ -5,8 +5,10 @@ and the Ray instance. Each one leaves things as the sweep ended: ``Outcome`` say
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -179,12 +181,106 @@ def write_record(out: Path, rec: dict) -> None:
     write_json(Path(out) / SWEEP_FILE, rec)
 
 
+# -- the driver of a sweep, and what a later command does about one that died ------------------------
+
+def _process_start(pid: int) -> str | None:
+    """When the process started, as the kernel says (Linux: boot id and start tick), so that a later
+    process given the same pid is not taken for it; None where /proc has no such file."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def driver_identity() -> dict:
+    """This process as the driver a sweep record names: host, pid, start."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+
+
+def driver_state(record: dict) -> str:
+    """Whether the driver of a sweep whose record says ``running`` still runs: ``alive``, ``dead``, or
+    ``unknown`` (it ran on another host, or the record is from before drivers were recorded).
+    ``ended`` for a record that does not say ``running``."""
+    if record.get("status") != "running":
+        return "ended"
+    d = record.get("driver") or {}
+    if d.get("host") != socket.gethostname() or not isinstance(d.get("pid"), int):
+        return "unknown"
+    try:
+        os.kill(d["pid"], 0)
+    except ProcessLookupError:
+        return "dead"
+    except PermissionError:          # a process of another user holds the pid: not this sweep's driver
+        return "dead"
+    try:
+        if Path(f"/proc/{d['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return "dead"            # killed, not yet reaped by its parent
+    except (OSError, IndexError):
+        pass
+    now = _process_start(d["pid"])
+    return "dead" if d.get("started") and now and now != d["started"] else "alive"
+
+
+def read_record(out: Path) -> dict | None:
+    """``OUT/sweep.json`` as written, or None (none there, or not a sweep's record: the callers that
+    need one say so)."""
+    try:
+        rec = json.loads((Path(out) / SWEEP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("kind") == "sfd-sweep" else None
+
+
+def refuse_live_driver(out: Path, record: dict | None, what: str) -> None:
+    """A command that would change a sweep's folder (``--resume``, ``--overwrite``, ``--summarize-only``)
+    is refused while the sweep's driver still runs on this host: two drivers would write the same
+    tables and MLflow runs, and the live one's runs are not a dead driver's to mark KILLED."""
+    if record is None or driver_state(record) != "alive":
+        return
+    pid = record["driver"]["pid"]
+    raise ValueError(f"{what}: the sweep in {out} is still running (its driver is pid {pid} on this host) — wait "
+                     f"for it to end, or stop it (Ctrl-C in its terminal, or kill -TERM {pid}) and run this again")
+
+
+def settle_dead_driver(out: Path, record: dict | None, experiment: str = "sfd-sweep") -> str | None:
+    """A sweep whose record says ``running`` but whose driver is gone (kill -9, a lost node, a power cut)
+    left its MLflow runs RUNNING: they are marked KILLED (trials ``cut_off``, targets and the sweep
+    ``interrupted``) and the record ``interrupted``, so the tracking store says what happened. Returns
+    the one line to print, or None when there was nothing to settle. A driver on another host cannot be
+    seen from here: its runs are left as they are, and the line says so. The Optuna trials it left
+    RUNNING are left for ``--resume`` (which continues them with their Tune trials)."""
+    if record is None:
+        return None
+    state = driver_state(record)
+    if state in ("ended", "alive"):
+        return None
+    if state == "unknown":
+        d = record.get("driver") or {}
+        where = f"pid {d['pid']} on host {d.get('host')}" if d.get("pid") else "a driver not recorded"
+        return (f"[sweep] note: {out / SWEEP_FILE} says the sweep is running ({where}), which cannot be checked "
+                f"from here: its MLflow runs are left as they are (--resume continues it and ends them)")
+    from orchestration.tracking import MLflowSweep, left_running_line
+    counts = {"sweep": 0, "target": 0, "trial": 0}
+    if record.get("parent_run_id") and record.get("mlflow_uri"):
+        tracker = MLflowSweep(record["mlflow_uri"], record.get("experiment") or experiment)
+        tracker.adopt(record["parent_run_id"])
+        counts = tracker.end_left_running()
+    record["status"] = "interrupted"
+    write_record(out, record)
+    pid = record["driver"]["pid"]
+    if not any(counts.values()):
+        return f"[sweep] the sweep's driver (pid {pid}) is gone; no MLflow run was left RUNNING"
+    return (f"[sweep] the sweep's driver (pid {pid}) is gone: {left_running_line(counts)}; "
+            f"continue the sweep with --resume")
+
+
 @contextlib.contextmanager
 def sweep_record(out: Path, record: dict, outcome: Outcome, **running):
     """``OUT/sweep.json``: written ``running`` (with ``running``'s facts: the MLflow run, the storage,
     the Tune experiment) when the sweep starts, and with its final status however it ends, so
     ``--resume`` knows what it continues."""
-    record.update(running, status="running")
+    record.update(running, status="running", driver=driver_identity())
     write_record(out, record)
     try:
         yield record

@@ -28,8 +28,8 @@ if __package__ in (None, ""):           # run as a script: make the repo importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # isort: on
 from orchestration import cluster as clu
-from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, ray_session, sweep_record,
-                                     write_record)
+from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, ray_session, read_record,
+                                     refuse_live_driver, settle_dead_driver, sweep_record, write_record)
 from orchestration.services import probe_all
 from orchestration.space import describe_baselines, load_space, space_for, space_path, trials_for, validate_plan
 from orchestration.targets import load_targets_file, parse_methods, parse_targets, preset_of, unit_name, with_methods
@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "*_fresh; the search-time minimum of noisy figures flatters the winner); -1 skips it")
     p.add_argument("--summarize-only", action="store_true",
                    help="re-rank an existing sweep in --out (trials.parquet) with the current --ua-threshold and "
-                        "--max-override-fd-ratio, rewriting summary, Pareto plots and best exports; runs nothing")
+                        "--max-override-fd-ratio, rewriting summary, Pareto plots and best exports; runs nothing. "
+                        "A sweep whose driver was killed (kill -9) has its runs left RUNNING marked KILLED (one line "
+                        "says so); one whose driver still runs is refused (its tables are written when it ends)")
     p.add_argument("--stop-ua-kimg", type=float, default=10.0,
                    help="stop a trial whose UA is still below --stop-ua-min after this many kimg (default: 10)")
     p.add_argument("--stop-ua-min", type=float, default=0.5, help="see --stop-ua-kimg (default: 0.5)")
@@ -172,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted sweep in --out (Ray Tune's experiment state, the Optuna studies "
                         "in OUT/optuna.db, the same MLflow runs): finished trials are kept, cut-off ones resume "
-                        "from their last checkpoint, the rest run")
+                        "from their last checkpoint, the rest run; runs a killed driver left RUNNING are marked "
+                        "KILLED first (one line says so); refused while the sweep's driver still runs")
     p.add_argument("--overwrite", action="store_true",
                    help="--out holds another sweep: move it aside to <out>.old-<timestamp> (never deleted) and "
                         "start a new one there")
@@ -432,8 +435,15 @@ def summarize_only(a) -> int:
     from orchestration.results import summarise
 
     out = Path(a.out)
+    record = read_record(out)
+    refuse_live_driver(out, record, "--summarize-only")      # its tables are written when it ends
+    settled = settle_dead_driver(out, record, a.experiment)  # a killed driver's runs left RUNNING: KILLED
+    if settled:
+        print(settled, flush=True)
     if not (out / "trials.parquet").is_file():
-        return _error(f"{out / 'trials.parquet'} does not exist — run the sweep first")
+        return _error(f"{out / 'trials.parquet'} does not exist — " + (
+            "the sweep was stopped before it wrote its tables: continue it with --resume" if record else
+            "run the sweep first"))
     try:
         rows = pd.read_parquet(out / "trials.parquet").to_dict("records")
     except (OSError, ValueError) as e:                   # pyarrow's ArrowInvalid is a ValueError
@@ -481,6 +491,8 @@ def claim_out(a, targets, dry_run: bool = False) -> dict:
     if out.exists() and not out.is_dir():
         raise SweepError(f"--out {out} is a file, not a folder — give a folder path for the sweep")
     held = [m for m in SWEEP_MARKERS if (out / m).exists()]
+    if held and (a.resume or a.overwrite) and not dry_run:
+        refuse_live_driver(out, read_record(out), "--resume" if a.resume else "--overwrite")
     key = sweep_plan_key(a, targets)
     fresh = {"kind": "sfd-sweep", "sweep_id": uuid.uuid4().hex[:12], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              **key, "status": "new", "parent_run_id": None}

@@ -159,17 +159,21 @@ class MLflowSweep(MLflowStore):
     def start_parent(self, name: str, params: dict, tags: dict, resume_id: str | None = None) -> str:
         """The sweep's run; ``resume_id``: the interrupted sweep's own run, continued (RUNNING again)."""
         if resume_id is not None and self.reopen(resume_id):
-            self.parent_id = resume_id
-            for run in self._children(resume_id, "target"):
-                self.target_runs[unit_name(run.data.tags["target"], run.data.tags.get("method", "sfd"))] = run.info.run_id
-            for t in self._children(None, "trial"):
-                self.trial_runs[t.data.tags["trial_id"]] = t.info.run_id
+            self.adopt(resume_id)
             return resume_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags={"kind": "sweep", **tags,
                                                                               "status": "running"})
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
         return self.parent_id
+
+    def adopt(self, parent_id: str) -> None:
+        """The runs of an earlier driver's sweep (its parent run, its targets and trials), as they are."""
+        self.parent_id = parent_id
+        for run in self._children(parent_id, "target"):
+            self.target_runs[unit_name(run.data.tags["target"], run.data.tags.get("method", "sfd"))] = run.info.run_id
+        for t in self._children(None, "trial"):
+            self.trial_runs[t.data.tags["trial_id"]] = t.info.run_id
 
     def _children(self, parent: str | None, kind: str) -> list:
         """This sweep's runs of a kind (trials: every trial under any of its target runs)."""
@@ -220,12 +224,31 @@ class MLflowSweep(MLflowStore):
                 ended.append(run_id)
         return ended
 
+    def end_left_running(self) -> dict[str, int]:
+        """The runs a dead driver left RUNNING (a kill -9, a lost node): trials ``cut_off``, targets and
+        the sweep ``interrupted``, all KILLED. Returns how many of each kind."""
+        ended = {"sweep": 0, "target": 0, "trial": 0}
+        trials = set(self.trial_runs.values())
+        for run_id in self.end_open_runs("interrupted"):
+            ended["trial" if run_id in trials else "target"] += 1
+        if self.client.get_run(self.parent_id).info.status == "RUNNING":
+            self.finish(self.parent_id, "interrupted")
+            ended["sweep"] = 1
+        return ended
+
     def runs_view_url(self, ui: str = "http://127.0.0.1:5000") -> str:
         """The runs table of this sweep's experiment in the MLflow UI at ``ui``. MLflow 3.17's UI
         opens an experiment by its *workflow type* (the URL's ``workflowType``, else the browser's
         last choice, by default ``genai``: the GenAI overview), not by the experiment's tag, so the
         link names it."""
         return f"{ui.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+
+
+def left_running_line(counts: dict[str, int]) -> str:
+    """One line for the runs a killed driver left RUNNING, now KILLED: how many of each kind."""
+    n = sum(counts.values())
+    kinds = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    return f"{n} MLflow run{'s' if n != 1 else ''} the killed driver left RUNNING marked KILLED ({kinds})"
 
 
 @contextlib.contextmanager
@@ -235,8 +258,11 @@ def sweep_tracking(tracker: MLflowSweep, outcome, name: str, params: dict, tags:
     storage, stage 1) ends it; at the end no run of the sweep is left RUNNING."""
     tracker.start_parent(name, params, tags, resume_id=resume_id)
     if resume_id is not None:
-        for run_id in tracker.end_open_runs():
-            print(f"[sweep] --resume: MLflow run {run_id} of the interrupted sweep marked KILLED", flush=True)
+        trials = set(tracker.trial_runs.values())
+        ended = tracker.end_open_runs()
+        if ended:
+            counts = {"target": sum(r not in trials for r in ended), "trial": sum(r in trials for r in ended)}
+            print(f"[sweep] --resume: {left_running_line(counts)}", flush=True)
     try:
         yield tracker
     except BaseException as e:

@@ -9,7 +9,8 @@ import signal
 import pandas as pd
 import pytest
 
-from orchestration.lifecycle import SWEEP_FILE, Interrupted, Outcome, SignalGuard, sweep_record
+from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, driver_identity, driver_state,
+                                     read_record, refuse_live_driver, settle_dead_driver, sweep_record)
 from orchestration.targets import parse_targets
 from orchestration.tracking import MLflowSweep, log_sweep_summary, sweep_tracking
 
@@ -59,7 +60,8 @@ def test_a_resumed_sweep_reopens_its_run_and_kills_what_the_dead_driver_left_run
         assert again.parent_id == first.parent_id and again.trial_runs == {"t1": trial}
         assert again.client.get_run(first.parent_id).info.status == "RUNNING"
         assert again.client.get_run(trial).info.status == "KILLED"
-    assert f"MLflow run {trial} of the interrupted sweep marked KILLED" in capsys.readouterr().out
+    lines = [x for x in capsys.readouterr().out.splitlines() if "marked KILLED" in x]
+    assert lines == ["[sweep] --resume: 2 MLflow runs the killed driver left RUNNING marked KILLED (1 target, 1 trial)"]
     assert len(again.client.search_runs([again.experiment_id], "tags.kind = 'sweep'")) == 1   # no second parent
 
 
@@ -176,3 +178,82 @@ def test_inside_tunes_loop_the_first_signal_asks_tune_to_stop_and_a_second_one_u
         assert not guard.in_tune
     assert guard.signum == signal.SIGINT                                 # the first one sets the exit code
     assert "SIGINT: stopping the sweep" in capsys.readouterr().err
+
+
+# -- a later command and the driver a sweep record names ------------------------------------------------
+
+def _dead_pid() -> int:
+    """A pid that was a process of ours and is gone (reaped)."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_driver_state_tells_a_live_driver_from_a_dead_one():
+    import subprocess
+    import sys
+    me = {"status": "running", "driver": driver_identity()}
+    assert driver_state(me) == "alive"
+    assert driver_state({**me, "status": "finished"}) == "ended"
+    assert driver_state({"status": "running", "driver": {**me["driver"], "pid": _dead_pid()}}) == "dead"
+    # the pid given to a later process: not the driver (its start differs)
+    assert driver_state({"status": "running", "driver": {**me["driver"], "started": "other-boot:1"}}) == "dead"
+    # killed but not yet reaped by its parent (a zombie): dead
+    z = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    rec = {"status": "running", "driver": {"host": me["driver"]["host"], "pid": z.pid, "started": None}}
+    assert driver_state(rec) == "alive"
+    z.kill()
+    import time
+    time.sleep(0.5)
+    assert driver_state(rec) == "dead"
+    z.wait()
+    # another host, or a record from before drivers were recorded: cannot be known from here
+    assert driver_state({"status": "running", "driver": {**me["driver"], "host": "elsewhere"}}) == "unknown"
+    assert driver_state({"status": "running"}) == "unknown"
+
+
+def _left_running(tmp_path, driver: dict):
+    """A sweep whose driver died mid-trial: its record says running, its runs are RUNNING."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = MLflowSweep(uri, "sfd-sweep")
+    first.start_parent("sweep-test", {}, {})                          # started, never ended: the driver died
+    trial = first.start_trial("t1", TARGET, True, {})
+    rec = {"kind": "sfd-sweep", "sweep_id": "abc", "status": "running", "parent_run_id": first.parent_id,
+           "mlflow_uri": uri, "experiment": "sfd-sweep", "driver": driver}
+    (tmp_path / SWEEP_FILE).write_text(json.dumps(rec))
+    return first, trial
+
+
+def _statuses(tracker):
+    return sorted((r.data.tags["kind"], r.info.status) for r in tracker.client.search_runs([tracker.experiment_id]))
+
+
+def test_a_dead_drivers_runs_are_marked_killed_in_one_line(tmp_path):
+    me = driver_identity()
+    first, trial = _left_running(tmp_path, {**me, "pid": _dead_pid()})
+    line = settle_dead_driver(tmp_path, read_record(tmp_path))
+    assert line.startswith("[sweep] the sweep's driver (pid ") and "\n" not in line
+    assert "3 MLflow runs the killed driver left RUNNING marked KILLED (1 sweep, 1 target, 1 trial)" in line
+    assert _statuses(first) == [("sweep", "KILLED"), ("target", "KILLED"), ("trial", "KILLED")]
+    assert first.client.get_run(trial).data.tags["status"] == "cut_off"
+    assert read_record(tmp_path)["status"] == "interrupted"          # said once: a second look finds nothing
+    assert settle_dead_driver(tmp_path, read_record(tmp_path)) is None
+
+
+def test_negative_control_a_live_drivers_runs_are_left_alone_and_the_command_refused(tmp_path):
+    first, _ = _left_running(tmp_path, driver_identity())            # this process: alive
+    before = (tmp_path / SWEEP_FILE).read_bytes()
+    assert settle_dead_driver(tmp_path, read_record(tmp_path)) is None
+    with pytest.raises(ValueError, match=rf"--summarize-only: the sweep in {tmp_path} is still running \(its driver "
+                                         rf"is pid {os.getpid()} on this host\) — wait for it to end"):
+        refuse_live_driver(tmp_path, read_record(tmp_path), "--summarize-only")
+    assert _statuses(first) == [("sweep", "RUNNING"), ("target", "RUNNING"), ("trial", "RUNNING")]
+    assert (tmp_path / SWEEP_FILE).read_bytes() == before
+    # a driver on another host cannot be checked from here: said, and nothing touched
+    other = {**driver_identity(), "host": "elsewhere"}
+    (tmp_path / SWEEP_FILE).write_text(json.dumps({**read_record(tmp_path), "driver": other}))
+    line = settle_dead_driver(tmp_path, read_record(tmp_path))
+    assert "cannot be checked from here: its MLflow runs are left as they are" in line and "host elsewhere" in line
+    assert _statuses(first) == [("sweep", "RUNNING"), ("target", "RUNNING"), ("trial", "RUNNING")]
