@@ -422,7 +422,76 @@ def test_sigkill_then_resume_runs_every_trial_exactly_once(tmp_path, env):
     _, runs = _runs(out)
     assert "RUNNING" in {r.info.status for r in runs["trial"]}      # what a killed driver leaves behind
 
-    _assert_resumed(out, env, first, first_metrics)
+    r = _assert_resumed(out, env, first, first_metrics)
+    assert [x for x in r.stdout.splitlines() if "marked KILLED" in x] == [
+        "[sweep] --resume: 2 MLflow runs the killed driver left RUNNING marked KILLED (1 target, 1 trial)"]
+
+
+def _sweep_cmd(env, out: Path, *extra, timeout: float = 400):
+    return subprocess.run([sys.executable, str(REPO / "orchestration" / "sweep.py"), *_args(out, env["tiny"]), *extra],
+                          cwd=REPO, env=env["env"], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_drivers_group_then_summarize_only_marks_its_runs_killed_and_resume_finishes(tmp_path, env):
+    """kill -9 of the sweep's whole process group (driver, GCS, raylet) leaves its MLflow runs RUNNING;
+    a later --summarize-only marks them KILLED and says so in one line, and --resume finishes the sweep.
+    Negative control, first: while the driver lives, --summarize-only and --resume are refused (exit 2,
+    naming its pid) and its runs stay RUNNING -- they are a live driver's, not a dead one's."""
+    import optuna
+    import pandas as pd
+    out = tmp_path / "sweep"
+    log = tmp_path / "log.txt"
+    proc, f = _start(env["env"], _args(out, env["tiny"]), log)
+    try:
+        _wait(lambda: _trial_dirs(out) and _stored(out, _trial_dirs(out)[0].parent.name), proc, log, 240,
+              "a checkpoint of the first trial")
+        for extra in (["--summarize-only"], ["--resume"]):
+            r = _sweep_cmd(env, out, *extra, timeout=120)
+            assert r.returncode == 2, (extra, r.stdout[-2000:], r.stderr[-2000:])
+            assert f"is still running (its driver is pid {proc.pid} on this host)" in r.stderr, (extra, r.stderr)
+            assert proc.poll() is None                                  # the live sweep is left alone
+        _, runs = _runs(out)
+        assert {k: [r.info.status for r in runs[k]] for k in runs} == {
+            "sweep": ["RUNNING"], "target": ["RUNNING"], "trial": ["RUNNING"]}
+        assert not (out / "summary.md").exists()
+        tree = _children(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)                             # kill -9 -- -PGID: no clean-up at all
+        proc.wait(timeout=60)
+    finally:
+        _kill_tree(proc.pid)
+        for p in locals().get("tree", []):           # Ray's workers sit in process groups of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        f.close()
+    assert proc.returncode == -signal.SIGKILL
+    _, runs = _runs(out)
+    assert {r.info.status for k in runs for r in runs[k]} == {"RUNNING"}       # what the killed driver left
+    assert json.loads((out / "sweep.json").read_text())["status"] == "running"
+
+    r = _sweep_cmd(env, out, "--summarize-only", timeout=120)
+    said = [x for x in r.stdout.splitlines() if "marked KILLED" in x]
+    assert said == [f"[sweep] the sweep's driver (pid {proc.pid}) is gone: 3 MLflow runs the killed driver left RUNNING "
+                    f"marked KILLED (1 sweep, 1 target, 1 trial); continue the sweep with --resume"], r.stdout
+    # no table yet (the driver died before writing one): said, with the way on
+    assert r.returncode == 2 and "the sweep was stopped before it wrote its tables: continue it with --resume" in r.stderr
+    _, runs = _runs(out)
+    assert {k: [(x.info.status, x.data.tags["status"]) for x in runs[k]] for k in runs} == {
+        "sweep": [("KILLED", "interrupted")], "target": [("KILLED", "interrupted")], "trial": [("KILLED", "cut_off")]}
+    assert json.loads((out / "sweep.json").read_text())["status"] == "interrupted"
+    again = _sweep_cmd(env, out, "--summarize-only", timeout=120)              # said once, not twice
+    assert "marked KILLED" not in again.stdout and again.returncode == 2
+
+    r = _sweep_cmd(env, out, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "marked KILLED" not in r.stdout                            # nothing was left RUNNING to mark
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 2 and trials["trial_id"].is_unique and (trials["status"] == "finished").all(), trials
+    _, runs = _runs(out)
+    assert len(runs["sweep"]) == 1 and runs["sweep"][0].info.status == "FINISHED"          # the same sweep run
+    assert sorted(x.info.status for x in runs["trial"]) == ["FINISHED", "FINISHED"]
+    study = optuna.load_study(study_name="digits:0->1", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE"]
 
 
 def _assert_resumed(out: Path, env, first: Path, first_metrics: bytes, space: str = "tiny"):
@@ -435,6 +504,8 @@ def _assert_resumed(out: Path, env, first: Path, first_metrics: bytes, space: st
                        cwd=REPO, env=env["env"], capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "restoring the Tune experiment" in r.stdout
+    killed = [x for x in r.stdout.splitlines() if "marked KILLED" in x]   # what a killed driver left: one line
+    assert len(killed) <= 1 and all(x.startswith("[sweep] --resume: ") for x in killed), killed
     trials = pd.read_parquet(out / "trials.parquet")
     assert len(trials) == 2 and trials["trial_id"].is_unique and (trials["status"] == "finished").all(), trials
     assert (first / "metrics.json").read_bytes() == first_metrics     # the finished trial did not run again
@@ -450,6 +521,7 @@ def _assert_resumed(out: Path, env, first: Path, first_metrics: bytes, space: st
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2, states
     assert sorted(t.user_attrs["tune_trial_id"] for t in study.trials
                   if t.state == optuna.trial.TrialState.COMPLETE) == sorted(trials["trial_id"])
+    return r
 
 
 def _group_alive(pgid: int) -> bool:
