@@ -321,8 +321,10 @@ def chaos_run(a, out: Path, space: Path, env: dict, kills: list[str], rng: rando
             events.append({"kind": "unexpected end", "segment": segment, "exit": rc})
             if segment > len(kills) + 2:
                 break
+    # what Tune saw: each kill that hit a trial is one failed trial task (retried up to --max-failures)
+    failures = log.read_text(errors="replace").count("Trial task failed for trial")
     return {"exit": rc, "wall_s": round(time.time() - t0, 1), "segments": segment, "kills": events,
-            "missed": todo}
+            "missed": todo, "tune_trial_task_failures": failures}
 
 
 # -- the stores ------------------------------------------------------------------------------------------
@@ -447,7 +449,8 @@ def main(argv=None) -> int:
     planned = len(a.targets.split()) * a.trials_per_target
     problems = {k: accounted(counts[k], planned) for k in counts}
     landed = Counter(ev["kind"] for ev in chaos["kills"] if ev["kind"] in KINDS)
-    print(f"[chaos] kills landed per kind: {dict(landed)}; missed (the sweep ended first): {chaos['missed']}")
+    print(f"[chaos] kills landed per kind: {dict(landed)}; missed (the sweep ended first): {chaos['missed']}; "
+          f"trial task failures Tune logged: {chaos['tune_trial_task_failures']}")
     for k in COMPARED + ("mlflow_checkpoint_models",):
         print(f"[chaos] {k:34s} calm {json.dumps(counts['calm'].get(k))}   chaos {json.dumps(counts['chaos'].get(k))}")
     print(f"[chaos] wall time: undisturbed {calm['wall_s']} s, chaos {chaos['wall_s']} s "

@@ -33,7 +33,7 @@ from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGua
 from orchestration.services import probe_all
 from orchestration.space import describe_baselines, load_space, space_for, space_path, trials_for, validate_plan
 from orchestration.targets import load_targets_file, parse_methods, parse_targets, preset_of, unit_name, with_methods
-from orchestration.trial import resolve_runner, run_trial, trial_resources
+from orchestration.trial import resolve_runner, reuse_actors, run_trial, trial_resources
 from sfd import assets
 from sfd.config import ATTACK_CHOICES
 from sfd.evaluate.forgetting import teacher_fingerprint
@@ -181,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "start a new one there")
     p.add_argument("--max-failures", type=int, default=0,
                    help="restarts of a trial's Ray Train job after a worker failure (a lost node, a killed "
-                        "process), each continuing from the trial's last checkpoint in storage; -1: no limit "
-                        "(default: 0)")
+                        "process), each continuing from the trial's last checkpoint in storage; -1: no limit; with "
+                        "--trial-runner tune every trial then starts in a fresh process (a reused one killed as it "
+                        "starts a trial would end that trial at once: docs/reliability.md) (default: 0)")
     return p
 
 
@@ -833,9 +834,11 @@ def make_tuner(a, plan: SweepPlan, targets, spaces, overrides, tracker, max_conc
     tuner = tune.Tuner(
         trainable, param_space={"sweep": sweep_cfg},
         # reuse_actors: a finished trial's process runs the next trial, so each trial does not pay a
-        # fresh process and its imports (with --trial-runner tune: torch, sfd and the loop's own)
+        # fresh process and its imports (with --trial-runner tune: torch, sfd and the loop's own) -- except
+        # where Tune retries trials: a kill as a reused process starts a trial would end it (trial.reuse_actors)
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.n_trials,
-                                    max_concurrent_trials=max_conc, reuse_actors=True),
+                                    max_concurrent_trials=max_conc,
+                                    reuse_actors=reuse_actors(a.trial_runner, a.max_failures)),
         run_config=tune.RunConfig(name=plan.tune_name, storage_path=plan.storage, callbacks=[callback],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2) if in_tune else None,
                                   failure_config=tune.FailureConfig(max_failures=a.max_failures) if in_tune else None,

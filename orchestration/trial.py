@@ -21,7 +21,7 @@ from pathlib import Path
 from orchestration.cluster import for_cluster, run_with_outputs, trial_storage_rel
 from sfd.raytrain import REPORT_KEYS, make_trainer, train_fn_in_tune, train_loop_config
 
-__all__ = ["run_trial", "REPORT_KEYS", "RUNNERS", "resolve_runner", "trial_resources"]
+__all__ = ["run_trial", "REPORT_KEYS", "RUNNERS", "resolve_runner", "reuse_actors", "trial_resources"]
 
 RUNNERS = ("auto", "train", "tune")
 
@@ -37,6 +37,18 @@ def resolve_runner(runner: str, workers_per_trial: int) -> str:
         raise ValueError(f"--trial-runner tune runs one worker per trial, got --workers-per-trial "
                          f"{workers_per_trial} — use --trial-runner train (or auto) for data-parallel trials")
     return runner
+
+
+def reuse_actors(runner: str, max_failures: int) -> bool:
+    """Whether a finished trial's process runs the next trial (Tune's ``reuse_actors``): yes, unless
+    Tune itself retries failed trials (``--trial-runner tune`` with ``--max-failures``). Ray Tune 2.60
+    hands a cached process the next trial with a ``reset`` task while that trial is still PENDING; if the
+    process dies then (killed as the trial starts), the one death is handled twice -- once as the
+    actor's failure (counted, trial re-queued PENDING) and once as the task's (counted again, and a
+    PENDING trial's failure is final) -- so the trial ends ERROR after a single kill, whatever
+    ``max_failures`` says, with no run started. A fresh process per trial has no such task: a death
+    while it starts counts once and is retried (tests/test_sweep_faults.py shows both)."""
+    return not (runner == "tune" and max_failures != 0)
 
 
 def trial_resources(runner: str, cpus_per_worker: float, gpus_per_worker: float) -> dict:
