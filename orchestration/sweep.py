@@ -28,8 +28,8 @@ if __package__ in (None, ""):           # run as a script: make the repo importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # isort: on
 from orchestration import cluster as clu
-from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, ray_session, sweep_record,
-                                     write_record)
+from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, interrupted_inside, ray_session,
+                                     sweep_record, write_record)
 from orchestration.services import probe_all
 from orchestration.space import describe_baselines, load_space, space_for, space_path, trials_for, validate_plan
 from orchestration.targets import load_targets_file, parse_methods, parse_targets, preset_of, unit_name, with_methods
@@ -672,6 +672,10 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
                     grid = tuner.fit()
                 except Interrupted:          # a second signal: Tune's stop not waited for; its trials as held
                     grid = callback.snapshot()
+                except SystemError as e:     # the same, raised inside Ray's compiled ray.wait
+                    if not interrupted_inside(e):
+                        raise
+                    grid = callback.snapshot()
             try:
                 rows, df = tabulate(a, plan, grid, targets, callback, stopper, signals, tracker)
             except Interrupted:      # the first signal after Tune returned: the tables again, at once (no fresh
@@ -679,6 +683,9 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
             outcome.status = "interrupted" if signals.caught else "finished"
     except Interrupted:
         pass
+    except SystemError as e:
+        if not interrupted_inside(e):
+            raise
     except (ValueError, CheckpointError) as e:           # a user mistake found late (e.g. stage 1)
         return _error(str(e))
     except OSError as e:                                 # a path that cannot be written
