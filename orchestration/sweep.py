@@ -263,6 +263,12 @@ def resolve(a):
     targets += file_targets
     if len({t.name for t in targets}) != len(targets):
         raise ValueError("a target is listed twice (--targets and --targets-file together) — list it once")
+    if a.max_asr is not None:
+        blind = [t.name for t in targets if not get_task(t.preset).attacks_for(t.forget)]
+        if blind:
+            raise SweepError(f"--max-asr {a.max_asr}: no attack gives an attack success rate for {', '.join(blind)} "
+                             f"(nudity is judged by NudeNet, which has no gradient to attack), so every trial of it "
+                             f"would be infeasible — sweep it without --max-asr (--attack still measures its residue)")
     a.method_list = getattr(a, "method_list", None) or parse_methods(getattr(a, "methods", "sfd"))
     targets = with_methods(targets, a.method_list)
     overrides = {"seed": a.seed}
