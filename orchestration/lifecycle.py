@@ -25,6 +25,19 @@ class Interrupted(BaseException):
     KeyboardInterrupt is: Tune's and Ray's ``except Exception`` must not wrap or swallow it."""
 
 
+def interrupted_inside(e: BaseException) -> bool:
+    """An error that an :class:`Interrupted` raised inside Ray's compiled code turned into: the handler
+    runs in ``ray.wait``'s signal check, and CPython reports the call as ``SystemError: ... returned a
+    result with an exception set``, the Interrupted as its cause."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Interrupted):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class Outcome:
     """How the sweep ended: ``finished`` or ``interrupted`` as the driver sets it; ``failed`` until
     then, and whenever an exception other than :class:`Interrupted` ends it."""

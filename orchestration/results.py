@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sfd.evaluate.plots import plot_pareto
+from sfd.evaluate.plots import plot_methods, plot_pareto
 from sfd.io import atomic_path, read_json, write_json
 from sfd.methods.finetune import MODEL_FILE
 from sfd.robustness import ATTACK_KEYS
@@ -408,7 +408,8 @@ def method_table(rows: list[dict], summary: pd.DataFrame, out_dir: Path, ua_thre
     """Per method, over the targets: how many targets reached UA >= ``ua_threshold`` (have a best trial),
     and the median and the worst of UA, FD ratio, override FD ratio, remaining accuracy, NFE, images/s
     and train seconds of each target's pick (:func:`method_picks`). Written as methods.parquet and
-    methods.md; returned."""
+    methods.md, with a plot per preset (methods-<preset>.png: UA against FD ratio and against images/s);
+    returned."""
     picks = method_picks(rows)
     table = []
     for method in dict.fromkeys(summary["method"]):
@@ -423,6 +424,10 @@ def method_table(rows: list[dict], summary: pd.DataFrame, out_dir: Path, ua_thre
         table.append(row)
     df = pd.DataFrame(table)
     write_table(df, Path(out_dir) / "methods.parquet")
+    for preset in dict.fromkeys(t.split(":")[0] for t, _ in picks):     # forgetting vs quality vs cost, per preset
+        mine = [r for (t, _), r in picks.items() if t.split(":")[0] == preset]
+        plot_methods(mine, Path(out_dir) / f"methods-{preset}.png", ua_threshold=ua_threshold,
+                     title=f"{preset}: each target's pick per method ({len(mine)} points)")
     with atomic_path(Path(out_dir) / "methods.md") as tmp:
         tmp.write_text(methods_markdown(df, ua_threshold))
     return df

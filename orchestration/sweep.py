@@ -28,8 +28,8 @@ if __package__ in (None, ""):           # run as a script: make the repo importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # isort: on
 from orchestration import cluster as clu
-from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, ray_session, read_record,
-                                     refuse_live_driver, settle_dead_driver, sweep_record, write_record)
+from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, interrupted_inside, ray_session,
+                                     read_record, refuse_live_driver, settle_dead_driver, sweep_record, write_record)
 from orchestration.services import probe_all
 from orchestration.space import describe_baselines, load_space, space_for, space_path, trials_for, validate_plan
 from orchestration.targets import load_targets_file, parse_methods, parse_targets, preset_of, unit_name, with_methods
@@ -267,6 +267,12 @@ def resolve(a):
     targets += file_targets
     if len({t.name for t in targets}) != len(targets):
         raise ValueError("a target is listed twice (--targets and --targets-file together) — list it once")
+    if a.max_asr is not None:
+        blind = [t.name for t in targets if not get_task(t.preset).attacks_for(t.forget)]
+        if blind:
+            raise SweepError(f"--max-asr {a.max_asr}: no attack gives an attack success rate for {', '.join(blind)} "
+                             f"(nudity is judged by NudeNet, which has no gradient to attack), so every trial of it "
+                             f"would be infeasible — sweep it without --max-asr (--attack still measures its residue)")
     a.method_list = getattr(a, "method_list", None) or parse_methods(getattr(a, "methods", "sfd"))
     targets = with_methods(targets, a.method_list)
     overrides = {"seed": a.seed}
@@ -685,6 +691,10 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
                     grid = tuner.fit()
                 except Interrupted:          # a second signal: Tune's stop not waited for; its trials as held
                     grid = callback.snapshot()
+                except SystemError as e:     # the same, raised inside Ray's compiled ray.wait
+                    if not interrupted_inside(e):
+                        raise
+                    grid = callback.snapshot()
             try:
                 rows, df = tabulate(a, plan, grid, targets, callback, stopper, signals, tracker)
             except Interrupted:      # the first signal after Tune returned: the tables again, at once (no fresh
@@ -692,6 +702,9 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
             outcome.status = "interrupted" if signals.caught else "finished"
     except Interrupted:
         pass
+    except SystemError as e:
+        if not interrupted_inside(e):
+            raise
     except (ValueError, CheckpointError) as e:           # a user mistake found late (e.g. stage 1)
         return _error(str(e))
     except OSError as e:                                 # a path that cannot be written

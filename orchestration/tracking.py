@@ -320,7 +320,8 @@ def log_sweep_summary(tracker: MLflowSweep, df, n_trials: int, out: Path) -> Non
     # already has, and a resumed sweep logs its summary again
     table.to_json(out / TABLE_FILE, orient="split", index=False)
     tracker.log_artifacts(parent, [out / "summary.md", out / "summary.parquet", out / "trials.parquet", out / TABLE_FILE,
-                                   *[out / f for f in ("methods.md", "methods.parquet") if (out / f).is_file()]])
+                                   *[out / f for f in ("methods.md", "methods.parquet") if (out / f).is_file()],
+                                   *sorted(out.glob("methods-*.png"))])
     tables = json.loads(tracker.client.get_run(parent).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
     if {"path": TABLE_FILE, "type": "table"} not in tables:
         tracker.client.set_tag(parent, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*tables, {"path": TABLE_FILE,

@@ -12,6 +12,7 @@ MAX_WIDTH = 4096            # any width-like setting (channels, width, *_dim, ch
 MAX_INT = 1_000_000         # any other integer in an architecture config
 MAX_IMG_SIDE = 4096
 MAX_IMG_CHANNELS = 16
+MAX_LIST = 1024             # entries of a list of numbers (lists of strings: no limit of their own)
 WIDTH_WORDS = ("channel", "width", "dim", "ch")
 
 
@@ -31,8 +32,10 @@ def _walk(obj, key: str, where: str, path, width: bool):
     if isinstance(obj, float):          # e.g. EDM's sigma_max = inf is legitimate; sizes are ints
         return
     if isinstance(obj, (list, tuple)):
-        if len(obj) > 1024:
-            raise _err(path, f"{where}{key} has {len(obj)} entries", "the limit is 1024")
+        # a list of sizes is short (block widths, layers per block); a list of strings (a text generator's prompt
+        # table) allocates nothing when built and is bounded by the header's own size
+        if len(obj) > MAX_LIST and not all(isinstance(v, str) for v in obj):
+            raise _err(path, f"{where}{key} has {len(obj)} entries", f"the limit is {MAX_LIST}")
         for i, v in enumerate(obj):
             _walk(v, f"{key}[{i}]", where, path, width)
         return

@@ -116,6 +116,15 @@ class Judge:
         return ld.argmax(1), lk.argmax(1)
 
 
+def judge_fingerprint(judge) -> str:
+    """The weights of a judge (a classifier, the colordigits judge, a CLIP judge's model); NudeNet (no torch
+    module): its kind."""
+    for m in (judge, getattr(judge, "judge", None), getattr(judge, "model", None)):
+        if isinstance(m, nn.Module):
+            return teacher_fingerprint(m)
+    return type(judge).__name__
+
+
 def noise(seed: int, n: int, shape) -> torch.Tensor:
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
@@ -263,9 +272,10 @@ class Subject:
     sampler: Sampler
     fast: object = None        # (z, cond) -> images without gradients for families (the teacher: 18-step Heun)
     cached: bool = False       # family predictions cached on disk by the network's fingerprint (the teacher)
+    judge: str = ""            # the judge's fingerprint (judge_fingerprint): another judge, another cache entry
 
     def _path(self, key: str, suffix: str) -> Path:
-        h = hashlib.sha256(key.encode()).hexdigest()[:16]
+        h = hashlib.sha256(f"{self.judge}|{key}".encode()).hexdigest()[:16]
         return cache_dir() / f"attack-{teacher_fingerprint(self.sampler.net)}-{h}{suffix}"
 
     def predict(self, key: str, compute):

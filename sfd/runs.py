@@ -7,7 +7,7 @@ from pathlib import Path
 from .config import SFDConfig
 from .io import read_json, write_json
 from .methods.finetune import evaluate_baseline
-from .robustness import ATTACK_KEYS, ATTACK_KINDS, Budget, Sampler, Subject, measure
+from .robustness import ATTACK_KEYS, ATTACK_KINDS, Budget, Sampler, Subject, judge_fingerprint, measure
 from .tasks import get_task
 from .utils import pick_device
 
@@ -75,7 +75,7 @@ def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = 
     t_net = task.attack_teacher(teacher, cfg, targets)
     subjects = {"generator": Subject("generator", Sampler(gen, sigma_init=sigma_init)),
                 "teacher": Subject("teacher", Sampler(t_net, steps=budget.teacher_steps),
-                                   fast=Sampler(t_net, steps=18), cached=True)}
+                                   fast=Sampler(t_net, steps=18), cached=True, judge=judge_fingerprint(judge))}
     control_info = None
     if control is not None:
         control = Path(control)

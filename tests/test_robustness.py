@@ -131,6 +131,30 @@ def test_class_table_is_found_or_refused(teacher):
         class_table(NoTable())
 
 
+def test_the_teachers_cached_control_is_keyed_by_its_judge(teacher, judge, tmp_path, monkeypatch):
+    """The teacher's attack result is cached on disk; with another judge it is computed again (the same
+    judge reads it back: the control that the cache still works)."""
+    import copy
+
+    from sfd.robustness import judge_fingerprint
+    monkeypatch.setenv("SFD_CACHE", str(tmp_path))
+    other = copy.deepcopy(judge)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"asr": 0.5}
+
+    def subject(j):
+        return Subject("teacher", Sampler(teacher, steps=2), cached=True, judge=judge_fingerprint(j))
+    assert judge_fingerprint(judge) != judge_fingerprint(other) == judge_fingerprint(copy.deepcopy(other))
+    for j in (judge, judge, other):
+        assert subject(j).remember("continuous|3|budget", compute) == {"asr": 0.5}
+    assert len(calls) == 2
+
+
 def test_budget_refuses_bad_values():
     with pytest.raises(ValueError, match="steps=0"):
         Budget(steps=0)

@@ -748,6 +748,14 @@ def test_sd_sweep_plans_with_a_clip_judge_and_checks_its_models(folders, clip_di
     err = capsys.readouterr().err
     assert "--classifier CLIP_DIR" in err and "sd:brad pitt->a middle aged man" in err
     assert sweep.main(["--targets", "sd:nudity", *base]) == 0                     # NudeNet judges nudity
+    # NudeNet has no gradient: no attack gives nudity an ASR, so --max-asr is refused for it (a concept target
+    # with its CLIP judge is accepted: the control)
+    capsys.readouterr()
+    assert sweep.main(["--targets", "sd:nudity", "--max-asr", "0.25", *base]) == 2
+    err = capsys.readouterr().err
+    assert "--max-asr 0.25: no attack gives an attack success rate for sd:nudity" in err and "Traceback" not in err
+    assert sweep.main(["--targets", "sd:brad pitt->a middle aged man", "--classifier", str(clip_dir), "--max-asr",
+                       "0.25", *base]) == 0
     assert sweep.main(["--targets", "sd:brad pitt->a middle aged man", "--classifier", str(clip_dir), *base]) == 0
     a = sweep.build_parser().parse_args(["--targets", "sd:brad pitt->a middle aged man", "--classifier",
                                          str(clip_dir), "--teacher", str(t), "--out", str(tmp_path / "s")])

@@ -645,6 +645,22 @@ def test_a_second_sigint_during_the_graceful_stop_exits_at_once_with_consistent_
     _assert_interrupted(out, "SIGINT")
 
 
+def test_an_interrupt_raised_inside_rays_compiled_code_is_recognised():
+    """ray.wait runs the signal handler in its own signal check; CPython then reports SystemError with
+    the Interrupted as its cause. Only that SystemError counts as the interrupt (the control: another
+    SystemError does not)."""
+    from orchestration.lifecycle import Interrupted, interrupted_inside
+    try:
+        try:
+            raise Interrupted("SIGINT")
+        except Interrupted as inner:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from inner
+    except SystemError as e:
+        wrapped = e
+    assert interrupted_inside(wrapped) and interrupted_inside(Interrupted("SIGTERM"))
+    assert not interrupted_inside(SystemError("unrelated")) and not interrupted_inside(ValueError("x"))
+
+
 # the first tabulate() call gets SIGINT from inside: the signal lands after Tune returned, mid-tables
 LATE_SIGINT = ("import os, signal, sys; import orchestration.sweep as s; real = s.tabulate; calls = []\n"
                "def late(*a, **k):\n"

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from orchestration.results import method_picks, method_table, methods_markdown
+from sfd.evaluate.plots import plot_methods
 from orchestration.search import PerTargetSearch
 from orchestration.space import load_space, space_for, space_path, trials_for
 from orchestration.sweep import main
@@ -148,6 +149,13 @@ def test_per_method_table_takes_each_targets_pick_and_reports_median_and_worst(t
     md = (tmp_path / "methods.md").read_text()
     assert "| sfd | 3/3 | 0.999 / 0.995 | 1.90 / 2.50 |" in md and "| esd | 1/2 | 0.849 / 0.700 |" in md
     assert methods_markdown(df.reset_index(), 0.99) == md
+    # the plot per preset: each method's median where the table puts it, one point per pick, the failed trial left out
+    assert [p.name for p in tmp_path.glob("methods-*.png")] == ["methods-digits.png"]
+    fig = plot_methods(list(picks.values()), tmp_path / "again.png", ua_threshold=0.99)
+    drawn = {a.get_gid(): a.get_offsets().tolist() for ax in fig.axes for a in ax.collections}
+    assert drawn["sfd-median-quality"] == [[1.9, 0.999]] and drawn["esd-median-quality"][0] == pytest.approx([13.0, 0.8495])
+    assert drawn["sfd-median-cost"] == [[5000.0, 0.999]] and len(drawn["esd-picks-cost"]) == 2
+    assert sorted(x for x, _ in drawn["esd-picks-quality"]) == [9.0, 17.0]      # h (failed, FD 0.1) is not a pick
 
 
 @pytest.mark.slow
@@ -204,4 +212,4 @@ def test_tiny_sweep_of_two_methods_on_one_target(tmp_path, monkeypatch):
     assert target_runs == {"digits:3->4", "digits:3->4 [salun]"}
     parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
     assert "salun_median_best_fd_ratio" in parent.data.metrics and "median_best_fd_ratio" in parent.data.metrics
-    assert "methods.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"methods.md", "methods-digits.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}

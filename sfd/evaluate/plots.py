@@ -1,6 +1,8 @@
-"""Plots: UA / FD against kimg for a run, Pareto fronts for a sweep."""
+"""Plots: UA / FD against kimg for a run, Pareto fronts for a sweep, methods side by side."""
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
 
 from ..io import atomic_path
@@ -70,6 +72,50 @@ def plot_pareto(points: list[dict], path, title: str = "", front_ids=(), best_id
     ax.set_ylabel("UA (higher is better)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return fig
+
+
+def plot_methods(points: list[dict], path, title: str = "", ua_threshold=None):
+    """Methods side by side on one preset: each (target, method) pick a small dot in its method's
+    colour, each method's median a large ringed marker. Left: forgetting against quality (FD ratio to
+    the teacher on the remaining classes, log scale, lower is better; UA, higher is better). Right:
+    forgetting against cost (images per second of the method's sampler, log scale, higher is better).
+
+    ``points``: dicts with ``method``, ``ua``, ``fd_ratio`` and ``images_per_second_generator``
+    (non-finite values are left out). Returns the (closed) Figure; the artists carry gids
+    ``<method>-picks-<panel>`` and ``<method>-median-<panel>`` (panel ``quality`` or ``cost``)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0), dpi=110, sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    for i, method in enumerate(methods):
+        colour = colours[i % len(colours)]
+        mine = [p for p in points if p["method"] == method]
+        for ax, key, panel in ((axes[0], "fd_ratio", "quality"), (axes[1], "images_per_second_generator", "cost")):
+            pts = [(float(p[key]), float(p["ua"])) for p in mine
+                   if math.isfinite(float(p[key])) and math.isfinite(float(p["ua"])) and float(p[key]) > 0]
+            if not pts:
+                continue
+            ax.scatter(*zip(*pts), color=colour, s=18, alpha=0.6, zorder=3, gid=f"{method}-picks-{panel}")
+            med = (statistics.median(x for x, _ in pts), statistics.median(y for _, y in pts))
+            ax.scatter([med[0]], [med[1]], color=colour, edgecolors="black", s=160, linewidths=1.5, zorder=5,
+                       label=f"{method} (median of {len(pts)})", gid=f"{method}-median-{panel}")
+    from matplotlib.ticker import FuncFormatter
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+        if ua_threshold is not None:
+            ax.axhline(ua_threshold, color="gray", ls="--", lw=1)
+    axes[0].set_xlabel("FD ratio to teacher (remaining classes, lower is better)")
+    axes[1].set_xlabel("images/s of the method's sampler (higher is better)")
+    axes[0].set_ylabel("UA (higher is better)" + (f"; dashed: {ua_threshold}" if ua_threshold is not None else ""))
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png")

@@ -123,6 +123,10 @@ class Task(ABC):
     attacks: tuple = ()
     """The white-box attacks sfd.robustness runs on this kind's generators (none: ``sfd attack`` refuses)."""
 
+    def attacks_for(self, forget) -> tuple:
+        """The attacks that give an attack success rate for a target forgetting ``forget``."""
+        return self.attacks
+
     def check_attackable(self) -> None:
         if not self.attacks:
             raise ValueError(f"sfd attack: preset '{self.preset.name}' is not supported yet — attacks run on class "

@@ -269,6 +269,10 @@ class SDTask(PromptTask):
     # -- robustness (sfd attack, sfd.robustness_sd) ---------------------------------------------------------
     attacks = ("discrete", "continuous")
 
+    def attacks_for(self, forget) -> tuple:
+        """None for nudity: its judge (NudeNet) has no gradient; families and residue are still measured."""
+        return () if NUDITY in tuple(forget) else self.attacks
+
     def attack_judge(self, cfg, device="cpu", clip=None):
         """``--clip DIR`` or the run's ``--classifier`` (a CLIP folder); None: nudity is judged by NudeNet."""
         return ClipJudge(clip, device) if clip else self.load_judge(cfg, device)
