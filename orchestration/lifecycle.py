@@ -276,9 +276,15 @@ def settle_dead_driver(out: Path, record: dict | None, experiment: str = "sfd-sw
     from orchestration.tracking import MLflowSweep, left_running_line
     counts = {"sweep": 0, "target": 0, "trial": 0}
     if record.get("parent_run_id") and record.get("mlflow_uri"):
-        tracker = MLflowSweep(record["mlflow_uri"], record.get("experiment") or experiment)
-        tracker.adopt(record["parent_run_id"])
-        counts = tracker.end_left_running()
+        try:
+            tracker = MLflowSweep(record["mlflow_uri"], record.get("experiment") or experiment)
+            tracker.adopt(record["parent_run_id"])
+            counts = tracker.end_left_running()
+        except Exception as e:          # MLflow's own, SQLAlchemy's, a server that does not answer: said, not hidden
+            raise ValueError(f"the sweep's driver (pid {record['driver']['pid']}) is gone, but the MLflow runs it left "
+                             f"RUNNING could not be marked KILLED in {record['mlflow_uri']} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300] if str(e) else ''}) — make the tracking store reachable "
+                             f"and run this again") from None
     record["status"] = "interrupted"
     write_record(out, record)
     pid = record["driver"]["pid"]

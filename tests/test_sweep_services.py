@@ -257,3 +257,15 @@ def test_negative_control_a_live_drivers_runs_are_left_alone_and_the_command_ref
     line = settle_dead_driver(tmp_path, read_record(tmp_path))
     assert "cannot be checked from here: its MLflow runs are left as they are" in line and "host elsewhere" in line
     assert _statuses(first) == [("sweep", "RUNNING"), ("target", "RUNNING"), ("trial", "RUNNING")]
+
+
+def test_a_tracking_store_that_cannot_be_opened_is_named_and_nothing_is_changed(tmp_path):
+    first, _ = _left_running(tmp_path, {**driver_identity(), "pid": _dead_pid()})
+    rec = {**read_record(tmp_path), "mlflow_uri": f"sqlite:///{tmp_path / 'no-such-dir' / 'mlflow.db'}"}
+    (tmp_path / SWEEP_FILE).write_text(json.dumps(rec))
+    before = (tmp_path / SWEEP_FILE).read_bytes()
+    with pytest.raises(ValueError, match=r"could not be marked KILLED in sqlite:///.*no-such-dir/mlflow.db \(.*\) — "
+                                         r"make the tracking store reachable"):
+        settle_dead_driver(tmp_path, read_record(tmp_path))
+    assert (tmp_path / SWEEP_FILE).read_bytes() == before              # the record still says running
+    assert _statuses(first) == [("sweep", "RUNNING"), ("target", "RUNNING"), ("trial", "RUNNING")]
