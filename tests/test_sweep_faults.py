@@ -815,6 +815,7 @@ def _tune_two_trials(tmp_path, reuse: bool):
     """Two one-step trials, one at a time, max_failures 3; the process that is handed the second trial
     dies once as it starts (in ``reset_config`` when a finished trial's process is reused, in ``setup``
     when it is fresh). Returns {x: error or None} and the second trial's counted failures."""
+    import shutil
     import tempfile
 
     import ray
@@ -845,8 +846,8 @@ def _tune_two_trials(tmp_path, reuse: bool):
         def load_checkpoint(self, c):
             pass
 
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR",
-             _temp_dir=tempfile.mkdtemp(prefix="sfdrt-", dir="/tmp"))
+    ray_tmp = tempfile.mkdtemp(prefix="sfdrt-", dir="/tmp")          # short: socket paths <= 107 chars
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", _temp_dir=ray_tmp)
     try:
         grid = tune.Tuner(Trial, param_space={"x": tune.grid_search([1, 2])},
                           tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse),
@@ -854,6 +855,7 @@ def _tune_two_trials(tmp_path, reuse: bool):
                                                     failure_config=tune.FailureConfig(max_failures=3))).fit()
     finally:
         ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     errors = {r.path.split("x=")[1].split("_")[0]: r.error for r in grid}
     failures = [x for f in (tmp_path / "ray").rglob("error.txt") if "x=2" in f.parent.name
                 for x in f.read_text().splitlines() if x.startswith("Failure #")]
