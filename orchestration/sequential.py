@@ -29,6 +29,7 @@ from pathlib import Path
 
 from orchestration.targets import Target, parse_targets
 from sfd.config import SFDConfig
+from sfd.evaluate.forgetting import teacher_fingerprint
 from sfd.io import atomic_path, read_json, write_json
 from sfd.presets import get_preset
 from sfd.tasks import get_task
@@ -187,7 +188,6 @@ def claim(a, stages: list[Stage]) -> dict:
 
 def _check_teacher(rec: dict, stages: list[Stage], teacher: str | None) -> None:
     """One teacher per chain: the weights' fingerprint is recorded at the start and checked on --resume."""
-    from sfd.evaluate.forgetting import teacher_fingerprint
     preset = stages[0].target.preset
     space_teacher = teacher or SFDConfig(preset=preset).teacher
     mine = teacher_fingerprint(get_task(preset).load_teacher(space_teacher, "cpu"))
