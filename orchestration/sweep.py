@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/sweep", help="output folder (default: runs/sweep)")
     p.add_argument("--trials-per-target", type=int, default=None,
                    help="trials per target, the baseline included (default: the search space's trials_per_target -- "
-                        "digits 2, others 3 -- and 3x that with --budget long)")
+                        "digits 2, others 3 -- and 3x that with --budget long); with --sequential: per stage")
     p.add_argument("--budget-kimg", type=float, default=None,
                    help="training length of every trial in kimg (default: the space's defaults)")
     p.add_argument("--budget", choices=["quick", "long"], default="quick",
@@ -566,6 +566,9 @@ def check_stores(out: Path) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    if a.summarize_only and a.sequential:
+        return _error("--summarize-only re-ranks one sweep's trials.parquet; a chain's stages are sweeps of their own — "
+                      "run it on a stage's folder (--out OUT/stage<k>-<target>) without --sequential")
     if a.summarize_only:
         try:
             return summarize_only(a)

@@ -51,6 +51,8 @@ def test_a_chain_that_does_not_chain_is_refused_before_anything_starts(tmp_path,
         assert sweep.main(["--sequential", *argv, "--out", out]) == 2
         err = capsys.readouterr().err
         assert "sweep.py: error:" in err and words in err, err
+    assert sweep.main(["--sequential", "--targets", "digits:3,5", "--summarize-only", "--out", out]) == 2
+    assert "a chain's stages are sweeps of their own" in capsys.readouterr().err
     assert sweep.main(["--targets", "digits:3", "--no-joint", "--out", out]) == 2
     assert "--no-joint belongs to --sequential" in capsys.readouterr().err
     assert not Path(out).exists()                     # nothing written
