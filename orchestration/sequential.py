@@ -239,6 +239,28 @@ def figures(run_dir: Path) -> dict:
     return out
 
 
+FRESH = ("ua_worst", "fd_ratio", "ua_heldout_worst")
+
+
+def fresh(sr: dict, seed: int | None) -> dict:
+    """The stage's best trial re-evaluated on fresh samples by its sweep (``--fresh-seed``; the search-time figures
+    of the pick are flattered by the selection): worst UA, FD ratio, held-out worst; {} where there is none (a
+    stage that continued from its highest-UA trial, --fresh-seed -1)."""
+    path = Path(sr.get("best_run") or "") / f"evaluation_fresh_seed{seed}.json"
+    if seed is None or seed < 0 or not sr.get("best_run") or not path.is_file():
+        return {}
+    m = read_json(path)
+    out = {}
+    for key, per in (("ua_worst", "ua_per_target"), ("ua_heldout_worst", "ua_heldout_per_target")):
+        if isinstance(m.get(per), dict) and m[per]:
+            out[key] = min(float(v) for v in m[per].values())
+        elif isinstance(m.get(key.replace("_worst", "")), (int, float)):
+            out[key] = float(m[key.replace("_worst", "")])
+    if isinstance(m.get("fd_ratio"), (int, float)):
+        out["fd_ratio"] = float(m["fd_ratio"])
+    return out
+
+
 # -- the tables ---------------------------------------------------------------------------------------------
 def _fmt(v, nd=3) -> str:
     return "–" if not isinstance(v, (int, float)) or not math.isfinite(v) else f"{v:.{nd}f}"
@@ -248,7 +270,7 @@ def _per(d: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in d.items()) or "–"
 
 
-def write_tables(out: Path, rec: dict, stages: list[Stage]):
+def write_tables(out: Path, rec: dict, stages: list[Stage], fresh_seed: int | None = None):
     """OUT/trials.parquet (every trial, its stage), OUT/chain.parquet and chain.md (a row per stage)."""
     import pandas as pd
     frames = []
@@ -273,6 +295,7 @@ def write_tables(out: Path, rec: dict, stages: list[Stage]):
                      "ua_heldout_per_target": json.dumps(f.get("ua_heldout_per_target", {})),
                      "rebound_per_target": json.dumps(f.get("rebound_per_target", {})),
                      **{k: float(f[k]) if isinstance(f.get(k), (int, float)) else math.nan for k in FIGURES},
+                     **{f"{k}_fresh": fresh(sr, fresh_seed).get(k, math.nan) for k in FRESH},
                      "kimg_total": float(sr.get("kimg_total", math.nan))})
     table = pd.DataFrame(rows)
     with atomic_path(out / "chain.parquet") as tmp:
@@ -280,16 +303,20 @@ def write_tables(out: Path, rec: dict, stages: list[Stage]):
     text = ["# Sequential sweep: " + " -> ".join(s.target.name for s in stages if s.index), "",
             "Each stage's best trial (the next stage starts from it); `joint`: every target at once, from the "
             "preset's start. UA per target covers every target forgotten so far; rebound: how far an earlier "
-            "target's UA fell since its stage.", "",
-            "| stage | target | status | best trial | UA per target | UA worst | held-out UA per target | rebound max "
-            "| FD ratio | override FD ratio | remaining acc. | kimg (chain total) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s, sr in zip(stages, rec["stages"]):
+            "target's UA fell since its stage. *fresh*: the best trial re-evaluated on fresh samples (--fresh-seed).", "",
+            "| stage | target | status | best trial | UA per target | UA worst (fresh) | held-out UA per target "
+            "| held-out worst (fresh) | rebound max | FD ratio (fresh) | override FD ratio | remaining acc. "
+            "| kimg (chain total) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s, sr, row in zip(stages, rec["stages"], rows):
         f = sr.get("figures") or {}
+
+        def both(k, nd=3):
+            return f"{_fmt(f.get(k), nd)} ({_fmt(row[f'{k}_fresh'], nd)})"
         text.append(f"| {s.name} | {s.target.name} | {sr['status']} | {sr.get('best_trial') or '–'} "
-                    f"| {_per(f.get('ua_per_target', {}))} | {_fmt(f.get('ua_worst'))} "
-                    f"| {_per(f.get('ua_heldout_per_target', {}))} | {_fmt(f.get('rebound_max'))} "
-                    f"| {_fmt(f.get('fd_ratio'), 2)} | {_fmt(f.get('override_fd_ratio'), 2)} "
+                    f"| {_per(f.get('ua_per_target', {}))} | {both('ua_worst')} "
+                    f"| {_per(f.get('ua_heldout_per_target', {}))} | {both('ua_heldout_worst')} "
+                    f"| {_fmt(f.get('rebound_max'))} | {both('fd_ratio', 2)} | {_fmt(f.get('override_fd_ratio'), 2)} "
                     f"| {_fmt(f.get('remaining_accuracy'))} | {_fmt(sr.get('kimg_total'), 0)} |")
     notes = [f"- stage {sr['stage']}: {sr['note']}" for sr in rec["stages"] if sr.get("note")]
     if notes:
@@ -370,7 +397,7 @@ def run_chain(a, stages: list[Stage], run_stage) -> int:
     finally:
         rec["status"] = status
         write_json(out / RECORD, rec)
-        table = write_tables(out, rec, stages)
+        table = write_tables(out, rec, stages, getattr(a, "fresh_seed", None))
         _log_chain(store, chain_id, table, out)
         store.finish(chain_id, status)
     print((out / "chain.md").read_text())
@@ -387,7 +414,7 @@ def _log_chain(store, run_id: str, table, out: Path) -> None:
     metrics = {}
     for r in table.to_dict("records"):
         pre = "joint" if r["stage"] == JOINT else f"stage{r['stage']}"
-        for k in FIGURES:
+        for k in (*FIGURES, *(f"{k}_fresh" for k in FRESH)):
             metrics[f"{pre}_{k}"] = r[k]
         for t, v in json.loads(r["ua_per_target"]).items():
             metrics[f"{pre}_ua_{t}"] = v
@@ -396,7 +423,8 @@ def _log_chain(store, run_id: str, table, out: Path) -> None:
     seq = [r for r in table.to_dict("records") if r["stage"] != JOINT and r["status"] == "finished"]
     if seq:
         last = seq[-1]
-        metrics.update({f"final_{k}": last[k] for k in ("ua_worst", "fd_ratio", "ua_heldout_worst", "rebound_max")})
+        metrics.update({f"final_{k}": last[k] for k in ("ua_worst", "fd_ratio", "ua_heldout_worst", "rebound_max",
+                                                        "ua_worst_fresh", "fd_ratio_fresh")})
     store.log_metrics(run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)})
     store.log_artifacts(run_id, [out / "chain.md", out / "chain.parquet", out / "trials.parquet", out / RECORD])
     if (out / "chain.md").is_file():

@@ -75,8 +75,8 @@ class FakeStages:
     """Runs a stage as a sweep would leave it: one finished trial with metrics.json, trials/summary tables;
     ``stop`` names a target whose first run is interrupted (exit 130)."""
 
-    def __init__(self, stop: str | None = None, ua: float = 1.0):
-        self.calls, self.stop, self.ua = [], stop, ua
+    def __init__(self, stop: str | None = None, ua: float = 1.0, fresh: bool = True):
+        self.calls, self.stop, self.ua, self.fresh = [], stop, ua, fresh
 
     def __call__(self, sa, extra) -> int:
         target = sa.targets[0]
@@ -100,6 +100,9 @@ class FakeStages:
             "rebound_per_target": {k: 0.0 for k in earlier}, "rebound_max": 0.0}))
         row = {"target": target, "trial_id": f"trial{len(self.calls)}", "status": "finished", "baseline": True,
                "ua": sum(per.values()) / len(per), "fd_ratio": 1.5, "run_dir": str(run_dir)}
+        if self.fresh:                     # the sweep's re-evaluation of its pick (--fresh-seed 4242)
+            (run_dir / "evaluation_fresh_seed4242.json").write_text(json.dumps({
+                "ua_per_target": {k: v - 0.01 for k, v in per.items()}, "fd_ratio": 1.25}))
         pd.DataFrame([row]).to_parquet(out / "trials.parquet")
         best = row["trial_id"] if row["ua"] >= 0.99 else ""
         pd.DataFrame([{"target": target, "best_trial": best}]).to_parquet(out / "summary.parquet")
@@ -127,6 +130,9 @@ def test_each_stage_starts_from_the_last_ones_best_and_the_tables_say_which_stag
     chain = pd.read_parquet(out / "chain.parquet")
     assert list(chain["stage"]) == ["1", "2", "3", "joint"]
     assert json.loads(chain.iloc[2]["ua_per_target"]) == {"3": 1.0, "5": 1.0, "8": 1.0}
+    # the fresh re-evaluation of each pick beside its search-time figures
+    assert chain.iloc[2]["ua_worst_fresh"] == pytest.approx(0.99) and chain.iloc[2]["fd_ratio_fresh"] == 1.25
+    assert chain.iloc[2]["fd_ratio"] == 1.5
     trials = pd.read_parquet(out / "trials.parquet")
     assert list(trials["stage"]) == ["1", "2", "3", "joint"] and trials["stage_best"].all()
     assert list(trials["mode"]) == ["sequential"] * 3 + ["joint"]
@@ -139,6 +145,7 @@ def test_each_stage_starts_from_the_last_ones_best_and_the_tables_say_which_stag
     assert run.info.status == "FINISHED" and run.data.tags["kind"] == "chain"
     assert run.data.metrics["stage3_ua_8"] == 1.0 and run.data.metrics["final_ua_worst"] == 1.0
     assert "| 3 | digits:8->9 | finished |" in (out / "chain.md").read_text()
+    assert "| 1.000 (0.990) |" in (out / "chain.md").read_text()
 
 
 def test_resume_continues_at_the_stage_that_stopped(tmp_path, capsys):
@@ -182,10 +189,11 @@ def test_a_stage_without_a_trial_at_the_threshold_continues_from_its_highest_ua(
     a = _args(tmp_path)
     stages = plan_chain(a.targets, "next", joint=False)
     a.no_joint = True
-    assert run_chain(a, stages, FakeStages(ua=0.9)) == 0
+    assert run_chain(a, stages, FakeStages(ua=0.9, fresh=False)) == 0
     rec = json.loads((tmp_path / "chain" / RECORD).read_text())
     assert all("no trial reached UA >= 0.99: continued from the highest UA (0.900)" in s["note"] for s in rec["stages"])
     assert "continued from the highest UA" in (tmp_path / "chain" / "chain.md").read_text()
+    assert pd.read_parquet(tmp_path / "chain" / "chain.parquet")["fd_ratio_fresh"].isna().all()   # none re-evaluated
 
 
 # -- the real thing: Ray Tune, Optuna, MLflow, SFD trials ----------------------------------------------------
