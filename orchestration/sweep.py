@@ -30,6 +30,7 @@ if __package__ in (None, ""):           # run as a script: make the repo importa
 from orchestration import cluster as clu
 from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, interrupted_inside, ray_session,
                                      read_record, refuse_live_driver, settle_dead_driver, sweep_record, write_record)
+from orchestration.sequential import describe, plan_chain, run_chain
 from orchestration.services import probe_all
 from orchestration.space import describe_baselines, load_space, space_for, space_path, trials_for, validate_plan
 from orchestration.targets import load_targets_file, parse_methods, parse_targets, preset_of, unit_name, with_methods
@@ -76,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets-file", default=None,
                    help="text-to-image presets: a YAML list of concept targets (concept, override, optional "
                         "synonyms and prompt templates; see orchestration/targets.py), on top of --targets")
+    p.add_argument("--sequential", action="store_true",
+                   help="forget the --targets one after another, in the order given (a chain: docs/sequential.md): "
+                        "stage k is a sweep of its own target (--trials-per-target trials, searched by its own Optuna "
+                        "study) whose every trial starts from stage k-1's best trial and keeps its forgotten set; then "
+                        "the joint alternative (every target at once) as one more sweep. 'next' skips the classes an "
+                        "earlier stage forgot. OUT/chain.md compares the stages and the joint sweep (UA of every "
+                        "target so far, the worst, rebound, FD ratio, held-out UA); MLflow: a parent run per chain, "
+                        "each stage's sweep nested in it; --resume continues at the stage that stopped")
+    p.add_argument("--no-joint", action="store_true",
+                   help="with --sequential: skip the joint sweep (every target at once) after the chain")
     p.add_argument("--override", default=None,
                    help="override for targets that name none: 'next' (c -> c+1), a class id, 'random' or "
                         "'classifier' (default: the search space's 'override')")
@@ -93,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/sweep", help="output folder (default: runs/sweep)")
     p.add_argument("--trials-per-target", type=int, default=None,
                    help="trials per target, the baseline included (default: the search space's trials_per_target -- "
-                        "digits 2, others 3 -- and 3x that with --budget long)")
+                        "digits 2, others 3 -- and 3x that with --budget long); with --sequential: per stage")
     p.add_argument("--budget-kimg", type=float, default=None,
                    help="training length of every trial in kimg (default: the space's defaults)")
     p.add_argument("--budget", choices=["quick", "long"], default="quick",
@@ -574,6 +585,9 @@ def check_stores(out: Path) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    if a.summarize_only and a.sequential:
+        return _error("--summarize-only re-ranks one sweep's trials.parquet; a chain's stages are sweeps of their own — "
+                      "run it on a stage's folder (--out OUT/stage<k>-<target>) without --sequential")
     if a.summarize_only:
         try:
             return summarize_only(a)
@@ -581,6 +595,11 @@ def main(argv=None) -> int:
             return _error(str(e))
     if not a.targets and not a.targets_file:
         return _error("--targets is required — give forget targets, e.g. --targets all_digits_classes")
+    if a.sequential:
+        return sequential(a)
+    if a.no_joint:
+        return _error("--no-joint belongs to --sequential (it skips the joint sweep after a chain) — add "
+                      "--sequential or drop --no-joint")
     try:
         check_flags(a)
         targets, spaces, overrides = resolve(a)
@@ -602,6 +621,54 @@ def main(argv=None) -> int:
         record = claim_out(a, targets)
         check_models(targets, spaces, overrides)
     except (ValueError, CheckpointError) as e:   # a bad flag, target, space, model or --out: before anything starts
+        return _error(str(e))
+    return run_sweep(a, targets, spaces, overrides, record)
+
+
+def sequential(a) -> int:
+    """--sequential: the chain planned and checked here, its stages run by orchestration/sequential.py, each as a
+    sweep of its own (:func:`sweep_stage`)."""
+    try:
+        if a.targets_file:
+            raise SweepError(f"--sequential takes its stages from --targets, in order; --targets-file "
+                             f"{a.targets_file} is not read there — give the concepts as --targets "
+                             f"'colordigits:seven->one' 'colordigits:red->blue'")
+        if a.methods != "sfd":
+            raise SweepError(f"--sequential chains SFD runs (each stage continues the last one's generator); "
+                             f"--methods {a.methods} — drop --methods, or sweep the baselines without --sequential")
+        check_flags(a)
+        first = a.targets[0].split()[0]
+        name = preset_of(first)
+        get_preset(name)
+        space = load_space(a.space) if a.space else load_space(space_path(name))
+        stages = plan_chain(a.targets, a.override or space.override, joint=not a.no_joint)
+        apply_budget(a, {name: space})
+        check_flags(a)
+    except (ValueError, CheckpointError) as e:
+        return _error(str(e))
+    print(f"[chain] {len([s for s in stages if s.index])} stages x {a.trials_per_target} trials"
+          + (" + the joint sweep" if not a.no_joint else "") + f"; out: {a.out}", flush=True)
+    print("\n".join(describe(stages)), flush=True)
+    if a.dry_run:
+        print("[chain] dry run: nothing started", flush=True)
+        return 0
+    try:
+        return run_chain(a, stages, sweep_stage)
+    except (ValueError, CheckpointError) as e:
+        return _error(str(e))
+
+
+def sweep_stage(a, extra: dict) -> int:
+    """One stage of a chain: the sweep of ``a`` (its one target, its folder) with ``extra`` settings on every
+    trial (``init_from``: the previous stage's best trial)."""
+    try:
+        targets, spaces, overrides = resolve(a)
+        overrides.update(extra)
+        apply_budget(a, spaces)
+        check_flags(a)
+        record = claim_out(a, targets)
+        check_models(targets, spaces, overrides)
+    except (ValueError, CheckpointError) as e:
         return _error(str(e))
     return run_sweep(a, targets, spaces, overrides, record)
 
@@ -778,8 +845,9 @@ def parent_run(a, targets, overrides, record) -> tuple[str, dict, dict]:
               "trials_per_target": a.trials_per_target, "workers_per_trial": a.workers_per_trial,
               "ua_threshold": a.ua_threshold, "max_failures": a.max_failures,
               **{f"override_{k}": v for k, v in overrides.items()}}
-    tags = {"preset": ",".join(sorted({t.preset for t in targets})), "sweep_id": record["sweep_id"]}
-    return f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", params, tags
+    tags = {"preset": ",".join(sorted({t.preset for t in targets})), "sweep_id": record["sweep_id"],
+            **(getattr(a, "mlflow_tags", None) or {})}      # a stage of a chain (--sequential): nested in its run
+    return getattr(a, "mlflow_run_name", None) or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", params, tags
 
 
 def announce(a, plan: SweepPlan, targets, cpus: float) -> int:

@@ -21,6 +21,7 @@ from .checkpoint import latest_checkpoint
 from .config import SFDConfig, preset_stage1_settings
 from .evaluate.forgetting import cache_dir, teacher_fingerprint
 from .io import load_tensors, read_json, save_tensors, write_json
+from .tasks import get_task
 
 # settings that change what stage 1 produces (evaluation, checkpoints and device do not)
 KEY_FIELDS = ("alpha", "lambda_fake_remain", "lambda_gen_remain", "guidance", "sigma_init", "sigma_dist",
@@ -33,7 +34,10 @@ def stage1_config(preset: str, kimg: float, seed: int = 0, **changes) -> SFDConf
     """Stage 1 of ``preset``: its stage-1 settings (the YAML's ``stage1`` block, else its defaults), every forget weight 0 for the whole run, the
     whole batch on the remaining (= all) classes but one forget sample the losses weigh 0."""
     base = SFDConfig.from_dict({**preset_stage1_settings(preset), **changes, "preset": preset})
-    return base.replace(forget=[0], override="1", init_from=None, stage1_kimg=kimg, budget_kimg=kimg,
+    # the one forget sample names a target the preset understands (class 0 -> 1, a text preset's first concept):
+    # its losses weigh 0, it only gives the forget branch a valid condition
+    target = get_task(preset).stand_in_target() or {"forget": [0], "override": "1"}
+    return base.replace(**target, init_from=None, stage1_kimg=kimg, budget_kimg=kimg,
                         lambda_fake_forget=0.0, lambda_gen_forget=0.0,
                         batch_remain=base.batch_remain + base.batch_forget - 1, batch_forget=1,
                         eval_every_kimg=max(kimg / 4, 1e-3), checkpoint_every_kimg=max(kimg / 4, 1e-3), seed=seed)

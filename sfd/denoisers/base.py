@@ -45,6 +45,11 @@ class Denoiser(nn.Module, abc.ABC):
         """Nearest noise level the backbone supports (identity for continuous models)."""
         return sigma
 
+    def identity_parts(self) -> dict[str, bytes]:
+        """What makes this model what it is beyond its state dict (the teacher's fingerprint reads both): none
+        here; a text denoiser adds its frozen text encoder, which it holds outside the state dict."""
+        return {}
+
     def clone(self) -> "Denoiser":
         """A trainable deep copy (used to initialise the fake score and the generator)."""
         twin = copy.deepcopy(self)

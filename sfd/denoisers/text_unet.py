@@ -126,6 +126,20 @@ class TextUNetDenoiser(DiscreteVP):
         self.register_buffer("prompt_embeds", torch.zeros(len(prompts), *self.embed_shape))
         self._update_spec()
 
+    def identity_parts(self) -> dict[str, bytes]:
+        """The frozen text encoder's weights and the tokenizer's vocabulary and length: they turn prompts into the
+        conditions, so two teachers with one UNet and different encoders are different teachers (their cached
+        reference samples, stage 1 and chains must not be shared). Without an encoder (an exported generator: a
+        fixed prompt table, which the state dict holds): nothing."""
+        text = self.text.obj
+        if text is None:
+            return {}
+        parts = {f"text_encoder.{k}": v.detach().cpu().contiguous().numpy().tobytes()
+                 for k, v in text.model.state_dict().items()}
+        vocab = json.dumps(sorted(text.tokenizer.get_vocab().items()), ensure_ascii=False)
+        parts["tokenizer"] = f"{type(text.tokenizer).__name__}|{text.max_length}|{vocab}".encode()
+        return parts
+
     # -- the prompt table ---------------------------------------------------------------
     def set_prompts(self, prompts: list[str]) -> None:
         """Encode ``prompts`` with the frozen text encoder; condition i is then prompts[i]."""

@@ -32,10 +32,17 @@ def cache_dir() -> Path:
 
 
 def teacher_fingerprint(teacher) -> str:
+    """The teacher's identity: its state dict and what the denoiser holds outside it (a text encoder:
+    ``identity_parts``). It keys the teacher's reference samples, stage 1 and a chain's teacher check."""
     h = hashlib.sha256()
     for k, v in sorted(teacher.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    # a model without extra parts (every class teacher) keeps the fingerprint it always had (the bundled stage 1's key)
+    extra = teacher.identity_parts() if hasattr(teacher, "identity_parts") else {}
+    for k, v in sorted(extra.items()):
+        h.update(k.encode())
+        h.update(v)
     return h.hexdigest()[:16]
 
 
