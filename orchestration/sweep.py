@@ -30,6 +30,7 @@ if __package__ in (None, ""):           # run as a script: make the repo importa
 from orchestration import cluster as clu
 from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, ray_session, sweep_record,
                                      write_record)
+from orchestration.pruning import PerTargetHalving
 from orchestration.services import probe_all
 from orchestration.space import describe_baselines, load_space, space_for, space_path, trials_for, validate_plan
 from orchestration.targets import load_targets_file, parse_methods, parse_targets, preset_of, unit_name, with_methods
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/sweep", help="output folder (default: runs/sweep)")
     p.add_argument("--trials-per-target", type=int, default=None,
                    help="trials per target, the baseline included (default: the search space's trials_per_target -- "
-                        "digits 2, others 3 -- and 3x that with --budget long)")
+                        "digits 6, others 3 -- and 3x that with --budget long)")
     p.add_argument("--budget-kimg", type=float, default=None,
                    help="training length of every trial in kimg (default: the space's defaults)")
     p.add_argument("--budget", choices=["quick", "long"], default="quick",
@@ -829,8 +830,6 @@ def make_tuner(a, plan: SweepPlan, targets, spaces, overrides, tracker, max_conc
 
     from orchestration.search import PerTargetSearch
     from orchestration.tracking import MLflowTuneCallback
-
-    from orchestration.pruning import PerTargetHalving
 
     halving = None if a.no_early_stop else PerTargetHalving(a.grace_kimg, a.reduction_factor, a.ua_threshold,
                                                             path=plan.out / EARLY_STOP_FILE)

@@ -137,7 +137,7 @@ def test_budget_long_and_explicit_overrides():
         return a.trials_per_target, kimg
 
     quick_trials, quick_kimg = resolved()
-    assert (quick_trials, quick_kimg) == (2, 20)                 # digits.yaml: trials_per_target 2
+    assert (quick_trials, quick_kimg) == (6, 20)                 # digits.yaml: trials_per_target 6
     assert resolved("--budget", "quick") == (quick_trials, quick_kimg)
     assert resolved("--budget", "long") == (3 * quick_trials, 4 * quick_kimg)
     assert resolved("--budget", "long", "--trials-per-target", "3", "--budget-kimg", "7") == (3, 7)
