@@ -227,3 +227,62 @@ def test_tiny_sweep_stops_per_target_and_warm_starts(tmp_path, monkeypatch):
     assert summary["started"].tolist() == [4, 4]
     assert summary["stopped_early"].sum() == len(early)
     assert "Configurations started per target: 4–4" in (out / "summary.md").read_text()
+
+
+def test_searcher_state_survives_a_resume(tmp_path):
+    """Tune keeps the searcher in tuner.pkl and its save() file; the studies live in Optuna's storage. A
+    resumed sweep's searcher sees the warm starts and pruned trials of the interrupted one."""
+    import pickle
+
+    from orchestration.search import PerTargetSearch
+    from orchestration.space import load_space, space_path
+    from orchestration.targets import parse_targets
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    targets = parse_targets(["digits:0->1", "digits:1->2"])
+    spaces = {"digits": load_space(space_path("digits"))}
+    pruned = {}
+    s = PerTargetSearch(targets, spaces, 3, ua_threshold=0.99, storage=storage, warm_start=1, pruned=pruned)
+    a = [s.suggest(f"a{i}") for i in range(3)]
+    s.on_trial_complete("a0", {"ua": 1.0, "fd_ratio": 1.5, "override_fd_ratio": 1.0})
+    s.on_trial_complete("a1", {"ua": 1.0, "fd_ratio": 1.2, "override_fd_ratio": 1.0})
+    pruned["a2"] = "early stop at the 2-kimg rung of digits:0->1: ..."
+    s.on_trial_complete("a2", {"ua": 1.0, "fd_ratio": 0.9, "override_fd_ratio": 1.0, "kimg": 2.0})
+    s.suggest("b0")
+    s.save(str(tmp_path / "searcher.json"))
+    # the interrupted sweep's searcher, as Tune restores it
+    r = pickle.loads(pickle.dumps(s))
+    r.restore(str(tmp_path / "searcher.json"))
+    r.pruned = {}                                                    # this run's record (sweep._rebind_restored)
+    b1 = r.suggest("b1")
+    assert b1["warm_start_from"] == "digits:0->1#1" and b1["params"] == a[1]["params"]
+    assert r.studies["digits:0->1"].trials[2].state.name == "PRUNED"
+    # one warm start per target: the next searched trial is TPE's
+    assert not r.suggest("b2")["warm_start_from"]
+
+
+def test_the_sweep_scheduler_stops_per_target_and_never_at_the_end():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestration.sweep import HopelessTrialStopper, make_scheduler
+
+    stopper = HopelessTrialStopper(10.0, 0.5)
+    h = PerTargetHalving(2, 3, 0.99)
+    sched = make_scheduler(stopper, h)
+
+    def trial(tid, target, baseline=False, method="sfd"):
+        return SimpleNamespace(trial_id=tid, config={"target": target, "baseline": baseline, "method": method,
+                                                     "sfd": {"budget_kimg": 20.0}})
+    assert sched.on_trial_result(None, trial("b", "A", True), rep(2.0, 1.0)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, trial("x", "A"), rep(2.0, 3.0)) == TrialScheduler.STOP
+    assert stopper.stopped["x"].startswith("early stop at the 2-kimg rung of A")
+    # another target's trial, as bad, is the first at its own target's rung
+    assert sched.on_trial_result(None, trial("y", "B"), rep(2.0, 3.0)) == TrialScheduler.CONTINUE
+    # a report at the end of the budget stops nothing (a baseline method reports only there)
+    assert sched.on_trial_result(None, trial("z", "A"), rep(20.0, 9.0)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, trial("e", "A", method="esd"), rep(2.0, 9.0)) == TrialScheduler.CONTINUE
+    # --no-early-stop: only the hopeless-trial stop
+    off = make_scheduler(HopelessTrialStopper(10.0, 0.5), None)
+    assert off.on_trial_result(None, trial("x", "A"), rep(2.0, 3.0)) == TrialScheduler.CONTINUE
