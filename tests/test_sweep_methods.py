@@ -24,7 +24,7 @@ def test_each_target_is_planned_once_per_method(tmp_path, capsys):
     assert main(["--targets", "digits:3", "--methods", "sfd,esd,salun", "--trial-seconds", "30", "--dry-run",
                  "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
-    assert "[sweep] plan: 1 target(s) x 3 methods (sfd, esd, salun) x 2 trials = 6 trials" in out
+    assert "[sweep] plan: 1 target(s) x 3 methods (sfd, esd, salun) x 6 trials = 18 trials" in out
     assert "  target digits:3->4\n  target digits:3->4 [esd]\n  target digits:3->4 [salun]\n" in out
     # each method searches its own block of the YAML
     assert "space digits [esd]: " in out and "searches esd_negative_guidance, esd_start_guidance, lr_finetune;" in out
@@ -36,7 +36,7 @@ def test_each_target_is_planned_once_per_method(tmp_path, capsys):
     # negative control: the default plans SFD alone, as before methods existed
     assert main(["--targets", "digits:3", "--dry-run", "--out", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
-    assert "[sweep] plan: 1 target(s) x 2 trials = 2 trials" in out and "[esd]" not in out and "max_seconds" not in out
+    assert "[sweep] plan: 1 target(s) x 6 trials = 6 trials" in out and "[esd]" not in out and "max_seconds" not in out
 
 
 @pytest.mark.parametrize("flags, needle", [
