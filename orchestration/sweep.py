@@ -446,7 +446,8 @@ class Progress:
         self.done[name] += 1
         r = result or {}
         ua, fd = r.get("ua", math.nan), r.get("fd_ratio", math.nan)
-        if ua >= self.ua_threshold and (name not in self.best or fd < self.best[name][1]):
+        # a trial stopped early reports figures from part of its budget: not a "best so far"
+        if event == "finished" and ua >= self.ua_threshold and (name not in self.best or fd < self.best[name][1]):
             self.best[name] = (ua, fd)
         targets_done = sum(self.done[n] >= self.total[n] for n in self.total)
         trials_done = sum(self.done.values())

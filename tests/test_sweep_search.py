@@ -286,3 +286,17 @@ def test_the_sweep_scheduler_stops_per_target_and_never_at_the_end():
     # --no-early-stop: only the hopeless-trial stop
     off = make_scheduler(HopelessTrialStopper(10.0, 0.5), None)
     assert off.on_trial_result(None, trial("x", "A"), rep(2.0, 3.0)) == TrialScheduler.CONTINUE
+
+
+def test_progress_best_so_far_counts_whole_trials_only(capsys):
+    from types import SimpleNamespace
+
+    from orchestration.sweep import Progress
+    from orchestration.targets import parse_targets
+
+    p = Progress(parse_targets(["digits:0->1"]), {"digits:0->1": 3}, 0.99)
+    t = SimpleNamespace(config={"target": "digits:0->1"}, trial_id="x")
+    p("stopped", t, {"ua": 1.0, "fd_ratio": 1.1})            # early figures, stopped at a rung
+    assert "no trial at the UA threshold yet" in capsys.readouterr().out
+    p("finished", t, {"ua": 1.0, "fd_ratio": 1.6})
+    assert "best so far UA 1.000, FD ratio 1.60" in capsys.readouterr().out
