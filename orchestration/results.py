@@ -144,7 +144,9 @@ def trial_rows(result_grid, targets: dict, out_dir: Path, outcome: dict, errors:
         t = targets.get(cfg["target"])
         # the target itself and its method in two columns (a trial from before --methods: SFD's)
         row = {"target": t.target_name if t is not None else cfg["target"], "method": cfg.get("method", "sfd"),
-               "trial_id": trial_id, "baseline": bool(cfg["baseline"]), "status": status,
+               "trial_id": trial_id, "baseline": bool(cfg["baseline"]),
+               # a warm start: the target and Optuna trial its configuration came from (orchestration/search.py)
+               "warm_start_from": str(cfg.get("warm_start_from", "") or ""), "status": status,
                "error": error if status == "failed" else "", "note": notes.get(trial_id, "")}
         for k, v in cfg["params"].items():
             row[f"param_{k}"] = v
@@ -274,7 +276,12 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
                 if (Path(best["run_dir"]) / f).is_file():
                     shutil.copy2(Path(best["run_dir"]) / f, dst / f)
             export = str(dst / made.name)
+        early = [r for r in tr if r["status"] == "stopped" and str(r.get("note", "")).startswith("early stop")]
         row = {"target": t.target_name, "method": t.method, "trials": len(tr), "finished": sum(r["status"] in DONE for r in tr),
+               # configurations started, and how many the per-target early stopping stopped (orchestration/pruning.py)
+               "started": sum(r["status"] not in ("not_started",) for r in tr), "stopped_early": len(early),
+               "warm_starts": sum(bool(r.get("warm_start_from")) for r in tr),
+               "best_warm_start_from": str(best.get("warm_start_from", "") or "") if best else "",
                "failed": sum(r["status"] == "failed" for r in tr),
                "cut_off": sum(r["status"] in ("cut_off", "not_started") for r in tr),
                "state": target_state(tr),
@@ -305,6 +312,9 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
             row["search_improved"] = bool(best is not None and not best["baseline"] and fb and fbase
                                           and fb["ua"] >= ua_threshold
                                           and (fbase["ua"] < ua_threshold or fb["fd_ratio"] < fbase["fd_ratio"]))
+            # by how much (fresh remaining FD ratio, baseline minus pick: > 0 when the pick is better)
+            row["search_margin_fresh"] = (float(fbase["fd_ratio"]) - float(fb["fd_ratio"])
+                                          if fb and fbase and "fd_ratio" in fb and "fd_ratio" in fbase else math.nan)
         summary.append(row)
         if tracker is not None and t.name in tracker.target_runs:
             run_id = tracker.target_runs[t.name]
@@ -344,7 +354,16 @@ def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_rati
             f"Re-evaluated on fresh samples (seed {fresh_seed}): the best and the baseline trial of every target, "
             f"since the minimum of noisy search-time figures flatters the winner. The search beat its baseline "
             f"(UA >= {ua_threshold} and a lower fresh FD ratio) on **{n}/{len(df)}** targets; median fresh FD "
-            f"ratio {med('baseline_fd_ratio_fresh'):.2f} (baseline) -> {med('fd_ratio_fresh'):.2f} (best).", ""]
+            f"ratio {med('baseline_fd_ratio_fresh'):.2f} (baseline) -> {med('fd_ratio_fresh'):.2f} (best)."
+            + (" Margins (fresh FD ratio, baseline -> best): " + "; ".join(
+                f"{r['target']} {r['baseline_fd_ratio_fresh']:.2f} -> {r['fd_ratio_fresh']:.2f}"
+                for _, r in df[df["search_improved"]].iterrows()) + "." if n else ""), ""]
+    if "started" in df and len(df):
+        lines += [f"Configurations started per target: {int(df['started'].min())}–{int(df['started'].max())} "
+                  f"(stopped early, per target: {int(df['stopped_early'].sum())} in all); warm starts: "
+                  f"{int(df['warm_starts'].sum())}" + (", best trials that came from one: " + "; ".join(
+                      f"{r['target']} from {r['best_warm_start_from']}" for _, r in df.iterrows()
+                      if r["best_warm_start_from"]) if (df["best_warm_start_from"] != "").any() else "") + ".", ""]
     attacked = "asr_max" in df and bool(df["asr_max"].notna().any())
     if attacked:
         worst = df.loc[df["asr_max"].idxmax()] if df["asr_max"].notna().any() else None
@@ -367,6 +386,8 @@ def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_rati
     lines += [head + " config |", sep + "---|"]
     for _, r in df.iterrows():
         best = r["best_trial"] + (" (baseline)" if r["best_is_baseline"] else "") if r["best_trial"] else "none"
+        if r.get("best_warm_start_from"):
+            best += f" (warm start from {r['best_warm_start_from']})"
         uah = r.get("ua_heldout", math.nan)
         line = (f"| {r['target']} |" + (f" {r['method']} |" if methods else "") + f" {r['trials']} | {best} |"
                 f" {r['ua']:.4f} | "

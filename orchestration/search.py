@@ -9,6 +9,18 @@ Each study minimises two objectives -- the remaining-class FD ratio (quality) an
 overridden class's FD ratio (diversity: the search must never reward a collapse onto one
 template) -- under one constraint, UA >= the sweep's threshold, which TPE's constraints
 support handles: infeasible trials inform the model without being traded off against FD.
+
+Targets are handed out one after the other (all of a target's trials before the next target's):
+its trials then run close together, so the per-target early stopping (orchestration/pruning.py)
+compares each with its own target's trials as they reach the same rung, and a target's study can
+start from what worked on the targets before it. A trial stopped early is told PRUNED (with its
+reason and kimg as user attributes), never COMPLETE with figures from part of its budget.
+
+Warm starts (``warm_start`` > 0): the first searched trials of a target are the best completed
+(full-budget, UA-feasible, not the baseline) configurations of the targets before it, lowest
+remaining-class FD ratio first, one per trial, each enqueued in the study with its origin
+(``warm_start_from`` = ``<target>#<Optuna trial number>``), which the trial's config carries into
+trials.parquet and the summary. Only studies searching the same parameters lend configurations.
 """
 from __future__ import annotations
 
@@ -40,7 +52,8 @@ class PerTargetSearch(Searcher):
     """
 
     def __init__(self, targets, spaces: dict, trials_per_target: int, overrides: dict | None = None, seed: int = 0,
-                 ua_threshold: float = 0.99, storage: str | None = None, max_asr: float | None = None):
+                 ua_threshold: float = 0.99, storage: str | None = None, max_asr: float | None = None,
+                 warm_start: int = 0, pruned: dict | None = None):
         super().__init__(metric=None, mode=None)
         self.targets = {t.name: t for t in targets}
         self.order = [t.name for t in targets]
@@ -51,6 +64,9 @@ class PerTargetSearch(Searcher):
         self.ua_threshold = float(ua_threshold)
         self.max_asr = None if max_asr is None else float(max_asr)
         self.storage = storage
+        self.warm_start = int(warm_start)
+        # trial id -> why the early stopping stopped it (orchestration/pruning.py; shared with the scheduler)
+        self.pruned = pruned if pruned is not None else {}
         self.remaining = {t.name: trials_for(spaces, t, self.trials_per_target) for t in targets}
         self.started = {t.name: 0 for t in targets}
         self.next = 0
@@ -117,23 +133,58 @@ class PerTargetSearch(Searcher):
         return True               # every study already knows its objectives and space
 
     def suggest(self, trial_id: str):
-        for _ in range(len(self.order)):
-            name = self.order[self.next % len(self.order)]
-            self.next += 1
+        # targets one after the other: the first target (in order) with trials left
+        for name in self.order:
             if self.remaining[name] <= 0:
                 continue
             space = space_for(self.spaces, self.targets[name])
+            baseline = self.started[name] == 0
+            if not baseline and self.warm_start > 0:
+                self._enqueue_warm_start(name)
             ot = self.studies[name].ask(space.optuna_space())
             ot.set_user_attr("tune_trial_id", trial_id)
+            ot.set_user_attr("baseline", baseline)
             params = dict(ot.params)
             self.remaining[name] -= 1
             self.owner[trial_id] = [name, ot.number]
-            baseline = self.started[name] == 0
             self.started[name] += 1
             return {"target": name, "target_slug": self.targets[name].slug, "method": self.targets[name].method,
-                    "baseline": baseline,
+                    "baseline": baseline, "warm_start_from": str(ot.user_attrs.get("warm_start_from", "")),
                     "params": params, "sfd": self.sfd_config(name, params)}
         return Searcher.FINISHED if all(v <= 0 for v in self.remaining.values()) else None
+
+    def warm_start_candidates(self, name: str) -> list[tuple[str, object]]:
+        """(origin, frozen Optuna trial) of the configurations ``name``'s study may start from: the other
+        studies' completed, feasible, non-baseline trials over the same parameters, best first (remaining
+        FD ratio, then override FD ratio), none whose parameters ``name``'s study has already run."""
+        from optuna.trial import TrialState
+
+        keys = set(space_for(self.spaces, self.targets[name]).params)
+        have = [t.params for t in self.studies[name].get_trials(deepcopy=False)]
+        found = []
+        for other in self.order:
+            if other == name or set(space_for(self.spaces, self.targets[other]).params) != keys:
+                continue
+            for t in self.studies[other].get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                feasible = bool(t.constraints) and all(c <= 0 for c in t.constraints.values())
+                if t.user_attrs.get("baseline") or not feasible or not t.values \
+                        or not all(math.isfinite(v) for v in t.values) or t.params in have:
+                    continue
+                found.append((f"{other}#{t.number}", t))
+        found.sort(key=lambda x: tuple(x[1].values))
+        return found
+
+    def _enqueue_warm_start(self, name: str) -> None:
+        """Enqueue the best candidate configuration in ``name``'s study while it has fewer warm starts
+        than ``warm_start`` (Optuna's ask then returns it, with its origin as a user attribute)."""
+        study = self.studies[name]
+        used = sum(bool(t.user_attrs.get("warm_start_from")) for t in study.get_trials(deepcopy=False))
+        if used >= self.warm_start:
+            return
+        cands = self.warm_start_candidates(name)
+        if cands:
+            origin, t = cands[0]
+            study.enqueue_trial(dict(t.params), user_attrs={"warm_start_from": origin})
 
     def sfd_config(self, name: str, params: dict) -> dict:
         """The trial's full SFD configuration: preset defaults, searched values, target, overrides."""
@@ -151,6 +202,13 @@ class PerTargetSearch(Searcher):
         study = self.studies[name]
         frozen = study.get_trials(deepcopy=False)[number]
         if frozen.state != TrialState.RUNNING:   # told before an interruption: never twice
+            return
+        if trial_id in self.pruned:               # stopped early: no figures of the whole budget to tell
+            ot = optuna.trial.Trial(study, frozen._trial_id)
+            ot.set_user_attr("stopped_reason", self.pruned[trial_id])
+            if result is not None and isinstance(result.get("kimg"), (int, float)):
+                ot.set_user_attr("stopped_kimg", float(result["kimg"]))
+            study.tell(number, state=TrialState.PRUNED)
             return
         keys = ["ua", *OBJECTIVES]
         ok = (result is not None and not error and all(k in result for k in keys)

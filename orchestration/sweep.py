@@ -30,6 +30,7 @@ if __package__ in (None, ""):           # run as a script: make the repo importa
 from orchestration import cluster as clu
 from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, interrupted_inside, ray_session,
                                      read_record, refuse_live_driver, settle_dead_driver, sweep_record, write_record)
+from orchestration.pruning import PerTargetHalving
 from orchestration.sequential import describe, plan_chain, run_chain
 from orchestration.services import probe_all
 from orchestration.space import describe_baselines, load_space, space_for, space_path, trials_for, validate_plan
@@ -148,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "--max-override-fd-ratio, rewriting summary, Pareto plots and best exports; runs nothing. "
                         "A sweep whose driver was killed (kill -9) has its runs left RUNNING marked KILLED (one line "
                         "says so); one whose driver still runs is refused (its tables are written when it ends)")
+    p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=False,
+                   help="early stopping per target (asynchronous successive halving, one set of rungs per target: "
+                        "a trial is compared only with its own target's trials): rungs at --grace-kimg, x "
+                        "--reduction-factor, ... kimg up to half the trial's budget; at each rung a searched trial "
+                        "continues only while its score (remaining FD ratio scaled up by the UA shortfall) is within "
+                        "the best 1/--reduction-factor of its target's trials there; the baseline trial is never "
+                        "stopped; trials report at the space's trial eval_every_kimg. Off by default: on the main "
+                        "job it has not yet beaten the default configuration (docs/sweep.md). Use it with more "
+                        "--trials-per-target")
+    p.add_argument("--grace-kimg", type=float, default=None,
+                   help="with --early-stop: the first rung, in kimg (default: 2)")
+    p.add_argument("--reduction-factor", type=float, default=None,
+                   help="with --early-stop: the share of a target's trials kept at each rung is 1/this (default: 3)")
+    p.add_argument("--warm-starts", type=int, default=0,
+                   help="a target's first searched trials start from up to this many of the best completed "
+                        "configurations of the targets swept before it (enqueued in its Optuna study; trials.parquet "
+                        "and the summary name where each came from); 0: off (default: 0)")
     p.add_argument("--stop-ua-kimg", type=float, default=10.0,
                    help="stop a trial whose UA is still below --stop-ua-min after this many kimg (default: 10)")
     p.add_argument("--stop-ua-min", type=float, default=0.5, help="see --stop-ua-kimg (default: 0.5)")
@@ -230,6 +248,16 @@ def check_flags(a) -> None:
     need(finite(a.max_override_fd_ratio) and a.max_override_fd_ratio > 0, "--max-override-fd-ratio",
          a.max_override_fd_ratio, "a ratio > 0")
     need(finite(a.stop_ua_kimg) and a.stop_ua_kimg >= 0, "--stop-ua-kimg", a.stop_ua_kimg, "kimg >= 0")
+    for flag, key in (("--grace-kimg", "grace_kimg"), ("--reduction-factor", "reduction_factor")):
+        if getattr(a, key) is not None and not a.early_stop:
+            raise SweepError(f"{flag} {getattr(a, key)} sets the per-target early stopping, which is off — add "
+                             f"--early-stop, or drop {flag}")
+    a.grace_kimg = 2.0 if a.grace_kimg is None else a.grace_kimg
+    a.reduction_factor = 3.0 if a.reduction_factor is None else a.reduction_factor
+    need(finite(a.grace_kimg) and a.grace_kimg > 0, "--grace-kimg", a.grace_kimg, "a positive number of kimg")
+    need(finite(a.reduction_factor) and a.reduction_factor > 1, "--reduction-factor", a.reduction_factor,
+         "a number > 1 (3 keeps the best third at each rung)")
+    need(a.warm_starts >= 0, "--warm-starts", a.warm_starts, "a count >= 0 (0: no warm starts)")
     need(finite(a.stop_ua_min) and 0 <= a.stop_ua_min <= 1, "--stop-ua-min", a.stop_ua_min, "a UA in [0, 1]")
     need(a.fresh_seed >= -1, "--fresh-seed", a.fresh_seed, "a seed >= 0, or -1 to skip the fresh re-evaluation")
     need(a.seed >= 0, "--seed", a.seed, "a seed >= 0")
@@ -398,19 +426,28 @@ class HopelessTrialStopper:
         return None
 
 
-def make_scheduler(stopper: HopelessTrialStopper):
+def make_scheduler(stopper: HopelessTrialStopper, halving=None):
+    """The sweep's Tune scheduler: the hopeless-trial stop, then (with ``halving``, an
+    orchestration.pruning.PerTargetHalving) the per-target early stopping of SFD trials. Either one's
+    reason goes into ``stopper.stopped`` (trials.parquet's note, the MLflow tag stop_reason)."""
     from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-    class HopelessTrialScheduler(FIFOScheduler):
+    class SweepScheduler(FIFOScheduler):
         def on_trial_result(self, tune_controller, trial, result):
-            why = stopper.verdict(result, trial.config.get("method", "sfd"))
+            method = trial.config.get("method", "sfd")
+            why = stopper.verdict(result, method)
+            budget = float(trial.config.get("sfd", {}).get("budget_kimg", math.inf))
+            # a baseline method reports once, at its end; a report at the budget's end stops nothing
+            if not why and halving is not None and method == "sfd" and result.get("kimg", math.inf) < 0.99 * budget:
+                why = halving.on_result(trial.trial_id, trial.config["target"], bool(trial.config.get("baseline")),
+                                        budget, result)
             if why:
                 stopper.stopped[trial.trial_id] = why
                 print(f"[sweep] stopping trial {trial.trial_id} ({trial.config.get('target')}): {why}", flush=True)
                 return TrialScheduler.STOP
             return TrialScheduler.CONTINUE
 
-    return HopelessTrialScheduler()
+    return SweepScheduler()
 
 
 class Progress:
@@ -436,7 +473,8 @@ class Progress:
         self.done[name] += 1
         r = result or {}
         ua, fd = r.get("ua", math.nan), r.get("fd_ratio", math.nan)
-        if ua >= self.ua_threshold and (name not in self.best or fd < self.best[name][1]):
+        # a trial stopped early reports figures from part of its budget: not a "best so far"
+        if event == "finished" and ua >= self.ua_threshold and (name not in self.best or fd < self.best[name][1]):
             self.best[name] = (ua, fd)
         targets_done = sum(self.done[n] >= self.total[n] for n in self.total)
         trials_done = sum(self.done.values())
@@ -486,6 +524,9 @@ def apply_budget(a, spaces=None) -> None:
         a.trials_per_target = 3 * base if a.budget == "long" else base
 
 
+# the per-target early stopping's rungs and reasons (orchestration/pruning.py), kept for --resume
+EARLY_STOP_FILE = "early_stop.json"
+
 # what marks a folder as holding a sweep (anything else in --out is left alone)
 SWEEP_MARKERS = (SWEEP_FILE, "trials.parquet", "summary.parquet", "trials", "optuna.db", "mlflow.db", "ray")
 
@@ -499,6 +540,7 @@ def sweep_plan_key(a, targets) -> dict:
     """What a resumed sweep must share with the one it continues."""
     return {"targets": [t.name for t in targets], "trials_per_target": a.trials_per_target, "seed": a.seed,
             "trial_runner": a.trial_runner}
+
 
 
 def claim_out(a, targets, dry_run: bool = False) -> dict:
@@ -860,17 +902,25 @@ def announce(a, plan: SweepPlan, targets, cpus: float) -> int:
           f"at once ({a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU, {a.gpus_per_worker} GPU per "
           f"trial, {'in the Tune trial' if a.trial_runner == 'tune' else 'on Ray Train'}); MLflow: {plan.mlflow_uri}",
           flush=True)
+    stop = "off (--early-stop turns it on)" if not a.early_stop else \
+        f"per target from {a.grace_kimg:g} kimg, keeping the best 1/{a.reduction_factor:g} at each rung"
+    print(f"[sweep] early stopping: {stop}; warm starts: " +
+          (f"up to {a.warm_starts} per target from the targets before it" if a.warm_starts else "off"), flush=True)
     return max_conc
 
 
-def _rebind_restored(tuner, scheduler, callbacks) -> None:
+def _rebind_restored(tuner, scheduler, callbacks, pruned: dict | None = None) -> None:
     """Tuner.restore unpickles the scheduler and callbacks of the interrupted run (from tuner.pkl);
     this run's own instances (its MLflow client, its stopper) take their place. Ray 2.60 keeps
     them on the TunerInternal; the callbacks' state comes back through Tune's own
-    get_state/set_state."""
+    get_state/set_state. The restored searcher shares this run's early-stopping record (``pruned``),
+    whose state comes back from OUT/early_stop.json."""
     inner = tuner._local_tuner
     inner._tune_config.scheduler = scheduler
     inner._run_config.callbacks = list(callbacks)
+    search_alg = getattr(inner._tune_config, "search_alg", None)
+    if pruned is not None and search_alg is not None and hasattr(search_alg, "pruned"):
+        search_alg.pruned = pruned
 
 
 def make_tuner(a, plan: SweepPlan, targets, spaces, overrides, tracker, max_conc: int):
@@ -882,15 +932,18 @@ def make_tuner(a, plan: SweepPlan, targets, spaces, overrides, tracker, max_conc
     from orchestration.search import PerTargetSearch
     from orchestration.tracking import MLflowTuneCallback
 
+    halving = None if not a.early_stop else PerTargetHalving(a.grace_kimg, a.reduction_factor, a.ua_threshold,
+                                                            path=plan.out / EARLY_STOP_FILE)
     searcher = PerTargetSearch(targets, spaces, a.trials_per_target, overrides, seed=a.seed,
                                ua_threshold=a.ua_threshold, max_asr=a.max_asr,
-                               storage=f"sqlite:///{plan.out / 'optuna.db'}")
+                               storage=f"sqlite:///{plan.out / 'optuna.db'}", warm_start=a.warm_starts,
+                               pruned=halving.pruned if halving is not None else {})
     stopper = HopelessTrialStopper(a.stop_ua_kimg, a.stop_ua_min)
     progress = Progress(targets, {t.name: trials_for(spaces, t, a.trials_per_target) for t in targets},
                         a.ua_threshold)
     callback = clu.storage_callback(MLflowTuneCallback, plan.storage)(   # [cluster] fetches remote trial outputs first
         tracker, {t.name: t for t in targets}, plan.out, on_event=progress, stopped=stopper.stopped)
-    scheduler = make_scheduler(stopper)
+    scheduler = make_scheduler(stopper, halving)
     sweep_cfg = {"out": str(plan.out), "storage": plan.storage, "workers_per_trial": a.workers_per_trial,
                  "cpus_per_worker": a.cpus_per_worker, "gpus_per_worker": a.gpus_per_worker,
                  "max_failures": a.max_failures, "trial_runner": a.trial_runner,
@@ -906,7 +959,7 @@ def make_tuner(a, plan: SweepPlan, targets, spaces, overrides, tracker, max_conc
         # unfinished trials continue (each from its Ray Train checkpoint); failed ones stay failed
         tuner = tune.Tuner.restore(plan.exp_path, trainable=trainable, param_space={"sweep": sweep_cfg},
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
-        _rebind_restored(tuner, scheduler, [callback])
+        _rebind_restored(tuner, scheduler, [callback], halving.pruned if halving is not None else None)
         return tuner, callback, stopper
     if plan.resuming and searcher.fail_running():
         print("[sweep] --resume: no Tune state was saved; the trials it had asked for start again", flush=True)
