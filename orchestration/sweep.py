@@ -252,11 +252,12 @@ def check_flags(a) -> None:
         if getattr(a, key) is not None and not a.early_stop:
             raise SweepError(f"{flag} {getattr(a, key)} sets the per-target early stopping, which is off — add "
                              f"--early-stop, or drop {flag}")
-    a.grace_kimg = 2.0 if a.grace_kimg is None else a.grace_kimg
-    a.reduction_factor = 3.0 if a.reduction_factor is None else a.reduction_factor
-    need(finite(a.grace_kimg) and a.grace_kimg > 0, "--grace-kimg", a.grace_kimg, "a positive number of kimg")
-    need(finite(a.reduction_factor) and a.reduction_factor > 1, "--reduction-factor", a.reduction_factor,
-         "a number > 1 (3 keeps the best third at each rung)")
+    if a.early_stop:                  # (filled in once: the checks run again on the resolved arguments)
+        a.grace_kimg = 2.0 if a.grace_kimg is None else a.grace_kimg
+        a.reduction_factor = 3.0 if a.reduction_factor is None else a.reduction_factor
+        need(finite(a.grace_kimg) and a.grace_kimg > 0, "--grace-kimg", a.grace_kimg, "a positive number of kimg")
+        need(finite(a.reduction_factor) and a.reduction_factor > 1, "--reduction-factor", a.reduction_factor,
+             "a number > 1 (3 keeps the best third at each rung)")
     need(a.warm_starts >= 0, "--warm-starts", a.warm_starts, "a count >= 0 (0: no warm starts)")
     need(finite(a.stop_ua_min) and 0 <= a.stop_ua_min <= 1, "--stop-ua-min", a.stop_ua_min, "a UA in [0, 1]")
     need(a.fresh_seed >= -1, "--fresh-seed", a.fresh_seed, "a seed >= 0, or -1 to skip the fresh re-evaluation")
