@@ -21,6 +21,7 @@ from sfd.methods.finetune import MODEL_FILE
 from sfd.robustness import ATTACK_KEYS
 from sfd.runs import evaluate_run
 
+from .costs import COSTS
 from .search import METRICS, MODES
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
@@ -297,7 +298,8 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
                "pareto_size": len(front), "generator": export,
                "best_config": json.dumps({k[6:]: v for k, v in best.items() if k.startswith("param_")}) if best else ""}
         if fresh_seed is not None:
-            fb, fbase = fresh_metrics(best, fresh_seed), fresh_metrics(base, fresh_seed)
+            with COSTS.phase("fresh_on_driver"):         # evaluations here, or (the sweep) cached by Ray tasks
+                fb, fbase = fresh_metrics(best, fresh_seed), fresh_metrics(base, fresh_seed)
             for k in FRESH_KEYS:
                 row[f"{k}_fresh"] = float(fb[k]) if k in fb else math.nan
                 row[f"baseline_{k}_fresh"] = float(fbase[k]) if k in fbase else math.nan

@@ -28,6 +28,7 @@ if __package__ in (None, ""):           # run as a script: make the repo importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # isort: on
 from orchestration import cluster as clu
+from orchestration.costs import COSTS
 from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, ray_session, sweep_record,
                                      write_record)
 from orchestration.services import probe_all
@@ -659,15 +660,17 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
                 ray_session(a, clu.runtime_env(plan.storage, local=not a.address), signals) as ray:
             signals.abandon = lambda signum: abandon(a, plan, targets, tracker, record, outcome, signals, **tuned)
             max_conc = announce(a, plan, targets, ray.cluster_resources().get("CPU", 1))
-            clu.make_references(a, spaces, overrides, plan.storage, log=lambda m: print(m, flush=True))
+            with COSTS.phase("references"):
+                clu.make_references(a, spaces, overrides, plan.storage, log=lambda m: print(m, flush=True))
             for name, space in spaces.items():
                 # the baselines fine-tune the teacher itself: a sweep without sfd needs no stage 1
                 path = shared_stage1(a, name, space, overrides, plan.out) if "sfd" in a.method_list else None
                 # every trial's stage 2 starts from it (or, without one, from copies of the teacher)
                 space.defaults = {**space.defaults, "init_from": str(path) if path else "none"}
-            tuner, callback, stopper = make_tuner(a, plan, targets, spaces, overrides, tracker, max_conc)
+            with COSTS.phase("make_tuner"):
+                tuner, callback, stopper = make_tuner(a, plan, targets, spaces, overrides, tracker, max_conc)
             tuned.update(callback=callback, stopper=stopper)
-            with signals.tune_loop():
+            with signals.tune_loop(), COSTS.phase("fit"):
                 try:
                     grid = tuner.fit()
                 except Interrupted:          # a second signal: Tune's stop not waited for; its trials as held
@@ -677,6 +680,7 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
             except Interrupted:      # the first signal after Tune returned: the tables again, at once (no fresh
                 rows, df = tabulate(a, plan, grid, targets, callback, stopper, signals, tracker)  # re-evaluation)
             outcome.status = "interrupted" if signals.caught else "finished"
+            COSTS.write(plan.out, trials=len(rows), targets=len(targets), resumed=plan.resuming)
     except Interrupted:
         pass
     except (ValueError, CheckpointError) as e:           # a user mistake found late (e.g. stage 1)
@@ -844,14 +848,19 @@ def tabulate(a, plan: SweepPlan, grid, targets, callback, stopper, signals, trac
     if signals.caught:
         why = f"cut off by {signal.Signals(signals.signum).name}"
         notes.update({tid: why for tid in callback.started - set(callback.outcome)})
-    clu.after_fit(a, grid, targets, plan.storage, plan.out)          # [cluster] remote trial outputs -> OUT/trials
-    owners = trial_owners(f"sqlite:///{plan.out / 'optuna.db'}") if (plan.out / "optuna.db").is_file() else {}
-    rows = trial_rows(grid, {t.name: t for t in targets}, plan.out, callback.outcome, callback.errors, notes=notes,
-                      owners=owners)
-    df = summarise(rows, targets, plan.out, a.ua_threshold, a.max_override_fd_ratio, tracker, max_asr=a.max_asr,
-                   fresh_seed=None if (a.fresh_seed < 0 or signals.caught) else a.fresh_seed)
+    with COSTS.phase("after_fit"):
+        clu.after_fit(a, grid, targets, plan.storage, plan.out)      # [cluster] remote trial outputs -> OUT/trials
+    with COSTS.phase("trial_owners"):
+        owners = trial_owners(f"sqlite:///{plan.out / 'optuna.db'}") if (plan.out / "optuna.db").is_file() else {}
+    with COSTS.phase("trial_rows"):
+        rows = trial_rows(grid, {t.name: t for t in targets}, plan.out, callback.outcome, callback.errors,
+                          notes=notes, owners=owners)
+    with COSTS.phase("summarise"):
+        df = summarise(rows, targets, plan.out, a.ua_threshold, a.max_override_fd_ratio, tracker, max_asr=a.max_asr,
+                       fresh_seed=None if (a.fresh_seed < 0 or signals.caught) else a.fresh_seed)
     clu.publish_tables(a, plan.storage, plan.out)                    # [cluster] results tables -> <storage>/results
-    log_sweep_summary(tracker, df, len(rows), plan.out)
+    with COSTS.phase("log_summary"):
+        log_sweep_summary(tracker, df, len(rows), plan.out)
     return rows, df
 
 

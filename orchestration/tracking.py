@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 from ray.tune import Callback
 
+from .costs import COSTS
 from .targets import unit_name
 from .trial import REPORT_KEYS as _METRIC_KEYS
 
@@ -369,6 +370,10 @@ class MLflowTuneCallback(Callback):
         self.trials = trials
         if self.frozen:
             return
+        with COSTS.phase("mlflow_callback"):
+            self._start(trial)
+
+    def _start(self, trial):
         cfg = trial.config
         self.started.add(trial.trial_id)
         self.target_of[trial.trial_id] = cfg["target"]
@@ -379,6 +384,10 @@ class MLflowTuneCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.frozen:
             return
+        with COSTS.phase("mlflow_callback"):
+            self._result(trial, result)
+
+    def _result(self, trial, result):
         run_id = self.tracker.trial_runs.get(trial.trial_id)
         if run_id:
             metrics = {k: result[k] for k in result if k in _METRIC_KEYS}
@@ -413,12 +422,14 @@ class MLflowTuneCallback(Callback):
             self.on_event(status, trial, trial.last_result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial, "stopped" if trial.trial_id in self.stopped else "finished")
+        with COSTS.phase("mlflow_callback"):
+            self._end(trial, "stopped" if trial.trial_id in self.stopped else "finished")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         from .results import root_cause
         error = ""
         if trial.error_file and Path(trial.error_file).is_file():
             error = root_cause(Path(trial.error_file).read_text(errors="replace"))
-        self._end(trial, "failed", error)
+        with COSTS.phase("mlflow_callback"):
+            self._end(trial, "failed", error)
 
