@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from sfd.io import write_json
+
 COSTS_FILE = "driver_costs.json"
 
 
@@ -44,9 +46,8 @@ class DriverCosts:
                 "phases": {k: {"wall_s": round(v["wall_s"], 3), "cpu_s": round(v["cpu_s"], 3), "calls": v["calls"]}
                            for k, v in self.phases.items()}}
 
-    def write(self, out: Path, **extra) -> None:
-        from sfd.io import write_json
-        write_json(Path(out) / COSTS_FILE, {**self.snapshot(), **extra})
+    def write(self, out: Path, name: str = COSTS_FILE, **extra) -> None:
+        write_json(Path(out) / name, {**self.snapshot(), **extra})
 
 
 # one driver per process: the sweep's phases add up in this one

@@ -16,9 +16,12 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
 from ray.tune import Callback
 
 from orchestration.storage import Storage, is_remote
+from sfd.io import write_json
+from sfd.runs import evaluate_run
 
 
 def fresh_cache(run_dir, seed: int) -> Path:
@@ -28,10 +31,6 @@ def fresh_cache(run_dir, seed: int) -> Path:
 def _evaluate(run_dir: str, seed: int, storage_uri: str | None, rel: str | None) -> dict:
     """(runs as a task) ``sfd.runs.evaluate_run`` on fresh noise; with a remote storage the trial's folder is
     fetched from ``<storage>/<rel>`` first (it was written on another node)."""
-    import torch
-
-    from sfd.runs import evaluate_run
-
     torch.set_num_threads(1)
     if storage_uri and is_remote(storage_uri):
         with tempfile.TemporaryDirectory() as d:
@@ -81,8 +80,6 @@ class FreshJobs:
         """Wait for every submitted re-evaluation and cache its figures in the trial's run folder; returns how
         many. A failed one raises, naming the trial (as the driver's own evaluation did)."""
         import ray
-
-        from sfd.io import write_json
 
         n = 0
         for trial_id, (run_dir, ref) in list(self.pending.items()):

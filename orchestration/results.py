@@ -252,8 +252,12 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
 
     out_dir = Path(out_dir)
     summary = []
+    # each target's trials in one pass (filtering all rows per target grew with targets x trials)
+    by_unit: dict[tuple, list] = {}
+    for r in rows:
+        by_unit.setdefault((r["target"], r.get("method") or "sfd"), []).append(r)
     for t in targets:
-        tr = [r for r in rows if r["target"] == t.target_name and (r.get("method") or "sfd") == t.method]
+        tr = by_unit.get((t.target_name, t.method), [])
         front = pareto_front(tr)
         best = choose_best(tr, ua_threshold, max_override_fd_ratio, max_asr)
         base = next((r for r in tr if r["baseline"]), None)
