@@ -351,11 +351,24 @@ def main(argv=None) -> int:
         r = run(sweep_cmd(a, Path(a.repo), out, main_space, ["all_digits_classes"], "--budget-kimg",
                           str(a.main_budget_kimg)), env, out.with_suffix(".log"))
         rec = {**r, **{k: v for k, v in driver_figures(out).items()}}
+        # the same re-evaluations on one process, as the driver made them before they became Ray tasks:
+        # --summarize-only (no Ray) on the same sweep, its fresh caches removed first
+        for f in out.glob("trials/*/*/evaluation_fresh_seed*.json"):
+            f.unlink()
+        s = run([sys.executable, str(Path(a.repo) / "orchestration" / "sweep.py"), "--summarize-only", "--out", str(out),
+                 "--ua-threshold", "0", "--fresh-seed", str(a.fresh_seed)], env, out.with_suffix(".log"))
+        one = json.loads((out / "driver_costs_summarize_only.json").read_text()) if \
+            (out / "driver_costs_summarize_only.json").is_file() else {}
+        ph = one.get("phases", {}).get("fresh_on_driver", {})
+        rec.update(one_process_exit=s["exit"], one_process_fresh_cpu_s=ph.get("cpu_s"), one_process_fresh_wall_s=ph.get("wall_s"),
+                   one_process_evaluations=len(list(out.glob("trials/*/*/evaluation_fresh_seed*.json"))))
         report["main_job"] = rec
-        ok &= r["exit"] == 0
+        ok &= r["exit"] == 0 and s["exit"] == 0
         print(f"[scale] main job (all_digits_classes, {a.main_budget_kimg} kimg/trial): exit {r['exit']}, {r['wall_s']} s; "
-              f"driver CPU on fresh re-evaluations {rec.get('fresh_driver_cpu_s')} s (wall {rec.get('fresh_driver_wall_s')} s); "
-              f"driver CPU in all {rec.get('driver_cpu_s')} s", flush=True)
+              f"driver CPU on fresh re-evaluations as Ray tasks {rec.get('fresh_driver_cpu_s')} s (wall "
+              f"{rec.get('fresh_driver_wall_s')} s); the same {rec['one_process_evaluations']} re-evaluations on one "
+              f"process (--summarize-only): CPU {rec['one_process_fresh_cpu_s']} s, wall {rec['one_process_fresh_wall_s']} s",
+              flush=True)
     if report["sizes"]:
         report["growth"] = growth(report["sizes"])
         print(table(report["sizes"], report["growth"], f"[scale] {a.label or 'this run'} ({a.repo})"))
