@@ -55,7 +55,7 @@ TINY = {"budget_kimg": 0.05, "eval_every_kimg": 0.05, "checkpoint_every_kimg": 0
 MAX_TARGETS = 90 + 360 + 840
 # the figures fitted for growth, and how each is read from a size's record
 FIGURES = ("wall_s", "driver_cpu_s", "driver_fit_cpu_per_trial_s", "driver_peak_rss_mib", "mlflow_write_s_per_trial",
-           "summary_s", "mlflow_mib", "optuna_mib", "tune_state_mib", "trials_mib")
+           "tables_s", "make_tuner_s", "mlflow_mib", "optuna_mib", "tune_state_mib", "trials_mib")
 PROGRESS = re.compile(r"\] trial (\d+)/(\d+),")
 
 
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="", help="a name for this run in the report (e.g. before, after)")
     p.add_argument("--report", help="write every figure as JSON here")
     p.add_argument("--plot", help="a PNG of each figure against the number of targets (log-log)")
+    p.add_argument("--replot", metavar="REPORT",
+                   help="run nothing: print the tables and draw --plot from this saved --report (and --compare)")
     p.add_argument("--compare", help="a report JSON of an earlier run (e.g. before the fixes): printed beside this one "
                                      "and drawn dashed in --plot")
     return p
@@ -185,7 +187,16 @@ def driver_figures(out: Path) -> dict:
                                                   "log_summary")), 2),
             "fresh_driver_cpu_s": round(p("fresh_on_driver", "cpu_s") + p("fresh_wait", "cpu_s"), 2),
             "fresh_driver_wall_s": round(p("fresh_on_driver") + p("fresh_wait"), 2),
-            "phases": ph}
+            "phases": ph, **derived(ph)}
+
+
+def derived(ph: dict) -> dict:
+    """From a sweep's driver phases: ``tables_s``, the tables and summary without the fresh re-evaluations
+    (before: evaluated inside the summary, on the driver; after: waited for as Ray tasks), so both compare."""
+    def p(name, key="wall_s"):
+        return ph.get(name, {}).get(key, 0.0)
+    return {"tables_s": round(sum(p(k) for k in ("trial_owners", "trial_rows", "summarise", "log_summary"))
+                              - p("fresh_on_driver"), 2)}
 
 
 def resume_checks(out: Path, n_targets: int, per_target: int) -> dict:
@@ -270,7 +281,7 @@ def growth(records: list[dict]) -> dict:
 
 
 def table(records: list[dict], exps: dict, label: str) -> str:
-    cols = ["targets", "planned_trials", *FIGURES, "fresh_driver_cpu_s", "make_tuner_s"]
+    cols = ["targets", "planned_trials", *FIGURES, "fresh_driver_cpu_s", "fresh_driver_wall_s"]
     lines = [f"{label}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
         lines.append("| " + " | ".join(f"{r.get(c, '-')}" for c in cols) + " |")
@@ -278,7 +289,7 @@ def table(records: list[dict], exps: dict, label: str) -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict], exps: dict, png: Path, before: dict | None = None) -> None:
+def plot(records: list[dict], exps: dict, png: Path, before: dict | None = None, label: str = "this run") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -288,8 +299,9 @@ def plot(records: list[dict], exps: dict, png: Path, before: dict | None = None)
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        for recs, ex, style, name in ((records, exps, "o-", "after"),
-                                      *(((before["sizes"], before["growth"], "s--", "before"),) if before else ())):
+        for recs, ex, style, name in ((records, exps, "o-", label),
+                                      *(((before["sizes"], before["growth"], "s--", before.get("label") or "compared"),)
+                                        if before else ())):
             pts = [(r["targets"], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and r[key] > 0]
             if pts:
                 ax.loglog(*zip(*pts), style, label=f"{name}: k={ex.get(key)}")
@@ -305,6 +317,26 @@ def plot(records: list[dict], exps: dict, png: Path, before: dict | None = None)
     plt.close(fig)
 
 
+def load_report(path) -> dict:
+    rep = json.loads(Path(path).read_text())
+    for r in rep.get("sizes", []):
+        r.update(derived(r.get("phases", {})))        # figures added since the report was written
+    rep["growth"] = growth(rep.get("sizes", []))
+    return rep
+
+
+def replot(a) -> int:
+    rep = load_report(a.replot)
+    before = load_report(a.compare) if a.compare else None
+    print(table(rep["sizes"], rep["growth"], f"[scale] {rep.get('label')} ({rep.get('repo')})"))
+    if before:
+        print(table(before["sizes"], before["growth"], f"[scale] compared: {before.get('label')} ({before.get('repo')})"))
+    if a.plot:
+        plot(rep["sizes"], rep["growth"], Path(a.plot), before, rep.get("label") or "this run")
+        print(f"[scale] plot: {a.plot}")
+    return 0
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     sizes, dry = sizes_of(a.sizes, "--sizes"), sizes_of(a.dry_run_sizes, "--dry-run-sizes")
@@ -312,6 +344,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"sweep_scale.py: error: --trials-per-target {a.trials_per_target} — give at least 1")
     if not (Path(a.repo) / "orchestration" / "sweep.py").is_file():
         raise SystemExit(f"sweep_scale.py: error: --repo {a.repo} has no orchestration/sweep.py — give a checkout of sfd")
+    if a.replot:
+        return replot(a)
     root = Path(a.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     space = write_space(root / "space.yaml")
@@ -372,12 +406,12 @@ def main(argv=None) -> int:
     if report["sizes"]:
         report["growth"] = growth(report["sizes"])
         print(table(report["sizes"], report["growth"], f"[scale] {a.label or 'this run'} ({a.repo})"))
-    before = json.loads(Path(a.compare).read_text()) if a.compare else None
+    before = load_report(a.compare) if a.compare else None
     if before and before.get("sizes"):
-        print(table(before["sizes"], before.get("growth") or growth(before["sizes"]),
+        print(table(before["sizes"], before["growth"],
                     f"[scale] compared: {before.get('label')} ({before.get('repo')})"))
     if a.plot and report["sizes"]:
-        plot(report["sizes"], report["growth"], Path(a.plot), before)
+        plot(report["sizes"], report["growth"], Path(a.plot), before, a.label or "this run")
         print(f"[scale] plot: {a.plot}")
     if a.report:
         from sfd.io import write_json
