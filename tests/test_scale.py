@@ -18,10 +18,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 def test_growth_exponent_of_linear_and_quadratic_figures():
     from sweep_scale import growth
-    recs = [{"targets": n, "wall_s": 3.0 * n, "summary_s": 0.01 * n * n, "optuna_mib": 5.0} for n in (10, 30, 100)]
+    recs = [{"targets": n, "wall_s": 3.0 * n, "tables_s": 0.01 * n * n, "optuna_mib": 5.0} for n in (10, 30, 100)]
     k = growth(recs)
     assert k["wall_s"] == pytest.approx(1.0, abs=0.01)
-    assert k["summary_s"] == pytest.approx(2.0, abs=0.01)
+    assert k["tables_s"] == pytest.approx(2.0, abs=0.01)
     assert k["optuna_mib"] == pytest.approx(0.0, abs=0.01)
     assert k["mlflow_mib"] is None                       # no figure: no exponent invented
 
