@@ -21,6 +21,7 @@ from sfd.methods.finetune import MODEL_FILE
 from sfd.robustness import ATTACK_KEYS
 from sfd.runs import evaluate_run
 
+from .costs import COSTS
 from .search import METRICS, MODES
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
@@ -253,8 +254,12 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
 
     out_dir = Path(out_dir)
     summary = []
+    # each target's trials in one pass (filtering all rows per target grew with targets x trials)
+    by_unit: dict[tuple, list] = {}
+    for r in rows:
+        by_unit.setdefault((r["target"], r.get("method") or "sfd"), []).append(r)
     for t in targets:
-        tr = [r for r in rows if r["target"] == t.target_name and (r.get("method") or "sfd") == t.method]
+        tr = by_unit.get((t.target_name, t.method), [])
         front = pareto_front(tr)
         best = choose_best(tr, ua_threshold, max_override_fd_ratio, max_asr)
         base = next((r for r in tr if r["baseline"]), None)
@@ -304,7 +309,8 @@ def summarise(rows: list[dict], targets, out_dir: Path, ua_threshold: float, max
                "pareto_size": len(front), "generator": export,
                "best_config": json.dumps({k[6:]: v for k, v in best.items() if k.startswith("param_")}) if best else ""}
         if fresh_seed is not None:
-            fb, fbase = fresh_metrics(best, fresh_seed), fresh_metrics(base, fresh_seed)
+            with COSTS.phase("fresh_on_driver"):         # evaluations here, or (the sweep) cached by Ray tasks
+                fb, fbase = fresh_metrics(best, fresh_seed), fresh_metrics(base, fresh_seed)
             for k in FRESH_KEYS:
                 row[f"{k}_fresh"] = float(fb[k]) if k in fb else math.nan
                 row[f"baseline_{k}_fresh"] = float(fbase[k]) if k in fbase else math.nan

@@ -28,6 +28,7 @@ if __package__ in (None, ""):           # run as a script: make the repo importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # isort: on
 from orchestration import cluster as clu
+from orchestration.costs import COSTS
 from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, interrupted_inside, ray_session,
                                      read_record, refuse_live_driver, settle_dead_driver, sweep_record, write_record)
 from orchestration.pruning import PerTargetHalving
@@ -510,8 +511,10 @@ def summarize_only(a) -> int:
     units = list(dict.fromkeys((r["target"], r.get("method") or "sfd") for r in rows))
     parsed = {t.name: t for t in parse_targets(list(dict.fromkeys(name for name, _ in units)), "next")}
     targets = [replace(parsed[name], method=method) for name, method in units]
-    df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio, max_asr=a.max_asr,
-                   fresh_seed=None if a.fresh_seed < 0 else a.fresh_seed)
+    with COSTS.phase("summarise"):       # here the fresh re-evaluations run on this process (no Ray)
+        df = summarise(rows, targets, out, a.ua_threshold, a.max_override_fd_ratio, max_asr=a.max_asr,
+                       fresh_seed=None if a.fresh_seed < 0 else a.fresh_seed)
+    COSTS.write(out, "driver_costs_summarize_only.json", trials=len(rows), targets=len(targets))
     print((out / "summary.md").read_text())
     return 0 if (df["best_trial"] != "").all() else 1
 
@@ -788,15 +791,17 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
                 ray_session(a, clu.runtime_env(plan.storage, local=not a.address), signals) as ray:
             signals.abandon = lambda signum: abandon(a, plan, targets, tracker, record, outcome, signals, **tuned)
             max_conc = announce(a, plan, targets, ray.cluster_resources().get("CPU", 1))
-            clu.make_references(a, spaces, overrides, plan.storage, log=lambda m: print(m, flush=True))
+            with COSTS.phase("references"):
+                clu.make_references(a, spaces, overrides, plan.storage, log=lambda m: print(m, flush=True))
             for name, space in spaces.items():
                 # the baselines fine-tune the teacher itself: a sweep without sfd needs no stage 1
                 path = shared_stage1(a, name, space, overrides, plan.out) if "sfd" in a.method_list else None
                 # every trial's stage 2 starts from it (or, without one, from copies of the teacher)
                 space.defaults = {**space.defaults, "init_from": str(path) if path else "none"}
-            tuner, callback, stopper = make_tuner(a, plan, targets, spaces, overrides, tracker, max_conc)
+            with COSTS.phase("make_tuner"):
+                tuner, callback, stopper, fresh = make_tuner(a, plan, targets, spaces, overrides, tracker, max_conc)
             tuned.update(callback=callback, stopper=stopper)
-            with signals.tune_loop():
+            with signals.tune_loop(), COSTS.phase("fit"):
                 try:
                     grid = tuner.fit()
                 except Interrupted:          # a second signal: Tune's stop not waited for; its trials as held
@@ -806,10 +811,11 @@ def run_sweep(a, targets, spaces, overrides, record: dict) -> int:
                         raise
                     grid = callback.snapshot()
             try:
-                rows, df = tabulate(a, plan, grid, targets, callback, stopper, signals, tracker)
+                rows, df = tabulate(a, plan, grid, targets, callback, stopper, signals, tracker, fresh)
             except Interrupted:      # the first signal after Tune returned: the tables again, at once (no fresh
                 rows, df = tabulate(a, plan, grid, targets, callback, stopper, signals, tracker)  # re-evaluation)
             outcome.status = "interrupted" if signals.caught else "finished"
+            COSTS.write(plan.out, trials=len(rows), targets=len(targets), resumed=plan.resuming)
     except Interrupted:
         pass
     except SystemError as e:
@@ -915,8 +921,16 @@ def _rebind_restored(tuner, scheduler, callbacks, pruned: dict | None = None) ->
     this run's own instances (its MLflow client, its stopper) take their place. Ray 2.60 keeps
     them on the TunerInternal; the callbacks' state comes back through Tune's own
     get_state/set_state. The restored searcher shares this run's early-stopping record (``pruned``),
-    whose state comes back from OUT/early_stop.json."""
-    inner = tuner._local_tuner
+    whose state comes back from OUT/early_stop.json. These are Ray's private attributes: a Ray without them is
+    refused here, by name (tests/test_scale.py pins them), instead of resuming with the interrupted run's stale
+    callbacks."""
+    import ray
+
+    inner = getattr(tuner, "_local_tuner", None)
+    if inner is None or not hasattr(inner, "_tune_config") or not hasattr(inner, "_run_config"):
+        raise RuntimeError(f"--resume: Ray {ray.__version__}'s Tuner keeps no _local_tuner._tune_config/_run_config "
+                           f"(Ray 2.60 does), so the restored sweep cannot be given this run's MLflow callback and "
+                           f"stopper — install the Ray pinned in pyproject.toml")
     inner._tune_config.scheduler = scheduler
     inner._run_config.callbacks = list(callbacks)
     search_alg = getattr(inner._tune_config, "search_alg", None)
@@ -930,6 +944,7 @@ def make_tuner(a, plan: SweepPlan, targets, spaces, overrides, tracker, max_conc
     callback and the stopper (what happened to each trial)."""
     from ray import tune
 
+    from orchestration.fresh import FreshCallback, FreshJobs
     from orchestration.search import PerTargetSearch
     from orchestration.tracking import MLflowTuneCallback
 
@@ -945,6 +960,15 @@ def make_tuner(a, plan: SweepPlan, targets, spaces, overrides, tracker, max_conc
     callback = clu.storage_callback(MLflowTuneCallback, plan.storage)(   # [cluster] fetches remote trial outputs first
         tracker, {t.name: t for t in targets}, plan.out, on_event=progress, stopped=stopper.stopped)
     scheduler = make_scheduler(stopper, halving)
+    callbacks, fresh = [callback], None
+    if a.fresh_seed >= 0:
+        # each target's best and baseline re-evaluated as Ray tasks once its last trial ends (beside later
+        # targets' trials), not on the driver at the end
+        fresh = FreshJobs(a.fresh_seed, a.ua_threshold, a.max_override_fd_ratio, a.max_asr, plan.storage,
+                          num_cpus=a.cpus_per_worker, num_gpus=a.gpus_per_worker)
+        callbacks.append(FreshCallback(fresh, {t.name: t for t in targets},
+                                       {t.name: trials_for(spaces, t, a.trials_per_target) for t in targets},
+                                       plan.out, callback.outcome))
     sweep_cfg = {"out": str(plan.out), "storage": plan.storage, "workers_per_trial": a.workers_per_trial,
                  "cpus_per_worker": a.cpus_per_worker, "gpus_per_worker": a.gpus_per_worker,
                  "max_failures": a.max_failures, "trial_runner": a.trial_runner,
@@ -960,8 +984,8 @@ def make_tuner(a, plan: SweepPlan, targets, spaces, overrides, tracker, max_conc
         # unfinished trials continue (each from its Ray Train checkpoint); failed ones stay failed
         tuner = tune.Tuner.restore(plan.exp_path, trainable=trainable, param_space={"sweep": sweep_cfg},
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
-        _rebind_restored(tuner, scheduler, [callback], halving.pruned if halving is not None else None)
-        return tuner, callback, stopper
+        _rebind_restored(tuner, scheduler, callbacks, halving.pruned if halving is not None else None)
+        return tuner, callback, stopper, fresh
     if plan.resuming and searcher.fail_running():
         print("[sweep] --resume: no Tune state was saved; the trials it had asked for start again", flush=True)
     # in the trial's process, Tune itself keeps the two newest checkpoints and retries a failed trial
@@ -974,18 +998,20 @@ def make_tuner(a, plan: SweepPlan, targets, spaces, overrides, tracker, max_conc
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.n_trials,
                                     max_concurrent_trials=max_conc,
                                     reuse_actors=reuse_actors(a.trial_runner, a.max_failures)),
-        run_config=tune.RunConfig(name=plan.tune_name, storage_path=plan.storage, callbacks=[callback],
+        run_config=tune.RunConfig(name=plan.tune_name, storage_path=plan.storage, callbacks=callbacks,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2) if in_tune else None,
                                   failure_config=tune.FailureConfig(max_failures=a.max_failures) if in_tune else None,
                                   verbose=0),
     )
-    return tuner, callback, stopper
+    return tuner, callback, stopper, fresh
 
 
-def tabulate(a, plan: SweepPlan, grid, targets, callback, stopper, signals, tracker):
+def tabulate(a, plan: SweepPlan, grid, targets, callback, stopper, signals, tracker, fresh=None):
     """Tune's results -> the trial table, the per-target summary (and its MLflow runs), the parent
     run's figures. An interrupted sweep writes its tables at once (no fresh re-evaluation; --resume
-    does it). Returns the trial rows and the summary."""
+    does it). ``fresh`` (orchestration.fresh.FreshJobs): the fresh re-evaluations already submitted as Ray
+    tasks; those of targets not submitted yet are submitted now, and all are collected before the
+    summary, which then only reads them. Returns the trial rows and the summary."""
     from orchestration.results import summarise, trial_rows
     from orchestration.search import trial_owners
     from orchestration.tracking import log_sweep_summary
@@ -994,14 +1020,29 @@ def tabulate(a, plan: SweepPlan, grid, targets, callback, stopper, signals, trac
     if signals.caught:
         why = f"cut off by {signal.Signals(signals.signum).name}"
         notes.update({tid: why for tid in callback.started - set(callback.outcome)})
-    clu.after_fit(a, grid, targets, plan.storage, plan.out)          # [cluster] remote trial outputs -> OUT/trials
-    owners = trial_owners(f"sqlite:///{plan.out / 'optuna.db'}") if (plan.out / "optuna.db").is_file() else {}
-    rows = trial_rows(grid, {t.name: t for t in targets}, plan.out, callback.outcome, callback.errors, notes=notes,
-                      owners=owners)
-    df = summarise(rows, targets, plan.out, a.ua_threshold, a.max_override_fd_ratio, tracker, max_asr=a.max_asr,
-                   fresh_seed=None if (a.fresh_seed < 0 or signals.caught) else a.fresh_seed)
+    with COSTS.phase("after_fit"):
+        clu.after_fit(a, grid, targets, plan.storage, plan.out)      # [cluster] remote trial outputs -> OUT/trials
+    with COSTS.phase("trial_owners"):
+        owners = trial_owners(f"sqlite:///{plan.out / 'optuna.db'}") if (plan.out / "optuna.db").is_file() else {}
+    with COSTS.phase("trial_rows"):
+        rows = trial_rows(grid, {t.name: t for t in targets}, plan.out, callback.outcome, callback.errors,
+                          notes=notes, owners=owners)
+    fresh_seed = None if (a.fresh_seed < 0 or signals.caught) else a.fresh_seed
+    if fresh is not None and fresh_seed is not None:
+        with COSTS.phase("fresh_wait"):
+            by_unit: dict = {}
+            for r in rows:
+                by_unit.setdefault(unit_name(r["target"], r.get("method") or "sfd"), []).append(r)
+            for t in targets:
+                if t.name not in fresh.submitted_units:
+                    fresh.submit(t.name, by_unit.get(t.name, []))
+            fresh.gather()
+    with COSTS.phase("summarise"):
+        df = summarise(rows, targets, plan.out, a.ua_threshold, a.max_override_fd_ratio, tracker, max_asr=a.max_asr,
+                       fresh_seed=fresh_seed)
     clu.publish_tables(a, plan.storage, plan.out)                    # [cluster] results tables -> <storage>/results
-    log_sweep_summary(tracker, df, len(rows), plan.out)
+    with COSTS.phase("log_summary"):
+        log_sweep_summary(tracker, df, len(rows), plan.out)
     return rows, df
 
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 from ray.tune import Callback
 
+from .costs import COSTS
 from .targets import unit_name
 from .trial import REPORT_KEYS as _METRIC_KEYS
 
@@ -176,14 +177,24 @@ class MLflowSweep(MLflowStore):
             self.trial_runs[t.data.tags["trial_id"]] = t.info.run_id
 
     def _children(self, parent: str | None, kind: str) -> list:
-        """This sweep's runs of a kind (trials: every trial under any of its target runs)."""
+        """This sweep's runs of a kind (trials: every trial under any of its target runs). The trials in one
+        search, not one per target: each search scans the experiment, so per target it grew with targets x runs."""
         if parent is None:
-            out = []
-            for target_id in self.target_runs.values():
-                out += self._children(target_id, kind)
-            return out
-        return self.client.search_runs([self.experiment_id], max_results=10000,
-                                       filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.kind = '{kind}'")
+            targets = set(self.target_runs.values())
+            return [r for r in self._search(f"tags.kind = '{kind}'") if r.data.tags.get(PARENT_TAG) in targets]
+        return self._search(f"tags.`{PARENT_TAG}` = '{parent}' and tags.kind = '{kind}'")
+
+    def _search(self, filter_string: str) -> list:
+        """Every run of the experiment matching ``filter_string``, page by page (a search returns at most
+        a page: a sweep of thousands of trials has more)."""
+        out, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000,
+                                           page_token=token)
+            out += list(page)
+            token = page.token
+            if not token:
+                return out
 
     def target_run(self, target) -> str:
         if target.name not in self.target_runs:
@@ -218,9 +229,13 @@ class MLflowSweep(MLflowStore):
         """Every run of this sweep still RUNNING (trials cut off, their targets) ends as ``status``
         (KILLED): no run is left RUNNING by an interrupted or failed sweep."""
         ended = []
-        for run_id in [*self.trial_runs.values(), *self.target_runs.values()]:
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                self.finish(run_id, "cut_off" if run_id in self.trial_runs.values() else status)
+        trials = set(self.trial_runs.values())
+        mine = trials | set(self.target_runs.values())
+        # one search for the RUNNING ones, not a get_run per run of the sweep
+        for run in self._search("attributes.status = 'RUNNING'"):
+            run_id = run.info.run_id
+            if run_id in mine:
+                self.finish(run_id, "cut_off" if run_id in trials else status)
                 ended.append(run_id)
         return ended
 
@@ -396,6 +411,10 @@ class MLflowTuneCallback(Callback):
         self.trials = trials
         if self.frozen:
             return
+        with COSTS.phase("mlflow_callback"):
+            self._start(trial)
+
+    def _start(self, trial):
         cfg = trial.config
         self.started.add(trial.trial_id)
         self.target_of[trial.trial_id] = cfg["target"]
@@ -406,6 +425,10 @@ class MLflowTuneCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.frozen:
             return
+        with COSTS.phase("mlflow_callback"):
+            self._result(trial, result)
+
+    def _result(self, trial, result):
         run_id = self.tracker.trial_runs.get(trial.trial_id)
         if run_id:
             metrics = {k: result[k] for k in result if k in _METRIC_KEYS}
@@ -440,12 +463,14 @@ class MLflowTuneCallback(Callback):
             self.on_event(status, trial, trial.last_result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial, "stopped" if trial.trial_id in self.stopped else "finished")
+        with COSTS.phase("mlflow_callback"):
+            self._end(trial, "stopped" if trial.trial_id in self.stopped else "finished")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         from .results import root_cause
         error = ""
         if trial.error_file and Path(trial.error_file).is_file():
             error = root_cause(Path(trial.error_file).read_text(errors="replace"))
-        self._end(trial, "failed", error)
+        with COSTS.phase("mlflow_callback"):
+            self._end(trial, "failed", error)
 
