@@ -235,6 +235,22 @@ def driver_state(record: dict) -> str:
     return "dead" if d.get("started") and now and now != d["started"] else "alive"
 
 
+def folder_record(path: Path, kind: str) -> dict | None:
+    """The record a sweep or a chain keeps in its folder (``kind`` "sfd-sweep", "sfd-sequential"), None
+    where there is none; a record that is damaged or of another kind raises ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+        if not isinstance(rec, dict) or rec.get("kind") != kind:
+            raise ValueError(f"not a {kind} record")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is corrupted ({e}) — restore it, or start over with --overwrite (the old folder "
+                         f"is moved aside, not deleted)") from None
+    return rec
+
+
 def read_record(out: Path) -> dict | None:
     """``OUT/sweep.json`` as written, or None (none there, or not a sweep's record: the callers that
     need one say so)."""

@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestration.lifecycle import folder_record
 from orchestration.targets import Target, parse_targets
 from sfd.config import SFDConfig
 from sfd.evaluate.forgetting import teacher_fingerprint
@@ -163,14 +164,10 @@ def claim(a, stages: list[Stage]) -> dict:
         os.replace(out, aside)
         print(f"[chain] --overwrite: {out} moved aside to {aside}", flush=True)
         return fresh
-    rec = None
-    if (out / RECORD).is_file():
-        try:
-            rec = read_json(out / RECORD)
-            if not isinstance(rec, dict) or rec.get("kind") != "sfd-sequential":
-                raise ValueError("not a chain record")
-        except (OSError, ValueError) as e:
-            raise ChainError(f"{out / RECORD} is corrupted ({e}) — restore it, or start over with --overwrite") from None
+    try:
+        rec = folder_record(out / RECORD, "sfd-sequential")
+    except ValueError as e:
+        raise ChainError(str(e)) from None
     if not a.resume:
         what = f"chain {rec['chain_id']} ({' -> '.join(rec['targets'])}, {rec.get('status')})" if rec else \
             f"other files ({', '.join(held[:5])})"

@@ -29,8 +29,9 @@ if __package__ in (None, ""):           # run as a script: make the repo importa
 # isort: on
 from orchestration import cluster as clu
 from orchestration.costs import COSTS
-from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, interrupted_inside, ray_session,
-                                     read_record, refuse_live_driver, settle_dead_driver, sweep_record, write_record)
+from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, folder_record, interrupted_inside,
+                                     ray_session, read_record, refuse_live_driver, settle_dead_driver, sweep_record,
+                                     write_record)
 from orchestration.pruning import PerTargetHalving
 from orchestration.sequential import describe, plan_chain, run_chain
 from orchestration.services import probe_all
@@ -572,15 +573,10 @@ def claim_out(a, targets, dry_run: bool = False) -> dict:
         print(f"[sweep] --overwrite: the sweep in {out} {'would be' if dry_run else 'is'} moved aside to {aside}",
               flush=True)
         return {**fresh, "_move_aside": str(aside)}       # moved when the sweep starts (run_sweep)
-    rec = None
-    if (out / SWEEP_FILE).is_file():
-        try:
-            rec = json.loads((out / SWEEP_FILE).read_text())
-            if not isinstance(rec, dict) or rec.get("kind") != "sfd-sweep":
-                raise ValueError("not a sweep record")
-        except (OSError, ValueError) as e:
-            raise SweepError(f"{out / SWEEP_FILE} is corrupted ({e}) — restore it, or start over with --overwrite "
-                             f"(the old sweep is moved aside, not deleted)") from None
+    try:
+        rec = folder_record(out / SWEEP_FILE, "sfd-sweep")
+    except ValueError as e:
+        raise SweepError(str(e)) from None
     if not a.resume:
         what = f"sweep {rec['sweep_id']} ({' '.join(rec['targets'])}, {rec.get('status')})" if rec else \
             f"an earlier sweep ({', '.join(held)})"

@@ -228,3 +228,24 @@ def test_sequential_sweep_end_to_end(tmp_path, monkeypatch):
     n_runs = len(runs)
     assert sweep.main([*argv, "--resume"]) == 0                # finished: nothing reruns, no new runs
     assert len(client.search_runs([client.get_experiment_by_name("sfd-sweep").experiment_id])) == n_runs
+
+
+@pytest.mark.parametrize("damage", ['{"kind": "sfd-seq', '{"kind": "sfd-sweep"}'])
+def test_a_damaged_record_is_named_and_nothing_changes(tmp_path, damage, capsys):
+    """A chain's record (and, the same helper, a sweep's) that is truncated or of another kind is refused with
+    the file named and the way out; the folder is left as it was."""
+    a = _args(tmp_path)
+    stages = plan_chain(a.targets, "next")
+    assert run_chain(a, stages, FakeStages(stop="digits:5->6")) == 130
+    path = tmp_path / "chain" / RECORD
+    path.write_text(damage)
+    before = sorted(p.name for p in (tmp_path / "chain").iterdir())
+    with pytest.raises(ChainError, match=f"{path} is corrupted .*--overwrite"):
+        run_chain(_args(tmp_path, "--resume"), stages, FakeStages())
+    assert path.read_text() == damage and sorted(p.name for p in (tmp_path / "chain").iterdir()) == before
+    # the sweep's own record through the same reader
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text(damage.replace("sfd-sweep", "sfd-chain"))
+    assert sweep.main(["--targets", "digits:3", "--out", str(out), "--resume"]) == 2       # refused before Ray starts
+    assert f"{out / 'sweep.json'} is corrupted" in capsys.readouterr().err
