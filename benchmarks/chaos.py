@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kills", default=None,
                    help="kills per kind, kind=count,... of worker, group_term, driver_int, node (default: "
                         f"{DEFAULT_KILLS[1]}; with --nodes 2: {DEFAULT_KILLS[2]})")
+    p.add_argument("--in-order", action="store_true",
+                   help="make the kills in the order --kills lists them (default: shuffled by --seed)")
     p.add_argument("--nodes", type=int, choices=(1, 2), default=1,
                    help="1: the sweep starts its own local Ray; 2: a head and a worker node on loopback, joined "
                         "with --address (default: 1)")
@@ -404,7 +406,8 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     kills = parse_kills(a.kills or DEFAULT_KILLS[a.nodes], a.nodes)
     rng = random.Random(a.seed)
-    rng.shuffle(kills)
+    if not a.in_order:
+        rng.shuffle(kills)
     root = Path(a.out).resolve()
     calm_file = root / "calm.json"
     reuse = a.reuse_calm and calm_file.is_file() and json.loads(calm_file.read_text()).get("args") == sweep_key(a)

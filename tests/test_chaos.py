@@ -51,8 +51,11 @@ def test_a_node_kill_needs_two_nodes():
 @pytest.mark.slow
 def test_two_node_chaos_run_loses_nothing(tmp_path, capsys):
     report = tmp_path / "report.json"
-    rc = chaos.main(["--nodes", "2", "--targets", "digits:0", "--trials-per-target", "2", "--budget-kimg", "0.5",
-                     "--kills", "worker=1,node=1", "--max-delay", "8", "--out", str(tmp_path / "chaos"),
+    # the node first: both first trials start at once, one on each node's CPU, so one trains on the worker node
+    # (shuffled, the worker kill could come first and the sweep end before a trial trained there again)
+    # (3 trials of 1 kimg: a trial still trains for the worker kill after the node's)
+    rc = chaos.main(["--nodes", "2", "--targets", "digits:0", "--trials-per-target", "3", "--budget-kimg", "1.0",
+                     "--kills", "node=1,worker=1", "--in-order", "--max-delay", "4", "--out", str(tmp_path / "chaos"),
                      "--report", str(report)])
     text = capsys.readouterr().out
     rep = json.loads(report.read_text())
@@ -65,6 +68,6 @@ def test_two_node_chaos_run_loses_nothing(tmp_path, capsys):
     assert rep["chaos"]["tune_trial_task_failures"] >= 2, rep["chaos"]      # both kills hit a trial
     assert rep["diff"] == {} and rep["problems"] == {"calm": [], "chaos": []}
     got = rep["counts"]["chaos"]
-    assert got["table_rows"] == 2 and got["table_status"] == {"finished": 2}
-    assert got["mlflow_status"] == {"FINISHED": 4} and got["optuna"] == {"digits:0->1": {"COMPLETE": 2}}
+    assert got["table_rows"] == 3 and got["table_status"] == {"finished": 3}
+    assert got["mlflow_status"] == {"FINISHED": 5} and got["optuna"] == {"digits:0->1": {"COMPLETE": 3}}
     assert got["mlflow_checkpoint_models_distinct"] == rep["counts"]["calm"]["mlflow_checkpoint_models_distinct"]
