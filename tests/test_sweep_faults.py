@@ -501,9 +501,15 @@ def test_kill_9_of_the_drivers_group_then_summarize_only_marks_its_runs_killed_a
     assert len(trials) == 2 and trials["trial_id"].is_unique and (trials["status"] == "finished").all(), trials
     _, runs = _runs(out)
     assert len(runs["sweep"]) == 1 and runs["sweep"][0].info.status == "FINISHED"          # the same sweep run
-    assert sorted(x.info.status for x in runs["trial"]) == ["FINISHED", "FINISHED"]
+    # one FINISHED run per trial of the table; a kill -9 that lands as a trial starts, before Tune saved it, leaves
+    # that attempt's run, marked KILLED by --summarize-only (its trial is asked again under a new id): never RUNNING
+    statuses = sorted(x.info.status for x in runs["trial"])
+    assert statuses.count("FINISHED") == 2 and set(statuses) <= {"FINISHED", "KILLED"}, statuses
+    finished_ids = {x.data.tags.get("trial_id") for x in runs["trial"] if x.info.status == "FINISHED"}
+    assert finished_ids == set(trials["trial_id"]), (finished_ids, trials["trial_id"])
     study = optuna.load_study(study_name="digits:0->1", storage=f"sqlite:///{out / 'optuna.db'}")
-    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE"]
+    states = sorted(t.state.name for t in study.trials)
+    assert states.count("COMPLETE") == 2 and set(states) <= {"COMPLETE", "FAIL"}, states
 
 
 def _assert_resumed(out: Path, env, first: Path, first_metrics: bytes, space: str = "tiny"):
