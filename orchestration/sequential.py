@@ -33,6 +33,7 @@ from sfd.config import SFDConfig
 from sfd.evaluate.forgetting import teacher_fingerprint
 from sfd.io import atomic_path, read_json, write_json
 from sfd.presets import get_preset
+from sfd.rundir import aside_path
 from sfd.tasks import get_task
 
 RECORD = "sequential.json"
@@ -157,10 +158,7 @@ def claim(a, stages: list[Stage]) -> dict:
     if not held:
         return fresh
     if a.overwrite:
-        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        n = 1
-        while aside.exists():
-            aside, n = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+        aside = aside_path(out)
         os.replace(out, aside)
         print(f"[chain] --overwrite: {out} moved aside to {aside}", flush=True)
         return fresh

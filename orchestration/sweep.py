@@ -44,6 +44,7 @@ from sfd.evaluate.forgetting import teacher_fingerprint
 from sfd.evaluate.report import check_reference
 from sfd.io import CheckpointError
 from sfd.presets import get_preset
+from sfd.rundir import aside_path
 from sfd.raytrain import make_trainer
 from sfd.stage1 import bundled_stage1, cache_root, export_stage1, find_stage1, is_stage1, stage1_config, stage1_key
 from sfd.tasks import get_task
@@ -566,10 +567,7 @@ def claim_out(a, targets, dry_run: bool = False) -> dict:
             print(f"[sweep] --resume: {out} holds no sweep yet; starting a new one", flush=True)
         return fresh
     if a.overwrite:
-        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        n = 1
-        while aside.exists():
-            aside, n = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+        aside = aside_path(out)
         print(f"[sweep] --overwrite: the sweep in {out} {'would be' if dry_run else 'is'} moved aside to {aside}",
               flush=True)
         return {**fresh, "_move_aside": str(aside)}       # moved when the sweep starts (run_sweep)

@@ -91,6 +91,15 @@ def read_run_record(out: Path) -> dict | None:
                               f"(the run is moved aside, not deleted)") from None
 
 
+def aside_path(out: Path) -> Path:
+    """Where ``--overwrite`` moves a folder: ``<out>.old-<timestamp>`` (``-<n>`` added until it is free)."""
+    out = Path(out)
+    aside, n = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"), 1
+    while aside.exists():
+        aside, n = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+    return aside
+
+
 def plan_run_dir(out, cfg_dict: dict, *, resume: bool, overwrite: bool) -> RunPlan:
     """Decide, without writing anything, what this run does with ``out`` (see the module doc)."""
     out = Path(out)
@@ -104,11 +113,7 @@ def plan_run_dir(out, cfg_dict: dict, *, resume: bool, overwrite: bool) -> RunPl
             plan.notes.append(f"--resume: {out} holds no run yet; starting fresh")
         return plan
     if overwrite:
-        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        n = 1
-        while aside.exists():
-            aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-            n += 1
+        aside = aside_path(out)
         return RunPlan(out, new_id, fresh=True, move_aside=aside,
                        notes=[f"--overwrite: the run in {out} is moved aside to {aside}"])
     rec = read_run_record(out)
