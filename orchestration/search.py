@@ -74,23 +74,50 @@ class PerTargetSearch(Searcher):
         self._open_studies()
 
     def _open_studies(self) -> None:
+        """Forget the opened studies; each is opened when first needed (:class:`_Studies`), so a sweep of
+        a thousand targets starts its first trials at once instead of opening every study first."""
+        self.studies = _Studies(self)
+        self._storage = None
+
+    def _rdb(self):
+        """One Optuna storage object for every study (a URL per study would build a database engine
+        each: about 8x slower per study opened)."""
+        if self.storage is None:
+            return None
+        if self._storage is None:
+            import optuna
+            self._storage = optuna.storages.RDBStorage(self.storage)
+        return self._storage
+
+    def open_study(self, name: str):
+        """``name``'s study, created (with the baseline as its first point) if the storage has none."""
         import optuna
         from optuna.samplers import TPESampler
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.studies = {}
-        for i, name in enumerate(self.order):
-            study = optuna.create_study(
-                study_name=name, storage=self.storage, load_if_exists=True, directions=["minimize", "minimize"],
-                sampler=TPESampler(seed=self.seed + i, multivariate=True))
-            if not study.trials:                  # a fresh study: the baseline is its first point
-                t = self.targets[name]
-                study.enqueue_trial(space_for(self.spaces, t).baseline_point(t.override))
-            self.studies[name] = study
+        i = self.order.index(name)
+        study = optuna.create_study(
+            study_name=name, storage=self._rdb(), load_if_exists=True, directions=["minimize", "minimize"],
+            sampler=TPESampler(seed=self.seed + i, multivariate=True))
+        if not study.trials:                  # a fresh study: the baseline is its first point
+            t = self.targets[name]
+            study.enqueue_trial(space_for(self.spaces, t).baseline_point(t.override))
+        return study
+
+    def studies_with_trials(self) -> dict:
+        """The studies that hold any trial: with a storage, those it records (one query, then each opened);
+        in memory, the ones opened so far."""
+        if self.storage is None:
+            return {n: s for n, s in self.studies.items() if s.trials}
+        import optuna
+        held = {s.study_name for s in optuna.get_all_study_summaries(self._rdb(), include_best_trial=False)
+                if s.n_trials}
+        return {n: self.studies[n] for n in self.order if n in held}
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("studies", None)                # Optuna's storage holds them, not a pickle
+        state.pop("_storage", None)
         return state
 
     def __setstate__(self, state):
@@ -113,7 +140,7 @@ class PerTargetSearch(Searcher):
         self.next, self.owner = int(state["next"]), {k: list(v) for k, v in state["owner"].items()}
         self._open_studies()
         known = {(name, number) for name, number in self.owner.values()}
-        for name, study in self.studies.items():
+        for name, study in self.studies_with_trials().items():
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if (name, t.number) not in known:
                     study.tell(t.number, state=TrialState.FAIL)
@@ -123,7 +150,7 @@ class PerTargetSearch(Searcher):
         state (so none of them will be resumed); returns how many."""
         from optuna.trial import TrialState
         n = 0
-        for study in self.studies.values():
+        for study in self.studies_with_trials().values():
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 study.tell(t.number, state=TrialState.FAIL)
                 n += 1
@@ -163,7 +190,7 @@ class PerTargetSearch(Searcher):
         have = [t.params for t in self.studies[name].get_trials(deepcopy=False)]
         found = []
         for other in self.order:
-            if other == name or set(space_for(self.spaces, self.targets[other]).params) != keys:
+            if other == name or self.started[other] == 0 or set(space_for(self.spaces, self.targets[other]).params) != keys:
                 continue
             for t in self.studies[other].get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
                 feasible = bool(t.constraints) and all(c <= 0 for c in t.constraints.values())
@@ -228,12 +255,25 @@ class PerTargetSearch(Searcher):
         study.tell(number, [float(result[k]) for k in OBJECTIVES])
 
 
+class _Studies(dict):
+    """Target name -> its Optuna study, opened by :meth:`PerTargetSearch.open_study` on first access."""
+
+    def __init__(self, searcher: PerTargetSearch):
+        super().__init__()
+        self.searcher = searcher
+
+    def __missing__(self, name: str):
+        study = self[name] = self.searcher.open_study(name)
+        return study
+
+
 def trial_owners(storage: str) -> dict[str, str]:
     """Tune trial id -> target, as the per-target Optuna studies in ``storage`` record them (each
     study is named after its target; each trial carries its Tune trial's id)."""
     import optuna
     owners = {}
-    for summary in optuna.get_all_study_summaries(storage):
+    storage = optuna.storages.RDBStorage(storage)
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         for t in study.get_trials(deepcopy=False):
             if "tune_trial_id" in t.user_attrs:

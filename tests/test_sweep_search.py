@@ -303,3 +303,36 @@ def test_progress_best_so_far_counts_whole_trials_only(capsys):
     assert "no trial at the UA threshold yet" in capsys.readouterr().out
     p("finished", t, {"ua": 1.0, "fd_ratio": 1.6})
     assert "best so far UA 1.000, FD ratio 1.60" in capsys.readouterr().out
+
+
+def test_studies_open_when_their_target_starts(tmp_path):
+    """A sweep of many targets opens a target's study when its first trial is asked for, not every study
+    before the first trial (at 1,000 targets that was minutes before anything trained, and again at every
+    resume); a resume still finds an orphan RUNNING trial in a study this process has not opened."""
+    import optuna
+
+    from orchestration.search import PerTargetSearch
+    from orchestration.space import load_space, space_path
+    from orchestration.targets import parse_targets
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    names = [f"digits:{a}->{(a + 1) % 10}" for a in range(10)] + [f"digits:{a}+{(a + 1) % 10}->{(a + 2) % 10}"
+                                                                   for a in range(10)]
+    s = PerTargetSearch(parse_targets(names), {"digits": load_space(space_path("digits"))}, 2,
+                        ua_threshold=0.99, storage=url)
+
+    def held():
+        return {x.study_name for x in optuna.get_all_study_summaries(url, include_best_trial=False)}
+    assert held() == set() and dict(s.studies) == {}
+    first = s.suggest("t0")
+    assert first["baseline"] and held() == {names[0]}              # only the first target's study exists
+    s.suggest("t1"), s.suggest("t2")                                 # t2 opens the second target's study
+    assert held() == {names[0], names[1]}
+    s.save(str(tmp_path / "searcher.json"))
+    s.suggest("t3")                                                  # asked after Tune's last checkpoint
+    r = PerTargetSearch(parse_targets(names), {"digits": load_space(space_path("digits"))}, 2,
+                        ua_threshold=0.99, storage=url)
+    r.restore(str(tmp_path / "searcher.json"))
+    orphan = optuna.load_study(study_name=names[1], storage=url).trials[1]
+    assert orphan.user_attrs["tune_trial_id"] == "t3" and orphan.state.name == "FAIL"
+    assert held() == {names[0], names[1]}                            # restoring opened no other target's
