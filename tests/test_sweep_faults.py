@@ -802,15 +802,25 @@ def test_both_trial_runners_train_the_same_trial(tmp_path, env):
     import torch
 
     from sfd.io import load_tensors
-    got = {}
-    for runner in ("train", "tune"):
+    got, procs = {}, {}
+    for runner in ("train", "tune"):   # both sweeps at once (two Ray clusters): most of each is waiting
         out = tmp_path / runner
-        r = subprocess.run([sys.executable, str(REPO / "orchestration" / "sweep.py"), "--targets", "digits:0",
-                            "--trials-per-target", "1", "--space", str(env["tiny"]), "--out", str(out),
-                            "--num-cpus", "2", "--ua-threshold", "0", "--fresh-seed", "-1", "--trial-runner", runner],
-                           cwd=REPO, env=env["env"], capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert ("in the Tune trial" if runner == "tune" else "on Ray Train") in r.stdout
+        procs[runner] = subprocess.Popen(
+            [sys.executable, str(REPO / "orchestration" / "sweep.py"), "--targets", "digits:0",
+             "--trials-per-target", "1", "--space", str(env["tiny"]), "--out", str(out),
+             "--num-cpus", "2", "--ua-threshold", "0", "--fresh-seed", "-1", "--trial-runner", runner],
+            cwd=REPO, env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        logs = {runner: proc.communicate(timeout=400)[0] for runner, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                _kill_tree(proc.pid)
+    for runner, proc in procs.items():
+        stdout = logs[runner]
+        assert proc.returncode == 0, stdout[-4000:]
+        assert ("in the Tune trial" if runner == "tune" else "on Ray Train") in stdout
+        out = tmp_path / runner
         (gen,) = (out / "trials" / SLUG).glob("*/generator.safetensors")
         row = pd.read_parquet(out / "trials.parquet").iloc[0]
         got[runner] = (load_tensors(gen)[0], row)
