@@ -177,3 +177,28 @@ def test_teacher_floors_average_every_disjoint_set_of_equal_count(digits, teache
     assert max(sets) - min(sets) > 1e-3 * np.mean(sets)          # the sets differ: the mean is not any one
     assert ev.teacher["fd_override_teacher"] == pytest.approx(
         frechet_distance(feats[rows([5], 12, 0)], real.of([5])), rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 40, 300])
+def test_frechet_distance_with_fewer_samples_than_dimensions_equals_the_general_path(n):
+    """Inception-wide features from a few samples take the N x N path; it is the same distance as the
+    D x D eigendecompositions (the control: the general path itself, with the shortcut switched off)."""
+    from sfd.evaluate import metrics
+    rng = np.random.default_rng(n)
+    d = 512
+    a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.05 + 0.3
+    b_feats = rng.normal(size=(700, d)) * 0.7
+    ref = metrics.feature_stats(b_feats)
+    fast = [metrics.frechet_distance(a, ref), metrics.frechet_distance(ref, a), metrics.frechet_distance(a, b_feats)]
+    assert metrics._low_rank(a)
+    try:
+        metrics._LOW_RANK_MIN_DIM = 10 ** 9                          # the general path for the same inputs
+        slow = [metrics.frechet_distance(a, ref), metrics.frechet_distance(ref, a),
+                metrics.frechet_distance(a, b_feats)]
+    finally:
+        metrics._LOW_RANK_MIN_DIM = 256
+    assert not metrics._low_rank(b_feats)
+    # the general path adds the square roots of the D - N eigenvalues that are zero up to rounding
+    # (~1e-7 each): a few 1e-8 relative; the N x N path does not have them
+    for f, s in zip(fast, slow):
+        assert f == pytest.approx(s, rel=1e-6)
