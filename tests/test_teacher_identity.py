@@ -81,3 +81,27 @@ def test_sfd_distil_runs_on_colordigits(tmp_path, monkeypatch, capsys):
     from sfd.tasks import get_task
     teacher = get_task("colordigits").load_teacher(None, "cpu")
     assert man["key"] == stage1_key(stage1_config("colordigits", 0.03, 0, device="cpu"), copy.deepcopy(teacher))
+
+
+def test_the_vae_is_part_of_a_stable_diffusion_teachers_fingerprint(tmp_path):
+    """SD judges see the VAE's decodings: one UNet and text encoder with another VAE is another teacher (its
+    stage 1 and chain check are not shared); the same folder loaded twice, or a clone, keeps one identity."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+    from test_sd import make_sd_folder
+
+    from sfd.presets import get_preset
+    from sfd.tasks import get_task
+    folder = make_sd_folder(tmp_path / "a", "epsilon")
+    other = tmp_path / "b"
+    shutil.copytree(folder, other)
+    vae = AutoencoderKL.from_pretrained(str(other / "vae"))
+    with torch.no_grad():
+        next(vae.decoder.parameters()).view(-1)[0] += 1e-3       # one decoder weight
+    vae.save_pretrained(str(other / "vae"), safe_serialization=True)
+    task = get_task(get_preset("sd"))
+    a, same, b = task.load_teacher(folder), task.load_teacher(folder), task.load_teacher(other)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())   # UNet and prompts equal
+    assert teacher_fingerprint(a) == teacher_fingerprint(same) == teacher_fingerprint(a.clone())
+    assert teacher_fingerprint(a) != teacher_fingerprint(b)

@@ -33,6 +33,18 @@ class LatentTextUNet(TextUNetDenoiser):
                 raise CheckpointError(f"the VAE has {lat} latent channels but the UNet takes {self.img_shape[0]} — "
                                       f"unet/ and vae/ come from different models")
 
+    def identity_parts(self) -> dict[str, bytes]:
+        """The text encoder's parts and the VAE's weights and scaling factor: the VAE turns the teacher's latents
+        into the images every judge sees, so a teacher with another VAE is another teacher (its stage 1, chain
+        check and cached figures are not shared). Without a VAE (no ``vae/``): the text parts alone."""
+        parts = super().identity_parts()
+        vae = self.vae.obj
+        if vae is not None:
+            parts.update({f"vae.{k}": v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                          for k, v in vae.state_dict().items()})
+            parts["vae.scaling_factor"] = repr(float(vae.config.scaling_factor)).encode()
+        return parts
+
     def decode(self, latents: torch.Tensor, batch: int = 4) -> torch.Tensor:
         if self.vae.obj is None:
             raise CheckpointError("this denoiser has no VAE: load it from a pipeline folder with vae/")
