@@ -472,7 +472,7 @@ def methods_markdown(df: pd.DataFrame, ua_threshold: float) -> str:
              f"Per method over its targets: each target's best trial (UA >= {ua_threshold}, the sweep's rule) or, where "
              f"none reached it, its trial with the highest UA. Each cell: median / worst over the targets (worst: the "
              f"lowest UA, accuracy and images/s; the highest FD ratios, NFE and train seconds). images/s: the "
-             f"method's sampler at the training batch (SFD: one step; a baseline: the teacher's 18-step Heun).", ""]
+             f"method's sampler at the training batch (SFD: one step; ESD, SA and SalUn, which fine-tune the teacher: its 18-step Heun).", ""]
     head = "| method | targets at UA threshold | " + " | ".join(label for _, _, label in METHOD_FIGURES) + " |"
     lines += [head, "|" + "---|" * (2 + len(METHOD_FIGURES))]
     for _, r in df.iterrows():

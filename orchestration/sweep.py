@@ -1056,7 +1056,7 @@ def report(a, plan: SweepPlan, targets, rows, df, signum, tracker) -> int:
     if several:
         print((out / "methods.md").read_text())
     print(f"[sweep] outputs in {out}: trials.parquet, summary.md/.parquet, " + ("methods.md/.parquet, " if several else "")
-          + "pareto/*.png, best/*/generator.safetensors" + (" (a baseline: model.safetensors)" if several else ""))
+          + "pareto/*.png, best/*/generator.safetensors" + (" (ESD, SA, SalUn: model.safetensors)" if several else ""))
     print(f"[sweep] MLflow UI: mlflow ui --backend-store-uri {plan.mlflow_uri}")
     ui = plan.mlflow_uri if plan.mlflow_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     print(f"[sweep] MLflow runs table: {tracker.runs_view_url(ui)}")
