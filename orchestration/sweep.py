@@ -1037,6 +1037,8 @@ def tabulate(a, plan: SweepPlan, grid, targets, callback, stopper, signals, trac
     clu.publish_tables(a, plan.storage, plan.out)                    # [cluster] results tables -> <storage>/results
     with COSTS.phase("log_summary"):
         log_sweep_summary(tracker, df, len(rows), plan.out)
+        if plan.resuming and not signals.caught:
+            tracker.mark_superseded(r["trial_id"] for r in rows)
     return rows, df
 
 

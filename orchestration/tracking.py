@@ -239,6 +239,24 @@ class MLflowSweep(MLflowStore):
                 ended.append(run_id)
         return ended
 
+    def mark_superseded(self, table_trial_ids) -> list[str]:
+        """Tag this sweep's KILLED trial runs whose trial is in no row of the trial table: an attempt a killed
+        driver started before Tune saved it, which the resumed sweep asked again under another trial id.
+        Each gets ``superseded`` = true and a note saying so, so the runs table reads as the trial table
+        does. Returns their run ids."""
+        rows = set(table_trial_ids)
+        orphans = {run_id for trial_id, run_id in self.trial_runs.items() if trial_id not in rows}
+        marked = []
+        if not orphans:
+            return marked
+        for run in self._search("attributes.status = 'KILLED'"):
+            if run.info.run_id in orphans and run.data.tags.get("superseded") != "true":
+                self.client.set_tag(run.info.run_id, "superseded", "true")
+                self.client.set_tag(run.info.run_id, "note", "started as the sweep's driver was killed, before Tune "
+                                    "saved it; the resumed sweep ran this configuration again as another trial")
+                marked.append(run.info.run_id)
+        return marked
+
     def end_left_running(self) -> dict[str, int]:
         """The runs a dead driver left RUNNING (a kill -9, a lost node): trials ``cut_off``, targets and
         the sweep ``interrupted``, all KILLED. Returns how many of each kind."""

@@ -144,3 +144,22 @@ def test_benchmark_runs_the_real_sweep_and_reports_its_costs(tmp_path):
     summary = pd.read_parquet(out / "summary.parquet")
     assert summary["fd_ratio_fresh"].notna().all() and summary["baseline_fd_ratio_fresh"].notna().all()
     assert sorted(str(x.relative_to(home)) for x in home.rglob("*")) == []
+
+
+def test_an_attempt_tune_never_saved_is_tagged_superseded(store):
+    """After a kill -9 as a trial starts, the resumed sweep asks its configuration again under another trial id;
+    the first attempt's KILLED run is tagged, the runs of the table's trials (KILLED ones included) are not."""
+    from orchestration.targets import parse_targets
+    store.start_parent("sweep", {}, {})
+    t = parse_targets(["digits:0->1"], "next")[0]
+    done = store.start_trial("a", t, True, {})
+    orphan, cut = store.start_trial("b", t, False, {}), store.start_trial("c", t, False, {})
+    store.finish(done, "finished")
+    store.end_open_runs("interrupted")                    # what --summarize-only / --resume do to a dead driver's
+    again = store.start_trial("d", t, False, {})
+    store.finish(again, "finished")
+    assert store.mark_superseded(["a", "c", "d"]) == [orphan]
+    tags = {r: store.client.get_run(r).data.tags for r in (done, orphan, cut, again)}
+    assert tags[orphan]["superseded"] == "true" and "ran this configuration again" in tags[orphan]["note"]
+    assert not any("superseded" in tags[r] for r in (done, cut, again))   # control: rows of the table untouched
+    assert store.mark_superseded(["a", "c", "d"]) == []   # once

@@ -507,6 +507,8 @@ def test_kill_9_of_the_drivers_group_then_summarize_only_marks_its_runs_killed_a
     assert statuses.count("FINISHED") == 2 and set(statuses) <= {"FINISHED", "KILLED"}, statuses
     finished_ids = {x.data.tags.get("trial_id") for x in runs["trial"] if x.info.status == "FINISHED"}
     assert finished_ids == set(trials["trial_id"]), (finished_ids, trials["trial_id"])
+    # such an attempt's run says why it is not in the table
+    assert all(x.data.tags.get("superseded") == "true" for x in runs["trial"] if x.info.status == "KILLED")
     study = optuna.load_study(study_name="digits:0->1", storage=f"sqlite:///{out / 'optuna.db'}")
     states = sorted(t.state.name for t in study.trials)
     assert states.count("COMPLETE") == 2 and set(states) <= {"COMPLETE", "FAIL"}, states
