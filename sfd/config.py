@@ -135,13 +135,6 @@ class SFDConfig:
                                        help="weight of the remain branch in the generator loss")
     lambda_gen_forget: float = setting(1.0, group="loss", searchable=True, range=_WEIGHT,
                                        help="weight of the forget branch in the generator loss")
-    # a named addition (not in the reference; 0 = off): docs/robustness.md#class-shift
-    class_shift: float = setting(
-        0.0, group="loss", searchable=True, range=(0.0, 10.0, "[]", "a relative radius in [0, 10] (0: off)"),
-        help="class presets: in every network pass of training, move each row's class embedding by a random "
-             "direction of norm class_shift x U(0, 1) x the embedding's own norm -- the same move for teacher, fake "
-             "score and generator -- so the generator matches the teacher around each class, not only on it "
-             "(against free class-embedding attacks; 0: off, the reference)")
     guidance: float = setting(
         0.0, group="loss", searchable=True, range=(0.0, 1e3, "[]", "a guidance scale in [0, 1000] (0: none)"),
         help="classifier-free guidance scale w of teacher and fake score inside the losses: (1 + w) D(c) - w D(null), "

@@ -46,7 +46,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .config import SFDConfig
 from .denoisers import Denoiser, Guided
-from .denoisers.base import class_table, shifted_classes
 from .denoisers.lora import add_lora
 from .distributed import Dist
 from .dropout import install_batch_dropout, masks_for
@@ -100,10 +99,6 @@ class SFDState:
     def modules(self) -> dict:
         return {"generator": self.generator, "generator_ema": self.generator_ema, "fake_score": self.fake_score}
 
-    def shifted_nets(self) -> tuple:
-        """The networks whose class embeddings ``class_shift`` moves (none when it is off)."""
-        return (self.teacher, self.fake_score, self.generator) if self.cfg.class_shift > 0 else ()
-
     def optimizers(self) -> dict:
         return {"generator": self.opt_gen, "fake_score": self.opt_fake}
 
@@ -135,12 +130,6 @@ def build_state(cfg: SFDConfig, teacher: Denoiser, device, dist: Dist | None = N
     teacher = teacher.to(device).eval().requires_grad_(False)
     # class ids, or ids into the run's prompt table (text presets: installed in the teacher before cloning)
     targets = get_task(cfg.preset).targets(cfg, teacher)
-    if cfg.class_shift > 0:
-        try:
-            class_table(teacher, "class_shift")
-        except ValueError as e:
-            raise ValueError(f"{e}; class_shift (--class-shift) {cfg.class_shift} needs a class preset whose "
-                             f"denoiser has a class-embedding table (digits) — drop it") from None
     if cfg.lora_rank:                      # two adapters on the one frozen teacher UNet
         fake_score, generator = (v.train() for v in add_lora(teacher, ("fake_score", "generator"), cfg.lora_rank,
                                                                 cfg.seed))
@@ -200,7 +189,6 @@ class Batch:
     n_global: int
     dropout_seed: int
     n_remain: int               # local remain rows
-    shift: torch.Tensor | None = None   # class_shift: each row's relative move of its class embedding
 
 
 def draw_batch(st: SFDState, stage1: bool, sigma_dist: str) -> Batch:
@@ -217,16 +205,11 @@ def draw_batch(st: SFDState, stage1: bool, sigma_dist: str) -> Batch:
     seed = int(torch.randint(0, 2**62, (1,), generator=rng))
     if st.targets.latent_draw:     # 'random' tied to each forget sample's latent (class targets)
         c_o = st.targets.latent_override(z[B_r:])
-    shift = None
-    if cfg.class_shift > 0:        # drawn last: with class_shift 0 the stream is the reference's
-        dim = class_table(st.teacher, "class_shift").embedding_dim
-        unit = torch.nn.functional.normalize(torch.randn((n, dim), generator=rng), dim=1)
-        shift = unit * (cfg.class_shift * torch.rand((n, 1), generator=rng))
     sr, sf = dist.local(B_r), dist.local(B_f)
     pick = torch.cat([torch.arange(B_r)[sr], B_r + torch.arange(B_f)[sf]])
     return Batch(c_r[sr].to(dev), c_f[sf].to(dev), c_o[sf].to(dev) if c_o is not None else None,
                  z[pick].to(dev), sigma[pick].to(dev).reshape(-1, 1, 1, 1), noise[pick].to(dev), pick, n, seed,
-                 len(range(*sr.indices(B_r))), shift[pick].to(dev) if shift is not None else None)
+                 len(range(*sr.indices(B_r))))
 
 
 def _branch_loss(st: SFDState, per_sample: torch.Tensor, n_remain: int, lam_r: float, lam_f: float) -> torch.Tensor:
@@ -286,21 +269,20 @@ def sfd_iteration(st: SFDState, stage1: bool = False, grads_hook=None, loss_hook
 
     # (a) fake-score step: denoising score matching on detached generator samples (eval mode)
     b = draw_batch(st, stage1, fake_dist)
-    with shifted_classes(st.shifted_nets(), b.shift):
-        labels = torch.cat([b.c_r, b.c_f])
-        st.generator.eval()
-        with torch.no_grad(), st.autocast():
-            x_g = st.full(one_step(st.generator, b.z, labels, st.sigma_init))
-        st.fake_score.train()
-        with masks_for(b.pick, b.n_global, b.dropout_seed):
-            with st.autocast():
-                d_fake = Guided(st.fake_score, cfg.guidance_of("fake_train"), call=st.fake_train)(
-                    x_g + b.sigma * b.noise, b.sigma, labels)
-            per = fake_score_loss(st.full(d_fake), x_g, st.fake_score.loss_weight(b.sigma), cfg.fake_score_reduction)
-            loss_fake = _branch_loss(st, per, b.n_remain, cfg.lambda_fake_remain, lam_ff)
-            if loss_hook is not None:
-                loss_fake = loss_hook("fake_score", loss_fake)
-            _backward(st, "fake_score", st.opt_fake, loss_fake)
+    labels = torch.cat([b.c_r, b.c_f])
+    st.generator.eval()
+    with torch.no_grad(), st.autocast():
+        x_g = st.full(one_step(st.generator, b.z, labels, st.sigma_init))
+    st.fake_score.train()
+    with masks_for(b.pick, b.n_global, b.dropout_seed):
+        with st.autocast():
+            d_fake = Guided(st.fake_score, cfg.guidance_of("fake_train"), call=st.fake_train)(
+                x_g + b.sigma * b.noise, b.sigma, labels)
+        per = fake_score_loss(st.full(d_fake), x_g, st.fake_score.loss_weight(b.sigma), cfg.fake_score_reduction)
+        loss_fake = _branch_loss(st, per, b.n_remain, cfg.lambda_fake_remain, lam_ff)
+        if loss_hook is not None:
+            loss_fake = loss_hook("fake_score", loss_fake)
+        _backward(st, "fake_score", st.opt_fake, loss_fake)
     loss_fake_all = _global_loss(st, loss_fake, "fake-score")
     _step(st, "fake_score", st.fake_score, st.opt_fake, grads_hook)
 
@@ -308,35 +290,34 @@ def sfd_iteration(st: SFDState, stage1: bool = False, grads_hook=None, loss_hook
     # mode); gradients reach x_g through their inputs. The forget branch asks the teacher
     # about the override.
     b = draw_batch(st, stage1, cfg.sigma_dist)
-    with shifted_classes(st.shifted_nets(), b.shift):
-        labels = torch.cat([b.c_r, b.c_f])
-        st.fake_score.eval()
-        trainable = [p for p in st.opt_fake.param_groups[0]["params"]]
+    labels = torch.cat([b.c_r, b.c_f])
+    st.fake_score.eval()
+    trainable = [p for p in st.opt_fake.param_groups[0]["params"]]
+    for p in trainable:
+        p.requires_grad_(False)
+    st.generator.train()
+    try:
+        with masks_for(b.pick, b.n_global, b.dropout_seed):
+            with st.autocast():
+                x_g = one_step(st.gen_train, b.z, labels, st.sigma_init)
+            x_g = st.full(x_g)
+            x = x_g + b.sigma * b.noise
+            with st.autocast():
+                y_fake = st.full(Guided(st.fake_score, cfg.guidance_of("fake_eval"))(x, b.sigma, labels))
+            c_o = b.c_o
+            if c_o is None:                                   # classifier pseudo-label policy
+                c_o = st.targets.classifier_override(st.judge, y_fake[b.n_remain:].detach())
+            with st.autocast():
+                y_real = st.full(Guided(st.teacher, cfg.guidance_of("teacher"), null=st.targets.teacher_null)(
+                    x, b.sigma, torch.cat([b.c_r, c_o])))
+            per = generator_loss(y_real, y_fake, x_g, cfg.alpha)
+            loss_gen = _branch_loss(st, per, b.n_remain, cfg.lambda_gen_remain, lam_gf)
+            if loss_hook is not None:
+                loss_gen = loss_hook("generator", loss_gen)
+            _backward(st, "generator", st.opt_gen, loss_gen)
+    finally:
         for p in trainable:
-            p.requires_grad_(False)
-        st.generator.train()
-        try:
-            with masks_for(b.pick, b.n_global, b.dropout_seed):
-                with st.autocast():
-                    x_g = one_step(st.gen_train, b.z, labels, st.sigma_init)
-                x_g = st.full(x_g)
-                x = x_g + b.sigma * b.noise
-                with st.autocast():
-                    y_fake = st.full(Guided(st.fake_score, cfg.guidance_of("fake_eval"))(x, b.sigma, labels))
-                c_o = b.c_o
-                if c_o is None:                                   # classifier pseudo-label policy
-                    c_o = st.targets.classifier_override(st.judge, y_fake[b.n_remain:].detach())
-                with st.autocast():
-                    y_real = st.full(Guided(st.teacher, cfg.guidance_of("teacher"), null=st.targets.teacher_null)(
-                        x, b.sigma, torch.cat([b.c_r, c_o])))
-                per = generator_loss(y_real, y_fake, x_g, cfg.alpha)
-                loss_gen = _branch_loss(st, per, b.n_remain, cfg.lambda_gen_remain, lam_gf)
-                if loss_hook is not None:
-                    loss_gen = loss_hook("generator", loss_gen)
-                _backward(st, "generator", st.opt_gen, loss_gen)
-        finally:
-            for p in trainable:
-                p.requires_grad_(True)
+            p.requires_grad_(True)
     loss_gen_all = _global_loss(st, loss_gen, "generator")
     _step(st, "generator", st.generator, st.opt_gen, grads_hook)
 

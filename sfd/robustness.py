@@ -38,7 +38,6 @@ from torch import nn
 from . import colordigits as cd
 from .evaluate.forgetting import cache_dir, teacher_fingerprint
 from .io import CheckpointError, load_tensors, read_json, save_tensors, write_json
-from .denoisers.base import class_table
 from .samplers import heun, karras_sigmas
 
 ATTACK_KINDS = ("discrete", "continuous")
@@ -652,6 +651,16 @@ class ClassSuite:
             h.remove()
         return {"asr": float(won.float().mean()), "confidence": float(conf.mean()), "instances": n,
                 "starts": [self.preset.class_names[c] for c in starts]}
+
+
+def class_table(net) -> nn.Embedding:
+    """The class-embedding table of a class-conditional denoiser (rows: classes, maybe + the null class)."""
+    n = int(getattr(net, "num_classes", 0))
+    for m in net.modules():
+        if isinstance(m, nn.Embedding) and m.num_embeddings in (n, n + 1):
+            return m
+    raise ValueError(f"continuous attack: {type(net).__name__} has no class-embedding table (an nn.Embedding with "
+                     f"{n} or {n + 1} rows) to optimise — this backbone's class condition cannot be attacked here")
 
 
 def measure(suite, subjects: dict, budget: Budget, attacks=ATTACK_KINDS, families: bool = True,

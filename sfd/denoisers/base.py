@@ -10,7 +10,6 @@ classifier-free guidance.
 from __future__ import annotations
 
 import abc
-import contextlib
 import copy
 
 import torch
@@ -93,40 +92,3 @@ class Guided(nn.Module):
         both = run(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, null]))
         cond_out, null_out = both.chunk(2)
         return (1.0 + self.scale) * cond_out - self.scale * null_out
-
-
-def class_table(net, what: str = "continuous attack") -> nn.Embedding:
-    """The class-embedding table of a class-conditional denoiser (rows: classes, maybe + the null class);
-    ``what`` needs it (named in the error)."""
-    n = int(getattr(net, "num_classes", 0))
-    for m in net.modules():
-        if isinstance(m, nn.Embedding) and m.num_embeddings in (n, n + 1):
-            return m
-    raise ValueError(f"{what}: {type(net).__name__} has no class-embedding table (an nn.Embedding with "
-                     f"{n} or {n + 1} rows) — this backbone's class condition cannot be moved here")
-
-
-@contextlib.contextmanager
-def shifted_classes(nets, shift: torch.Tensor | None):
-    """Inside the block, every forward pass of ``nets`` adds ``shift[i]`` (relative: times the row's own norm)
-    to the class embedding of batch row ``i`` (SFDConfig ``class_shift``). A pass with twice the rows (classifier-
-    free guidance: conditional rows first, then the null rows) shifts its conditional half only. ``shift`` None:
-    nothing changes."""
-    if shift is None:
-        yield
-        return
-
-    def hook(_module, _inp, out):
-        n = len(shift)
-        if out.shape[0] not in (n, 2 * n):
-            raise RuntimeError(f"class_shift: a pass of {out.shape[0]} rows inside a batch of {n}")
-        s = shift.to(out.dtype)
-        top = out[:n] + s * out[:n].detach().norm(dim=1, keepdim=True)
-        return top if out.shape[0] == n else torch.cat([top, out[n:]])
-
-    handles = [class_table(net, "class_shift").register_forward_hook(hook) for net in nets]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
