@@ -413,7 +413,8 @@ def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_rati
 # the per-method table: each figure's median over targets and its worst (the direction that hurts)
 METHOD_FIGURES = (("ua", "min", "UA"), ("fd_ratio", "max", "FD ratio"), ("override_fd_ratio", "max", "override FD ratio"),
                   ("remaining_accuracy", "min", "remaining acc."), ("nfe", "max", "NFE"),
-                  ("images_per_second_generator", "min", "images/s"), ("train_seconds", "max", "train s"))
+                  ("images_per_second_generator", "min", "images/s"), ("train_seconds", "max", "train s"),
+                  ("asr_max", "max", "ASR (worst attack; --attack)"))
 
 
 def method_picks(rows: list[dict]) -> dict[tuple[str, str], dict]:
@@ -466,7 +467,7 @@ def methods_markdown(df: pd.DataFrame, ua_threshold: float) -> str:
             return "-"
         if key in ("nfe", "train_seconds", "images_per_second_generator"):
             return f"{v:,.0f}"
-        return f"{v:.3f}" if key in ("ua", "remaining_accuracy") else f"{v:.2f}"
+        return f"{v:.3f}" if key in ("ua", "remaining_accuracy", "asr_max") else f"{v:.2f}"
 
     lines = ["# Methods side by side", "",
              f"Per method over its targets: each target's best trial (UA >= {ua_threshold}, the sweep's rule) or, where "

@@ -277,9 +277,6 @@ def check_flags(a) -> None:
     if baselines and a.workers_per_trial > 1:
         raise SweepError(f"--methods {','.join(baselines)}: the baselines run in one process per trial, got "
                          f"--workers-per-trial {a.workers_per_trial} — use 1, or sweep them in a sweep of their own")
-    if baselines and ((a.attack or "off") != "off" or a.max_asr is not None):
-        raise SweepError(f"--attack / --max-asr measure SFD's one-step generators; --methods {','.join(baselines)} "
-                         f"leave fine-tuned teachers — drop --attack / --max-asr, or sweep --methods sfd")
     if a.resume and a.overwrite:
         raise SweepError("--resume and --overwrite contradict each other — give one of them")
 

@@ -233,7 +233,8 @@ class SFDConfig:
     attack: str = setting(
         "off", group="robustness", choices=ATTACK_CHOICES,
         help="after training, measure the generator as `sfd attack` does (prompt families, side effects and the "
-             "named attack: continuous, discrete, or all) and report ASR next to UA; off: no attack")
+             "named attack: continuous, discrete, or all) and report ASR next to UA; a baseline's fine-tuned "
+             "teacher is attacked through the teacher's sampler; off: no attack")
     # run ---------------------------------------------------------------------------------
     seed: int = setting(0, group="run", range=(0, 2**63 - 1, "[]", "a seed >= 0"), help="random seed")
     device: str = setting("auto", group="run", help="'auto' (CUDA if present), 'cpu', 'cuda:0', ...")
@@ -298,9 +299,6 @@ class SFDConfig:
         if not self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max} — "
                              f"give --sigma-min below --sigma-max")
-        if self.attack != "off" and self.method != "sfd":
-            raise ValueError(f"attack {self.attack!r} measures SFD's one-step generators; method {self.method!r} "
-                             f"leaves a fine-tuned teacher — drop --attack (or use --method sfd)")
         check_device(self.device)
         return self
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .config import SFDConfig
 from .io import read_json, write_json
-from .methods.finetune import evaluate_baseline
+from .methods.common import SAMPLER_STEPS
+from .methods.finetune import evaluate_baseline, load_baseline_model
 from .robustness import ATTACK_KEYS, ATTACK_KINDS, Budget, Sampler, Subject, judge_fingerprint, measure
 from .tasks import get_task
 from .utils import pick_device
@@ -71,9 +72,16 @@ def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = 
     judge = task.attack_judge(cfg, device, clip)
     targets = task.targets(cfg.validate(task.preset), teacher)
     suite = task.robustness_suite(targets, judge, budget, teacher, extra, cfg=cfg, neighbors=neighbors)
-    gen, sigma_init = task.run_generator(run_dir, cfg, metrics, device, teacher)
     t_net = task.attack_teacher(teacher, cfg, targets)
-    subjects = {"generator": Subject("generator", Sampler(gen, sigma_init=sigma_init)),
+    if cfg.method == "sfd":
+        gen, sigma_init = task.run_generator(run_dir, cfg, metrics, device, teacher)
+        attacked, sampler_text = Subject("generator", Sampler(gen, sigma_init=sigma_init)), "one step"
+    else:      # a baseline's fine-tuned teacher: attacked through the teacher's sampler at the teacher's budget
+        net = task.attack_teacher(load_baseline_model(run_dir, cfg, device, teacher), cfg, targets)
+        attacked = Subject("generator", Sampler(net, steps=budget.teacher_steps), fast=Sampler(net, steps=SAMPLER_STEPS))
+        sampler_text = (f"{cfg.method}'s fine-tuned teacher: {budget.teacher_steps}-step Heun in attacks, "
+                        f"{SAMPLER_STEPS}-step Heun for families")
+    subjects = {"generator": attacked,
                 "teacher": Subject("teacher", Sampler(t_net, steps=budget.teacher_steps),
                                    fast=Sampler(t_net, steps=18), cached=True, judge=judge_fingerprint(judge))}
     control_info = None
@@ -92,8 +100,8 @@ def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = 
         if progress:
             print(f"note: {n}", flush=True)
     rep = measure(suite, subjects, budget, attacks=tuple(attacks), families=families, progress=say)
-    out = {**rep.to_dict(), "run": str(run_dir), "preset": cfg.preset, "control": control_info, "notes": notes,
-           "teacher_sampler": f"{budget.teacher_steps}-step Heun in attacks ({2 * budget.teacher_steps - 1} NFE), "
+    out = {**rep.to_dict(), "run": str(run_dir), "preset": cfg.preset, "method": cfg.method, "control": control_info,
+           "notes": notes, "generator_sampler": sampler_text, "teacher_sampler": f"{budget.teacher_steps}-step Heun in attacks ({2 * budget.teacher_steps - 1} NFE), "
                               f"18-step Heun for families"}
     if write:
         write_json(run_dir / "attack.json", out)

@@ -232,6 +232,36 @@ def test_baseline_run_re_evaluates_to_its_own_figures(salun_run):
         assert m[k] == pytest.approx(final[k], rel=1e-5, abs=1e-6)
 
 
+def test_sfd_attack_measures_a_baseline_run_through_its_own_model(salun_run, tmp_path):
+    """`sfd attack` on a baseline run attacks its fine-tuned teacher through the teacher's sampler at the teacher's
+    budget. Controls both ways: a copy of the run whose model *is* the teacher gets exactly the teacher's figures
+    (same sampler, noise and budget: a one-step sampler would differ), and the run's own model does not (an attack
+    aimed at the teacher would not)."""
+    import shutil
+    from sfd.denoisers import save_denoiser
+    from sfd.io import read_json
+    from sfd.robustness import Budget
+    from sfd.runs import attack_run
+    from sfd.tasks import get_task
+    cfg, out, final = salun_run
+    budget = Budget(steps=2, seeds=2, starts=2, teacher_steps=3, per_prompt=1, min_cell=2)
+    twin = tmp_path / "teacher_as_model"
+    shutil.copytree(out, twin)
+    save_denoiser(twin / "model.safetensors", get_task("digits").load_teacher(),
+                  {"baseline": {"method": "salun", "preset": "digits", "forget": [3], "override": "4", "steps": 18}})
+    same = attack_run(twin, budget=budget, device="cpu")
+    c = same["attacks"]["continuous"]
+    assert same["method"] == "salun" and "3-step Heun" in same["generator_sampler"] and c["nfe_per_step"] == 5
+    assert (c["asr"], c["confidence"]) == (c["asr_teacher"], c["confidence_teacher"])
+    assert same["residue_worst_family"] == same["residue_worst_family_teacher"]
+    assert same["side_effect_worst_cell"] == 0.0
+    own = attack_run(out, budget=budget, device="cpu")
+    o = own["attacks"]["continuous"]
+    assert o["confidence_teacher"] == c["confidence_teacher"]                   # the same teacher figures
+    assert o["confidence"] != o["confidence_teacher"] or own["residue_worst_family"] != own["residue_worst_family_teacher"]
+    assert read_json(out / "metrics.json")["attack"]["asr_continuous"] == o["asr"]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("SFD_BASELINE_REFS"), reason="set SFD_BASELINE_REFS to a folder holding the "
                     "checkouts erasing/, selective-amnesia/, Unlearn-Saliency/ (and einops importable)")

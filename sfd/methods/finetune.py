@@ -290,21 +290,27 @@ def train_baseline(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | 
     return {**m, "stopped_early": False}
 
 
+def load_baseline_model(run_dir, cfg: SFDConfig, device, teacher) -> Denoiser:
+    """A finished baseline run's fine-tuned denoiser (model.safetensors), in eval mode; a text model gets the
+    teacher's prompt table (the run's targets were installed in the teacher before it was read)."""
+    path = Path(run_dir) / MODEL_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} is missing — give the folder of a finished `sfd forget --method {cfg.method}` run")
+    model = load_denoiser(path, device).eval()
+    if hasattr(teacher, "prompts") and hasattr(model, "set_prompts"):
+        model.set_prompts(teacher.prompts)
+    return model
+
+
 def evaluate_baseline(run_dir, cfg: SFDConfig, *, seed: int = 777, device="auto", progress: bool = False,
                       teacher=None, judge=None, **_) -> dict:
     """A finished baseline run's model.safetensors re-evaluated with its teacher's sampler on ``seed``'s noise."""
     task = get_task(cfg.preset)
     device = pick_device(device)
-    path = Path(run_dir) / MODEL_FILE
-    if not path.is_file():
-        raise ValueError(f"{path} is missing — evaluate the folder of a finished `sfd forget --method "
-                         f"{cfg.method}` run")
     teacher = teacher if teacher is not None else task.load_teacher(cfg.teacher, device, cfg.allow_download)
     teacher = teacher.to(device).eval()
     targets = task.targets(cfg.validate(get_preset(cfg.preset)), teacher)
     judge = judge if judge is not None else task.load_judge(cfg, device)
-    model = load_denoiser(path, device).eval()
-    if hasattr(teacher, "prompts") and hasattr(model, "set_prompts"):
-        model.set_prompts(teacher.prompts)
+    model = load_baseline_model(run_dir, cfg, device, teacher)
     ev = task.evaluator(cfg, judge, teacher, targets, seed=seed, progress=progress, device=device)
     return {**ev(heun_sampler(model)), "seed": seed, "nfe": sampler_nfe(), "method": cfg.method}
