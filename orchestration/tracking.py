@@ -26,6 +26,13 @@ MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "no_trial_at_ua_
                  "failed": "FAILED", "cut_off": "KILLED", "interrupted": "KILLED", "not_started": "KILLED"}
 # MLflow 3's experiment kinds (the UI's "Machine learning" vs "GenAI apps & agents")
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow (3.15+) shared views: the runs table's columns, read from this experiment tag when the URL names its key
+# (?viewStateShareKey=): the sweep's headline (parent row), then each target's and trial's figures, on screen
+VIEW_KEY = "sfd-sweep"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_COLUMNS = ([f"metrics.`{k}`" for k in ("min_best_ua", "median_best_fd_ratio", "worst_best_fd_ratio", "ua", "fd_ratio",
+                                            "override_fd_ratio", "remaining_accuracy", "ua_fresh", "fd_ratio_fresh")]
+                + [f"tags.`{k}`" for k in ("target", "method", "status")])
 
 
 def _finite(v) -> bool:
@@ -49,6 +56,8 @@ class MLflowStore:
         # this experiment is model training, not a GenAI app; MLflow 3's UIs before the workflow switch
         # (3.1-3.x) read this tag to open the runs table (3.17 reads ?workflowType=: see runs_view_url)
         self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG,
+                                       json.dumps({"selectedColumns": VIEW_COLUMNS, "columnOrder": VIEW_COLUMNS}))
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
@@ -273,8 +282,9 @@ class MLflowSweep(MLflowStore):
         """The runs table of this sweep's experiment in the MLflow UI at ``ui``. MLflow 3.17's UI
         opens an experiment by its *workflow type* (the URL's ``workflowType``, else the browser's
         last choice, by default ``genai``: the GenAI overview), not by the experiment's tag, so the
-        link names it."""
-        return f"{ui.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+        link names it; and it names the shared view whose columns put the figures first (VIEW_TAG)."""
+        return (f"{ui.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+                f"&viewStateShareKey={VIEW_KEY}")
 
 
 def left_running_line(counts: dict[str, int]) -> str:

@@ -194,7 +194,8 @@ def test_tiny_sweep_logs_nested_runs_to_a_tracking_server(tmp_path, mlflow_serve
     assert {"curves.png", "metrics.json", "samples_generator.png"} <= arts
     assert "summary.md" in {a.path for a in client.list_artifacts(parent)}
     # what people compare, where they look: the parent's row and each target's row of the runs table
-    assert f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in r.stdout
+    assert (f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey=sfd-sweep") in r.stdout
     figures = client.get_run(parent).data.metrics
     assert figures["targets_with_best"] == 2 and figures["worst_best_fd_ratio"] == summary["fd_ratio"].max()
     assert figures["min_best_ua"] == summary["ua"].min() and "worst_best_fd_ratio_fresh" in figures

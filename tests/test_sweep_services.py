@@ -126,7 +126,12 @@ def test_the_experiment_opens_as_model_training(tracker):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     # MLflow 3.17's UI picks the page by the URL's workflowType (default: genai, the GenAI overview)
     assert tracker.runs_view_url() == (f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs"
-                                       "?workflowType=machine_learning")
+                                       "?workflowType=machine_learning&viewStateShareKey=sfd-sweep")
+    # the shared view the link names: the columns of the figures, first (the UI reads the tag as JSON)
+    view = json.loads(exp.tags["mlflow.sharedViewState.sfd-sweep"])
+    assert view["columnOrder"][:4] == ["metrics.`min_best_ua`", "metrics.`median_best_fd_ratio`",
+                                       "metrics.`worst_best_fd_ratio`", "metrics.`ua`"]
+    assert view["selectedColumns"] == view["columnOrder"]
 
 
 @pytest.mark.parametrize("ending, status", [(None, "finished"), (Interrupted("SIGINT"), "interrupted"),
