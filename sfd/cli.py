@@ -765,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "judge: residue of the forgotten concept per prompt family, every remaining "
                                    "concept's accuracy per family against the teacher (side effects), and the attack "
                                    "success rate (ASR) of a discrete token search and a continuous embedding attack "
-                                   "through the one-step generator, with the same attack on the teacher (it must "
+                                   "through the one-step generator (a baseline's run: its fine-tuned teacher through "
+                                   "the teacher's sampler), with the same attack on the teacher (it must "
                                    "succeed) and on --control. Writes RUN/attack.json (docs/robustness.md) and adds the "
                                    "summary to RUN/metrics.json.")
     p.add_argument("run", metavar="RUN", help="run folder of `sfd forget` (one forget target)")
