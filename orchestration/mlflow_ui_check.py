@@ -6,8 +6,8 @@
 Starts `mlflow ui` on the sweep's store (OUT/mlflow.db) on a free loopback port, loads the runs-table
 URL the sweep prints (and, with --bare, the experiment's bare URL, which MLflow 3.17 opens on its
 GenAI overview) in headless Chromium (Debian's `chromium` package), and fails unless the page holds
-the sweep's parent run, not the GenAI overview, with the headline figures' columns on screen. A manual check, not a CI test: it needs Chromium
-and ~1 minute.
+the sweep's parent run, not the GenAI overview, with the headline figures' columns on screen. A manual
+check, not a CI test: it needs Chromium and ~1 minute.
 """
 from __future__ import annotations
 

@@ -101,7 +101,8 @@ def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = 
             print(f"note: {n}", flush=True)
     rep = measure(suite, subjects, budget, attacks=tuple(attacks), families=families, progress=say)
     out = {**rep.to_dict(), "run": str(run_dir), "preset": cfg.preset, "method": cfg.method, "control": control_info,
-           "notes": notes, "generator_sampler": sampler_text, "teacher_sampler": f"{budget.teacher_steps}-step Heun in attacks ({2 * budget.teacher_steps - 1} NFE), "
+           "notes": notes, "generator_sampler": sampler_text,
+           "teacher_sampler": f"{budget.teacher_steps}-step Heun in attacks ({2 * budget.teacher_steps - 1} NFE), "
                               f"18-step Heun for families"}
     if write:
         write_json(run_dir / "attack.json", out)
