@@ -83,7 +83,7 @@ def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = 
                         f"{SAMPLER_STEPS}-step Heun for families")
     subjects = {"generator": attacked,
                 "teacher": Subject("teacher", Sampler(t_net, steps=budget.teacher_steps),
-                                   fast=Sampler(t_net, steps=18), cached=True, judge=judge_fingerprint(judge))}
+                                   fast=Sampler(t_net, steps=SAMPLER_STEPS), cached=True, judge=judge_fingerprint(judge))}
     control_info = None
     if control is not None:
         control = Path(control)
@@ -103,7 +103,7 @@ def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = 
     out = {**rep.to_dict(), "run": str(run_dir), "preset": cfg.preset, "method": cfg.method, "control": control_info,
            "notes": notes, "generator_sampler": sampler_text,
            "teacher_sampler": f"{budget.teacher_steps}-step Heun in attacks ({2 * budget.teacher_steps - 1} NFE), "
-                              f"18-step Heun for families"}
+                              f"{SAMPLER_STEPS}-step Heun for families"}
     if write:
         write_json(run_dir / "attack.json", out)
         metrics["attack"] = rep.summary()
