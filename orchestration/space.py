@@ -13,7 +13,7 @@ from sfd.tasks.classes import OVERRIDE_POLICIES
 
 SPACE_DIR = spaces_dir()
 TRIAL_KEYS = {"budget_kimg", "max_seconds", "eval_every_kimg", "checkpoint_every_kimg", "eval_forget_samples", "eval_at_start",
-              "eval_remain_per_class"}
+              "eval_remain_per_class", "eval_fd_draws"}
 OPTUNA_LAYER = "Optuna"           # the layer of a trial's searched values
 TYPES = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "int": ("low", "high"), "choice": ("values",)}
 

@@ -485,14 +485,14 @@ def cmd_evaluate(a) -> int:
     run = Path(a.run)
     if not run.is_dir():
         raise UsageError(f"--run {run} is not a folder — give the --out folder of an `sfd forget` run")
-    for name in ("--forget-samples", "--remain-per-class"):
+    for name in ("--forget-samples", "--remain-per-class", "--fd-draws"):
         v = getattr(a, name[2:].replace("-", "_"))
         if v < 0:
             raise UsageError(f"{name} {v} is invalid — give a count >= 1 (or 0: the run's)")
     check_device(a.device)
     m = evaluate_run(run, seed=a.seed, device=a.device, forget_samples=a.forget_samples or None,
                      remain_per_class=a.remain_per_class or None, progress=not a.no_progress, clip=a.clip,
-                     per_prompt=max(1, a.per_prompt))
+                     per_prompt=max(1, a.per_prompt), fd_draws=a.fd_draws or None)
     if a.attack != "off":                # the attack stage: `sfd attack RUN --attacks ...` at its default budget
         kinds = ATTACK_KINDS if a.attack == "all" else (a.attack,)
         out = attack_run(run, attacks=kinds, device=a.device, progress=not a.no_progress, clip=a.clip)
@@ -747,6 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder of `sfd forget`")
     p.add_argument("--forget-samples", type=int, default=0, help="forget-class samples for UA (default: the run's)")
     p.add_argument("--remain-per-class", type=int, default=0, help="samples per remaining class (default: the run's)")
+    p.add_argument("--fd-draws", type=int, default=0,
+                   help="class presets: average the remaining-class FD over this many disjoint draws of "
+                        "--remain-per-class samples per class (default: the run's eval_fd_draws)")
     p.add_argument("--seed", type=int, default=777, help="evaluation noise seed (default: 777)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -229,6 +229,11 @@ class SFDConfig:
     eval_remain_per_class: int = setting(
         200, group="schedule", range=(1, BIG, "[]", "at least 1 sample per class"),
         help="samples per remaining class for FD (the teacher is measured at the same count)")
+    eval_fd_draws: int = setting(
+        1, group="schedule", range=(1, 64, "[]", "a count of draws in [1, 64], e.g. 5"),
+        help="class presets: the generator's remaining-class FD is the mean over this many disjoint draws of "
+             "eval_remain_per_class samples per class (the teacher's floor is averaged over its disjoint sets "
+             "the same way): the same figure in expectation, a smaller spread between noise seeds")
     # robustness ---------------------------------------------------------------------------
     attack: str = setting(
         "off", group="robustness", choices=ATTACK_CHOICES,

@@ -15,7 +15,7 @@ from .utils import pick_device
 
 def evaluate_run(run_dir, seed: int = 777, device="auto", forget_samples: int | None = None,
                  remain_per_class: int | None = None, progress: bool = False, teacher=None, judge=None,
-                 clip=None, per_prompt: int = 1) -> dict:
+                 clip=None, per_prompt: int = 1, fd_draws: int | None = None) -> dict:
     """Re-evaluate the generator of a finished run with the run's teacher and judge, on the noise
     of ``seed`` (a seed other than the run's 777 gives fresh samples: an unbiased figure for a
     run that was picked as the best of several). Stable Diffusion runs are judged on their exported
@@ -29,6 +29,8 @@ def evaluate_run(run_dir, seed: int = 777, device="auto", forget_samples: int | 
         cfg.eval_forget_samples = forget_samples
     if remain_per_class:
         cfg.eval_remain_per_class = remain_per_class
+    if fd_draws:
+        cfg.eval_fd_draws = fd_draws
     if cfg.method != "sfd":                   # a baseline: its fine-tuned model with the teacher's sampler
         return evaluate_baseline(run_dir, cfg, seed=seed, device=device, progress=progress, teacher=teacher,
                                  judge=judge)

@@ -202,3 +202,43 @@ def test_frechet_distance_with_fewer_samples_than_dimensions_equals_the_general_
     # (~1e-7 each): a few 1e-8 relative; the N x N path does not have them
     for f, s in zip(fast, slow):
         assert f == pytest.approx(s, rel=1e-6)
+
+
+def test_generator_fd_averages_disjoint_draws_of_equal_count(digits, teacher, judge, tmp_path, monkeypatch):
+    """eval_fd_draws = K: the generator's remaining-class FD is the mean of K FDs, each over its own draw of
+    remain_per_class samples per class (the first draw is the one-draw evaluation's, to the bit), not one FD
+    over the K draws pooled (a larger sample: a smaller figure in expectation, another metric)."""
+    from sfd.config import SFDConfig
+    from sfd.evaluate.forgetting import ForgetEvaluator
+    from sfd.evaluate.metrics import judge_outputs
+    from sfd.evaluate.report import RealReference
+    from sfd.tasks.classes import ClassTargets
+
+    monkeypatch.setenv("SFD_CACHE", str(tmp_path))
+    cfg = SFDConfig(forget=[2], override="5", device="cpu").validate(digits)
+    targets = ClassTargets(cfg, 10)
+    seen = []
+
+    def gen(z, labels):                                      # a stand-in generator: its images are kept
+        x = torch.tanh(z + 0.3 * labels.float().view(-1, 1, 1, 1) - 1.0)
+        seen.append((labels.clone(), x.clone()))
+        return x
+
+    one = ForgetEvaluator(digits, judge, teacher, targets, forget_samples=12, remain_per_class=6)(gen)
+    seen.clear()
+    ev = ForgetEvaluator(digits, judge, teacher, targets, forget_samples=12, remain_per_class=6, fd_draws=3)
+    three = ev(gen)
+    x = torch.cat([b for _, b in seen])[12:]                 # the remaining rows, in order
+    _, _, feats = judge_outputs(judge, x)
+    real = RealReference.from_preset(digits, judge)
+    remain = [c for c in range(10) if c != 2]
+    draws = [frechet_distance(f, real.of(remain)) for f in np.split(feats, 3)]
+    assert three["n_remaining_samples"] == 3 * 9 * 6 and three["fd_draws"] == 3
+    assert draws[0] == pytest.approx(one["fd_remaining"], rel=1e-6)    # draw 1 is the one-draw figure
+    assert three["fd_remaining"] == pytest.approx(np.mean(draws), rel=1e-6)
+    assert max(draws) - min(draws) > 1e-3 * np.mean(draws)             # the draws differ: the mean is none of them
+    pooled = frechet_distance(feats, real.of(remain))                  # the control: not the pooled FD
+    assert abs(three["fd_remaining"] - pooled) > 1e-3 * pooled
+    assert three["fd_ratio"] == pytest.approx(three["fd_remaining"] / three["fd_remaining_teacher"])
+    with pytest.raises(ValueError, match="fd_draws 0"):
+        ForgetEvaluator(digits, judge, teacher, targets, forget_samples=12, remain_per_class=6, fd_draws=0)

@@ -171,9 +171,15 @@ class ForgetEvaluator:
     """
 
     def __init__(self, preset, judge, teacher, targets, forget_samples: int = 1000, remain_per_class: int = 200,
-                 seed: int = 777, progress: bool = False, reference=None, dist=None, device=None):
+                 seed: int = 777, progress: bool = False, reference=None, dist=None, device=None, fd_draws: int = 1):
         self.preset, self.judge, self.targets = preset, judge, targets
         self.forget_samples, self.remain_per_class = forget_samples, remain_per_class
+        # The generator's remaining-class FD is averaged over ``fd_draws`` disjoint draws of
+        # ``remain_per_class`` samples per class, as the teacher's floor is averaged over its disjoint
+        # sets: the same count per FD (the same expectation), a smaller spread between noise seeds.
+        self.fd_draws = int(fd_draws)
+        if self.fd_draws < 1:
+            raise ValueError(f"fd_draws {fd_draws}: give at least 1 draw (1: one draw, the default)")
         self.dist = dist or Dist()
         self.device = torch.device(device) if device is not None else next(judge.parameters()).device
         self.seed = seed
@@ -186,7 +192,7 @@ class ForgetEvaluator:
         nf = len(targets.forget)
         self.forget_labels = torch.tensor(targets.forget).repeat_interleave(
             torch.tensor([forget_samples // nf + (i < forget_samples % nf) for i in range(nf)]))
-        self.remain_labels = torch.tensor(targets.remain).repeat_interleave(remain_per_class)
+        self.remain_labels = torch.tensor(targets.remain).repeat_interleave(remain_per_class).repeat(self.fd_draws)
         self.labels = torch.cat([self.forget_labels, self.remain_labels])
         # The teacher's figures at the same counts (judged on every rank's share, measured on rank 0).
         # A floor is one FD measured on a finite sample: the teacher's own figure is averaged over
@@ -278,7 +284,8 @@ class ForgetEvaluator:
             "forget_prob_mean": float(p_forget.mean()),
             "forget_entropy_mean": float(entropy.mean()),
             "remaining_accuracy": accuracy(rpred, self.remain_labels),
-            "fd_remaining": frechet_distance(rfeats, self.ref.of(tg.remain)),
+            "fd_remaining": self._fd_remaining(rfeats),
+            "fd_draws": self.fd_draws,
             "fd_forget_vs_override": sum(fd_o) / len(fd_o),
             "n_forget_samples": nf,
             "n_remaining_samples": len(self.remain_labels),
@@ -287,6 +294,11 @@ class ForgetEvaluator:
         m["fd_ratio"] = m["fd_remaining"] / max(m["fd_remaining_teacher"], 1e-12)
         m["override_fd_ratio"] = m["fd_forget_vs_override"] / max(m["fd_override_teacher"], 1e-12)
         return m
+
+    def _fd_remaining(self, rfeats: np.ndarray) -> float:
+        """The mean FD of the ``fd_draws`` consecutive draws (each every remaining class at its count)."""
+        ref = self.ref.of(self.targets.remain)
+        return float(np.mean([frechet_distance(f, ref) for f in np.split(rfeats, self.fd_draws)]))
 
     def grid_images(self, generator_fn, per_class: int = 10):
         """(images, nrow) for a grid with one row per class, forget classes first (this rank alone)."""

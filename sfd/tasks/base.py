@@ -86,7 +86,7 @@ class Task(ABC):
         """The evaluator the loop calls at every evaluation and `sfd evaluate` on a finished run."""
         return ForgetEvaluator(self.preset, judge, teacher, targets, cfg.eval_forget_samples,
                                cfg.eval_remain_per_class, seed=seed, progress=progress, reference=cfg.reference,
-                               dist=dist, device=device)
+                               dist=dist, device=device, fd_draws=cfg.eval_fd_draws)
 
     def evaluate_run(self, run_dir: Path, cfg, metrics: dict, *, seed: int = 777, device="auto",
                      progress: bool = False, teacher=None, judge=None, **_) -> dict:

@@ -211,6 +211,10 @@ class ConceptTask(PromptTask):
         return ConceptSuite(targets, judge, TextSide(teacher.text.obj), budget, extra_prompts)
 
     def validate(self, cfg) -> None:
+        if cfg.eval_fd_draws != 1:
+            raise ValueError(f"eval_fd_draws (--eval-fd-draws) {cfg.eval_fd_draws}: averaging FD over several draws is "
+                             f"for class presets (digits, cifar10, stl10); preset '{self.preset.name}' measures one "
+                             f"draw — drop it")
         for key in SD_ONLY:
             if getattr(cfg, key):
                 raise ValueError(f"{key} (--{key.replace('_', '-')}) is for preset sd (prompt files); preset "

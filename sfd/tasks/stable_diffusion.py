@@ -224,6 +224,10 @@ class SDTask(PromptTask):
     kind = "sd"
 
     def validate(self, cfg) -> None:
+        if cfg.eval_fd_draws != 1:
+            raise ValueError(f"eval_fd_draws (--eval-fd-draws) {cfg.eval_fd_draws}: averaging FD over several draws is "
+                             f"for class presets (digits, cifar10, stl10); preset '{self.preset.name}' measures one "
+                             f"draw — drop it")
         concepts = resolve_sd_concepts(cfg, self.preset)
         cfg.forget = []
         cfg.forget_concepts = [c.name for c in concepts]
