@@ -217,6 +217,12 @@ class SFDConfig:
         help="two-stage: distil all classes with the forget weights at 0 for this many kimg first")
     eval_every_kimg: float = setting(5.0, group="schedule", range=(0.0, 1e9, "(]", "a positive interval in kimg"),
                                      help="evaluate UA / FD every this many kimg")
+    keep_best_ua: float = setting(
+        0.0, group="schedule", range=(0.0, 1.0, "[]", "a UA threshold in [0, 1], e.g. 0.99 (0: off)"),
+        help="class presets: keep the generator EMA of the best evaluation instead of the last one -- among "
+             "evaluations at UA >= this, the lowest remaining-class FD ratio (none there: the highest UA) -- and "
+             "report it re-evaluated on fresh noise (seed eval_seed + 1000), since the best of several noisy "
+             "figures flatters it; 0: off (the last EMA, the reference)")
     eval_at_start: bool = setting(
         True, group="schedule",
         help="evaluate the starting point too (a sweep's trials of one target all start from the same stage 1, "

@@ -12,6 +12,7 @@ featurises its share of the samples, rank 0 computes UA/FD from the gathered fea
 """
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Callable
@@ -121,6 +122,22 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     teacher = st.teacher
 
     history, losses_log, train_seconds = [], [], 0.0
+    # keep_best_ua: the EMA of the best evaluation so far, kept in the checkpoints beside the run's modules
+    best_ema = copy.deepcopy(st.generator_ema) if cfg.keep_best_ua > 0 and evaluate else None
+    best = {}
+
+    def modules() -> dict:
+        return st.modules() if best_ema is None else {**st.modules(), "generator_best": best_ema}
+
+    def consider(m: dict) -> None:
+        """Keep this evaluation's EMA when it beats the best so far (rank 0 decides, every rank copies)."""
+        better = bool(lead and "ua" in m and m.get("kimg", 0) > 0 and (not best or _selection_key(m, cfg) >
+                                                                        _selection_key(best, cfg)))
+        if dist.decide(better, device):
+            best_ema.load_state_dict(st.generator_ema.state_dict())
+            best.clear()
+            best.update({k: m[k] for k in ("iteration", "kimg", "ua", "fd_ratio", "override_fd_ratio") if k in m})
+
     if lead:
         plan.apply(cfg.to_dict())
         for note in plan.notes:
@@ -130,7 +147,8 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
         ckpt, run_id = (resolve_checkpoint(out_dir)[0] if resume else None), None
     if resume:
         if ckpt is not None:
-            info = load_checkpoint(ckpt, st.modules(), st.optimizers(), st.rng, device)
+            info = load_checkpoint(ckpt, modules(), st.optimizers(), st.rng, device)
+            best.update(info.get("best") or {})
             st.iteration, history = info["iteration"], info.get("history", [])
             losses_log, train_seconds = info.get("losses", []), info.get("train_seconds", 0.0)
             for name, sd in info.get("scalers", {}).items():
@@ -199,6 +217,8 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
         if scheduled or done:
             m = run_eval()
             history.append(m)
+            if best_ema is not None:
+                consider(m)
             if "ua" in m:
                 post.update(UA=f"{m['ua']:.3f}", FD=f"{m['fd_remaining']:.3f}")
             if stop_when is not None and dist.decide(lead and stop_when(m), device):
@@ -207,8 +227,8 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
         # evaluates rarely loses at most one checkpoint interval when it is killed
         ckpt_dir = None
         if lead and (st.iteration % ckpt_every == 0 or done or interrupted):
-            ckpt_dir = save_checkpoint(out_dir, st.iteration, st.modules(), st.optimizers(), st.rng, run_id=run_id, info={
-                "config": cfg.to_dict(), "history": history, "losses": losses_log,
+            ckpt_dir = save_checkpoint(out_dir, st.iteration, modules(), st.optimizers(), st.rng, run_id=run_id, info={
+                "config": cfg.to_dict(), "history": history, "losses": losses_log, "best": dict(best),
                 "train_seconds": train_seconds, "kimg": kimg_now, "sigma_init_resolved": st.sigma_init,
                 "scalers": {k: v.state_dict() for k, v in st.scalers.items()}})
         if callback and (m is not None or ckpt_dir is not None):
@@ -223,19 +243,31 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     bar.close()
 
     final = dict(history[-1]) if history else {}
+    if best_ema is not None and best:
+        # the kept EMA becomes the run's generator, measured again on noise the selection never saw
+        st.generator_ema.load_state_dict(best_ema.state_dict())
+        seed = evaluator.seed
+        evaluator.seed = seed + 1000
+        try:
+            final = run_eval()
+        finally:
+            evaluator.seed = seed
+        final.update({"selected_iteration": best.get("iteration"), "selected_kimg": best.get("kimg"),
+                      "selection": {k: best[k] for k in ("ua", "fd_ratio", "override_fd_ratio") if k in best},
+                      "eval_seed_selection": seed, "eval_seed": seed + 1000})
     final["stopped_early"] = stopped_early
     final["sigma_init_resolved"] = st.sigma_init
     final["precision_resolved"] = st.precision
     if lead:
         final.update(_write_outputs(out_dir, cfg, task, teacher, st, evaluator, history, gen_fn, device,
-                                    evaluate, measure_speed, fingerprint))
+                                    evaluate, measure_speed, fingerprint, final if best else None))
         if chain is not None:
             chain.record(out_dir, cfg, final, task.chain_pairs(cfg))
     return final
 
 
 def _write_outputs(out_dir: Path, cfg, task, teacher, st, evaluator, history, gen_fn, device,
-                   evaluate: bool, measure_speed: bool, fingerprint: str) -> dict:
+                   evaluate: bool, measure_speed: bool, fingerprint: str, selected: dict | None = None) -> dict:
     """Export the generator and write metrics.json, history.json, curves and sample grids."""
     extra = {}
     info = {"sigma_init": st.sigma_init, "forget": cfg.forget_concepts or cfg.forget, "override": cfg.override,
@@ -250,12 +282,19 @@ def _write_outputs(out_dir: Path, cfg, task, teacher, st, evaluator, history, ge
         save_grid(out_dir / "samples_generator.png", *evaluator.grid_images(generator_fn=gen_fn))
         save_grid(out_dir / "samples_teacher.png", *evaluator.teacher_grid(teacher))
         plot_history(history, out_dir / "curves.png", title=f"SFD {cfg.preset}: forget {cfg.forget_concepts or cfg.forget} -> {cfg.override}")
-    metrics = {**(history[-1] if history else {}), **extra, "sigma_init_resolved": st.sigma_init,
+    metrics = {**(selected or (history[-1] if history else {})), **extra, "sigma_init_resolved": st.sigma_init,
                "precision_resolved": st.precision, "teacher_fingerprint": fingerprint,
                "config": cfg.to_dict()}
     write_json(out_dir / "history.json", history)
     write_json(out_dir / "metrics.json", metrics)
     return extra
+
+
+def _selection_key(m: dict, cfg) -> tuple:
+    """keep_best_ua's order (larger is better): evaluations at UA >= the threshold first, by the lowest
+    remaining-class FD ratio; below it, by the highest UA."""
+    ua, fd = float(m.get("ua", 0.0)), float(m.get("fd_ratio", float("inf")))
+    return (1, -fd) if ua >= cfg.keep_best_ua else (0, ua)
 
 
 def distil(preset_name: str, kimg: float, out, *, seed: int = 0, progress: bool = True, teacher_module=None,

@@ -509,3 +509,74 @@ def test_an_evaluation_due_just_before_the_end_is_left_to_the_final_one(teacher,
     train_sfd(tiny(iters, every=every, checkpoint_every_kimg=100), tmp_path / "run", teacher=copy.deepcopy(teacher),
               evaluate=False, progress=False, callback=lambda m, ckpt: seen.append(m["iteration"]))
     assert seen == expected
+
+
+def _expected_pick(history: list, threshold: float) -> dict:
+    """keep_best_ua's rule, written out: at UA >= threshold the lowest FD ratio, else the highest UA;
+    the first of equals; the start (kimg 0) never."""
+    best = None
+    for m in history:
+        if "ua" not in m or m["kimg"] <= 0:
+            continue
+        key = (1, -m["fd_ratio"]) if m["ua"] >= threshold else (0, m["ua"])
+        if best is None or key > best[0]:
+            best = (key, m)
+    return best[1]
+
+
+def test_keep_best_ua_exports_the_best_evaluations_ema_measured_on_fresh_noise_and_resumes(
+        teacher, judge, tmp_path, sfd_cache):
+    """keep_best_ua: generator.safetensors is the EMA of the evaluation the rule picks (re-evaluated on the
+    selection's noise it gives that evaluation's figures exactly), metrics.json reports it on noise seed
+    777 + 1000, and a run interrupted and resumed picks the same. Control: off, the export is the last EMA."""
+    from sfd.runs import evaluate_run
+    n = 8
+    # from the bundled stage 1 at the digits space's rates and batches: UA climbs within the 8 iterations
+    k = 0.128
+    cfg = SFDConfig(forget=[3], override="4", init_from="stage1", fake_score_reduction="mean", lr_gen=5e-4,
+                    lr_fake=5e-4, ema_halflife_kimg=0.2, budget_kimg=round(n * k, 9), eval_every_kimg=k,
+                    checkpoint_every_kimg=2 * k, eval_forget_samples=100, eval_remain_per_class=8, device="cpu")
+    hist = []
+    off = train_sfd(cfg, tmp_path / "off", teacher=copy.deepcopy(teacher), judge=judge, progress=False,
+                    callback=lambda m, c: hist.append(m) if "ua" in m else None)
+    uas = sorted({round(m["ua"], 6) for m in hist if m["kimg"] > 0})
+    assert len(uas) >= 3, uas                                    # evaluations that the rule can tell apart
+    threshold = uas[len(uas) // 2]                               # some evaluations meet it, some do not
+    assert "selected_iteration" not in off
+    last = evaluate_run(tmp_path / "off", seed=777, device="cpu", judge=judge)
+    assert last["fd_ratio"] == pytest.approx(hist[-1]["fd_ratio"], rel=1e-6)      # control: the last EMA
+
+    on = SFDConfig.from_dict({**cfg.to_dict(), "keep_best_ua": threshold})
+    full = train_sfd(on, tmp_path / "full", teacher=copy.deepcopy(teacher), judge=judge, progress=False)
+    history = json.loads((tmp_path / "full" / "history.json").read_text())
+    pick = _expected_pick(history, threshold)
+    metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert metrics["selected_iteration"] == full["selected_iteration"] == pick["iteration"]
+    assert metrics["selection"]["fd_ratio"] == pytest.approx(pick["fd_ratio"])
+    assert metrics["eval_seed"] == 1777 and metrics["eval_seed_selection"] == 777
+    again = evaluate_run(tmp_path / "full", seed=777, device="cpu", judge=judge)
+    assert again["fd_ratio"] == pytest.approx(pick["fd_ratio"], rel=1e-6)     # the export is the picked EMA
+    assert again["ua"] == pytest.approx(pick["ua"])
+    fresh = evaluate_run(tmp_path / "full", seed=1777, device="cpu", judge=judge)
+    assert metrics["fd_ratio"] == pytest.approx(fresh["fd_ratio"], rel=1e-6)  # reported on the fresh noise
+    assert metrics["fd_ratio"] != pytest.approx(pick["fd_ratio"], rel=1e-6)
+
+    # interrupted at the first checkpoint after the pick: the rest of the run must not displace it
+    assert pick["iteration"] < n, "the pick is the last evaluation: the resume below would test nothing"
+    stop = 2 * (pick["iteration"] // 2 + 1)
+
+    def stop_after_pick(m, ckpt_dir):
+        if ckpt_dir is not None and m["iteration"] == stop:
+            raise _Stop
+    with pytest.raises(KeyboardInterrupt):
+        train_sfd(on, tmp_path / "part", teacher=copy.deepcopy(teacher), judge=judge, progress=False,
+                  callback=stop_after_pick)
+    info = json.loads((latest_checkpoint(tmp_path / "part") / "state.json").read_text())
+    assert info["best"]["iteration"] == pick["iteration"]        # the kept evaluation is in the checkpoint
+    part = train_sfd(on, tmp_path / "part", teacher=copy.deepcopy(teacher), judge=judge, progress=False,
+                     resume=True)
+    assert part["selected_iteration"] == full["selected_iteration"]
+    assert part["fd_ratio"] == pytest.approx(full["fd_ratio"], rel=1e-6)
+    g_full, _ = load_tensors(tmp_path / "full" / "generator.safetensors")
+    g_part, _ = load_tensors(tmp_path / "part" / "generator.safetensors")
+    assert_same_state(g_full, g_part)

@@ -215,6 +215,10 @@ class ConceptTask(PromptTask):
             raise ValueError(f"eval_fd_draws (--eval-fd-draws) {cfg.eval_fd_draws}: averaging FD over several draws is "
                              f"for class presets (digits, cifar10, stl10); preset '{self.preset.name}' measures one "
                              f"draw — drop it")
+        if cfg.keep_best_ua:
+            raise ValueError(f"keep_best_ua (--keep-best-ua) {cfg.keep_best_ua}: keeping the best evaluation's "
+                             f"generator is for class presets (digits, cifar10, stl10); preset '{self.preset.name}' "
+                             f"keeps the last — drop it")
         for key in SD_ONLY:
             if getattr(cfg, key):
                 raise ValueError(f"{key} (--{key.replace('_', '-')}) is for preset sd (prompt files); preset "

@@ -228,6 +228,10 @@ class SDTask(PromptTask):
             raise ValueError(f"eval_fd_draws (--eval-fd-draws) {cfg.eval_fd_draws}: averaging FD over several draws is "
                              f"for class presets (digits, cifar10, stl10); preset '{self.preset.name}' measures one "
                              f"draw — drop it")
+        if cfg.keep_best_ua:
+            raise ValueError(f"keep_best_ua (--keep-best-ua) {cfg.keep_best_ua}: keeping the best evaluation's "
+                             f"generator is for class presets (digits, cifar10, stl10); preset '{self.preset.name}' "
+                             f"keeps the last — drop it")
         concepts = resolve_sd_concepts(cfg, self.preset)
         cfg.forget = []
         cfg.forget_concepts = [c.name for c in concepts]
