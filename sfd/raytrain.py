@@ -40,6 +40,8 @@ REPORT_KEYS = ("iteration", "kimg", "train_seconds", "wall_seconds", "loss_fake_
                "leakage_accuracy_teacher", "other_attribute_accuracy", "other_attribute_accuracy_heldout",
                # a baseline's one report (sfd/methods): its loss, sampler cost, setup time and sampling speed
                "loss", "nfe", "setup_seconds", "images_per_second_generator",
+               # keep_best_ua: the kept evaluation (its kimg) whose EMA is the run's generator
+               "selected_kimg",
                *ATTACK_KEYS)
 
 
@@ -70,6 +72,10 @@ def run_reporting(config: dict, *, device: str, rank: int, stored, send) -> None
     final = train_sfd(cfg, config["run_dir"], callback=report, resume=resume,
                       progress=bool(config.get("progress", False)) and rank == 0,
                       measure_speed=bool(config.get("measure_speed", False)))
+    if "selected_iteration" in final and reports:
+        # keep_best_ua: the run's generator is the kept evaluation's EMA, measured on fresh noise -- the
+        # trial's result is that figure, not the last evaluation's
+        report(final, None)
     if not reports:
         # restarted from the run's final checkpoint (it was killed after saving it): nothing was left
         # to train, so the loop reported nothing; the final metrics still reach Tune and the tracker
