@@ -220,9 +220,14 @@ class SFDConfig:
     keep_best_ua: float = setting(
         0.0, group="schedule", range=(0.0, 1.0, "[]", "a UA threshold in [0, 1], e.g. 0.99 (0: off)"),
         help="class presets: keep the generator EMA of the best evaluation instead of the last one -- among "
-             "evaluations at UA >= this, the lowest remaining-class FD ratio (none there: the highest UA) -- and "
+             "evaluations at UA >= this (those within keep_best_max_override_fd first), the lowest remaining-class "
+             "FD ratio (none there: the highest UA) -- and "
              "report it re-evaluated on fresh noise (seed eval_seed + 1000), since the best of several noisy "
              "figures flatters it; 0: off (the last EMA, the reference)")
+    keep_best_max_override_fd: float = setting(
+        3.0, group="schedule", range=(0.0, 1e9, "(]", "a positive ratio, e.g. 3.0 (the sweep's --max-override-fd-ratio)"),
+        help="with keep_best_ua: evaluations at UA >= keep_best_ua whose override FD ratio is at most this come "
+             "first (early in a run the overridden class is still in transit: 5-30x), as the sweep prefers its trials")
     eval_at_start: bool = setting(
         True, group="schedule",
         help="evaluate the starting point too (a sweep's trials of one target all start from the same stage 1, "

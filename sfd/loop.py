@@ -291,10 +291,14 @@ def _write_outputs(out_dir: Path, cfg, task, teacher, st, evaluator, history, ge
 
 
 def _selection_key(m: dict, cfg) -> tuple:
-    """keep_best_ua's order (larger is better): evaluations at UA >= the threshold first, by the lowest
-    remaining-class FD ratio; below it, by the highest UA."""
+    """keep_best_ua's order (larger is better): evaluations at UA >= the threshold first -- those whose
+    override FD ratio is within keep_best_max_override_fd before the others -- each by the lowest
+    remaining-class FD ratio; below the threshold, by the highest UA."""
     ua, fd = float(m.get("ua", 0.0)), float(m.get("fd_ratio", float("inf")))
-    return (1, -fd) if ua >= cfg.keep_best_ua else (0, ua)
+    if ua < cfg.keep_best_ua:
+        return (0, ua)
+    settled = float(m.get("override_fd_ratio", float("inf"))) <= cfg.keep_best_max_override_fd
+    return (2 if settled else 1, -fd)
 
 
 def distil(preset_name: str, kimg: float, out, *, seed: int = 0, progress: bool = True, teacher_module=None,

@@ -511,14 +511,15 @@ def test_an_evaluation_due_just_before_the_end_is_left_to_the_final_one(teacher,
     assert seen == expected
 
 
-def _expected_pick(history: list, threshold: float) -> dict:
-    """keep_best_ua's rule, written out: at UA >= threshold the lowest FD ratio, else the highest UA;
-    the first of equals; the start (kimg 0) never."""
+def _expected_pick(history: list, threshold: float, max_override: float) -> dict:
+    """keep_best_ua's rule, written out: at UA >= threshold the lowest FD ratio (override FD ratio within
+    max_override first), else the highest UA; the first of equals; the start (kimg 0) never."""
     best = None
     for m in history:
         if "ua" not in m or m["kimg"] <= 0:
             continue
-        key = (1, -m["fd_ratio"]) if m["ua"] >= threshold else (0, m["ua"])
+        tier = 2 if m["override_fd_ratio"] <= max_override else 1
+        key = (tier, -m["fd_ratio"]) if m["ua"] >= threshold else (0, m["ua"])
         if best is None or key > best[0]:
             best = (key, m)
     return best[1]
@@ -546,10 +547,17 @@ def test_keep_best_ua_exports_the_best_evaluations_ema_measured_on_fresh_noise_a
     last = evaluate_run(tmp_path / "off", seed=777, device="cpu", judge=judge)
     assert last["fd_ratio"] == pytest.approx(hist[-1]["fd_ratio"], rel=1e-6)      # control: the last EMA
 
-    on = SFDConfig.from_dict({**cfg.to_dict(), "keep_best_ua": threshold})
+    # the override cap: between the override FD ratios of the evaluations at the threshold, so that it
+    # splits them; the pick must then differ from the lowest-FD-ratio rule's alone (the tier decides)
+    ok = [m for m in hist if m["kimg"] > 0 and m["ua"] >= threshold]
+    fd_only = min(ok, key=lambda m: m["fd_ratio"])
+    cap = fd_only["override_fd_ratio"] * 0.999
+    assert any(m["override_fd_ratio"] <= cap for m in ok), [(m["fd_ratio"], m["override_fd_ratio"]) for m in ok]
+    on = SFDConfig.from_dict({**cfg.to_dict(), "keep_best_ua": threshold, "keep_best_max_override_fd": cap})
     full = train_sfd(on, tmp_path / "full", teacher=copy.deepcopy(teacher), judge=judge, progress=False)
     history = json.loads((tmp_path / "full" / "history.json").read_text())
-    pick = _expected_pick(history, threshold)
+    pick = _expected_pick(history, threshold, cap)
+    assert pick["iteration"] != fd_only["iteration"]
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert metrics["selected_iteration"] == full["selected_iteration"] == pick["iteration"]
     assert metrics["selection"]["fd_ratio"] == pytest.approx(pick["fd_ratio"])
