@@ -153,7 +153,7 @@ def trial_rows(result_grid, targets: dict, out_dir: Path, outcome: dict, errors:
             row[f"param_{k}"] = v
         for k in ("ua", "fd_remaining", "fd_remaining_teacher", "fd_ratio", "fd_forget_vs_override",
                   "fd_override_teacher", "override_fd_ratio", "override_rate", "remaining_accuracy",
-                  "remaining_accuracy_teacher", "kimg", "train_seconds", "wall_seconds",
+                  "remaining_accuracy_teacher", "kimg", "selected_kimg", "train_seconds", "wall_seconds",
                   "images_per_second_generator", "images_per_second_teacher", "nfe", "setup_seconds",
                   # text-to-image (concept) targets; NaN for class targets
                   "ua_heldout", "override_rate_heldout", "leakage_accuracy", "leakage_accuracy_teacher"):
