@@ -206,9 +206,12 @@ def within_asr(row: dict, max_asr: float | None) -> bool:
 def choose_best(rows: list[dict], ua_threshold: float, max_override_fd_ratio: float,
                 max_asr: float | None = None) -> dict | None:
     """Lowest remaining FD at the UA threshold, preferring trials within --max-asr, then within the override
-    FD limit; a target with no trial within --max-asr still gets its best (column meets_max_asr says so)."""
+    FD limit; a target with no trial within --max-asr still gets its best (column meets_max_asr says so).
+    A trial stopped early was measured at a lower fidelity (its last rung) and exported no generator: it is
+    the best only where no finished trial qualifies."""
     eligible = [r for r in rows if r["status"] in DONE and r["ua"] >= ua_threshold
                 and math.isfinite(r["fd_remaining"])]
+    eligible = [r for r in eligible if r["status"] == "finished"] or eligible
     eligible = [r for r in eligible if within_asr(r, max_asr)] or eligible
     diverse = [r for r in eligible if r["override_fd_ratio"] <= max_override_fd_ratio]
     pool = diverse or eligible

@@ -30,6 +30,12 @@ def test_best_trial_rule():
     assert choose_best([row("x", 1.0, math.nan, 1.0, fd=math.nan)], 0.99, 10.0) is None
     assert choose_best([row("e", 1.0, 0.5, 1.0, status="failed")], 0.99, 10.0) is None
     assert choose_best([], 0.99, 10.0) is None
+    # a trial stopped early (its figures at its last rung, no exported generator) loses to any finished one
+    # at the threshold, however low its FD; alone, it is still the best there is
+    rows = [row("base", 1.0, 1.64, 1.1, baseline=True), row("stop", 0.9997, 1.56, 1.9, status="stopped")]
+    assert choose_best(rows, 0.99, 3.0)["trial_id"] == "base"
+    assert choose_best(rows[1:], 0.99, 3.0)["trial_id"] == "stop"
+    assert choose_best([row("base", 0.98, 1.64, 1.1), rows[1]], 0.99, 3.0)["trial_id"] == "stop"
 
 
 def test_best_trial_rule_boundaries_and_key():
