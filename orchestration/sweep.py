@@ -32,7 +32,7 @@ from orchestration.costs import COSTS
 from orchestration.lifecycle import (SWEEP_FILE, Interrupted, Outcome, SignalGuard, folder_record, interrupted_inside,
                                      ray_session, read_record, refuse_live_driver, settle_dead_driver, sweep_record,
                                      write_record)
-from orchestration.pruning import PerTargetHalving, milestones
+from orchestration.pruning import PerTargetHalving
 from orchestration.sequential import describe, plan_chain, run_chain
 from orchestration.services import probe_all
 from orchestration.space import describe_baselines, load_space, space_for, space_path, trials_for, validate_plan
@@ -326,12 +326,6 @@ def resolve(a):
     elif a.budget == "long":
         for s in spaces.values():
             s.defaults = {**s.defaults, "budget_kimg": 4 * s.baseline().budget_kimg}
-    if a.early_stop:
-        # trials evaluate at the rungs themselves: a poor trial is stopped there, not at its next scheduled
-        # evaluation (on digits' 20-kimg trials, 5 kimg instead of the 2-kimg rung)
-        for s in spaces.values():
-            budget = overrides.get("budget_kimg", s.baseline().budget_kimg)
-            s.defaults = {**s.defaults, "eval_extra_kimg": milestones(a.grace_kimg, a.reduction_factor, budget)}
     files = {key: getattr(a, key) for key in ("teacher", "classifier", "fid_weights", "reference")}
     overrides.update({k: v for k, v in files.items() if v})
     real = sorted({t.preset for t in targets if not get_preset(t.preset).embedded})

@@ -217,10 +217,6 @@ class SFDConfig:
         help="two-stage: distil all classes with the forget weights at 0 for this many kimg first")
     eval_every_kimg: float = setting(5.0, group="schedule", range=(0.0, 1e9, "(]", "a positive interval in kimg"),
                                      help="evaluate UA / FD every this many kimg")
-    eval_extra_kimg: list[float] = setting(
-        factory=list, group="schedule", flag=False,
-        help="evaluate at these kimg too, beside every eval_every_kimg (a sweep with --early-stop puts its rungs "
-             "here, so that the scheduler compares trials at the rung itself and stops a poor one there)")
     keep_best_ua: float = setting(
         0.0, group="schedule", range=(0.0, 1.0, "[]", "a UA threshold in [0, 1], e.g. 0.99 (0: off)"),
         help="class presets: keep the generator EMA of the best evaluation instead of the last one -- among "
@@ -390,7 +386,7 @@ class Setting:
 
 
 _VALUE_TYPES = {float: "float", int: "int", bool: "bool", str: "str", str | None: "path", list[int]: "ints",
-                list[float]: "floats", list[str]: "strs", dict[str, list[str]]: "mapping"}
+                list[str]: "strs", dict[str, list[str]]: "mapping"}
 
 
 def _declared_settings() -> dict[str, Setting]:
@@ -449,11 +445,6 @@ def check_types(cfg: "SFDConfig") -> None:
                                                   and all(isinstance(t, str) for t in vs) for k, vs in v.items()):
                 raise bad(name, v, "a mapping of concept -> list of synonym strings")
             setattr(cfg, name, {k: list(vs) for k, vs in v.items()})
-        elif s.value_type == "floats":
-            if not isinstance(v, (list, tuple)) or any(isinstance(c, bool) or not isinstance(c, numbers.Real)
-                                                       or not math.isfinite(c) or c <= 0 for c in v):
-                raise bad(name, v, "a list of positive numbers, e.g. [2, 6]")
-            setattr(cfg, name, [float(c) for c in v])
         elif s.value_type == "ints":
             if not isinstance(v, (list, tuple)):
                 raise bad(name, v, "a list of class ids")

@@ -165,9 +165,6 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
     total_iters = total_iterations(cfg)
     eval_every = max(1, round(cfg.eval_every_kimg * 1000 / imgs_per_iter))
     ckpt_every = max(1, round(cfg.checkpoint_every_kimg * 1000 / imgs_per_iter))
-    # eval_extra_kimg: evaluations at given points too (a sweep's early-stopping rungs), before the end
-    extra_evals = {it for it in (max(1, round(k * 1000 / imgs_per_iter)) for k in cfg.eval_extra_kimg)
-                   if it < total_iters}
 
     def gen_fn(z, c):
         with st.autocast():
@@ -213,8 +210,7 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
         done = st.iteration >= total_iters or dist.decide(out_of_time, device)
         # a scheduled evaluation less than half an interval before the end is left to the final one
         # (20 kimg at 128 images per iteration is 157 iterations: not an evaluation at 156 and at 157)
-        scheduled = (st.iteration % eval_every == 0 and total_iters - st.iteration >= eval_every / 2) or \
-            st.iteration in extra_evals
+        scheduled = st.iteration % eval_every == 0 and total_iters - st.iteration >= eval_every / 2
         # a stop asked for by a signal (`sfd forget`: Ctrl-C, SIGTERM) ends the run here, with a checkpoint
         interrupted = not done and should_stop is not None and dist.decide(lead and should_stop(), device)
         m = None

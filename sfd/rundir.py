@@ -23,7 +23,7 @@ RUN_FILE = "run.json"
 RUN_MARKERS = (RUN_FILE, "checkpoints", "metrics.json", "history.json", "generator.safetensors")
 # settings that may change between a run and its resumption: how long and how it is observed
 RESUMABLE_CHANGES = {"budget_kimg", "max_seconds", "eval_every_kimg", "checkpoint_every_kimg", "device",
-                     "eval_forget_samples", "eval_remain_per_class", "eval_fd_draws", "eval_extra_kimg"}
+                     "eval_forget_samples", "eval_remain_per_class", "eval_fd_draws"}
 
 
 def config_changes(saved: dict, now: dict) -> str:

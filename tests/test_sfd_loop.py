@@ -588,16 +588,3 @@ def test_keep_best_ua_exports_the_best_evaluations_ema_measured_on_fresh_noise_a
     g_full, _ = load_tensors(tmp_path / "full" / "generator.safetensors")
     g_part, _ = load_tensors(tmp_path / "part" / "generator.safetensors")
     assert_same_state(g_full, g_part)
-
-
-def test_eval_extra_kimg_adds_evaluations_at_those_points(teacher, tmp_path):
-    """eval_extra_kimg (a sweep's early-stopping rungs): evaluations at those points besides the schedule;
-    a point at or past the end adds nothing (the end is evaluated anyway). Control: without it, the schedule."""
-    seen = []
-    cfg = tiny(10, every=4, checkpoint_every_kimg=100, eval_extra_kimg=[2 * KIMG_PER_IT, 7 * KIMG_PER_IT,
-                                                                         12 * KIMG_PER_IT])
-    train_sfd(cfg, tmp_path / "run", teacher=copy.deepcopy(teacher), evaluate=False, progress=False,
-              callback=lambda m, ckpt: seen.append(m["iteration"]))
-    assert seen == [0, 2, 4, 7, 8, 10]
-    with pytest.raises(ValueError, match=r"eval_extra_kimg \[2.0, -1.0\]"):
-        tiny(10, eval_extra_kimg=[2.0, -1.0]).validate()
