@@ -101,7 +101,8 @@ def test_evaluate_writes_evaluation_json(run_dir, tmp_path_factory, monkeypatch,
     for k in ("ua", "remaining_accuracy", "fd_remaining", "fd_remaining_teacher", "fd_forget_vs_override",
               "override_rate"):
         assert k in ev, k
-    assert ev["n_forget_samples"] == 10 and ev["n_remaining_samples"] == 9 * 10
+    # the digits defaults average the remaining-class FD over 5 draws of 10 per class
+    assert ev["n_forget_samples"] == 10 and ev["fd_draws"] == 5 and ev["n_remaining_samples"] == 5 * 9 * 10
     assert "evaluation.json" in capsys.readouterr().out
 
 
