@@ -440,3 +440,15 @@ def test_bench_into_an_earlier_bench_is_refused_before_work(finished, tmp_path, 
     err = cli_error(capsys, ["bench", "--classes", "2,3", "--seconds", "1", "--no-progress", "--out", str(out)])
     assert "forget3" in err and "--overwrite" in err
     assert digest(out) == before
+
+
+@pytest.mark.parametrize("preset, target", [("colordigits", {"forget_concepts": ["seven"], "override": "one"}),
+                                            ("sd", {"forget_concepts": ["nudity"], "override": ""})])
+@pytest.mark.parametrize("setting, value", [("eval_fd_draws", 5), ("keep_best_ua", 0.99)])
+def test_class_only_evaluation_settings_are_refused_on_text_presets(preset, target, setting, value):
+    """eval_fd_draws / keep_best_ua are implemented by the class presets' evaluator and loop only: a text
+    preset names the setting and says to drop it (control: the same target validates without it)."""
+    from sfd.config import SFDConfig
+    SFDConfig(preset=preset, **target).validate()
+    with pytest.raises(ValueError, match=f"{setting} .*class presets.*drop it"):
+        SFDConfig(preset=preset, **target, **{setting: value}).validate()

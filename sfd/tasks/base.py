@@ -276,6 +276,17 @@ class PromptTask(Task):
     noun = "concepts"
     default_override = "next"
 
+    def refuse_class_only(self, cfg) -> None:
+        """The evaluation settings that class presets alone implement, refused by name."""
+        if cfg.eval_fd_draws != 1:
+            raise ValueError(f"eval_fd_draws (--eval-fd-draws) {cfg.eval_fd_draws}: averaging FD over several draws is "
+                             f"for class presets (digits, cifar10, stl10); preset '{self.preset.name}' measures one "
+                             f"draw — drop it")
+        if cfg.keep_best_ua:
+            raise ValueError(f"keep_best_ua (--keep-best-ua) {cfg.keep_best_ua}: keeping the best evaluation's "
+                             f"generator is for class presets (digits, cifar10, stl10); preset '{self.preset.name}' "
+                             f"keeps the last — drop it")
+
     def settings_from_flags(self, given: dict) -> dict:
         """``--forget`` holds concepts: words or phrases, comma-separated or repeated."""
         given = dict(given)

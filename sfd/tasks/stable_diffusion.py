@@ -224,14 +224,7 @@ class SDTask(PromptTask):
     kind = "sd"
 
     def validate(self, cfg) -> None:
-        if cfg.eval_fd_draws != 1:
-            raise ValueError(f"eval_fd_draws (--eval-fd-draws) {cfg.eval_fd_draws}: averaging FD over several draws is "
-                             f"for class presets (digits, cifar10, stl10); preset '{self.preset.name}' measures one "
-                             f"draw — drop it")
-        if cfg.keep_best_ua:
-            raise ValueError(f"keep_best_ua (--keep-best-ua) {cfg.keep_best_ua}: keeping the best evaluation's "
-                             f"generator is for class presets (digits, cifar10, stl10); preset '{self.preset.name}' "
-                             f"keeps the last — drop it")
+        self.refuse_class_only(cfg)
         concepts = resolve_sd_concepts(cfg, self.preset)
         cfg.forget = []
         cfg.forget_concepts = [c.name for c in concepts]
