@@ -219,6 +219,7 @@ class LoopbackCluster:
 def write_space(path: Path) -> Path:
     doc = yaml.safe_load(space_path("digits").read_text())
     doc["defaults"].update(TINY)
+    doc["search"].pop("batch_remain", None)      # the tiny batch is not among its choices
     doc.pop("trial", None)
     doc["stage1_kimg"] = 0
     path.write_text(yaml.safe_dump(doc))

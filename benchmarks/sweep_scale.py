@@ -121,6 +121,7 @@ def write_space(path: Path, main_job: bool = False) -> Path:
     doc = yaml.safe_load(space_path("digits").read_text())
     if not main_job:
         doc["defaults"].update(TINY)
+        doc["search"].pop("batch_remain", None)      # the tiny batch is not among its choices
         doc.pop("trial", None)
     doc["stage1_kimg"] = 0 if not main_job else doc["stage1_kimg"]
     path.write_text(yaml.safe_dump(doc))

@@ -202,6 +202,10 @@ def _check_search(path, block: str, params, base: dict) -> None:
             if not lo <= base[key] <= hi:
                 raise ValueError(f"{where}: the default {key}={base[key]} lies outside [{lo}, {hi}]; the baseline "
                                  f"trial must be a point of the space")
+        elif base[key] not in p["values"]:
+            raise ValueError(f"{where}: the default {key}={base[key]!r} is not one of its values {p['values']}; the "
+                             f"baseline trial must be a point of the space — add it to the values, or drop "
+                             f"search.{key}")
 
 
 def _methods(path, doc: dict, preset: str, defaults: dict) -> dict:
@@ -263,6 +267,9 @@ def _override_defaults(path, doc: dict, preset: str, defaults: dict, params: dic
             v = getattr(cfg, key)
             if key in extra and p["type"] != "choice" and not p["low"] <= v <= p["high"]:
                 raise ValueError(f"{where}: {key}={v} lies outside search.{key} [{p['low']}, {p['high']}]; the "
+                                 f"policy's baseline trial must be a point of the space")
+            if key in extra and p["type"] == "choice" and v not in p["values"]:
+                raise ValueError(f"{where}: {key}={v!r} is not one of search.{key}'s values {p['values']}; the "
                                  f"policy's baseline trial must be a point of the space")
         out[str(policy)] = dict(extra)
     return out

@@ -34,6 +34,7 @@ def sweep(args, timeout=300, env=None):
 def tiny_space(tmp_path) -> Path:
     doc = yaml.safe_load(space_path("digits").read_text())
     doc["defaults"].update(TINY)
+    doc["search"].pop("batch_remain", None)      # the tiny batch is not among its choices
     doc.pop("trial", None)
     doc["stage1_kimg"] = 0
     p = tmp_path / "tiny.yaml"

@@ -48,7 +48,7 @@ def test_shipped_spaces_are_valid_and_contain_the_baseline():
         assert s.preset == preset
         base = s.baseline_point()
         for k, p in s.params.items():
-            assert p["low"] <= base[k] <= p["high"]
+            assert base[k] in p["values"] if p["type"] == "choice" else p["low"] <= base[k] <= p["high"]
     cifar = load_space(space_path("cifar10")).baseline()
     assert (cifar.alpha, cifar.lr_gen, cifar.sigma_dist, cifar.lambda_gen_forget) == (1.2, 1e-5, "vp-t", 0.01)
 
@@ -124,6 +124,7 @@ def test_tiny_sweep_logs_nested_runs_to_a_tracking_server(tmp_path, mlflow_serve
     monkeypatch.setenv("SFD_CACHE", str(tmp_path / "cache"))
     doc = yaml.safe_load(space_path("digits").read_text())
     doc["defaults"].update(TINY)
+    doc["search"].pop("batch_remain", None)      # the tiny batch is not among its choices
     doc.pop("trial", None)
     doc["stage1_kimg"] = 0.2                 # a tiny shared stage 1, trained by the sweep on Ray Train
     space = tmp_path / "tiny.yaml"
@@ -216,3 +217,23 @@ def test_dry_run_names_the_trial_runner_and_a_policys_defaults(tmp_path, capsys)
     assert "target digits:3->4\n" in out
     assert main(["--targets", "digits:3", "--workers-per-trial", "2", "--dry-run", "--out", str(tmp_path / "b")]) == 0
     assert "run as Ray Train jobs (--trial-runner train)" in capsys.readouterr().out
+
+
+def test_a_default_outside_a_choice_is_refused_by_name(tmp_path):
+    """A default (or a policy's default) that is not one of a `choice` parameter's values: the space is refused
+    when loaded, naming the setting, its value and the fix — not Optuna's bare "'16' not in (...)" mid-sweep.
+    Control: the shipped space with the same choice loads."""
+    import yaml
+    doc = yaml.safe_load(space_path("digits").read_text())
+    assert doc["search"]["batch_remain"]["type"] == "choice"
+    load_space(space_path("digits"))
+    doc["defaults"]["batch_remain"] = 16
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=r"search.batch_remain: the default batch_remain=16 is not one of its values"):
+        load_space(p)
+    doc["defaults"]["batch_remain"] = 128
+    doc["override_defaults"]["random"]["batch_remain"] = 16
+    p.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=r"batch_remain=16 is not one of search.batch_remain's values"):
+        load_space(p)

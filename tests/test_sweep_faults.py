@@ -42,6 +42,7 @@ SLUG = "digits_forget0_to_1"
 def _space(path: Path, **defaults) -> Path:
     doc = yaml.safe_load(space_path("digits").read_text())
     doc["defaults"].update({**TINY, **defaults})
+    doc["search"].pop("batch_remain", None)      # the tiny batch is not among its choices
     doc.pop("trial", None)
     doc["stage1_kimg"] = 0
     path.write_text(yaml.safe_dump(doc))

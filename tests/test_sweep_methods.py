@@ -168,6 +168,7 @@ def test_tiny_sweep_of_two_methods_on_one_target(tmp_path, monkeypatch):
                             "eval_forget_samples": 40, "eval_remain_per_class": 20, "batch_remain": 16,
                             "batch_forget": 16, "pool_per_condition": 8})
     doc.pop("trial", None)
+    doc["search"].pop("batch_remain", None)      # the tiny batch is not among its choices
     for m in doc["methods"].values():
         for k in ("batch_forget", "batch_remain"):
             m["defaults"].pop(k, None)
