@@ -251,22 +251,6 @@ class SFDConfig:
         help="after training, measure the generator as `sfd attack` does (prompt families, side effects and the "
              "named attack: continuous, discrete, or all) and report ASR next to UA; a baseline's fine-tuned "
              "teacher is attacked through the teacher's sampler; off: no attack")
-    adv_pool: int = setting(
-        0, group="robustness", range=(0, 4096, "[]", "a pool size in 0..4096, e.g. 32 (0: off)"),
-        help="class presets: adversarial forgetting (sfd/adversary.py, a named deviation) -- this many free class "
-             "embeddings per rank, started at remaining classes' rows, follow the judge towards a forgotten class "
-             "(the continuous attack of `sfd attack`); where one draws it, the generator there is pulled to the "
-             "override; 0: off (the reference)")
-    adv_steps: int = setting(2, group="robustness", range=(1, 100, "[]", "a step count in 1..100"),
-                             help="with adv_pool: attack steps per iteration on every pool entry")
-    adv_lr: float = setting(0.3, group="robustness", range=(0.0, 100.0, "(]", "a positive learning rate, e.g. 0.3"),
-                            help="with adv_pool: Adam's learning rate on the free embeddings (the attack's)")
-    adv_lifetime: int = setting(15, group="robustness", range=(1, 100000, "[]", "iterations >= 1"),
-                                help="with adv_pool: iterations before a pool entry restarts at a remaining row "
-                                     "(15 x 2 steps: the attack's 30)")
-    lambda_adv: float = setting(1.0, group="robustness", range=_WEIGHT, searchable=True,
-                                help="with adv_pool: weight of the pull of the embeddings that draw a forgotten "
-                                     "class towards the override (per-sample pixel sum of squares)")
     # run ---------------------------------------------------------------------------------
     seed: int = setting(0, group="run", range=(0, 2**63 - 1, "[]", "a seed >= 0"), help="random seed")
     device: str = setting("auto", group="run", help="'auto' (CUDA if present), 'cpu', 'cuda:0', ...")

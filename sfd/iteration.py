@@ -82,7 +82,6 @@ class SFDState:
     frozen_unused: list = field(default_factory=list)
     precision: str = "fp32"              # cfg.precision with 'auto' resolved for this device
     iteration: int = 0
-    adversary: object = None             # adv_pool > 0: sfd.adversary.EmbeddingAdversary
 
     @property
     def imgs_per_iter(self) -> int:
@@ -170,15 +169,11 @@ def build_state(cfg: SFDConfig, teacher: Denoiser, device, dist: Dist | None = N
     precision = resolve_precision(cfg.precision, device)
     if precision == "fp16":
         scalers = {"fake_score": torch.amp.GradScaler(device.type), "generator": torch.amp.GradScaler(device.type)}
-    st = SFDState(cfg=cfg, teacher=teacher, fake_score=fake_score, generator=generator,
-                  generator_ema=generator_ema, opt_fake=opt_fake, opt_gen=opt_gen,
-                  rng=torch.Generator().manual_seed(cfg.seed), targets=targets,
-                  dist=dist, device=device, sigma_init=sigma_init, judge=judge, fake_train=fake_train,
-                  gen_train=gen_train, scalers=scalers, frozen_unused=frozen, precision=precision)
-    if cfg.adv_pool:
-        from .adversary import EmbeddingAdversary
-        st.adversary = EmbeddingAdversary(st)
-    return st
+    return SFDState(cfg=cfg, teacher=teacher, fake_score=fake_score, generator=generator,
+                    generator_ema=generator_ema, opt_fake=opt_fake, opt_gen=opt_gen,
+                    rng=torch.Generator().manual_seed(cfg.seed), targets=targets,
+                    dist=dist, device=device, sigma_init=sigma_init, judge=judge, fake_train=fake_train,
+                    gen_train=gen_train, scalers=scalers, frozen_unused=frozen, precision=precision)
 
 
 @dataclass
@@ -320,9 +315,6 @@ def sfd_iteration(st: SFDState, stage1: bool = False, grads_hook=None, loss_hook
             if loss_hook is not None:
                 loss_gen = loss_hook("generator", loss_gen)
             _backward(st, "generator", st.opt_gen, loss_gen)
-        if st.adversary is not None and not stage1:      # adv_pool: the attack, then its fix (accumulated)
-            st.adversary.attack(st)
-            st.adversary.backward(st)
     finally:
         for p in trainable:
             p.requires_grad_(True)

@@ -114,7 +114,7 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
         if lead:
             print(f"note: UA/FD are not measured: preset '{preset.name}' has no bundled judge; pass --classifier, "
                   f"--fid-weights and --reference to evaluate", flush=True)
-    if judge is None and (evaluate or cfg.override == "classifier" or cfg.adv_pool):
+    if judge is None and (evaluate or cfg.override == "classifier"):
         judge = task.load_judge(cfg, device)
     init_path = resolve_init(cfg.init_from, preset, teacher)
     init = (lambda gen, fake: load_generator_init(init_path, gen, fake)) if init_path else None
@@ -177,8 +177,6 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
             recent = losses_log[-min(len(losses_log), eval_every):]
             m["loss_fake_score"] = sum(r[0] for r in recent) / len(recent)
             m["loss_generator"] = sum(r[1] for r in recent) / len(recent)
-        if st.adversary is not None:
-            m.update(st.adversary.take_stats())
         return m
 
     def run_eval() -> dict:
