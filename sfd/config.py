@@ -90,13 +90,6 @@ class SFDConfig:
     prompt_templates: list[str] = setting(
         factory=list, group="target", flag=False,
         help="text presets: training prompt templates with {color} {word} {num} (from a --targets-file)")
-    concept_alone: float = setting(
-        0.0, group="target", range=(0.0, 1.0, "[]", "a share in [0, 1], e.g. 0.25 (0: off)"),
-        help="colordigits: this share of the remain and of the forget batch asks for a concept on its own instead "
-             "of a template prompt -- remain: every remaining digit word, numeral and colour ('two', '2', 'red'); "
-             "forget: each forgotten concept's word and synonyms ('seven', '7') rewritten to the override's ('one', "
-             "'1'). No template holds a lone word, and forgetting seven->one made the generator draw a 1 for 'two' "
-             "3x as often as the teacher (docs/robustness.md); 0: template prompts only (the reference)")
     # sd preset: prompt files (one prompt per line); None: the small embedded lists of sfd/tasks/stable_diffusion.py
     forget_prompts: str | None = setting(
         None, group="target",

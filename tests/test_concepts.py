@@ -81,46 +81,6 @@ def test_prompt_table_forget_override_remain():
     assert not any(forgets(t.prompts[int(i)], t.concepts) for i in r)
 
 
-def test_concept_alone_asks_for_concepts_on_their_own():
-    """concept_alone: that share of the forget batch is the bare concept ('seven', '7') asked of the teacher as the
-    bare override ('one', '1'), and that share of the remain batch a bare remaining concept ('two', '2', 'red');
-    the evaluated prompt lists do not change, stage 1 keeps its draws, and off draws exactly as before."""
-    plain = ConceptTargets(cfg().validate(), PRESET)
-    t = ConceptTargets(cfg(concept_alone=0.5).validate(), PRESET)
-    assert [t.prompts[i] for i in t.alone_ids] == ["seven", "7"]
-    assert [t.prompts[i] for i in t.alone_override_ids] == ["one", "1"]
-    assert t.table[t.alone_ids[0]].digit == 7 and t.table[t.alone_ids[0]].color is None
-    assert t.table[t.alone_override_ids[1]].digit == 1
-    bare_remain = {t.prompts[i] for i in t.alone_remain_ids}
-    assert {"two", "2", "one", "red", "white"} <= bare_remain and not {"seven", "7"} & bare_remain
-    assert len(bare_remain) == 2 * 9 + len(cd.COLOR_NAMES)
-    assert t.table[t.prompts.index("red")].color == cd.COLOR_NAMES.index("red")
-    assert t.table[t.prompts.index("red")].digit is None
-    # the evaluation's prompts (and their ids) are those of the run without it
-    for k in ("forget_ids", "override_ids", "remain_ids", "heldout_forget_ids", "heldout_remain_ids"):
-        assert getattr(t, k) == getattr(plain, k), k
-    g = torch.Generator().manual_seed(0)
-    f, o = t.sample_forget(4000, g)
-    alone = torch.isin(f, torch.tensor(t.alone_ids))
-    assert 0.45 < float(alone.float().mean()) < 0.55                 # the share asked for
-    assert all(t.prompts[int(b)] == rewrite(t.prompts[int(a)], t.concepts) for a, b in zip(f, o))
-    assert {t.prompts[int(a)] for a in f[alone]} == {"seven", "7"}
-    r = t.sample_remain(4000, g)
-    bare = torch.isin(r, torch.tensor(t.alone_remain_ids))
-    assert 0.45 < float(bare.float().mean()) < 0.55
-    assert not any(forgets(t.prompts[int(i)], t.concepts) for i in r)
-    # stage 1 (every prompt: the shared distillation, keyed without this setting) and off: the plain draws
-    for kw in (dict(all_classes=True), {}):
-        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-        src = t if kw else ConceptTargets(cfg(concept_alone=0.0).validate(), PRESET)
-        assert torch.equal(src.sample_remain(64, g1, **kw), plain.sample_remain(64, g2, **kw))
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    off = ConceptTargets(cfg(concept_alone=0.0).validate(), PRESET)
-    assert all(torch.equal(a, b) for a, b in zip(off.sample_forget(64, g1), plain.sample_forget(64, g2)))
-    with pytest.raises(ValueError, match="need a text-to-image preset"):
-        SFDConfig.from_dict({"preset": "digits", "forget": [3], "concept_alone": 0.25}).validate()
-
-
 def test_multi_concept_table():
     t = ConceptTargets(cfg(forget_concepts=["seven", "red"], override="one,blue").validate(), PRESET)
     assert rewrite("a red seven", t.concepts) == "a blue one"

@@ -119,8 +119,7 @@ class ClassTargets:
         return [list(self.remain) for _ in self.forget]
 
 
-TEXT_ONLY = ("forget_concepts", "concept_synonyms", "prompt_templates", "forget_prompts", "remain_prompts",
-             "concept_alone")
+TEXT_ONLY = ("forget_concepts", "concept_synonyms", "prompt_templates", "forget_prompts", "remain_prompts")
 
 
 class ClassTask(Task):
@@ -139,8 +138,7 @@ class ClassTask(Task):
     def validate(self, cfg) -> None:
         preset = self.preset
         if any(getattr(cfg, k) for k in TEXT_ONLY):
-            raise ValueError(f"forget_concepts / concept_synonyms / prompt_templates / forget_prompts / remain_prompts / "
-                             f"concept_alone "
+            raise ValueError(f"forget_concepts / concept_synonyms / prompt_templates / forget_prompts / remain_prompts "
                              f"need a text-to-image preset (colordigits, sd); preset '{preset.name}' forgets classes — "
                              f"use --forget CLASS")
         if not cfg.forget:

@@ -108,7 +108,7 @@ class PromptInfo:
     text: str
     digit: int | None = None
     color: int | None = None
-    split: str = "null"                # train / heldout / override / alone (concept_alone) / null
+    split: str = "null"                # train / heldout / override / null
 
 
 class ConceptTargets:
@@ -150,28 +150,6 @@ class ConceptTargets:
                 f_out.append(i)
                 o_out.append(add(rewrite(p.text, self.concepts), digit, color, "override"))
         self.remain_ids = [i for i in self.train_ids if not forgets(self.table[i].text, self.concepts)]
-        # concept_alone: concepts on their own, drawn by sample_remain / sample_forget only (the evaluation keeps the
-        # template prompts): every remaining digit word, numeral and colour ("two", "2", "red"), and each forgotten
-        # concept's word and synonyms ("seven", "7") -> the override's ("one", "1")
-        self.alone_share = float(getattr(cfg, "concept_alone", 0.0) or 0.0)
-        self.alone_ids, self.alone_override_ids, self.alone_remain_ids = [], [], []
-        if self.alone_share > 0:
-            for c in self.concepts:
-                kind, _ = attribute(c.name)
-                for term in c.terms:
-                    over = rewrite(term, self.concepts)
-                    fa, oa = attribute(term), attribute(over)
-                    fd, fk = (fa[1], None) if kind == "digit" else (None, fa[1])
-                    od, ok = (oa[1], None) if kind == "digit" else (None, oa[1])
-                    self.alone_ids.append(add(term, fd, fk, "alone"))
-                    self.alone_override_ids.append(add(over, od, ok, "override"))
-            for d, word in enumerate(cd.DIGIT_WORDS):
-                for term in (word, str(d)):
-                    if not forgets(term, self.concepts):
-                        self.alone_remain_ids.append(add(term, d, None, "alone"))
-            for k, color in enumerate(cd.COLOR_NAMES):
-                if not forgets(color, self.concepts):
-                    self.alone_remain_ids.append(add(color, None, k, "alone"))
         self.heldout_remain_ids = [i for i in self.heldout_ids if not forgets(self.table[i].text, self.concepts)]
         self.prompts = [p.text for p in self.table]
         # forgotten and override attribute values per forget prompt: {("digit", 7): ("digit", 1), ...}
@@ -180,8 +158,6 @@ class ConceptTargets:
         self._all_t = torch.tensor(self.train_ids)
         self._forget_t = torch.tensor(self.forget_ids)
         self._override_t = torch.tensor(self.override_ids)
-        self._alone_t, self._alone_override_t = torch.tensor(self.alone_ids), torch.tensor(self.alone_override_ids)
-        self._alone_remain_t = torch.tensor(self.alone_remain_ids)
         # class-style fields some callers read
         self.forget = [c.name for c in self.concepts]
         self.override = [c.override for c in self.concepts]
@@ -200,22 +176,11 @@ class ConceptTargets:
 
     def sample_remain(self, n: int, gen: torch.Generator, all_classes: bool = False) -> torch.Tensor:
         pool = self._all_t if all_classes else self._remain_t
-        c_r = pool[torch.randint(0, len(pool), (n,), generator=gen)]
-        if self.alone_share > 0 and not all_classes:   # concept_alone (stage 1, the shared distillation, keeps its key)
-            alone = torch.rand(n, generator=gen) < self.alone_share
-            a = torch.randint(0, len(self.alone_remain_ids), (n,), generator=gen)
-            c_r = torch.where(alone, self._alone_remain_t[a], c_r)
-        return c_r
+        return pool[torch.randint(0, len(pool), (n,), generator=gen)]
 
     def sample_forget(self, n: int, gen: torch.Generator):
         pick = torch.randint(0, len(self.forget_ids), (n,), generator=gen)
-        c_f, c_o = self._forget_t[pick], self._override_t[pick]
-        if self.alone_share > 0:                 # concept_alone (no extra draws when off: runs stay identical)
-            alone = torch.rand(n, generator=gen) < self.alone_share
-            a = torch.randint(0, len(self.alone_ids), (n,), generator=gen)
-            c_f = torch.where(alone, self._alone_t[a], c_f)
-            c_o = torch.where(alone, self._alone_override_t[a], c_o)
-        return c_f, c_o
+        return self._forget_t[pick], self._override_t[pick]
 
     def classifier_override(self, judge, y_fake):
         raise ValueError("the 'classifier' override policy is for class presets; give an override concept")

@@ -225,10 +225,6 @@ class SDTask(PromptTask):
 
     def validate(self, cfg) -> None:
         self.refuse_class_only(cfg)
-        if cfg.concept_alone:
-            raise ValueError(f"concept_alone (--concept-alone) {cfg.concept_alone}: asking for a concept alone is built "
-                             f"for colordigits' word-level prompts; preset '{self.preset.name}' takes its forget prompts "
-                             f"from --forget-prompts (add the bare concept there) — drop it")
         concepts = resolve_sd_concepts(cfg, self.preset)
         cfg.forget = []
         cfg.forget_concepts = [c.name for c in concepts]
