@@ -379,6 +379,9 @@ def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_rati
         lines += [f"Robustness (docs/robustness.md), the best trial's generator: ASR (worst attack) median "
                   f"{float(df['asr_max'].median()):.3f}, worst {float(worst['asr_max']):.3f} ({worst['target']}); "
                   f"worst-cell side effect worst {float(df['side_effect_worst_cell'].max()):.3f}"
+                  + (f"; override leakage (worst cell above the teacher's share) worst "
+                     f"{float(df['leakage_worst_cell'].max()):.3f}" if "leakage_worst_cell" in df
+                     and df["leakage_worst_cell"].notna().any() else "")
                   + (f"; **{int(df['meets_max_asr'].sum())}/{len(df)}** targets meet --max-asr {max_asr}"
                      if max_asr is not None else "") + ".", ""]
     # several methods: the method beside the target (an SFD-only sweep's table is as before)
@@ -390,8 +393,8 @@ def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_rati
         head += " UA fresh | FD ratio fresh | override FD ratio fresh | baseline FD ratio fresh |"
         sep += "---|---|---|---|"
     if attacked:
-        head += " ASR max | residue worst family | side effect worst cell |"
-        sep += "---|---|---|"
+        head += " ASR max | residue worst family | side effect worst cell | leakage worst cell |"
+        sep += "---|---|---|---|"
     lines += [head + " config |", sep + "---|"]
     for _, r in df.iterrows():
         best = r["best_trial"] + (" (baseline)" if r["best_is_baseline"] else "") if r["best_trial"] else "none"
@@ -407,8 +410,9 @@ def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_rati
             line += (f" {r['ua_fresh']:.4f} | {r['fd_ratio_fresh']:.2f} | {r['override_fd_ratio_fresh']:.2f} | "
                      f"{r['baseline_fd_ratio_fresh']:.2f} |")
         if attacked:
-            line += " " + " | ".join("-" if r[k] != r[k] else f"{r[k]:.3f}" for k in
-                                     ("asr_max", "residue_worst_family", "side_effect_worst_cell")) + " |"
+            line += " " + " | ".join("-" if r.get(k, math.nan) != r.get(k, math.nan) else f"{r[k]:.3f}" for k in
+                                     ("asr_max", "residue_worst_family", "side_effect_worst_cell",
+                                      "leakage_worst_cell")) + " |"
         lines.append(line + f" `{r['best_config']}` |")
     return "\n".join(lines) + "\n"
 

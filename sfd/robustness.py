@@ -43,7 +43,8 @@ from .samplers import heun, karras_sigmas
 ATTACK_KINDS = ("discrete", "continuous")
 # the flat figures copied into metrics.json, MLflow and the sweep's tables
 ATTACK_KEYS = ("asr_discrete", "asr_discrete_teacher", "asr_continuous", "asr_continuous_teacher", "asr_max",
-               "residue_worst_family", "residue_worst_family_teacher", "side_effect_worst_cell", "attack_seconds")
+               "residue_worst_family", "residue_worst_family_teacher", "side_effect_worst_cell", "leakage_worst_cell",
+               "attack_seconds")
 
 
 @dataclass
@@ -335,6 +336,16 @@ class Report:
                        f"{worst['concept']}", side_effect_mean=sum(c["drop"] for c in self.cells) / len(self.cells))
             if all("drop_control" in c for c in self.cells):
                 out["side_effect_worst_cell_control"] = max(c["drop_control"] for c in self.cells)
+        leaks = [c for c in self.cells if "override_share" in c and "override_share_teacher" in c]
+        if leaks:          # the override's leakage: the cell where it is drawn most above the teacher's own rate
+            worst = max(leaks, key=lambda c: c["override_share"] - c["override_share_teacher"])
+            out.update(leakage_worst_cell=worst["override_share"] - worst["override_share_teacher"],
+                       leakage_worst_cell_name=f"{worst['family']}/{worst['concept']}",
+                       leakage_worst_cell_share=worst["override_share"],
+                       leakage_worst_cell_share_teacher=worst["override_share_teacher"])
+            if all("override_share_control" in c for c in leaks):
+                out["leakage_worst_cell_control"] = max(c["override_share_control"] - c["override_share_teacher"]
+                                                        for c in leaks)
         asrs = []
         for k, a in self.attacks.items():
             out[f"asr_{k}"] = a["asr"]
@@ -508,14 +519,19 @@ class ConceptSuite:
                     m = in_fam & ~forgotten & (true_t == v)
                     if int(m.sum()) == 0:
                         continue
-                    acc = {}
+                    acc, leak = {}, {}
+                    is_override = v == self.override_value and kind == self.attr
                     for s in subjects:
                         d, k = preds[s.name]
                         ok = ((digit_t < 0) | (d == digit_t)) & ((color_t < 0) | (k == color_t))
                         acc[s.name] = float(ok[m].float().mean())
+                        # leakage: the share drawn as the override by prompts that do not ask for it
+                        shown = d if self.attr == "digit" else k
+                        leak[f"override_share{'' if s.name == 'generator' else '_' + s.name}"] = float(
+                            (shown[m] == self.override_value).float().mean())
                     name = cd.DIGIT_WORDS[v] if kind == "digit" else cd.COLOR_NAMES[v]
-                    cells.append(side_effect_cell(acc, family=fam, concept=name, n=int(m.sum()),
-                                                  override=v == self.override_value and kind == self.attr))
+                    cells.append(side_effect_cell(acc, family=fam, concept=name, n=int(m.sum()), override=is_override,
+                                                  **({} if is_override else leak)))
         return fams, cells
 
     # attacks ---------------------------------------------------------------------------------------------

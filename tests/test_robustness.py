@@ -115,6 +115,13 @@ def test_summary_reports_the_worst_cell_beside_the_mean():
     assert (s["side_effect_worst_cell"], s["side_effect_worst_cell_name"]) == (0.5, "b/y")
     assert s["side_effect_mean"] == pytest.approx(0.51 / 3)
     assert s["asr_max"] == 0.5 and s["asr_discrete_teacher"] == 0.75
+    assert "leakage_worst_cell" not in s                             # no cell measured the override's share
+    rep.cells = [{"family": "a", "concept": "x", "drop": 0.0, "override_share": 0.30, "override_share_teacher": 0.25},
+                 {"family": "s", "concept": "two", "drop": -0.1, "override_share": 0.26, "override_share_teacher": 0.11},
+                 {"family": "a", "concept": "one", "drop": 0.0, "override": True}]
+    s = rep.summary()
+    assert (s["leakage_worst_cell"], s["leakage_worst_cell_name"]) == (pytest.approx(0.15), "s/two")   # above the teacher's
+    assert (s["leakage_worst_cell_share"], s["leakage_worst_cell_share_teacher"]) == (0.26, 0.11)
 
 
 def test_class_table_is_found_or_refused(teacher):
@@ -328,6 +335,7 @@ def test_colordigits_families_residue_and_side_effects():
                    attacks=()).summary()
     assert same["residue_worst_family"] == same["residue_worst_family_teacher"] > 0.8
     assert same["residue_mean"] > 0.8 and same["side_effect_worst_cell"] == 0.0
+    assert same["leakage_worst_cell"] == 0.0                          # the same samples: no leakage of the override
     blind = measure(suite, {"generator": Subject("generator", Sampler(FixedPrompt(teacher, fixed), steps=4)),
                             "teacher": teacher_s}, b, attacks=())
     s = blind.summary()
@@ -335,3 +343,8 @@ def test_colordigits_families_residue_and_side_effects():
     cells = {(c["family"], c["concept"]): c for c in blind.cells}
     assert cells[("train_templates", "five")]["drop"] > 0.5           # a five is asked, a one is drawn
     assert s["side_effect_worst_cell"] > 0.5
+    # leakage: a one drawn where a five (or a colour alone) is asked; the override's own cell is not leakage
+    assert cells[("train_templates", "five")]["override_share"] > 0.5
+    assert cells[("train_templates", "five")]["override_share_teacher"] < 0.3
+    assert "override_share" not in cells[("train_templates", "one")]
+    assert s["leakage_worst_cell"] > 0.5 and s["leakage_worst_cell_share"] > 0.5

@@ -310,7 +310,8 @@ def test_max_asr_prefers_trials_within_it_and_says_when_none_is(tmp_path):
     best at the UA threshold, flagged meets_max_asr False; a trial without the figure never counts as within."""
     from orchestration.results import summarise
     from orchestration.targets import parse_targets
-    leaky = row("leaky", 1.0, 1.0, 1.0, asr_max=0.75, residue_worst_family=0.0, side_effect_worst_cell=0.1)
+    leaky = row("leaky", 1.0, 1.0, 1.0, asr_max=0.75, residue_worst_family=0.0, side_effect_worst_cell=0.1,
+                leakage_worst_cell=0.2)
     tight = row("tight", 1.0, 2.0, 1.0, asr_max=0.125, residue_worst_family=0.0, side_effect_worst_cell=0.02)
     unmeasured = row("unmeasured", 1.0, 0.5, 1.0, asr_max=math.nan)
     assert choose_best([leaky, tight, unmeasured], 0.99, 10.0)["trial_id"] == "unmeasured"      # no limit
@@ -329,6 +330,8 @@ def test_max_asr_prefers_trials_within_it_and_says_when_none_is(tmp_path):
     assert df["meets_max_asr"].to_dict() == {"digits:3->4": True, "digits:5->6": False}
     md = (tmp_path / "summary.md").read_text()
     assert "**1/2** targets meet --max-asr 0.25" in md and "worst 0.750 (digits:5->6)" in md
+    assert "override leakage (worst cell above the teacher's share) worst 0.200" in md      # 5->6's leaky best
+    assert "| 0.750 | 0.000 | 0.100 | 0.200 |" in md and "| 0.125 | 0.000 | 0.020 | - |" in md
     # negative control: without the limit the leaky trial (lower FD) wins again
     df = summarise(rows, targets, tmp_path, 0.99, 10.0).set_index("target")
     assert df.loc["digits:3->4", "best_trial"] == "leaky" and not df["meets_max_asr"].any()
