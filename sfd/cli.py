@@ -526,8 +526,9 @@ def cmd_attack(a) -> int:
                      prompts_file=a.prompts_file, device=a.device, progress=not a.no_progress, clip=a.clip,
                      neighbors=a.neighbor_prompts)
     shown = [k for k in ("residue_worst_family", "residue_worst_family_name", "residue_worst_family_teacher",
-                         "side_effect_worst_cell", "side_effect_worst_cell_name", "side_effect_worst_cell_control")
-             if k in out]
+                         "side_effect_worst_cell", "side_effect_worst_cell_name", "side_effect_worst_cell_control",
+                         "leakage_worst_cell", "leakage_worst_cell_name", "leakage_worst_cell_share",
+                         "leakage_worst_cell_share_teacher", "leakage_worst_cell_control") if k in out]
     for kind, r in out["attacks"].items():
         line = f"{kind}: ASR {r['asr']:.3f} (teacher {r['asr_teacher']:.3f}"
         line += f", control {r['asr_control']:.3f})" if "asr_control" in r else ")"
