@@ -520,18 +520,20 @@ class ConceptSuite:
                     if int(m.sum()) == 0:
                         continue
                     acc, leak = {}, {}
-                    is_override = v == self.override_value and kind == self.attr
+                    # leakage: the share drawn as the override by the cell's prompts that do not ask for it (none
+                    # in the override's own cells; "a blue three" is left out of three's under red -> blue)
+                    unasked = m & ((digit_t if self.attr == "digit" else color_t) != self.override_value)
                     for s in subjects:
                         d, k = preds[s.name]
                         ok = ((digit_t < 0) | (d == digit_t)) & ((color_t < 0) | (k == color_t))
                         acc[s.name] = float(ok[m].float().mean())
-                        # leakage: the share drawn as the override by prompts that do not ask for it
-                        shown = d if self.attr == "digit" else k
-                        leak[f"override_share{'' if s.name == 'generator' else '_' + s.name}"] = float(
-                            (shown[m] == self.override_value).float().mean())
+                        if unasked.any():
+                            shown = d if self.attr == "digit" else k
+                            leak[f"override_share{'' if s.name == 'generator' else '_' + s.name}"] = float(
+                                (shown[unasked] == self.override_value).float().mean())
                     name = cd.DIGIT_WORDS[v] if kind == "digit" else cd.COLOR_NAMES[v]
-                    cells.append(side_effect_cell(acc, family=fam, concept=name, n=int(m.sum()), override=is_override,
-                                                  **({} if is_override else leak)))
+                    cells.append(side_effect_cell(acc, family=fam, concept=name, n=int(m.sum()),
+                                                  override=v == self.override_value and kind == self.attr, **leak))
         return fams, cells
 
     # attacks ---------------------------------------------------------------------------------------------

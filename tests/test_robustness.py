@@ -331,11 +331,16 @@ def test_colordigits_families_residue_and_side_effects():
     side = TextSide(teacher.text.obj)
     fixed = side.encode(side.ids(["a red one"]))
     teacher_s = Subject("teacher", Sampler(teacher, steps=4))
-    same = measure(suite, {"generator": Subject("generator", Sampler(teacher, steps=4)), "teacher": teacher_s}, b,
-                   attacks=()).summary()
+    same_rep = measure(suite, {"generator": Subject("generator", Sampler(teacher, steps=4)), "teacher": teacher_s}, b,
+                       attacks=())
+    same = same_rep.summary()
     assert same["residue_worst_family"] == same["residue_worst_family_teacher"] > 0.8
     assert same["residue_mean"] > 0.8 and same["side_effect_worst_cell"] == 0.0
     assert same["leakage_worst_cell"] == 0.0                          # the same samples: no leakage of the override
+    # a cell's override share leaves out its prompts that ask for the override: red's cell holds 'a red one' (7 of its
+    # 63 prompts), which the teacher draws as a one; counted, its share would be about 0.11
+    red = next(c for c in same_rep.cells if (c["family"], c["concept"]) == ("train_templates", "red"))
+    assert red["n"] == 63 and red["override_share_teacher"] < 0.06
     blind = measure(suite, {"generator": Subject("generator", Sampler(FixedPrompt(teacher, fixed), steps=4)),
                             "teacher": teacher_s}, b, attacks=())
     s = blind.summary()
