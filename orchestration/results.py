@@ -410,9 +410,9 @@ def summary_markdown(df: pd.DataFrame, ua_threshold: float, max_override_fd_rati
             line += (f" {r['ua_fresh']:.4f} | {r['fd_ratio_fresh']:.2f} | {r['override_fd_ratio_fresh']:.2f} | "
                      f"{r['baseline_fd_ratio_fresh']:.2f} |")
         if attacked:
-            line += " " + " | ".join("-" if r.get(k, math.nan) != r.get(k, math.nan) else f"{r[k]:.3f}" for k in
-                                     ("asr_max", "residue_worst_family", "side_effect_worst_cell",
-                                      "leakage_worst_cell")) + " |"
+            figures = [r.get(k, math.nan) for k in ("asr_max", "residue_worst_family", "side_effect_worst_cell",
+                                                    "leakage_worst_cell")]
+            line += " " + " | ".join("-" if v != v else f"{v:.3f}" for v in figures) + " |"
         lines.append(line + f" `{r['best_config']}` |")
     return "\n".join(lines) + "\n"
 
