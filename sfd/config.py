@@ -135,6 +135,17 @@ class SFDConfig:
                                        help="weight of the remain branch in the generator loss")
     lambda_gen_forget: float = setting(1.0, group="loss", searchable=True, range=_WEIGHT,
                                        help="weight of the forget branch in the generator loss")
+    # a named addition (off by default, the reference has none): issue 22's leakage fix, docs/robustness.md
+    lambda_anchor: float = setting(
+        0.0, group="loss", searchable=True, range=_WEIGHT,
+        help="colordigits: weight of the anchor term -- the generator regresses, at the same noise, on the teacher's "
+             "18-step Heun samples of every concept named alone ('two', '2', 'red'; a forgotten one: its override's), "
+             "prompts no template holds, where forgetting otherwise pulls the draws towards the override; 0: off "
+             "(the reference)")
+    anchor_batch: int = setting(32, group="loss", range=(1, BIG, "[]", "a batch of >= 1 anchor samples"),
+                                help="anchor samples per generator step (with --lambda-anchor)")
+    anchor_per_prompt: int = setting(64, group="loss", range=(1, BIG, "[]", "a count >= 1"),
+                                     help="teacher samples per anchor prompt, drawn once per run (with --lambda-anchor)")
     guidance: float = setting(
         0.0, group="loss", searchable=True, range=(0.0, 1e3, "[]", "a guidance scale in [0, 1000] (0: none)"),
         help="classifier-free guidance scale w of teacher and fake score inside the losses: (1 + w) D(c) - w D(null), "
@@ -308,7 +319,12 @@ class SFDConfig:
         preset = preset or get_preset(self.preset)
         if self.init_from in ("none", "teacher", ""):
             self.init_from = None               # start from copies of the teacher
-        get_task(preset).validate(self)         # targets and the settings that depend on the kind of preset
+        task = get_task(preset)
+        task.validate(self)                     # targets and the settings that depend on the kind of preset
+        if self.lambda_anchor > 0 and not task.anchors:
+            raise ValueError(f"lambda_anchor (--lambda-anchor) {self.lambda_anchor}: the anchor term regresses on "
+                             f"prompts that name one concept alone, which preset '{preset.name}' ({task.kind}) has "
+                             f"no vocabulary for (colordigits has) — drop it")
         for s in SETTINGS.values():          # choices and ranges, as each setting declares them
             if s.choices is not None or s.range is not None:
                 s.check(getattr(self, s.name))

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -49,9 +51,11 @@ from .denoisers import Denoiser, Guided
 from .denoisers.lora import add_lora
 from .distributed import Dist
 from .dropout import install_batch_dropout, masks_for
-from .losses import fake_score_loss, generator_loss
+from .evaluate.forgetting import cache_dir, teacher_fingerprint
+from .io import load_tensors, save_tensors
+from .losses import anchor_loss, fake_score_loss, generator_loss
 from .onestep import DTYPES, one_step, resolve_precision
-from .samplers import sample_sigma
+from .samplers import karras_sigmas, sample_heun, sample_sigma
 from .tasks import get_task
 from .utils import ema_beta, ema_update
 
@@ -82,6 +86,7 @@ class SFDState:
     frozen_unused: list = field(default_factory=list)
     precision: str = "fp32"              # cfg.precision with 'auto' resolved for this device
     iteration: int = 0
+    anchor: tuple | None = None          # (z, condition, teacher sample) of the anchor term, made on first use
 
     @property
     def imgs_per_iter(self) -> int:
@@ -251,6 +256,57 @@ def _global_loss(st: SFDState, loss: torch.Tensor, what: str) -> float:
     return v
 
 
+ANCHOR_SEED = 4_041_977          # the anchor bank's noise: fixed, so a resumed run and every rank draw the same
+
+
+def anchor_bank(st: SFDState, batch: int = 500) -> tuple:
+    """The anchor term's pairs, drawn once per run (the same on every rank and after a resume): per anchor
+    prompt, ``anchor_per_prompt`` standard normal z and the teacher's 18-step Heun sample from sigma_max * z
+    for the prompt's teacher prompt (itself, or a forgotten concept's override), less the samples the run's
+    judge reads as a forgotten concept."""
+    if st.anchor is None:
+        if st.judge is None:
+            raise ValueError("lambda_anchor: the anchor term leaves out the teacher's samples that show a forgotten "
+                             "concept, which takes the run's judge — pass judge= to build_state")
+        per = st.cfg.anchor_per_prompt
+        ids = torch.as_tensor(st.targets.anchor_ids, dtype=torch.long).repeat_interleave(per)
+        asked = torch.as_tensor(st.targets.anchor_teacher_ids, dtype=torch.long).repeat_interleave(per)
+        g = torch.Generator().manual_seed(ANCHOR_SEED + st.cfg.seed)
+        z = torch.randn((len(ids), *st.teacher.img_shape), generator=g)
+        # the teacher's samples are cached: keyed by its fingerprint (with the run's prompt table) and the draw
+        key = hashlib.sha256(json.dumps([asked.tolist(), ANCHOR_SEED + st.cfg.seed]).encode()).hexdigest()[:16]
+        path = cache_dir() / f"anchor-{teacher_fingerprint(st.teacher)}-{key}.safetensors"
+        if path.is_file():
+            x = load_tensors(path)[0]["x"]
+        else:
+            sig = karras_sigmas(18, max(st.teacher.sigma_min, 0.002), min(st.teacher.sigma_max, 80.0),
+                                device=st.device)
+            x = torch.cat([sample_heun(st.teacher, z[i:i + batch].to(st.device) * float(sig[0]), sig,
+                                       asked[i:i + batch].to(st.device)).cpu() for i in range(0, len(ids), batch)])
+            save_tensors(path, {"x": x})
+        keep = st.targets.anchor_keep(st.judge, x)
+        st.anchor = (z[keep], ids[keep], x[keep])
+    return st.anchor
+
+
+def _anchor_step(st: SFDState) -> float:
+    """The anchor term's backward pass, its gradients added to the generator step's; returns its global loss."""
+    z, ids, x_t = anchor_bank(st)
+    n = st.cfg.anchor_batch
+    rows = torch.randint(0, len(ids), (n,), generator=st.rng)
+    seed = int(torch.randint(0, 2**62, (1,), generator=st.rng))
+    part = st.dist.local(n)
+    pick = torch.arange(n)[part]
+    with masks_for(pick, n, seed):
+        with st.autocast():
+            x_g = one_step(st.gen_train, z[rows[part]].to(st.device), ids[rows[part]].to(st.device), st.sigma_init)
+        per = anchor_loss(st.full(x_g), x_t[rows[part]].to(st.device))
+        loss = st.cfg.lambda_anchor * per.sum() / n * st.dist.world_size
+        scaler = st.scalers.get("generator")
+        (scaler.scale(loss) if scaler else loss).backward()
+    return _global_loss(st, loss, "anchor")
+
+
 def sfd_iteration(st: SFDState, stage1: bool = False, grads_hook=None, loss_hook=None) -> tuple[float, float]:
     """One alternating update; returns the global (fake-score, generator) losses.
 
@@ -319,6 +375,8 @@ def sfd_iteration(st: SFDState, stage1: bool = False, grads_hook=None, loss_hook
         for p in trainable:
             p.requires_grad_(True)
     loss_gen_all = _global_loss(st, loss_gen, "generator")
+    if cfg.lambda_anchor > 0 and not stage1:
+        loss_gen_all += _anchor_step(st)
     _step(st, "generator", st.generator, st.opt_gen, grads_hook)
 
     st.iteration += 1

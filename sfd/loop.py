@@ -114,7 +114,7 @@ def train_sfd(cfg: SFDConfig, out_dir, *, callback: Callable[[dict, Path | None]
         if lead:
             print(f"note: UA/FD are not measured: preset '{preset.name}' has no bundled judge; pass --classifier, "
                   f"--fid-weights and --reference to evaluate", flush=True)
-    if judge is None and (evaluate or cfg.override == "classifier"):
+    if judge is None and (evaluate or cfg.override == "classifier" or cfg.lambda_anchor > 0):
         judge = task.load_judge(cfg, device)
     init_path = resolve_init(cfg.init_from, preset, teacher)
     init = (lambda gen, fake: load_generator_init(init_path, gen, fake)) if init_path else None

@@ -42,6 +42,15 @@ def generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor
     return _per_sample_sum(diff * ((y_real - x_g) - alpha * diff)) / omega
 
 
+def anchor_loss(x_g: torch.Tensor, x_teacher: torch.Tensor) -> torch.Tensor:
+    """The anchor term per sample (a named addition, SFDConfig.lambda_anchor): the sum over pixels of
+    (x_g - x_teacher)^2, where ``x_teacher`` is the teacher's ODE sample from the noise that made ``x_g``.
+    Summed like the generator loss, so weight 1 gives gradients of its order. A pointwise regression keeps
+    the teacher's share of each mode on its prompts, which the score terms above, matching local gradients,
+    correct only slowly."""
+    return _per_sample_sum((x_g - x_teacher.detach()).pow(2))
+
+
 def edm_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator=None,
              p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
     """EDM training loss of a teacher on real data (Karras et al. 2022), per sample."""

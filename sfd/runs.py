@@ -72,7 +72,9 @@ def attack_run(run_dir, *, control=None, attacks=ATTACK_KINDS, families: bool = 
     say = (lambda m: print(f"attack: {m}", flush=True)) if progress else None
     teacher = task.load_teacher(cfg.teacher, device, cfg.allow_download)
     judge = task.attack_judge(cfg, device, clip)
-    targets = task.targets(cfg.validate(task.preset), teacher)
+    # the anchor term's rows of the prompt table are training's alone: without them the teacher's table (part of
+    # its fingerprint, which keys the attack caches) is the same as for a run of the target without the term
+    targets = task.targets(cfg.validate(task.preset).replace(lambda_anchor=0.0), teacher)
     suite = task.robustness_suite(targets, judge, budget, teacher, extra, cfg=cfg, neighbors=neighbors)
     t_net = task.attack_teacher(teacher, cfg, targets)
     if cfg.method == "sfd":

@@ -299,3 +299,78 @@ def test_sweep_trial_config_and_dry_run_for_concept_targets(tmp_path):
                         "--dry-run", "--out", str(tmp_path / "sweep")], capture_output=True, text=True, cwd=ROOT,
                        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and "being forgotten" in r.stderr
+
+
+# -- the anchor term (SFDConfig.lambda_anchor) --------------------------------------------------------------
+def test_anchor_prompts_are_every_concept_alone_and_off_changes_no_id():
+    off = ConceptTargets(cfg().validate(), PRESET)
+    on = ConceptTargets(cfg(lambda_anchor=1.0).validate(), PRESET)
+    assert off.anchor_ids == off.anchor_teacher_ids == []
+    # on, the table only grows: every id of the run without the term names the same prompt
+    assert on.prompts[:len(off.prompts)] == off.prompts
+    pairs = {on.table[i].text: on.table[j].text for i, j in zip(on.anchor_ids, on.anchor_teacher_ids)}
+    assert set(pairs) == {*cd.concept_names(), *(str(d) for d in range(10))}
+    # a remaining concept is asked about itself, a forgotten one about its override alone
+    assert pairs["two"] == "two" and pairs["2"] == "2" and pairs["red"] == "red"
+    assert pairs["seven"] == "one" and pairs["7"] == "1"
+    assert all(on.table[i].split == "anchor" for i in on.anchor_ids)
+    assert on.table[on.prompts.index("2")].digit == 2 and on.table[on.prompts.index("red")].color == 0
+    red = ConceptTargets(cfg(forget_concepts=["red"], override="blue", lambda_anchor=1.0).validate(), PRESET)
+    pairs = {red.table[i].text: red.table[j].text for i, j in zip(red.anchor_ids, red.anchor_teacher_ids)}
+    assert pairs["red"] == "blue" and pairs["seven"] == "seven" and pairs["blue"] == "blue"
+
+
+def test_anchor_term_is_refused_where_no_prompt_names_a_concept_alone():
+    with pytest.raises(ValueError, match=r"lambda_anchor \(--lambda-anchor\) 1.0.*'digits'.*drop it"):
+        SFDConfig(preset="digits", forget=[3], override="4", lambda_anchor=1.0).validate()
+
+
+def test_anchor_bank_leaves_out_the_samples_that_show_a_forgotten_concept():
+    from sfd.tasks import get_task
+    judge = get_task(PRESET).load_judge(cfg())
+    x, y = cd.real_data("test")
+    digit, color = cd.split_label(y)
+    for forget, override, shows in ((["red"], "blue", color == 0), (["seven"], "one", digit == 7),
+                                    (["seven", "red"], "one,blue", (digit == 7) | (color == 0))):
+        t = ConceptTargets(cfg(forget_concepts=forget, override=override, lambda_anchor=1.0).validate(), PRESET)
+        keep = t.anchor_keep(judge, x)
+        assert (keep == ~shows).float().mean() > 0.97, forget        # the judge's errors aside
+
+
+def _anchor_error(st) -> float:
+    from sfd.iteration import anchor_bank
+    from sfd.onestep import one_step
+    z, ids, x = anchor_bank(st)
+    with torch.no_grad():
+        return float((one_step(st.generator, z, ids, st.sigma_init) - x).pow(2).mean())
+
+
+def test_anchor_term_pulls_the_generator_to_the_teachers_samples_at_the_same_noise():
+    """With the term, the generator's draws for the anchor prompts move towards the teacher's samples from the
+    same noise; without it they do not. The bank is drawn once, the same for every state of one seed."""
+    from sfd.denoisers import load_teacher
+    from sfd.iteration import anchor_bank, build_state, sfd_iteration
+    from sfd.tasks import get_task
+    teacher = load_teacher(PRESET)
+    judge = get_task(PRESET).load_judge(cfg())
+    errors = {}
+    for lam in (0.0, 0.5):
+        torch.manual_seed(0)
+        # the SFD terms of the generator off: what moves it is the anchor term alone
+        c = cfg(batch_remain=8, batch_forget=8, lambda_anchor=lam or 1e-12, anchor_per_prompt=2, anchor_batch=32,
+                lr_gen=3e-4, lambda_gen_remain=0.0, lambda_gen_forget=0.0).validate()
+        st = build_state(c, teacher, "cpu", judge=judge)
+        if lam == 0.0:
+            st.cfg = st.cfg.replace(lambda_anchor=0.0)     # the same prompt table and bank, no term
+            bank = anchor_bank(st)
+        start = _anchor_error(st)
+        for _ in range(8):
+            sfd_iteration(st)
+        errors[lam] = (start, _anchor_error(st))
+    assert 40 <= len(bank[1]) <= 2 * 25 and set(bank[1].tolist()) <= set(st.targets.anchor_ids)
+    assert st.targets.anchor_keep(judge, bank[2]).all()
+    again = anchor_bank(st)
+    assert all(torch.equal(a, b) for a, b in zip(bank, again))
+    (s0, e0), (s1, e1) = errors[0.0], errors[0.5]
+    assert s0 == pytest.approx(s1) and e0 == pytest.approx(s0)   # the same start; nothing else moves it
+    assert e1 < 0.8 * s1, errors                                  # the term pulls towards the teacher's samples

@@ -28,6 +28,7 @@ from ..utils import pick_device
 class Task(ABC):
     kind = "classes"
     noun = "classes"                 # the sweep's all_<preset>_<noun>
+    anchors = False                  # the targets offer anchor prompts (SFDConfig.lambda_anchor)
     default_override = "next"        # a target's override when none is given
 
     def __init__(self, preset: Preset):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import colordigits as cd
-from ..evaluate.text_concepts import ConceptEvaluator
+from ..evaluate.text_concepts import ConceptEvaluator, judge_both
 from ..pretrain_text import train_colordigits_judge, train_text_teacher
 from ..prompts import NEXT, Concept, contains, forgets, rewrite
 from ..robustness import ConceptSuite, TextSide
@@ -108,7 +108,7 @@ class PromptInfo:
     text: str
     digit: int | None = None
     color: int | None = None
-    split: str = "null"                # train / heldout / override / null
+    split: str = "null"                # train / heldout / override / anchor / null
 
 
 class ConceptTargets:
@@ -150,6 +150,20 @@ class ConceptTargets:
                 f_out.append(i)
                 o_out.append(add(rewrite(p.text, self.concepts), digit, color, "override"))
         self.remain_ids = [i for i in self.train_ids if not forgets(self.table[i].text, self.concepts)]
+        # the anchor term's prompts (lambda_anchor > 0 only: the table keys the teacher's caches): every concept
+        # named alone -- its word and its synonyms ('two', '2', 'red'; no template holds them) -- and the prompt
+        # the teacher is asked about for it: itself, or for a forgotten one its override alone ('seven' -> 'one')
+        self.anchor_ids, self.anchor_teacher_ids = [], []
+        if cfg.lambda_anchor > 0:
+            def alone(term: str, split: str) -> int:
+                kind, v = attribute(term)
+                return add(term, v if kind == "digit" else None, v if kind == "color" else None, split)
+            for name in cd.concept_names():
+                for term in (name, *cd.BUILTIN_SYNONYMS.get(name, ())):
+                    forgotten = forgets(term, self.concepts)
+                    self.anchor_ids.append(alone(term, "anchor"))
+                    self.anchor_teacher_ids.append(alone(rewrite(term, self.concepts), "anchor") if forgotten
+                                                   else self.anchor_ids[-1])
         self.heldout_remain_ids = [i for i in self.heldout_ids if not forgets(self.table[i].text, self.concepts)]
         self.prompts = [p.text for p in self.table]
         # forgotten and override attribute values per forget prompt: {("digit", 7): ("digit", 1), ...}
@@ -182,6 +196,16 @@ class ConceptTargets:
         pick = torch.randint(0, len(self.forget_ids), (n,), generator=gen)
         return self._forget_t[pick], self._override_t[pick]
 
+    def anchor_keep(self, judge, x: torch.Tensor) -> torch.Tensor:
+        """Which of the teacher's anchor samples ``x`` the judge reads as none of the forgotten concepts: a pair
+        that shows one (a bare 'three' drawn red under red -> blue) is not anchored, or the term would teach the
+        generator to draw the concept where the teacher happens to."""
+        digit, color, _ = judge_both(judge, x)
+        keep = torch.ones(len(x), dtype=torch.bool)
+        for (kind, v), _ in self.forgotten_attrs:
+            keep &= (digit if kind == "digit" else color) != v
+        return keep
+
     def classifier_override(self, judge, y_fake):
         raise ValueError("the 'classifier' override policy is for class presets; give an override concept")
 
@@ -201,6 +225,7 @@ class ConceptTask(PromptTask):
     concepts ('seven', 'seven,red')."""
 
     kind = "concepts"
+    anchors = True
     pretrain_steps = 4000
     attacks = ConceptSuite.attacks
 
