@@ -289,7 +289,7 @@ def anchor_bank(st: SFDState, batch: int = 500) -> tuple:
     return st.anchor
 
 
-def _anchor_step(st: SFDState) -> float:
+def _anchor_step(st: SFDState, loss_hook=None) -> float:
     """The anchor term's backward pass, its gradients added to the generator step's; returns its global loss."""
     z, ids, x_t = anchor_bank(st)
     n = st.cfg.anchor_batch
@@ -302,6 +302,8 @@ def _anchor_step(st: SFDState) -> float:
             x_g = one_step(st.gen_train, z[rows[part]].to(st.device), ids[rows[part]].to(st.device), st.sigma_init)
         per = anchor_loss(st.full(x_g), x_t[rows[part]].to(st.device))
         loss = st.cfg.lambda_anchor * per.sum() / n * st.dist.world_size
+        if loss_hook is not None:
+            loss = loss_hook("anchor", loss)
         scaler = st.scalers.get("generator")
         (scaler.scale(loss) if scaler else loss).backward()
     return _global_loss(st, loss, "anchor")
@@ -311,8 +313,8 @@ def sfd_iteration(st: SFDState, stage1: bool = False, grads_hook=None, loss_hook
     """One alternating update; returns the global (fake-score, generator) losses.
 
     ``grads_hook(name, net)`` sees each network's synchronised gradients before clipping and
-    the optimiser step; ``loss_hook(name, loss) -> loss`` may change a rank's loss before its
-    backward pass (the tests use both).
+    the optimiser step; ``loss_hook(name, loss) -> loss`` may change a rank's loss ('fake_score',
+    'generator', 'anchor') before its backward pass (the tests use both).
     """
     cfg = st.cfg
     f = lr_factor(cfg, st.iteration)
@@ -376,7 +378,7 @@ def sfd_iteration(st: SFDState, stage1: bool = False, grads_hook=None, loss_hook
             p.requires_grad_(True)
     loss_gen_all = _global_loss(st, loss_gen, "generator")
     if cfg.lambda_anchor > 0 and not stage1:
-        loss_gen_all += _anchor_step(st)
+        loss_gen_all += _anchor_step(st, loss_hook)
     _step(st, "generator", st.generator, st.opt_gen, grads_hook)
 
     st.iteration += 1

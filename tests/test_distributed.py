@@ -34,6 +34,10 @@ EVAL = dict(eval_forget_samples=30, eval_remain_per_class=6)
 
 
 def make_teacher(arch: str):
+    if arch == "anchor":                # colordigits with the anchor term (a third backward pass)
+        from sfd.denoisers import load_teacher
+        from sfd.presets import get_preset
+        return load_teacher(get_preset("colordigits"))
     if arch == "digits":
         from sfd.denoisers import load_teacher
         from sfd.presets import get_preset
@@ -45,6 +49,12 @@ def make_teacher(arch: str):
 
 
 def case_config(arch: str, variant: str = "params") -> SFDConfig:
+    if arch == "anchor":
+        # float32 (diffusers' UNet runs no float64), so the generator's SiD terms are off: in the first iteration
+        # their y_real - y_fake is rounding noise; the generator's gradient is the anchor term's alone
+        return SFDConfig(preset="colordigits", forget_concepts=["seven"], override="one", batch_remain=B,
+                         batch_forget=B, device="cpu", lambda_anchor=1.0, anchor_per_prompt=2, anchor_batch=B,
+                         lambda_gen_remain=0.0, lambda_gen_forget=0.0).validate()
     return SFDConfig(forget=[0], override="1", batch_remain=B, batch_forget=B, device="cpu",
                      sigma_dist="vp-t" if arch == "ddpm" else "loguniform")
 
@@ -59,7 +69,7 @@ def run_case(arch: str, variant: str, dist: Dist, rank: int = 0) -> dict:
     own code (the fp32 path, which keeps the input dtype) is compared without that noise.
     """
     corrupt = variant == "corrupt"
-    dtype = torch.float32 if variant == "params32" else torch.float64
+    dtype = torch.float32 if variant == "params32" or arch == "anchor" else torch.float64
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -69,7 +79,11 @@ def run_case(arch: str, variant: str, dist: Dist, rank: int = 0) -> dict:
 
 
 def _run_case(arch, variant, dist, rank, corrupt, dtype) -> dict:
-    st = build_state(case_config(arch, variant), make_teacher(arch).to(dtype), "cpu", dist)
+    judge = None
+    if arch == "anchor":
+        from sfd.tasks import get_task
+        judge = get_task("colordigits").load_judge(case_config(arch))
+    st = build_state(case_config(arch, variant), make_teacher(arch).to(dtype), "cpu", dist, judge=judge)
     out: dict[str, torch.Tensor] = {}
 
     def grads_hook(name, net):
@@ -78,8 +92,8 @@ def _run_case(arch, variant, dist, rank, corrupt, dtype) -> dict:
                 if p.grad is not None:
                     out[f"grad/{name}/{n}"] = p.grad.detach().clone()
 
-    def loss_hook(name, loss):          # a deliberate bug: rank 0's fake-score loss counted twice
-        return loss * 2 if corrupt and name == "fake_score" and rank == 0 else loss
+    def loss_hook(name, loss):          # a deliberate bug: rank 0's fake-score (anchor: anchor) loss counted twice
+        return loss * 2 if corrupt and name == ("anchor" if arch == "anchor" else "fake_score") and rank == 0 else loss
 
     losses = [sfd_iteration(st, grads_hook=grads_hook, loss_hook=loss_hook) for _ in range(ITERS)]
     for name, net in (("generator", st.generator), ("fake_score", st.fake_score)):
@@ -106,8 +120,8 @@ def ddp_phases(config: dict) -> None:
     out = Path(config["out"])
     dist = Dist.current()
     assert dist.world_size == 2
-    for arch in ("digits", "ddpm"):
-        for variant in ("grads", "corrupt", "params", "params32"):
+    for arch in ("digits", "ddpm", "anchor"):
+        for variant in ("grads", "corrupt", "params", "params32") if arch != "anchor" else ("grads", "corrupt"):
             res = run_case(arch, variant, dist, rank)
             if rank == 0:
                 save_tensors(out / f"{arch}-{variant}.safetensors", res)
@@ -177,6 +191,20 @@ def test_two_workers_synchronised_gradients_equal_one_worker(two_workers, arch):
     # fake-score gradient is doubled (1.5x overall), and the comparison catches it
     bad = grad_errors(load_tensors(out / f"{arch}-corrupt.safetensors")[0], one)
     assert bad["fake_score/flat"] > 0.1, bad
+
+
+@pytest.mark.slow
+def test_two_workers_anchor_term_gradients_equal_one_worker(two_workers):
+    """colordigits with the anchor term: its backward pass adds to the generator's gradient on each rank before
+    the step, so the synchronised gradient of both passes equals one worker's; rank 0's anchor loss counted
+    twice is caught."""
+    out, _ = two_workers
+    one = run_case("anchor", "grads", Dist())
+    errs = grad_errors(load_tensors(out / "anchor-grads.safetensors")[0], one)
+    for k in ("generator/flat", "generator/worst_tensor", "fake_score/flat", "fake_score/worst_tensor"):
+        assert errs[k] < 1e-5, (k, errs)
+    bad = grad_errors(load_tensors(out / "anchor-corrupt.safetensors")[0], one)
+    assert bad["generator/flat"] > 0.05 and bad["fake_score/flat"] < 1e-5, bad
 
 
 @pytest.mark.slow

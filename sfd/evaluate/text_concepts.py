@@ -75,10 +75,10 @@ def load_colordigits_judge(path, device="cpu") -> ColorDigitsCNN:
 @torch.no_grad()
 def judge_both(judge, x: torch.Tensor, batch: int = 1000):
     """(digit pred, colour pred, features as numpy) of images in [-1, 1]."""
-    dev = next(judge.parameters()).device
+    p = next(judge.parameters())
     ds, ks, fs = [], [], []
     for chunk in x.split(batch):
-        f, ld, lk = judge.heads(chunk.to(dev).clamp(-1, 1))
+        f, ld, lk = judge.heads(chunk.to(p.device, p.dtype).clamp(-1, 1))
         ds.append(ld.argmax(1).cpu())
         ks.append(lk.argmax(1).cpu())
         fs.append(f.cpu())
