@@ -374,3 +374,27 @@ def test_anchor_term_pulls_the_generator_to_the_teachers_samples_at_the_same_noi
     (s0, e0), (s1, e1) = errors[0.0], errors[0.5]
     assert s0 == pytest.approx(s1) and e0 == pytest.approx(s0)   # the same start; nothing else moves it
     assert e1 < 0.8 * s1, errors                                  # the term pulls towards the teacher's samples
+
+
+def test_a_resumed_run_with_the_anchor_term_is_exact(tmp_path):
+    """2 + 2 resumed iterations == 4 straight ones (losses and every tensor, ==): the anchor rows are drawn from the
+    checkpointed RNG and the bank from fixed noise."""
+    import json as _json
+    from sfd.checkpoint import latest_checkpoint
+    from sfd.denoisers import load_teacher
+    from sfd.io import load_tensors
+    from sfd.loop import train_sfd
+
+    def c(iters):
+        return cfg(batch_remain=8, batch_forget=8, lambda_anchor=1.0, anchor_per_prompt=2, anchor_batch=8,
+                   budget_kimg=round(iters * 16 / 1000, 9), eval_every_kimg=0.032, checkpoint_every_kimg=0.032)
+
+    for name, runs in (("straight", (4,)), ("resumed", (2, 4))):
+        for i, iters in enumerate(runs):
+            train_sfd(c(iters), tmp_path / name, teacher=load_teacher(PRESET), evaluate=False, progress=False,
+                      resume=i > 0)
+    a, b = latest_checkpoint(tmp_path / "straight"), latest_checkpoint(tmp_path / "resumed")
+    la = _json.loads((a / "state.json").read_text())["losses"]
+    assert la == _json.loads((b / "state.json").read_text())["losses"] and len(la) == 4
+    ta, tb = load_tensors(a / "state.safetensors")[0], load_tensors(b / "state.safetensors")[0]
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
