@@ -306,6 +306,9 @@ def test_anchor_prompts_are_every_concept_alone_and_off_changes_no_id():
     off = ConceptTargets(cfg().validate(), PRESET)
     on = ConceptTargets(cfg(lambda_anchor=1.0).validate(), PRESET)
     assert off.anchor_ids == off.anchor_teacher_ids == []
+    # a baseline run inherits the preset's lambda_anchor but has no such term: its table is the one without it
+    esd = ConceptTargets(cfg(lambda_anchor=1.0, method="esd").validate(), PRESET)
+    assert esd.prompts == off.prompts and esd.anchor_ids == []
     # on, the table only grows: every id of the run without the term names the same prompt
     assert on.prompts[:len(off.prompts)] == off.prompts
     pairs = {on.table[i].text: on.table[j].text for i, j in zip(on.anchor_ids, on.anchor_teacher_ids)}

@@ -154,7 +154,7 @@ class ConceptTargets:
         # named alone -- its word and its synonyms ('two', '2', 'red'; no template holds them) -- and the prompt
         # the teacher is asked about for it: itself, or for a forgotten one its override alone ('seven' -> 'one')
         self.anchor_ids, self.anchor_teacher_ids = [], []
-        if cfg.lambda_anchor > 0:
+        if cfg.lambda_anchor > 0 and cfg.method == "sfd":       # a baseline (--method esd|sa|salun) has no such term
             def alone(term: str, split: str) -> int:
                 kind, v = attribute(term)
                 return add(term, v if kind == "digit" else None, v if kind == "color" else None, split)
