@@ -55,7 +55,7 @@ from .evaluate.forgetting import cache_dir, teacher_fingerprint
 from .io import load_tensors, save_tensors
 from .losses import anchor_loss, fake_score_loss, generator_loss
 from .onestep import DTYPES, one_step, resolve_precision
-from .samplers import karras_sigmas, sample_heun, sample_sigma
+from .samplers import sample_heun, sample_sigma, teacher_grid
 from .tasks import get_task
 from .utils import ema_beta, ema_update
 
@@ -279,8 +279,7 @@ def anchor_bank(st: SFDState, batch: int = 500) -> tuple:
         if path.is_file():
             x = load_tensors(path)[0]["x"]
         else:
-            sig = karras_sigmas(18, max(st.teacher.sigma_min, 0.002), min(st.teacher.sigma_max, 80.0),
-                                device=st.device)
+            sig = teacher_grid(st.teacher, 18, st.device)
             x = torch.cat([sample_heun(st.teacher, z[i:i + batch].to(st.device) * float(sig[0]), sig,
                                        asked[i:i + batch].to(st.device)).cpu() for i in range(0, len(ids), batch)])
             save_tensors(path, {"x": x})

@@ -38,7 +38,7 @@ from torch import nn
 from . import colordigits as cd
 from .evaluate.forgetting import cache_dir, teacher_fingerprint
 from .io import CheckpointError, load_tensors, read_json, save_tensors, write_json
-from .samplers import heun, karras_sigmas
+from .samplers import heun, teacher_grid
 
 ATTACK_KINDS = ("discrete", "continuous")
 # the flat figures copied into metrics.json, MLflow and the sweep's tables
@@ -82,7 +82,7 @@ class Sampler:
         self.sigma_init = sigma_init
         self.text = hasattr(net, "forward_embeds")
         if sigma_init is None:
-            self.sigmas = karras_sigmas(steps, max(net.sigma_min, 0.002), min(net.sigma_max, 80.0))
+            self.sigmas = teacher_grid(net, steps)
         self.nfe = 1 if sigma_init is not None else 2 * steps - 1
 
     def _denoise(self, x, sigma, cond):

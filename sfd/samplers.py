@@ -23,6 +23,12 @@ def karras_sigmas(steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0, device="
     return torch.cat([s, torch.zeros(1, dtype=torch.float64, device=device)])
 
 
+def teacher_grid(denoiser, steps: int = 18, device="cpu") -> torch.Tensor:
+    """The Karras noise levels of a teacher's Heun sampler (``steps`` levels and a final 0), within the
+    denoiser's sigma range clamped to [0.002, 80]."""
+    return karras_sigmas(steps, max(denoiser.sigma_min, 0.002), min(denoiser.sigma_max, 80.0), device=device)
+
+
 @torch.no_grad()
 def sample_heun(denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor,
                 callback=None, disable: bool = True) -> torch.Tensor:
@@ -53,7 +59,7 @@ def sample_teacher(denoiser: Denoiser, labels: torch.Tensor, steps: int = 18, ge
                    batch_size: int = 500, progress: bool = False) -> torch.Tensor:
     """Heun samples of ``denoiser`` for each label, in batches."""
     device = next(denoiser.parameters()).device
-    sigmas = karras_sigmas(steps, max(denoiser.sigma_min, 0.002), min(denoiser.sigma_max, 80.0), device=device)
+    sigmas = teacher_grid(denoiser, steps, device)
     out = []
     chunks = labels.split(batch_size)
     for c in tqdm(chunks, disable=not progress, desc=f"teacher {steps}-step Heun", unit="batch"):

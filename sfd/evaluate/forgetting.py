@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import Dist
 from ..io import CheckpointError, atomic_path, load_tensors, save_tensors
-from ..samplers import karras_sigmas, sample_heun
+from ..samplers import sample_heun, teacher_grid
 from .metrics import accuracy, feature_stats, frechet_distance, judge_outputs, unlearning_accuracy
 from .report import RealReference
 
@@ -103,7 +103,7 @@ def teacher_chunk(teacher, labels: torch.Tensor, a: int, b: int, steps: int = 18
     """Rows a..b (within one chunk) of the reference samples: chunk a // CHUNK has its own seeded noise,
     so any process computes the same rows."""
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
-    sigmas = karras_sigmas(steps, max(teacher.sigma_min, 0.002), min(teacher.sigma_max, 80.0), device=device)
+    sigmas = teacher_grid(teacher, steps, device)
     z = chunk_noise(seed, a, b, teacher.img_shape).to(device)
     return sample_heun(teacher, z * float(sigmas[0]), sigmas, labels[a:b].to(device)).cpu()
 
@@ -316,7 +316,7 @@ def throughput(generator_fn, teacher, img_shape, batch: int = 500, steps: int = 
     """Images per second of the one-step generator and the teacher's Heun sampler, same batch."""
     labels = torch.arange(batch, device=device) % max(teacher.num_classes, 1)
     z = torch.randn((batch, *img_shape), device=device)
-    sigmas = karras_sigmas(steps, max(teacher.sigma_min, 0.002), min(teacher.sigma_max, 80.0), device=device)
+    sigmas = teacher_grid(teacher, steps, device)
 
     def best_time(fn):
         fn()                                           # warm-up

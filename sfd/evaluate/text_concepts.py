@@ -17,7 +17,7 @@ from .. import colordigits as cd
 from ..distributed import Dist
 from ..io import CheckpointError, load_state_strict, load_tensors, save_tensors
 from ..prompts import contains
-from ..samplers import karras_sigmas, sample_heun
+from ..samplers import sample_heun, teacher_grid
 from .forgetting import cache_dir, chunk_noise, sharded, teacher_fingerprint
 from .metrics import frechet_distance
 from .report import save_grid
@@ -111,7 +111,7 @@ def heun_samples(teacher, ids: torch.Tensor, seed: int, steps: int = 18, batch: 
     """18-step Heun samples of ``teacher`` for prompt ids, each batch from its own seeded noise."""
 
     dev = next(teacher.parameters()).device
-    sigmas = karras_sigmas(steps, max(teacher.sigma_min, 0.002), min(teacher.sigma_max, 80.0), device=dev)
+    sigmas = teacher_grid(teacher, steps, dev)
     out = []
     for i in tqdm(range(0, len(ids), batch), disable=not progress, desc="teacher Heun", unit="batch"):
         c = ids[i:i + batch]

@@ -18,7 +18,7 @@ from ..denoisers.base import Denoiser, as_sigma
 from ..denoisers.ddpm import DiscreteVP
 from ..evaluate.forgetting import cache_dir, teacher_fingerprint
 from ..io import CheckpointError, load_tensors, save_tensors
-from ..samplers import karras_sigmas, sample_heun
+from ..samplers import sample_heun, teacher_grid
 
 METHODS = ("sfd", "esd", "sa", "salun")
 BASELINES = ("esd", "sa", "salun")
@@ -28,11 +28,6 @@ SAMPLER_STEPS = 18                     # the teacher's sampler, as the evaluator
 def sampler_nfe(steps: int = SAMPLER_STEPS) -> int:
     """Network evaluations per image of the Heun sampler: 2 * steps - 1."""
     return 2 * steps - 1
-
-
-def teacher_grid(net: Denoiser, steps: int = SAMPLER_STEPS, device="cpu") -> torch.Tensor:
-    """The Karras noise levels of the teacher's sampler (``steps`` levels and a final 0)."""
-    return karras_sigmas(steps, max(net.sigma_min, 0.002), min(net.sigma_max, 80.0), device=device)
 
 
 def heun_sampler(net: Denoiser, steps: int = SAMPLER_STEPS):

@@ -26,9 +26,10 @@ from ..evaluate.report import save_grid
 from ..io import write_json
 from ..presets import get_preset
 from ..rundir import plan_run_dir
+from ..samplers import teacher_grid
 from ..tasks import get_task
 from ..utils import pick_device
-from .common import (SAMPLER_STEPS, denoise_loss, discrete_sigmas, draw_sigma, heun_sampler, sampler_nfe, teacher_grid,
+from .common import (SAMPLER_STEPS, denoise_loss, discrete_sigmas, draw_sigma, heun_sampler, sampler_nfe,
                      teacher_pool)
 from .esd import esd_loss, esd_points
 from .sa import REFERENCE_LEVELS, ewc_penalty, fisher_diagonal, surrogate_images
