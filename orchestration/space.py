@@ -1,6 +1,8 @@
 """Search spaces as data: `search_spaces/<preset>.yaml`, validated before anything starts."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,10 @@ class SearchSpace:
     method_defaults: dict = field(default_factory=dict)
     # baseline -> (its `methods:` defaults, its `search` block), validated by load_space
     methods: dict = field(default_factory=dict)
+    # the sweep's defaults for its search policy on this preset (flags win): the per-target early stopping
+    # ({"grace_kimg", "reduction_factor"}; empty: off) and the warm starts per target
+    early_stop: dict = field(default_factory=dict)
+    warm_starts: int = 0
 
     def for_method(self, method: str) -> "SearchSpace":
         """This space as ``method`` searches it: 'sfd' is the space itself; a baseline keeps the preset's
@@ -52,7 +58,7 @@ class SearchSpace:
         defaults, params = self.methods[method]
         return SearchSpace(self.preset, self.defaults, params, self.override, self.stage1_kimg, self.trials_per_target,
                            self.source, self.extra, self.by_override, self.layers, method,
-                           {**defaults, "method": method}, self.methods)
+                           {**defaults, "method": method}, self.methods, self.early_stop, self.warm_starts)
 
     def baseline(self, override: str | None = None) -> SFDConfig:
         """The default configuration; for a target of the ``override`` policy, with that policy's
@@ -114,16 +120,18 @@ def load_space(path) -> SearchSpace:
     if not isinstance(doc, dict):
         raise ValueError(f"search space {path}: expected a mapping with 'preset', 'defaults', 'search'")
     unknown = sorted(set(doc) - {"preset", "defaults", "trial", "search", "override", "stage1_kimg", "stage1",
-                              "trials_per_target", "override_defaults", "methods"})
+                              "trials_per_target", "early_stop", "warm_starts", "override_defaults", "methods"})
     if unknown:
         raise ValueError(f"search space {path}: unknown top-level key(s) {unknown}; allowed: preset, defaults, "
-                         f"trial, search, override, stage1_kimg, stage1, trials_per_target, override_defaults, methods")
+                         f"trial, search, override, stage1_kimg, stage1, trials_per_target, early_stop, warm_starts, "
+                         f"override_defaults, methods")
     stage1_kimg = doc.get("stage1_kimg", 0)
     if not isinstance(stage1_kimg, (int, float)) or isinstance(stage1_kimg, bool) or not stage1_kimg >= 0:
         raise ValueError(f"search space {path}: stage1_kimg must be a number >= 0, got {stage1_kimg!r}")
     trials = doc.get("trials_per_target", 3)
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise ValueError(f"search space {path}: trials_per_target must be a whole number >= 1, got {trials!r}")
+    early_stop, warm_starts = _search_policy(path, doc)
     preset = doc.get("preset")
     if not isinstance(preset, str):
         raise ValueError(f"search space {path}: 'preset' must name a preset")
@@ -157,7 +165,38 @@ def load_space(path) -> SearchSpace:
     by_override = _override_defaults(path, doc, preset, defaults, params)
     methods = _methods(path, doc, preset, defaults)
     return SearchSpace(preset, defaults, params, str(doc.get("override", "next")), float(stage1_kimg), trials,
-                       str(path), by_override=by_override, layers=layers, methods=methods)
+                       str(path), by_override=by_override, layers=layers, methods=methods, early_stop=early_stop,
+                       warm_starts=warm_starts)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _search_policy(path, doc: dict) -> tuple[dict, int]:
+    """The space's ``early_stop`` block (``{grace_kimg: > 0, reduction_factor: > 1}``, or ``false`` / absent:
+    off) and ``warm_starts`` (a count >= 0, absent: 0): the sweep's defaults for --early-stop, --grace-kimg,
+    --reduction-factor and --warm-starts on this preset."""
+    block = doc.get("early_stop", False)
+    early_stop = {}
+    if block is not False and block is not None:
+        keys = {"grace_kimg", "reduction_factor"}
+        if not isinstance(block, dict) or set(block) != keys:
+            raise ValueError(f"search space {path}: early_stop must be false or a mapping with exactly grace_kimg "
+                             f"and reduction_factor, got {block!r} — e.g. early_stop: {{grace_kimg: 5, "
+                             f"reduction_factor: 1.5}}")
+        g, r = block["grace_kimg"], block["reduction_factor"]
+        if not (_number(g) and g > 0):
+            raise ValueError(f"search space {path}: early_stop.grace_kimg {g!r} is invalid — give a positive number "
+                             f"of kimg (the first rung)")
+        if not (_number(r) and r > 1):
+            raise ValueError(f"search space {path}: early_stop.reduction_factor {r!r} is invalid — give a number > 1 "
+                             f"(1.5 keeps the best two thirds of a target's trials at each rung)")
+        early_stop = {"grace_kimg": float(g), "reduction_factor": float(r)}
+    warm = doc.get("warm_starts", 0)
+    if not isinstance(warm, int) or isinstance(warm, bool) or warm < 0:
+        raise ValueError(f"search space {path}: warm_starts must be a whole number >= 0 (0: off), got {warm!r}")
+    return early_stop, warm
 
 
 def _check_search(path, block: str, params, base: dict) -> None:

@@ -152,23 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "--max-override-fd-ratio, rewriting summary, Pareto plots and best exports; runs nothing. "
                         "A sweep whose driver was killed (kill -9) has its runs left RUNNING marked KILLED (one line "
                         "says so); one whose driver still runs is refused (its tables are written when it ends)")
-    p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=None,
                    help="early stopping per target (asynchronous successive halving, one set of rungs per target: "
                         "a trial is compared only with its own target's trials): rungs at --grace-kimg, x "
                         "--reduction-factor, ... kimg up to half the trial's budget; at each rung a searched trial "
                         "continues only while its score (remaining FD ratio scaled up by the UA shortfall) is within "
                         "the best 1/--reduction-factor of its target's trials there; the baseline trial is never "
-                        "stopped; trials report at the space's trial eval_every_kimg. Off by default: on the main "
-                        "job it has not yet beaten the default configuration (docs/sweep.md). Use it with more "
-                        "--trials-per-target")
+                        "stopped; trials report at the space's trial eval_every_kimg (default: the search space's "
+                        "early_stop block -- digits: on, from 5 kimg, keeping the best 1/1.5; the other presets: "
+                        "off; --no-early-stop turns it off)")
     p.add_argument("--grace-kimg", type=float, default=None,
-                   help="with --early-stop: the first rung, in kimg (default: 2)")
+                   help="with early stopping: the first rung, in kimg (default: the space's early_stop.grace_kimg, "
+                        "else 2)")
     p.add_argument("--reduction-factor", type=float, default=None,
-                   help="with --early-stop: the share of a target's trials kept at each rung is 1/this (default: 3)")
-    p.add_argument("--warm-starts", type=int, default=0,
+                   help="with early stopping: the share of a target's trials kept at each rung is 1/this (default: "
+                        "the space's early_stop.reduction_factor, else 3)")
+    p.add_argument("--warm-starts", type=int, default=None,
                    help="a target's first searched trials start from up to this many of the best completed "
                         "configurations of the targets swept before it (enqueued in its Optuna study; trials.parquet "
-                        "and the summary name where each came from); 0: off (default: 0)")
+                        "and the summary name where each came from); 0: off (default: the search space's "
+                        "warm_starts -- digits 2, the other presets 0)")
     p.add_argument("--stop-ua-kimg", type=float, default=10.0,
                    help="stop a trial whose UA is still below --stop-ua-min after this many kimg (default: 10)")
     p.add_argument("--stop-ua-min", type=float, default=0.5, help="see --stop-ua-kimg (default: 0.5)")
@@ -252,7 +255,8 @@ def check_flags(a) -> None:
          a.max_override_fd_ratio, "a ratio > 0")
     need(finite(a.stop_ua_kimg) and a.stop_ua_kimg >= 0, "--stop-ua-kimg", a.stop_ua_kimg, "kimg >= 0")
     for flag, key in (("--grace-kimg", "grace_kimg"), ("--reduction-factor", "reduction_factor")):
-        if getattr(a, key) is not None and not a.early_stop:
+        # None: not yet resolved from the search space (apply_budget); False: off by flag or by the space
+        if getattr(a, key) is not None and a.early_stop is False:
             raise SweepError(f"{flag} {getattr(a, key)} sets the per-target early stopping, which is off — add "
                              f"--early-stop, or drop {flag}")
     if a.early_stop:                  # (filled in once: the checks run again on the resolved arguments)
@@ -261,7 +265,8 @@ def check_flags(a) -> None:
         need(finite(a.grace_kimg) and a.grace_kimg > 0, "--grace-kimg", a.grace_kimg, "a positive number of kimg")
         need(finite(a.reduction_factor) and a.reduction_factor > 1, "--reduction-factor", a.reduction_factor,
              "a number > 1 (3 keeps the best third at each rung)")
-    need(a.warm_starts >= 0, "--warm-starts", a.warm_starts, "a count >= 0 (0: no warm starts)")
+    need(a.warm_starts is None or a.warm_starts >= 0, "--warm-starts", a.warm_starts,
+         "a count >= 0 (0: no warm starts)")
     need(finite(a.stop_ua_min) and 0 <= a.stop_ua_min <= 1, "--stop-ua-min", a.stop_ua_min, "a UA in [0, 1]")
     need(a.fresh_seed >= -1, "--fresh-seed", a.fresh_seed, "a seed >= 0, or -1 to skip the fresh re-evaluation")
     need(a.seed >= 0, "--seed", a.seed, "a seed >= 0")
@@ -384,6 +389,7 @@ def print_plan(a, targets, spaces, overrides) -> None:
             return "--max-asr (implies --attack all)"
         return flag_of.get(k, f"--{k.replace('_', '-')}") if k in flags else "the $SFD_HOME cache (sfd fetch)"
     print("\n".join(describe_baselines(targets, spaces, overrides, layer)))
+    print(f"  {search_policy_line(a)}")
     print("[sweep] dry run: nothing started (models are loaded and checked when the sweep runs)")
 
 
@@ -525,6 +531,24 @@ def apply_budget(a, spaces=None) -> None:
     if a.trials_per_target is None:
         base = max((s.trials_per_target for s in (spaces or {}).values()), default=3)
         a.trials_per_target = 3 * base if a.budget == "long" else base
+    apply_search_policy(a, spaces)
+
+
+def apply_search_policy(a, spaces=None) -> None:
+    """The early stopping and warm starts unless a flag set them: the swept spaces' ``early_stop`` and
+    ``warm_starts`` (on when any swept space turns it on, with the first such space's rungs; the largest
+    warm-start count)."""
+    spaces = list((spaces or {}).values())
+    if a.early_stop is None:
+        policies = [s.early_stop for s in spaces if s.early_stop]
+        a.early_stop = bool(policies)
+        if policies:
+            if a.grace_kimg is None:
+                a.grace_kimg = policies[0]["grace_kimg"]
+            if a.reduction_factor is None:
+                a.reduction_factor = policies[0]["reduction_factor"]
+    if a.warm_starts is None:
+        a.warm_starts = max((s.warm_starts for s in spaces), default=0)
 
 
 # the per-target early stopping's rungs and reasons (orchestration/pruning.py), kept for --resume
@@ -900,11 +924,16 @@ def announce(a, plan: SweepPlan, targets, cpus: float) -> int:
           f"at once ({a.workers_per_trial} worker(s) x {a.cpus_per_worker} CPU, {a.gpus_per_worker} GPU per "
           f"trial, {'in the Tune trial' if a.trial_runner == 'tune' else 'on Ray Train'}); MLflow: {plan.mlflow_uri}",
           flush=True)
+    print(f"[sweep] {search_policy_line(a)}", flush=True)
+    return max_conc
+
+
+def search_policy_line(a) -> str:
+    """What the early stopping and the warm starts do in this sweep, in one line."""
     stop = "off (--early-stop turns it on)" if not a.early_stop else \
         f"per target from {a.grace_kimg:g} kimg, keeping the best 1/{a.reduction_factor:g} at each rung"
-    print(f"[sweep] early stopping: {stop}; warm starts: " +
-          (f"up to {a.warm_starts} per target from the targets before it" if a.warm_starts else "off"), flush=True)
-    return max_conc
+    return f"early stopping: {stop}; warm starts: " + \
+        (f"up to {a.warm_starts} per target from the targets before it" if a.warm_starts else "off")
 
 
 def _rebind_restored(tuner, scheduler, callbacks, pruned: dict | None = None) -> None:

@@ -222,13 +222,14 @@ def test_dry_run_names_the_trial_runner_and_a_policys_defaults(tmp_path, capsys)
 def test_a_default_outside_a_choice_is_refused_by_name(tmp_path):
     """A default (or a policy's default) that is not one of a `choice` parameter's values: the space is refused
     when loaded, naming the setting, its value and the fix — not Optuna's bare "'16' not in (...)" mid-sweep.
-    Control: the shipped space with the same choice loads."""
+    Control: the shipped space with the choice added, and the defaults among its values, loads."""
     import yaml
     doc = yaml.safe_load(space_path("digits").read_text())
-    assert doc["search"]["batch_remain"]["type"] == "choice"
-    load_space(space_path("digits"))
-    doc["defaults"]["batch_remain"] = 16
+    doc["search"]["batch_remain"] = {"type": "choice", "values": [64, 96, 128, 192]}
     p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    assert load_space(p).params["batch_remain"]
+    doc["defaults"]["batch_remain"] = 16
     p.write_text(yaml.safe_dump(doc))
     with pytest.raises(ValueError, match=r"search.batch_remain: the default batch_remain=16 is not one of its values"):
         load_space(p)

@@ -161,9 +161,9 @@ def test_bad_early_stop_flags_are_refused(tmp_path):
     for flags, needle in ((["--early-stop", "--grace-kimg", "0"], "--grace-kimg 0.0 is invalid"),
                           (["--early-stop", "--reduction-factor", "1"], "--reduction-factor 1.0 is invalid"),
                           (["--warm-starts", "-1"], "--warm-starts -1 is invalid"),
-                          # early stopping is off by default: its settings alone are a mistake, said so
-                          (["--grace-kimg", "4"], "--grace-kimg 4.0 sets the per-target early stopping, which is "
-                                                  "off — add --early-stop")):
+                          # with early stopping turned off, its settings are a mistake, said so
+                          (["--no-early-stop", "--grace-kimg", "4"], "--grace-kimg 4.0 sets the per-target early "
+                                                                     "stopping, which is off — add --early-stop")):
         r = subprocess.run([sys.executable, str(repo / "orchestration" / "sweep.py"), "--targets", "digits:1",
                             *flags, "--out", str(tmp_path / "o"), "--dry-run"], cwd=repo, capture_output=True,
                            text=True, timeout=120)
@@ -336,3 +336,64 @@ def test_studies_open_when_their_target_starts(tmp_path):
     orphan = optuna.load_study(study_name=names[1], storage=url).trials[1]
     assert orphan.user_attrs["tune_trial_id"] == "t3" and orphan.state.name == "FAIL"
     assert held() == {names[0], names[1]}                            # restoring opened no other target's
+
+
+def _space_with(tmp_path, policy: str):
+    """The shipped digits space with its search-policy lines (early_stop, warm_starts) replaced by ``policy``."""
+    from orchestration.space import space_path
+    lines = [ln for ln in space_path("digits").read_text().splitlines()
+             if not ln.startswith(("early_stop:", "warm_starts:"))]
+    path = tmp_path / "digits.yaml"
+    path.write_text("\n".join(lines) + "\n" + policy + "\n")
+    return path
+
+
+def test_space_search_policy_is_the_sweeps_default(tmp_path):
+    """A space's ``early_stop`` and ``warm_starts`` set the sweep's early stopping and warm starts unless a flag
+    does; a space without them leaves both off (the negative control: the policy comes from the space)."""
+    from orchestration.space import load_space
+    from orchestration.sweep import apply_search_policy, build_parser
+
+    on = load_space(_space_with(tmp_path, "early_stop: {grace_kimg: 5, reduction_factor: 1.5}\nwarm_starts: 2"))
+    assert on.early_stop == {"grace_kimg": 5.0, "reduction_factor": 1.5} and on.warm_starts == 2
+    assert on.for_method("esd").early_stop == on.early_stop          # a baseline method's view keeps it
+
+    def resolved(flags, space):
+        a = build_parser().parse_args(["--targets", "digits:1", *flags])
+        apply_search_policy(a, {"digits": space})
+        return a.early_stop, a.grace_kimg, a.reduction_factor, a.warm_starts
+
+    assert resolved([], on) == (True, 5.0, 1.5, 2)
+    assert resolved(["--grace-kimg", "3"], on) == (True, 3.0, 1.5, 2)          # a flag wins
+    assert resolved(["--no-early-stop", "--warm-starts", "0"], on) == (False, None, None, 0)
+    off = load_space(_space_with(tmp_path, ""))
+    assert (off.early_stop, off.warm_starts) == ({}, 0)
+    assert resolved([], off) == (False, None, None, 0)
+    assert resolved(["--early-stop", "--warm-starts", "1"], off)[::3] == (True, 1)
+
+
+@pytest.mark.parametrize("policy, needle", [
+    ("early_stop: {grace_kimg: 0, reduction_factor: 1.5}", "early_stop.grace_kimg 0 is invalid"),
+    ("early_stop: {grace_kimg: 5, reduction_factor: 1}", "early_stop.reduction_factor 1 is invalid"),
+    ("early_stop: {grace_kimg: 5}", "exactly grace_kimg and reduction_factor"),
+    ("early_stop: [5, 1.5]", "early_stop must be false or a mapping"),
+    ("warm_starts: -1", "warm_starts must be a whole number >= 0"),
+    ("warm_starts: 1.5", "warm_starts must be a whole number >= 0"),
+])
+def test_bad_space_search_policy_is_refused(tmp_path, policy, needle):
+    from orchestration.space import load_space
+    with pytest.raises(ValueError, match=needle.replace(".", r"\.").replace("[", r"\[")):
+        load_space(_space_with(tmp_path, policy))
+
+
+def test_shipped_digits_space_turns_the_search_policy_on(tmp_path, capsys):
+    """search_spaces/digits.yaml sets the main job's early stopping (5 kimg, x1.5) and 2 warm starts; the dry run
+    says so, and a flag still turns either off."""
+    from orchestration.sweep import main
+    assert main(["--targets", "digits:3", "--dry-run", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "early stopping: per target from 5 kimg" in out and "warm starts: up to 2 per target" in out, out
+    assert main(["--targets", "digits:3", "--no-early-stop", "--warm-starts", "0", "--dry-run",
+                 "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "early stopping: off" in out and "warm starts: off" in out, out
