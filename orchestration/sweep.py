@@ -564,9 +564,12 @@ def _error(msg: str) -> int:
 
 
 def sweep_plan_key(a, targets) -> dict:
-    """What a resumed sweep must share with the one it continues."""
+    """What a resumed sweep must share with the one it continues (the search policy too: the space's default
+    may have changed since the sweep started)."""
     return {"targets": [t.name for t in targets], "trials_per_target": a.trials_per_target, "seed": a.seed,
-            "trial_runner": a.trial_runner}
+            "trial_runner": a.trial_runner,
+            "early_stop": [a.grace_kimg, a.reduction_factor] if a.early_stop else None,
+            "warm_starts": a.warm_starts}
 
 
 
@@ -605,10 +608,14 @@ def claim_out(a, targets, dry_run: bool = False) -> dict:
         raise SweepError(f"--resume: {out} holds an earlier sweep ({', '.join(held)}) without a {SWEEP_FILE}, so it "
                          f"cannot be resumed — pass --overwrite to move it aside, or choose another --out")
     planned = {"trial_runner": "train", **rec}   # a record from before --trial-runner ran trials on Ray Train
-    changed = [f"{k}: {planned.get(k)!r} in {out.name} vs {v!r} now" for k, v in key.items() if planned.get(k) != v]
+    # (a record from before the search policy was recorded is not compared on it)
+    changed = [f"{k}: {planned.get(k)!r} in {out.name} vs {v!r} now" for k, v in key.items()
+               if planned.get(k) != v and (k in planned or k not in ("early_stop", "warm_starts"))]
     if changed:
         raise SweepError(f"--resume: the sweep in {out} was planned differently ({'; '.join(changed)}) — resume it "
-                         f"with its own --targets/--trials-per-target/--seed/--trial-runner, or choose another --out")
+                         f"with its own --targets/--trials-per-target/--seed/--trial-runner (early_stop: "
+                         f"--early-stop --grace-kimg G --reduction-factor R, or --no-early-stop; --warm-starts), "
+                         f"or choose another --out")
     check_stores(out)
     return rec
 

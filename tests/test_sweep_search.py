@@ -397,3 +397,33 @@ def test_shipped_digits_space_turns_the_search_policy_on(tmp_path, capsys):
                  "--out", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert "early stopping: off" in out and "warm starts: off" in out, out
+
+
+def test_resume_keeps_the_search_policy_the_sweep_started_with(tmp_path):
+    """The sweep record holds the early stopping and warm starts it ran with: --resume under another policy
+    (a flag, or a space whose default changed since) is refused naming it; the same policy resumes; a record
+    from before the policy was recorded is not compared on it."""
+    import json
+    from orchestration.sweep import SweepError, apply_budget, build_parser, check_flags, claim_out, resolve
+
+    def args(*flags):
+        a = build_parser().parse_args(["--targets", "digits:0", "--out", str(tmp_path / "s"), *flags])
+        check_flags(a)
+        targets, spaces, _ = resolve(a)
+        apply_budget(a, spaces)
+        check_flags(a)
+        return a, targets
+
+    a, targets = args()
+    rec = claim_out(a, targets)
+    assert (rec["early_stop"], rec["warm_starts"]) == ([5.0, 1.5], 2)      # the shipped digits space's policy
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps({**rec, "status": "interrupted"}))
+    assert claim_out(*args("--resume"))["sweep_id"] == rec["sweep_id"]
+    with pytest.raises(SweepError, match=r"early_stop: \[5\.0, 1\.5\] in s vs None now.*--no-early-stop"):
+        claim_out(*args("--resume", "--no-early-stop"))
+    with pytest.raises(SweepError, match=r"warm_starts: 2 in s vs 0 now"):
+        claim_out(*args("--resume", "--warm-starts", "0"))
+    legacy = {k: v for k, v in rec.items() if k not in ("early_stop", "warm_starts")}
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps({**legacy, "status": "interrupted"}))
+    assert claim_out(*args("--resume", "--no-early-stop"))["sweep_id"] == rec["sweep_id"]
