@@ -140,10 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a constraint: a trial whose attack success rate (asr_max, the worst attack) exceeds this is "
                         "infeasible for the Optuna study and is not picked as best while a trial within it exists "
                         "(summary column meets_max_asr); implies --attack all unless --attack names one")
-    p.add_argument("--max-override-fd-ratio", type=float, default=3.0,
+    p.add_argument("--max-override-fd-ratio", type=float, default=2.5,
                    help="quality limit on the overridden class's FD ratio (its FD to the override's real "
                         "images over the teacher's own) for the best trial: trials within it are preferred; a "
-                        "collapse onto one template measures ~50x, blends still in transit 5-20x (default: 3)")
+                        "collapse onto one template measures ~50x, blends still in transit 5-20x (default: 2.5, "
+                        "the project's goal for the override class)")
     p.add_argument("--fresh-seed", type=int, default=4242,
                    help="re-evaluate each target's best and baseline trial on fresh samples of this seed (columns "
                         "*_fresh; the search-time minimum of noisy figures flatters the winner); -1 skips it")

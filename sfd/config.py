@@ -236,7 +236,7 @@ class SFDConfig:
              "report it re-evaluated on fresh noise (seed eval_seed + 1000), since the best of several noisy "
              "figures flatters it; 0: off (the last EMA, the reference)")
     keep_best_max_override_fd: float = setting(
-        3.0, group="schedule", range=(0.0, 1e9, "(]", "a positive ratio, e.g. 3.0 (the sweep's --max-override-fd-ratio)"),
+        3.0, group="schedule", range=(0.0, 1e9, "(]", "a positive ratio, e.g. 3.0"),
         help="with keep_best_ua: evaluations at UA >= keep_best_ua whose override FD ratio is at most this come "
              "first (early in a run the overridden class is still in transit: 5-30x), as the sweep prefers its trials")
     eval_at_start: bool = setting(
